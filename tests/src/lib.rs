@@ -1,0 +1,264 @@
+//! The real test stack: OpenBao (`bao server -dev`) and a throwaway PostgreSQL cluster on free
+//! loopback ports, configured the way Sidekey's tests need them.
+//!
+//! Every test binary that needs the stack either shares one ([`Stack::shared`]) or starts its own
+//! ([`Stack::start`]). The server processes are spawned from a keeper thread that owns them and sets
+//! `PR_SET_PDEATHSIG`, so they die with the test process even when a test panics or the harness
+//! exits without running destructors. Nothing depends on a server left running by hand.
+
+mod jwt;
+mod process;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub use jwt::JwtSigner;
+
+/// The role every test pod logs in with (kubernetes-style jwt auth, approle and token).
+pub const APP_ROLE: &str = "app";
+/// The namespace and service account that the app role is bound to.
+pub const APP_NAMESPACE: &str = "demo";
+pub const APP_SERVICE_ACCOUNT: &str = "app";
+/// The audience and issuer of the test service-account tokens.
+pub const SA_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A running stack. Dropping it stops the servers and removes their data.
+pub struct Stack {
+    pub addr: String,
+    pub root_token: String,
+    pub pg_port: u16,
+    pub pg_password: String,
+    pub approle_role_id: String,
+    pub approle_secret_id: String,
+    /// A periodic-less service token with the app policy, for the token auth method.
+    pub app_token: String,
+    pub signer: JwtSigner,
+    pub dir: PathBuf,
+    control: mpsc::Sender<process::Command>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Paths of the installed stack binaries (see scripts/stack-install.sh).
+pub struct Tools {
+    pub bao: PathBuf,
+    pub pgbin: PathBuf,
+    pub helm: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate has a parent folder")
+        .to_path_buf()
+}
+
+/// Locates the stack binaries, running the project's install script once when they are missing.
+pub fn tools() -> Result<Tools> {
+    static INSTALL: OnceLock<Result<(), String>> = OnceLock::new();
+    let root = workspace_root();
+    let stack = root.join(".stack");
+    let tools = Tools {
+        bao: stack.join("bin/bao"),
+        pgbin: stack.join("pgbin"),
+        helm: stack.join("bin/helm"),
+        kubectl: stack.join("bin/kubectl"),
+    };
+    let installed = || {
+        tools.bao.exists()
+            && tools.pgbin.join("initdb").exists()
+            && tools.helm.exists()
+            && tools.kubectl.exists()
+    };
+    if !installed() {
+        let outcome = INSTALL.get_or_init(|| {
+            let status = std::process::Command::new(root.join("scripts/stack-install.sh"))
+                .status()
+                .map_err(|e| format!("cannot run scripts/stack-install.sh: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("scripts/stack-install.sh failed: {status}"))
+            }
+        });
+        if let Err(e) = outcome {
+            bail!("{e}");
+        }
+    }
+    Ok(tools)
+}
+
+impl Stack {
+    /// Starts a fresh stack owned by the caller.
+    pub fn start() -> Result<Stack> {
+        install_crypto_provider();
+        let tools = tools()?;
+        let (info_tx, info_rx) = mpsc::channel();
+        let (control_tx, control_rx) = mpsc::channel();
+        let keeper = std::thread::Builder::new()
+            .name("sidekey-test-stack".into())
+            .spawn(move || process::keep(tools, info_tx, control_rx))
+            .context("spawning the stack keeper thread")?;
+        let info = match info_rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(info) => info?,
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the test stack did not start within 180 s"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the test stack keeper thread died"),
+        };
+        Ok(Stack {
+            addr: info.addr,
+            root_token: info.root_token,
+            pg_port: info.pg_port,
+            pg_password: info.pg_password,
+            approle_role_id: info.approle_role_id,
+            approle_secret_id: info.approle_secret_id,
+            app_token: info.app_token,
+            signer: info.signer,
+            dir: info.dir,
+            control: control_tx,
+            keeper: Some(keeper),
+        })
+    }
+
+    /// One stack shared by every test of the calling test binary; it stops when the binary exits.
+    pub fn shared() -> &'static Stack {
+        static SHARED: OnceLock<Stack> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let stack = Stack::start().expect("starting the shared test stack");
+            process::remove_at_exit(stack.dir.clone());
+            stack
+        })
+    }
+
+    /// A signed service-account token for the app role's namespace and service account.
+    pub fn sa_token(&self) -> String {
+        self.signer
+            .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, "app-pod", 3600)
+    }
+
+    /// Calls the OpenBao HTTP API with the root token; returns the decoded body (Null when empty).
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        setup::api(&self.addr, &self.root_token, method, path, body).await
+    }
+
+    /// Writes a KV v2 secret under the `secret/` mount.
+    pub async fn put_kv2(&self, path: &str, data: Value) -> Result<()> {
+        self.api(
+            "POST",
+            &format!("secret/data/{path}"),
+            Some(serde_json::json!({ "data": data })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Writes a KV v1 secret under the `kv/` mount.
+    pub async fn put_kv1(&self, path: &str, data: Value) -> Result<()> {
+        self.api("POST", &format!("kv/{path}"), Some(data))
+            .await
+            .map(|_| ())
+    }
+
+    /// Every lease id currently held under `prefix` (for example `database/creds/app`).
+    pub async fn leases(&self, prefix: &str) -> Result<Vec<String>> {
+        let listed = self
+            .api("LIST", &format!("sys/leases/lookup/{prefix}"), None)
+            .await;
+        match listed {
+            Ok(v) => Ok(v["data"]["keys"]
+                .as_array()
+                .map(|keys| {
+                    keys.iter()
+                        .filter_map(|k| k.as_str())
+                        .map(|k| format!("{prefix}/{k}"))
+                        .collect()
+                })
+                .unwrap_or_default()),
+            Err(e) if e.to_string().contains("404") => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs SQL as the PostgreSQL superuser; returns psql's unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        self.psql_as("postgres", &self.pg_password, sql)
+    }
+
+    /// Runs SQL as `user` with `password` over TCP (password authentication is enforced).
+    pub fn psql_as(&self, user: &str, password: &str, sql: &str) -> Result<String> {
+        let tools = tools()?;
+        let psql = tools.pgbin.join("psql");
+        let out = std::process::Command::new(psql)
+            .args(["-h", "127.0.0.1", "-p", &self.pg_port.to_string()])
+            .args(["-U", user, "-d", "postgres", "-At", "-v", "ON_ERROR_STOP=1"])
+            .args(["-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql as {user} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Whether a PostgreSQL role of that name exists.
+    pub fn pg_role_exists(&self, name: &str) -> Result<bool> {
+        let sql = format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{}'",
+            name.replace('\'', "''")
+        );
+        Ok(self.psql(&sql)? == "1")
+    }
+
+    /// Stops the OpenBao server (its in-memory data is kept by restarting from a file backend is
+    /// not possible in dev mode, so this pauses the process with SIGSTOP instead).
+    pub fn pause_bao(&self) -> Result<()> {
+        self.send(process::Command::PauseBao)
+    }
+
+    /// Resumes a paused OpenBao server.
+    pub fn resume_bao(&self) -> Result<()> {
+        self.send(process::Command::ResumeBao)
+    }
+
+    fn send(&self, command: process::Command) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.control
+            .send(process::Command::Ack(Box::new(command), tx))
+            .context("the stack keeper has stopped")?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .context("the stack keeper did not answer")?
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.control.send(process::Command::Shutdown);
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
+        }
+    }
+}
+
+/// Installs ring as the process-wide rustls provider (reqwest is built without one).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Asks the OS for a free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}

@@ -1,0 +1,332 @@
+//! Spawning and owning the server processes. Everything here runs on the keeper thread: the
+//! children get `PR_SET_PDEATHSIG`, which fires when the thread that forked them ends, so the
+//! keeper must outlive every test that uses its stack.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::jwt::JwtSigner;
+use crate::{Tools, free_port, setup};
+
+pub(crate) enum Command {
+    Shutdown,
+    PauseBao,
+    ResumeBao,
+    Ack(Box<Command>, Sender<Result<()>>),
+}
+
+pub(crate) struct Info {
+    pub addr: String,
+    pub root_token: String,
+    pub pg_port: u16,
+    pub pg_password: String,
+    pub approle_role_id: String,
+    pub approle_secret_id: String,
+    pub app_token: String,
+    pub signer: JwtSigner,
+    pub dir: PathBuf,
+}
+
+#[derive(Default)]
+struct Children {
+    postgres: Option<Child>,
+    bao: Option<Child>,
+}
+
+impl Children {
+    fn stop(&mut self) {
+        if let Some(mut bao) = self.bao.take() {
+            signal(&bao, libc::SIGCONT);
+            stop_child(&mut bao, libc::SIGTERM);
+        }
+        if let Some(mut pg) = self.postgres.take() {
+            // SIGINT is PostgreSQL's "fast" shutdown: it disconnects clients and exits cleanly.
+            stop_child(&mut pg, libc::SIGINT);
+        }
+    }
+
+    fn apply(&mut self, command: Command) -> Result<()> {
+        let bao = self.bao.as_ref().context("OpenBao is not running")?;
+        match command {
+            Command::PauseBao => signal(bao, libc::SIGSTOP),
+            Command::ResumeBao => signal(bao, libc::SIGCONT),
+            Command::Shutdown | Command::Ack(..) => bail!("not a process command"),
+        }
+        Ok(())
+    }
+}
+
+/// The keeper thread's body: start, report, then serve control commands until shut down.
+pub(crate) fn keep(tools: Tools, info_tx: Sender<Result<Info>>, control: Receiver<Command>) {
+    let mut children = Children::default();
+    let dir = match tempfile::Builder::new()
+        .prefix("sidekey-stack-")
+        .tempdir()
+        .map(|d| d.keep())
+    {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = info_tx.send(Err(e.into()));
+            return;
+        }
+    };
+    match start(&tools, &dir, &mut children) {
+        Ok(info) => {
+            if info_tx.send(Ok(info)).is_err() {
+                children.stop();
+                let _ = fs::remove_dir_all(&dir);
+                return;
+            }
+        }
+        Err(e) => {
+            children.stop();
+            let logs = tail_logs(&dir);
+            let _ = fs::remove_dir_all(&dir);
+            let _ = info_tx.send(Err(e.context(logs)));
+            return;
+        }
+    }
+    loop {
+        match control.recv() {
+            Ok(Command::Ack(command, reply)) => {
+                let _ = reply.send(children.apply(*command));
+            }
+            Ok(command @ (Command::PauseBao | Command::ResumeBao)) => {
+                let _ = children.apply(command);
+            }
+            Ok(Command::Shutdown) | Err(_) => break,
+        }
+    }
+    children.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn start(tools: &Tools, dir: &Path, children: &mut Children) -> Result<Info> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    let pg_password = random_hex(16);
+    let pg_port = free_port();
+    children.postgres = Some(start_postgres(tools, dir, pg_port, &pg_password)?);
+    wait_for_postgres(tools, pg_port, &pg_password)?;
+
+    let root_token = format!("root-{}", random_hex(8));
+    let bao_port = free_port();
+    let addr = format!("http://127.0.0.1:{bao_port}");
+    children.bao = Some(start_bao(tools, dir, bao_port, &root_token)?);
+
+    let signer = JwtSigner::load_or_create(&crate::workspace_root().join(".stack"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let configured = runtime.block_on(async {
+        setup::wait_for_bao(&addr).await?;
+        setup::configure(&addr, &root_token, pg_port, &pg_password, &signer).await
+    })?;
+    Ok(Info {
+        addr,
+        root_token,
+        pg_port,
+        pg_password,
+        approle_role_id: configured.approle_role_id,
+        approle_secret_id: configured.approle_secret_id,
+        app_token: configured.app_token,
+        signer,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// The uid and gid to run PostgreSQL as: `postgres` when we are root (initdb refuses root).
+fn postgres_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let name = c"postgres";
+    // SAFETY: getpwnam takes a valid NUL-terminated string; the result is read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: pw is non-null and points to libc's static passwd record.
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+fn as_pg_user(cmd: &mut std::process::Command) {
+    if let Some((uid, gid)) = postgres_user() {
+        cmd.uid(uid).gid(gid);
+    }
+}
+
+fn chown_to_pg(path: &Path) -> Result<()> {
+    if let Some((uid, gid)) = postgres_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn start_postgres(tools: &Tools, dir: &Path, port: u16, password: &str) -> Result<Child> {
+    let data = dir.join("pgdata");
+    let sock = dir.join("pgsock");
+    let pwfile = dir.join("pgpass");
+    fs::create_dir_all(&data)?;
+    fs::create_dir_all(&sock)?;
+    fs::write(&pwfile, password)?;
+    for p in [&data, &sock, &pwfile] {
+        chown_to_pg(p)?;
+    }
+    let mut initdb = std::process::Command::new(tools.pgbin.join("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-E", "UTF8", "--no-sync"])
+        .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .current_dir(dir)
+        .stdout(Stdio::null());
+    as_pg_user(&mut initdb);
+    let out = initdb.output().context("running initdb")?;
+    if !out.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let log = fs::File::create(dir.join("postgres.log"))?;
+    let mut cmd = std::process::Command::new(tools.pgbin.join("postgres"));
+    cmd.arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string()])
+        .arg("-k")
+        .arg(&sock)
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .args(["-c", "max_connections=200"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    as_pg_user(&mut cmd);
+    die_with_parent(&mut cmd, libc::SIGQUIT);
+    cmd.spawn().context("starting postgres")
+}
+
+fn wait_for_postgres(tools: &Tools, port: u16, password: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = std::process::Command::new(tools.pgbin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .args(["-d", "postgres", "-Atc", "select 1"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("PostgreSQL did not accept connections on 127.0.0.1:{port} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_bao(tools: &Tools, dir: &Path, port: u16, root_token: &str) -> Result<Child> {
+    let log = fs::File::create(dir.join("bao.log"))?;
+    let home = dir.join("bao-home");
+    fs::create_dir_all(&home)?;
+    let mut cmd = std::process::Command::new(&tools.bao);
+    cmd.args(["server", "-dev", "-dev-no-store-token"])
+        .arg(format!("-dev-root-token-id={root_token}"))
+        .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+        .env("HOME", &home)
+        .env_remove("VAULT_ADDR")
+        .env_remove("BAO_ADDR")
+        .env_remove("VAULT_TOKEN")
+        .env_remove("BAO_TOKEN")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    die_with_parent(&mut cmd, libc::SIGTERM);
+    cmd.spawn().context("starting bao server -dev")
+}
+
+fn die_with_parent(cmd: &mut std::process::Command, sig: libc::c_int) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill with a pid we own; at worst it fails with ESRCH.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+fn stop_child(child: &mut Child, sig: libc::c_int) {
+    signal(child, sig);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn tail_logs(dir: &Path) -> String {
+    let mut out = String::from("test stack logs:");
+    for name in ["postgres.log", "bao.log"] {
+        if let Ok(text) = fs::read_to_string(dir.join(name)) {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(15);
+            out.push_str(&format!("\n--- {name}\n{}", lines[start..].join("\n")));
+        }
+    }
+    out
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .expect("system random source");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Removes a shared stack's data folder when the test process exits.
+pub(crate) fn remove_at_exit(dir: PathBuf) {
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    extern "C" fn cleanup() {
+        if let Ok(dirs) = DIRS.lock() {
+            for d in dirs.iter() {
+                let _ = fs::remove_dir_all(d);
+            }
+        }
+    }
+    let mut dirs = DIRS.lock().expect("stack dir list");
+    if dirs.is_empty() {
+        // SAFETY: registering a plain extern "C" function with no captured state.
+        unsafe {
+            libc::atexit(cleanup);
+        }
+    }
+    dirs.push(dir);
+}
