@@ -1,1 +1,18 @@
-pub fn _x(){}
+//! sidekey-agent: logs in to Vault or OpenBao, renders secrets into files, keeps them fresh and
+//! revokes them when the pod stops. The pipeline: `config → auth → client → fetch → render →
+//! sink`, driven by `run` (one-shot commands) and `lifecycle` (the sidecar, which owns time).
+
+pub mod auth;
+pub mod backoff;
+pub mod client;
+pub mod config;
+pub mod cycle;
+pub mod fetch;
+pub mod log;
+pub mod render;
+pub mod run;
+pub mod sink;
+pub mod state;
+mod tls;
+
+pub use config::AgentConfig;

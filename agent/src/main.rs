@@ -1,1 +1,106 @@
-fn main(){}
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sidekey_agent::config::{AgentConfig, LogConfig};
+use sidekey_agent::run::{self, RunError};
+
+/// Sidekey agent: renders secrets from Vault or OpenBao into files.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Agent config (JSON). Without it, SIDEKEY_AGENT_CONFIG (base64 JSON) is read.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Render every file once, save the token and leases for the sidecar, exit.
+    Init(ConfigArg),
+    /// Render once into a folder of your choice, for local use and debugging.
+    Render {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Folder to render into (instead of the config's secrets_dir).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Folder for the state file (token and leases), so `revoke` can clean up later.
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Revoke every lease and the token of the saved state (the preStop hook).
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Seconds to wait before revoking; defaults to the config's revoke grace.
+        #[arg(long)]
+        grace: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    runtime.block_on(async_main(cli))
+}
+
+fn load(arg: &ConfigArg) -> Result<AgentConfig, RunError> {
+    let config = AgentConfig::load(arg.config.as_deref())?;
+    sidekey_agent::log::init(&config.log);
+    Ok(config)
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Init(arg) => match load(&arg) {
+            Ok(config) => run::init(&config).await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+        Command::Render { config, out, state } => match load(&config) {
+            Ok(mut config) => {
+                if let Some(state) = state {
+                    config.state_dir = state;
+                } else {
+                    config.state_dir = out.join(".sidekey-state");
+                }
+                run::render_and_save(&config, &out).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        },
+        Command::Revoke { config, grace } => match load(&config) {
+            Ok(config) => {
+                let grace =
+                    Duration::from_secs(grace.unwrap_or(config.lifecycle.revoke_grace_secs));
+                run::revoke(&config, grace).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.exit_code()),
+    }
+}
+
+/// One clear line on stderr (it shows in `kubectl describe pod`), logged as well.
+fn fail(message: &str, code: i32) -> ExitCode {
+    sidekey_agent::log::init(&LogConfig::default());
+    tracing::error!(error = %message, "sidekey-agent failed");
+    eprintln!("sidekey-agent: {message}");
+    ExitCode::from(code as u8)
+}

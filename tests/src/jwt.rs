@@ -45,7 +45,8 @@ impl JwtSigner {
             "-in",
             path_str(&pem)?,
         ])?;
-        let public_pem = String::from_utf8(openssl_out(&["pkey", "-pubout", "-in", path_str(&pem)?])?)?;
+        let public_pem =
+            String::from_utf8(openssl_out(&["pkey", "-pubout", "-in", path_str(&pem)?])?)?;
         let key = RsaKeyPair::from_pkcs8(&der).map_err(|e| anyhow::anyhow!("test RSA key: {e}"))?;
         Ok(JwtSigner { key, public_pem })
     }

@@ -108,7 +108,9 @@ impl Stack {
             .context("spawning the stack keeper thread")?;
         let info = match info_rx.recv_timeout(Duration::from_secs(180)) {
             Ok(info) => info?,
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the test stack did not start within 180 s"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the test stack did not start within 180 s")
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the test stack keeper thread died"),
         };
         Ok(Stack {

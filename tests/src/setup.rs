@@ -41,7 +41,10 @@ pub(crate) async fn api(
     let (method, url) = if method == "LIST" {
         (reqwest::Method::GET, format!("{addr}/v1/{path}?list=true"))
     } else {
-        (method.parse::<reqwest::Method>()?, format!("{addr}/v1/{path}"))
+        (
+            method.parse::<reqwest::Method>()?,
+            format!("{addr}/v1/{path}"),
+        )
     };
     let mut req = client
         .request(method.clone(), &url)
@@ -93,13 +96,28 @@ pub(crate) async fn configure(
         api(addr, root, method, &path, Some(body)).await
     };
 
-    call("PUT", "sys/policies/acl/app".into(), json!({ "policy": APP_POLICY })).await?;
+    call(
+        "PUT",
+        "sys/policies/acl/app".into(),
+        json!({ "policy": APP_POLICY }),
+    )
+    .await?;
 
     // KV: the dev server mounts KV v2 at secret/; add KV v1 at kv/.
-    call("POST", "sys/mounts/kv".into(), json!({ "type": "kv", "options": { "version": "1" } })).await?;
+    call(
+        "POST",
+        "sys/mounts/kv".into(),
+        json!({ "type": "kv", "options": { "version": "1" } }),
+    )
+    .await?;
 
     // Database secrets engine against the test PostgreSQL.
-    call("POST", "sys/mounts/database".into(), json!({ "type": "database" })).await?;
+    call(
+        "POST",
+        "sys/mounts/database".into(),
+        json!({ "type": "database" }),
+    )
+    .await?;
     call(
         "POST",
         "database/config/pg".into(),
@@ -132,7 +150,12 @@ pub(crate) async fn configure(
     }
 
     // PKI with a root CA and a role for app certificates.
-    call("POST", "sys/mounts/pki".into(), json!({ "type": "pki", "config": { "max_lease_ttl": "87600h" } })).await?;
+    call(
+        "POST",
+        "sys/mounts/pki".into(),
+        json!({ "type": "pki", "config": { "max_lease_ttl": "87600h" } }),
+    )
+    .await?;
     call(
         "POST",
         "pki/root/generate/internal".into(),
@@ -148,7 +171,12 @@ pub(crate) async fn configure(
 
     // jwt at auth/kubernetes (the kubernetes auth stand-in) and at auth/jwt.
     for mount in ["kubernetes", "jwt"] {
-        call("POST", format!("sys/auth/{mount}"), json!({ "type": "jwt" })).await?;
+        call(
+            "POST",
+            format!("sys/auth/{mount}"),
+            json!({ "type": "jwt" }),
+        )
+        .await?;
         call(
             "POST",
             format!("auth/{mount}/config"),
@@ -176,18 +204,40 @@ pub(crate) async fn configure(
     }
 
     // approle.
-    call("POST", "sys/auth/approle".into(), json!({ "type": "approle" })).await?;
+    call(
+        "POST",
+        "sys/auth/approle".into(),
+        json!({ "type": "approle" }),
+    )
+    .await?;
     call(
         "POST",
         format!("auth/approle/role/{APP_ROLE}"),
         json!({ "token_policies": ["app"], "token_ttl": "10m", "token_max_ttl": "1h" }),
     )
     .await?;
-    let role_id = api(addr, root, "GET", &format!("auth/approle/role/{APP_ROLE}/role-id"), None).await?;
-    let secret_id = call("POST", format!("auth/approle/role/{APP_ROLE}/secret-id"), json!({})).await?;
+    let role_id = api(
+        addr,
+        root,
+        "GET",
+        &format!("auth/approle/role/{APP_ROLE}/role-id"),
+        None,
+    )
+    .await?;
+    let secret_id = call(
+        "POST",
+        format!("auth/approle/role/{APP_ROLE}/secret-id"),
+        json!({}),
+    )
+    .await?;
 
     // A plain service token for the token auth method.
-    let token = call("POST", "auth/token/create".into(), json!({ "policies": ["app"], "ttl": "1h" })).await?;
+    let token = call(
+        "POST",
+        "auth/token/create".into(),
+        json!({ "policies": ["app"], "ttl": "1h" }),
+    )
+    .await?;
 
     let text = |v: &Value, ptr: &str| -> Result<String> {
         v.pointer(ptr)

@@ -1,0 +1,494 @@
+//! The Vault / OpenBao HTTP API client: one request type with retries, and the handful of calls
+//! the agent makes (login, read, write, token and lease calls). Values never reach its errors.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::backoff::Backoff;
+use crate::config::StoreConfig;
+use crate::tls::{TlsError, client_config};
+
+/// A store token. Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(value: impl Into<String>) -> Token {
+        Token(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the secret store at {addr}: {detail}")]
+    Unreachable { addr: String, detail: String },
+    #[error("{method} {path}: the secret store answered {status}: {message}")]
+    Status {
+        method: String,
+        path: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{method} {path}: the secret store's answer is not what was expected: {detail}")]
+    Decode {
+        method: String,
+        path: String,
+        detail: String,
+    },
+    #[error("TLS set-up for the secret store: {0}")]
+    Tls(#[from] TlsError),
+    #[error("HTTP client set-up: {0}")]
+    Build(String),
+}
+
+impl ClientError {
+    /// Connection problems, timeouts, 5xx and 429 may pass; other answers will not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The `auth` block of a login or token renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthInfo {
+    pub client_token: Token,
+    #[serde(default)]
+    pub accessor: String,
+    #[serde(default)]
+    pub lease_duration: u64,
+    #[serde(default)]
+    pub renewable: bool,
+}
+
+/// A secret as the API returns it; `data` is kept as JSON for the templates.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct Secret {
+    #[serde(default)]
+    pub request_id: String,
+    #[serde(default)]
+    pub lease_id: String,
+    #[serde(default)]
+    pub lease_duration: u64,
+    #[serde(default)]
+    pub renewable: bool,
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default)]
+    pub warnings: Value,
+}
+
+/// What `auth/token/lookup-self` says about a token.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenInfo {
+    #[serde(default)]
+    pub accessor: String,
+    #[serde(default)]
+    pub ttl: u64,
+    #[serde(default)]
+    pub renewable: bool,
+}
+
+/// What `sys/leases/renew` grants.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    #[serde(default)]
+    pub lease_duration: u64,
+    #[serde(default)]
+    pub renewable: bool,
+}
+
+#[derive(Clone)]
+pub struct StoreClient {
+    http: reqwest::Client,
+    addr: String,
+    namespace: Option<String>,
+    max_retries: u32,
+    backoff: Backoff,
+    requests: Arc<AtomicU64>,
+}
+
+impl StoreClient {
+    pub fn new(store: &StoreConfig, backoff: Backoff) -> Result<StoreClient, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(store.timeout_secs))
+            .connect_timeout(Duration::from_secs(store.timeout_secs.min(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("sidekey-agent/", env!("CARGO_PKG_VERSION")));
+        if store.address.starts_with("https://") {
+            builder = builder.tls_backend_preconfigured(client_config(store)?);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Build(e.to_string()))?;
+        Ok(StoreClient {
+            http,
+            addr: store.address.trim_end_matches('/').to_string(),
+            namespace: store.namespace.clone().filter(|n| !n.is_empty()),
+            max_retries: store.max_retries,
+            backoff,
+            requests: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.addr
+    }
+
+    /// How many HTTP requests this client (and its clones) sent, retries included.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// One API call, retried with backoff on connection errors, 5xx and 429, never on other 4xx.
+    /// Returns the decoded body, or `None` for an empty answer (204).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&Token>,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, ClientError> {
+        let mut attempt = 0;
+        loop {
+            match self.call_once(&method, path, token, body).await {
+                Err(e) if e.is_transient() && attempt < self.max_retries => {
+                    let wait = self.backoff.delay_random(attempt);
+                    tracing::debug!(path, attempt, error = %e, ?wait, "retrying a store request");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_once(
+        &self,
+        method: &Method,
+        path: &str,
+        token: Option<&Token>,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, ClientError> {
+        let (http_method, query) = if method.as_str() == "LIST" {
+            (Method::GET, "?list=true")
+        } else {
+            (method.clone(), "")
+        };
+        let url = format!("{}/v1/{}{query}", self.addr, path.trim_start_matches('/'));
+        let mut req = self.http.request(http_method, &url);
+        if let Some(token) = token {
+            req = req.header("X-Vault-Token", token.expose());
+        }
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            addr: self.addr.clone(),
+            detail: describe_transport_error(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            addr: self.addr.clone(),
+            detail: describe_transport_error(&e),
+        })?;
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                method: method.to_string(),
+                path: path.to_string(),
+                status: status.as_u16(),
+                message: error_message(&bytes),
+            });
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ClientError::Decode {
+                method: method.to_string(),
+                path: path.to_string(),
+                detail: format!("not JSON ({e})"),
+            })
+    }
+
+    async fn call_into<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&Token>,
+        body: Option<&Value>,
+        pointer: &str,
+    ) -> Result<T, ClientError> {
+        let value = self.call(method.clone(), path, token, body).await?;
+        let decode = |detail: String| ClientError::Decode {
+            method: method.to_string(),
+            path: path.to_string(),
+            detail,
+        };
+        let value = value.ok_or_else(|| decode("empty answer".into()))?;
+        let field = if pointer.is_empty() {
+            value
+        } else {
+            value
+                .pointer(pointer)
+                .cloned()
+                .ok_or_else(|| decode(format!("no {pointer} field")))?
+        };
+        serde_json::from_value(field).map_err(|e| decode(e.to_string()))
+    }
+
+    /// `POST auth/<mount>/login` with the method's body.
+    pub async fn login(&self, mount: &str, body: &Value) -> Result<AuthInfo, ClientError> {
+        let path = format!("{}/login", mount.trim_matches('/'));
+        self.call_into(Method::POST, &path, None, Some(body), "/auth")
+            .await
+    }
+
+    /// `GET <path>`.
+    pub async fn read(&self, token: &Token, path: &str) -> Result<Secret, ClientError> {
+        self.call_into(Method::GET, path, Some(token), None, "")
+            .await
+    }
+
+    /// `POST <path>` with parameters (PKI issue, transit, …): a "read with parameters".
+    pub async fn write(
+        &self,
+        token: &Token,
+        path: &str,
+        params: &Value,
+    ) -> Result<Secret, ClientError> {
+        let value = self
+            .call(Method::POST, path, Some(token), Some(params))
+            .await?;
+        match value {
+            None => Ok(Secret::default()),
+            Some(v) => serde_json::from_value(v).map_err(|e| ClientError::Decode {
+                method: "POST".into(),
+                path: path.into(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// `LIST <path>`: the keys under a path.
+    pub async fn list(&self, token: &Token, path: &str) -> Result<Secret, ClientError> {
+        self.call_into(
+            Method::from_bytes(b"LIST").expect("LIST is a valid method"),
+            path,
+            Some(token),
+            None,
+            "",
+        )
+        .await
+    }
+
+    pub async fn lookup_self(&self, token: &Token) -> Result<TokenInfo, ClientError> {
+        self.call_into(
+            Method::GET,
+            "auth/token/lookup-self",
+            Some(token),
+            None,
+            "/data",
+        )
+        .await
+    }
+
+    pub async fn renew_self(
+        &self,
+        token: &Token,
+        increment: Option<u64>,
+    ) -> Result<AuthInfo, ClientError> {
+        let body = increment.map(|i| serde_json::json!({ "increment": format!("{i}s") }));
+        self.call_into(
+            Method::POST,
+            "auth/token/renew-self",
+            Some(token),
+            body.as_ref(),
+            "/auth",
+        )
+        .await
+    }
+
+    /// Revokes the token and, with it, every lease it created.
+    pub async fn revoke_self(&self, token: &Token) -> Result<(), ClientError> {
+        self.call(Method::POST, "auth/token/revoke-self", Some(token), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn renew_lease(
+        &self,
+        token: &Token,
+        lease_id: &str,
+        increment: Option<u64>,
+    ) -> Result<LeaseGrant, ClientError> {
+        let mut body = serde_json::json!({ "lease_id": lease_id });
+        if let Some(i) = increment {
+            body["increment"] = Value::from(i);
+        }
+        self.call_into(
+            Method::PUT,
+            "sys/leases/renew",
+            Some(token),
+            Some(&body),
+            "",
+        )
+        .await
+    }
+
+    pub async fn revoke_lease(&self, token: &Token, lease_id: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "lease_id": lease_id });
+        self.call(Method::PUT, "sys/leases/revoke", Some(token), Some(&body))
+            .await
+            .map(|_| ())
+    }
+
+    /// The mount a path lives under and its KV version ("1", "2" or "" for other engines), from
+    /// `sys/internal/ui/mounts/<path>`, which the default policy allows.
+    pub async fn mount_of(
+        &self,
+        token: &Token,
+        path: &str,
+    ) -> Result<(String, String), ClientError> {
+        let info: Value = self
+            .call_into(
+                Method::GET,
+                &format!("sys/internal/ui/mounts/{}", path.trim_start_matches('/')),
+                Some(token),
+                None,
+                "/data",
+            )
+            .await?;
+        let mount = info["path"].as_str().unwrap_or_default().to_string();
+        let version = info["options"]["version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        Ok((mount, version))
+    }
+}
+
+/// The store's `errors` array, joined; or the start of the body when it is not the usual shape.
+fn error_message(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body)
+        && let Some(errors) = v["errors"].as_array()
+    {
+        let joined: Vec<&str> = errors.iter().filter_map(Value::as_str).collect();
+        if joined.is_empty() {
+            return "no error message".into();
+        }
+        return joined.join("; ").replace('\n', " ");
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        "empty answer".into()
+    } else {
+        text.chars()
+            .take(200)
+            .collect::<String>()
+            .replace('\n', " ")
+    }
+}
+
+/// reqwest's `Display` hides the cause ("error sending request"); walk the source chain.
+fn describe_transport_error(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    if e.is_timeout() {
+        parts.push("timed out".to_string());
+    }
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = err.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let t = Token::new("hvs.very-secret");
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        let auth = AuthInfo {
+            client_token: t,
+            accessor: "acc".into(),
+            lease_duration: 1,
+            renewable: true,
+        };
+        assert!(!format!("{auth:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn error_messages_come_from_the_errors_array() {
+        assert_eq!(
+            error_message(br#"{"errors":["permission denied"]}"#),
+            "permission denied"
+        );
+        assert_eq!(error_message(br#"{"errors":["a","b\nc"]}"#), "a; b c");
+        assert_eq!(error_message(b""), "empty answer");
+        assert_eq!(
+            error_message(b"<html>bad gateway</html>"),
+            "<html>bad gateway</html>"
+        );
+    }
+
+    #[test]
+    fn transient_errors() {
+        let status = |s| ClientError::Status {
+            method: "GET".into(),
+            path: "p".into(),
+            status: s,
+            message: String::new(),
+        };
+        assert!(status(503).is_transient());
+        assert!(status(429).is_transient());
+        assert!(!status(403).is_transient());
+        assert!(!status(400).is_transient());
+        assert!(
+            ClientError::Unreachable {
+                addr: "a".into(),
+                detail: "d".into()
+            }
+            .is_transient()
+        );
+    }
+}

@@ -1,0 +1,644 @@
+//! `AgentConfig`: the JSON contract between the injector, which writes it into the pod as
+//! `SIDEKEY_AGENT_CONFIG` (base64), and the agent, which reads and validates it. This is the one
+//! definition of that contract; the injector depends on this crate for it.
+
+use std::path::{Component, Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// The environment variable that carries the base64-encoded JSON config.
+pub const CONFIG_ENV: &str = "SIDEKEY_AGENT_CONFIG";
+pub const DEFAULT_SECRETS_DIR: &str = "/vault/secrets";
+pub const DEFAULT_STATE_DIR: &str = "/home/sidekey";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{CONFIG_ENV} is not valid base64: {0}")]
+    Base64(base64::DecodeError),
+    #[error("cannot read agent config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent config is not valid JSON: {0}")]
+    Json(serde_json::Error),
+    #[error("agent config field {field}: {problem}")]
+    Invalid { field: String, problem: String },
+    #[error("no agent config: set {CONFIG_ENV} or pass --config FILE")]
+    Missing,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub templates: Vec<TemplateConfig>,
+    /// Folder the files are rendered into (the shared in-memory volume).
+    #[serde(default = "default_secrets_dir")]
+    pub secrets_dir: PathBuf,
+    /// Folder for the token and lease state (private to the agent containers).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `https://vault.example:8200`
+    pub address: String,
+    /// Vault Enterprise / OpenBao namespace, sent as `X-Vault-Namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// PEM file of the CA(s) that sign the store's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM of the CA(s), inline (the injector's --vault-cacert-bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_skip_verify: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+    /// Timeout of one HTTP request.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Retries of one request on connection errors and 5xx before the error is returned.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// POST auth/<mount_path>/login {role, jwt} with the projected service-account token.
+    Kubernetes {
+        #[serde(default = "default_kubernetes_mount")]
+        mount_path: String,
+        role: String,
+        #[serde(default = "default_sa_token_path")]
+        token_path: PathBuf,
+    },
+    /// The same login shape on a jwt mount.
+    Jwt {
+        #[serde(default = "default_jwt_mount")]
+        mount_path: String,
+        role: String,
+        #[serde(default = "default_sa_token_path")]
+        token_path: PathBuf,
+    },
+    /// role_id and secret_id read from files.
+    Approle {
+        #[serde(default = "default_approle_mount")]
+        mount_path: String,
+        role_id_file: PathBuf,
+        secret_id_file: PathBuf,
+    },
+    /// A ready token read from a file.
+    Token { token_file: PathBuf },
+}
+
+impl AuthConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthConfig::Kubernetes { .. } => "kubernetes",
+            AuthConfig::Jwt { .. } => "jwt",
+            AuthConfig::Approle { .. } => "approle",
+            AuthConfig::Token { .. } => "token",
+        }
+    }
+
+    /// The file whose rotation calls for a new login (the projected token), if any.
+    pub fn credential_file(&self) -> Option<&Path> {
+        match self {
+            AuthConfig::Kubernetes { token_path, .. } | AuthConfig::Jwt { token_path, .. } => {
+                Some(token_path)
+            }
+            AuthConfig::Approle { secret_id_file, .. } => Some(secret_id_file),
+            AuthConfig::Token { token_file } => Some(token_file),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Decide from the template text (see `render::detect_engine`).
+    #[default]
+    Auto,
+    Go,
+    Handlebars,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultFormat {
+    #[default]
+    Map,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// The secret's name (the NAME of agent-inject-secret-NAME), used in logs and errors.
+    pub name: String,
+    /// Secret path the default format renders, and the root context of handlebars templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Inline template text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contents: Option<String>,
+    /// Template file inside the agent container, used when there is no inline text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+    #[serde(default)]
+    pub engine: Engine,
+    /// Output when neither contents nor source is given.
+    #[serde(default)]
+    pub format: DefaultFormat,
+    /// File name relative to the secrets folder; may contain sub-folders, never `..`.
+    pub file: String,
+    /// Octal file mode, for example "0640".
+    #[serde(default = "default_perms")]
+    pub perms: String,
+    /// Shell command run after the file is (re)written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub error_on_missing_key: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_delimiter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub right_delimiter: Option<String>,
+}
+
+impl TemplateConfig {
+    /// The file mode, validated by `AgentConfig::validate`.
+    pub fn mode(&self) -> u32 {
+        parse_mode(&self.perms).unwrap_or(0o644)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// How often static (KV) secrets are re-read.
+    #[serde(default = "default_render_interval")]
+    pub static_secret_render_interval_secs: u64,
+    /// Revoke every lease and the token when the pod stops.
+    #[serde(default = "default_true")]
+    pub revoke_on_shutdown: bool,
+    /// Seconds the preStop revoke waits before revoking, so the app can finish with its credentials.
+    #[serde(default = "default_revoke_grace")]
+    pub revoke_grace_secs: u64,
+    /// How long `init` keeps retrying before it gives up.
+    #[serde(default = "default_init_timeout")]
+    pub init_timeout_secs: u64,
+    /// Backoff bounds between retries.
+    #[serde(default = "default_min_backoff_ms")]
+    pub min_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Native-sidecar mode: the sidecar also does the first render (there is no init container).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native_sidecar: bool,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            static_secret_render_interval_secs: default_render_interval(),
+            revoke_on_shutdown: true,
+            revoke_grace_secs: default_revoke_grace(),
+            init_timeout_secs: default_init_timeout(),
+            min_backoff_ms: default_min_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+            native_sidecar: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+pub const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+fn default_secrets_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_SECRETS_DIR)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+fn default_timeout_secs() -> u64 {
+    30
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_kubernetes_mount() -> String {
+    "auth/kubernetes".into()
+}
+fn default_jwt_mount() -> String {
+    "auth/jwt".into()
+}
+fn default_approle_mount() -> String {
+    "auth/approle".into()
+}
+pub fn default_sa_token_path() -> PathBuf {
+    PathBuf::from("/var/run/secrets/sidekey/serviceaccount/token")
+}
+fn default_perms() -> String {
+    "0644".into()
+}
+fn default_render_interval() -> u64 {
+    300
+}
+fn default_true() -> bool {
+    true
+}
+fn default_revoke_grace() -> u64 {
+    5
+}
+fn default_init_timeout() -> u64 {
+    120
+}
+fn default_min_backoff_ms() -> u64 {
+    250
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Parses an octal file mode such as "0640" or "640"; only permission bits are allowed.
+pub fn parse_mode(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
+/// Checks that `file` is a relative path that stays inside the folder it is joined to: no
+/// absolute path, no `..`, no empty or `.` components, no NUL.
+pub fn check_relative_file(file: &str) -> Result<(), String> {
+    if file.is_empty() {
+        return Err("is empty".into());
+    }
+    if file.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    let path = Path::new(file);
+    if path.is_absolute() {
+        return Err(format!(
+            "{file:?} is an absolute path; it must be relative to the secrets folder"
+        ));
+    }
+    if file.ends_with('/') {
+        return Err(format!("{file:?} names a folder, not a file"));
+    }
+    for component in path.components() {
+        match component {
+            Component::Normal(_) => {}
+            Component::ParentDir => {
+                return Err(format!("{file:?} leaves the secrets folder through \"..\""));
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("{file:?} is not a plain relative path"));
+            }
+        }
+    }
+    if file.split('/').any(|part| part.is_empty() || part == ".") {
+        return Err(format!("{file:?} is not a plain relative path"));
+    }
+    Ok(())
+}
+
+impl AgentConfig {
+    /// Reads the config from `--config FILE` when given, otherwise from `SIDEKEY_AGENT_CONFIG`.
+    pub fn load(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+        let json = match file {
+            Some(path) => std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            None => {
+                let encoded = std::env::var(CONFIG_ENV).map_err(|_| ConfigError::Missing)?;
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map_err(ConfigError::Base64)?
+            }
+        };
+        AgentConfig::from_json(&json)
+    }
+
+    pub fn from_json(json: &[u8]) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = serde_json::from_slice(json).map_err(ConfigError::Json)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The base64 of the JSON, as the injector writes it into `SIDEKEY_AGENT_CONFIG`.
+    pub fn to_env_value(&self) -> String {
+        let json = serde_json::to_vec(self).expect("AgentConfig serializes");
+        base64::engine::general_purpose::STANDARD.encode(json)
+    }
+
+    /// Checks every field that serde cannot; each error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let address = self.store.address.trim();
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(invalid(
+                "store.address",
+                format!(
+                    "{:?} must start with http:// or https://",
+                    self.store.address
+                ),
+            ));
+        }
+        if self.store.client_cert.is_some() != self.store.client_key.is_some() {
+            return Err(invalid(
+                "store.client_cert",
+                "client_cert and client_key must be given together",
+            ));
+        }
+        if self.store.timeout_secs == 0 {
+            return Err(invalid("store.timeout_secs", "must be at least 1"));
+        }
+        match &self.auth {
+            AuthConfig::Kubernetes {
+                role, mount_path, ..
+            }
+            | AuthConfig::Jwt {
+                role, mount_path, ..
+            } => {
+                if role.trim().is_empty() {
+                    return Err(invalid(
+                        "auth.role",
+                        format!("{} auth needs a role", self.auth.kind()),
+                    ));
+                }
+                check_mount("auth.mount_path", mount_path)?;
+            }
+            AuthConfig::Approle { mount_path, .. } => check_mount("auth.mount_path", mount_path)?,
+            AuthConfig::Token { .. } => {}
+        }
+        let mut files = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.templates.iter().enumerate() {
+            let field = |f: &str| format!("templates[{i}].{f}");
+            if t.name.is_empty() {
+                return Err(invalid(field("name"), "is empty"));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} is used twice", t.name),
+                ));
+            }
+            check_relative_file(&t.file).map_err(|p| invalid(field("file"), p))?;
+            if !files.insert(t.file.as_str()) {
+                return Err(invalid(
+                    field("file"),
+                    format!("{:?} is rendered by two templates", t.file),
+                ));
+            }
+            if parse_mode(&t.perms).is_none() {
+                return Err(invalid(
+                    field("perms"),
+                    format!("{:?} is not an octal file mode", t.perms),
+                ));
+            }
+            if t.contents.is_none()
+                && t.source.is_none()
+                && t.path.as_deref().is_none_or(str::is_empty)
+            {
+                return Err(invalid(
+                    field("path"),
+                    "a template needs a secret path, contents or a source file",
+                ));
+            }
+            if t.left_delimiter.as_deref() == Some("") || t.right_delimiter.as_deref() == Some("") {
+                return Err(invalid(
+                    field("left_delimiter"),
+                    "delimiters cannot be empty",
+                ));
+            }
+        }
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not one of {}",
+                    self.log.level,
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+        let l = &self.lifecycle;
+        if l.min_backoff_ms == 0 || l.min_backoff_ms > l.max_backoff_ms {
+            return Err(invalid(
+                "lifecycle.min_backoff_ms",
+                "must be between 1 and max_backoff_ms",
+            ));
+        }
+        if l.static_secret_render_interval_secs == 0 {
+            return Err(invalid(
+                "lifecycle.static_secret_render_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_mount(field: &str, mount: &str) -> Result<(), ConfigError> {
+    let m = mount.trim_matches('/');
+    if m.is_empty() || m.split('/').any(|p| p.is_empty() || p == "..") {
+        return Err(invalid(field, format!("{mount:?} is not a mount path")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> serde_json::Value {
+        serde_json::json!({
+            "store": { "address": "https://vault:8200" },
+            "auth": { "type": "kubernetes", "role": "app" },
+            "templates": [{ "name": "db", "path": "database/creds/app", "file": "db" }]
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_json(&serde_json::to_vec(&v).unwrap())
+    }
+
+    #[test]
+    fn minimal_config_gets_the_design_defaults() {
+        let c = parse(minimal()).unwrap();
+        assert_eq!(c.secrets_dir, PathBuf::from("/vault/secrets"));
+        assert_eq!(c.state_dir, PathBuf::from("/home/sidekey"));
+        assert!(c.lifecycle.revoke_on_shutdown);
+        assert_eq!(c.lifecycle.revoke_grace_secs, 5);
+        assert_eq!(c.lifecycle.static_secret_render_interval_secs, 300);
+        assert_eq!(c.templates[0].mode(), 0o644);
+        assert_eq!(c.templates[0].format, DefaultFormat::Map);
+        assert_eq!(c.log.format, LogFormat::Json);
+        match &c.auth {
+            AuthConfig::Kubernetes {
+                mount_path,
+                token_path,
+                ..
+            } => {
+                assert_eq!(mount_path, "auth/kubernetes");
+                assert_eq!(token_path, &default_sa_token_path());
+            }
+            other => panic!("unexpected auth {other:?}"),
+        }
+    }
+
+    #[test]
+    fn env_round_trip() {
+        let c = parse(minimal()).unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(c.to_env_value())
+            .unwrap();
+        assert_eq!(AgentConfig::from_json(&decoded).unwrap(), c);
+    }
+
+    fn error_of(mutate: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v = minimal();
+        mutate(&mut v);
+        parse(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            error_of(|v| v["templates"][0]["perms"] = "9999".into()),
+            "agent config field templates[0].perms: \"9999\" is not an octal file mode"
+        );
+        assert!(
+            error_of(|v| v["templates"][0]["file"] = "../etc/passwd".into()).starts_with(
+                "agent config field templates[0].file: \"../etc/passwd\" leaves the secrets folder"
+            )
+        );
+        assert!(
+            error_of(|v| v["store"]["address"] = "vault:8200".into()).contains("store.address")
+        );
+        assert!(error_of(|v| v["auth"]["role"] = "".into()).contains("auth.role"));
+        assert!(
+            error_of(|v| v["log"] = serde_json::json!({"level": "loud"})).contains("log.level")
+        );
+        assert!(error_of(|v| v["auth"]["type"] = "ldap".into()).contains("unknown variant `ldap`"));
+        assert!(error_of(|v| v["surprise"] = 1.into()).contains("unknown field `surprise`"));
+        assert!(
+            error_of(|v| {
+                let t = v["templates"][0].clone();
+                let mut t2 = t.clone();
+                t2["name"] = "other".into();
+                v["templates"] = serde_json::json!([t, t2]);
+            })
+            .contains("templates[1].file: \"db\" is rendered by two templates")
+        );
+        assert!(
+            error_of(|v| v["templates"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("path")
+                .map(|_| ())
+                .unwrap())
+            .contains("templates[0].path")
+        );
+        assert!(
+            error_of(|v| v["store"]["client_cert"] = "/c.pem".into()).contains("store.client_cert")
+        );
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0640"), Some(0o640));
+        assert_eq!(parse_mode("600"), Some(0o600));
+        assert_eq!(parse_mode("0o400"), Some(0o400));
+        for bad in ["9999", "", "0x1f", "-1", "07777", "12345", "abc", "0800"] {
+            assert_eq!(parse_mode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn relative_files() {
+        for ok in ["db", "app/db.env", "a/b/c.json", ".hidden"] {
+            assert!(check_relative_file(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/./b",
+            "dir/",
+            "a\0b",
+        ] {
+            assert!(check_relative_file(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn config_file_and_missing_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, serde_json::to_vec(&minimal()).unwrap()).unwrap();
+        assert!(AgentConfig::load(Some(&path)).is_ok());
+        let err = AgentConfig::load(Some(&dir.path().join("nope.json"))).unwrap_err();
+        assert!(err.to_string().starts_with("cannot read agent config file"));
+    }
+}

@@ -1,0 +1,146 @@
+//! One render cycle: for each template, render in passes (fetching what each pass asks for),
+//! write the file if its content changed, and run its command. A template that fails leaves its
+//! old file in place and does not stop the others.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{AgentConfig, TemplateConfig};
+use crate::fetch::{FetchError, Fetcher};
+use crate::render::{self, Outcome, Prepared, RenderError};
+use crate::sink::{self, CommandOutcome, SinkError};
+
+/// How many fetch-and-render rounds one template may need (secrets whose path comes from
+/// another secret need more than one).
+const MAX_PASSES: usize = 8;
+const COMMAND_TIME_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CycleError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("template {0}: still asks for new secrets after {MAX_PASSES} rounds")]
+    TooManyPasses(String),
+    #[error("template {template}: cannot read template file {path}: {detail}")]
+    Source {
+        template: String,
+        path: String,
+        detail: String,
+    },
+}
+
+impl CycleError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CycleError::Fetch(e) if e.transient)
+    }
+}
+
+/// A template checked and ready, with its config.
+pub struct Template {
+    pub config: TemplateConfig,
+    pub prepared: Prepared,
+}
+
+/// Loads template files and checks every template; the first problem is returned.
+pub fn prepare_all(config: &AgentConfig) -> Result<Vec<Template>, CycleError> {
+    config
+        .templates
+        .iter()
+        .map(|t| {
+            let source = match (&t.contents, &t.source) {
+                (None, Some(path)) => {
+                    Some(
+                        std::fs::read_to_string(path).map_err(|e| CycleError::Source {
+                            template: t.name.clone(),
+                            path: path.display().to_string(),
+                            detail: e.to_string(),
+                        })?,
+                    )
+                }
+                _ => None,
+            };
+            Ok(Template {
+                config: t.clone(),
+                prepared: render::prepare(t, source)?,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileReport {
+    pub name: String,
+    pub file: String,
+    pub written: bool,
+    pub command: Option<CommandOutcome>,
+}
+
+/// Renders one template to text, fetching what it needs.
+pub async fn render_text(p: &Prepared, fetcher: &mut Fetcher) -> Result<String, CycleError> {
+    for _ in 0..MAX_PASSES {
+        match render::render(p, &fetcher.known())? {
+            Outcome::Rendered { text, missing } => {
+                for key in missing {
+                    tracing::warn!(template = %p.name, key = %key, "template refers to a missing key; it rendered empty");
+                }
+                return Ok(text);
+            }
+            Outcome::Needs(keys) => {
+                for key in keys {
+                    fetcher.fetch(&key).await?;
+                }
+            }
+        }
+    }
+    Err(CycleError::TooManyPasses(p.name.clone()))
+}
+
+/// Renders, writes and runs the command of one template.
+pub async fn render_one(
+    t: &Template,
+    fetcher: &mut Fetcher,
+    out_dir: &Path,
+) -> Result<FileReport, CycleError> {
+    let text = render_text(&t.prepared, fetcher).await?;
+    let written =
+        sink::write_if_changed(out_dir, &t.config.file, text.as_bytes(), t.config.mode())?;
+    let command = match (&t.config.command, written) {
+        (Some(cmd), true) => Some(sink::run_command(cmd, out_dir, COMMAND_TIME_LIMIT).await),
+        _ => None,
+    };
+    if let Some(CommandOutcome::Failed(why)) = &command {
+        tracing::warn!(template = %t.config.name, reason = %why, "template command failed");
+    }
+    Ok(FileReport {
+        name: t.config.name.clone(),
+        file: t.config.file.clone(),
+        written,
+        command,
+    })
+}
+
+/// Renders every template; one result per template, in order.
+pub async fn render_all(
+    templates: &[Template],
+    fetcher: &mut Fetcher,
+    out_dir: &Path,
+) -> Vec<Result<FileReport, CycleError>> {
+    let mut results = Vec::with_capacity(templates.len());
+    for t in templates {
+        let result = render_one(t, fetcher, out_dir).await;
+        match &result {
+            Ok(report) => {
+                tracing::info!(template = %report.name, file = %report.file, written = report.written, "rendered")
+            }
+            Err(e) => {
+                tracing::error!(template = %t.config.name, error = %e, "render failed; the previous file is kept")
+            }
+        }
+        results.push(result);
+    }
+    results
+}

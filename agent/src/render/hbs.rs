@@ -1,0 +1,392 @@
+//! The handlebars engine: a registry with HTML escaping off, strict mode for missing keys, and our
+//! helpers. `secret` looks secrets up in what has been fetched so far and records what it still
+//! needs, so the caller can fetch those and render again (rendering in passes keeps I/O out).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, RenderContext, RenderError, RenderErrorReason,
+    ScopedJson,
+};
+use serde_json::Value;
+
+use super::{Known, SecretKey, gofmt};
+
+/// What one pass produced: the text or the error, and the secrets the template asked for that
+/// were not known yet.
+pub struct Pass {
+    pub result: Result<String, HbsError>,
+    pub wanted: Vec<SecretKey>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HbsError {
+    /// A variable is missing in strict mode; carries its path (a key name, never a value).
+    Missing(String),
+    Other(String),
+}
+
+pub fn render(text: &str, root: &Value, known: Arc<Known>, strict: bool) -> Pass {
+    let wanted = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = Handlebars::new();
+    registry.register_escape_fn(handlebars::no_escape);
+    registry.set_strict_mode(strict);
+    registry.register_helper(
+        "secret",
+        Box::new(SecretHelper {
+            known,
+            wanted: wanted.clone(),
+        }),
+    );
+    for (name, f) in FUNCTIONS {
+        registry.register_helper(name, Box::new(Function(name, *f)));
+    }
+    let result = registry
+        .render_template(text, root)
+        .map_err(|e| match e.reason() {
+            RenderErrorReason::MissingVariable(path) => {
+                HbsError::Missing(path.clone().unwrap_or_else(|| "?".into()))
+            }
+            _ => HbsError::Other(describe(&e)),
+        });
+    let wanted = std::mem::take(&mut *wanted.lock().expect("wanted list"));
+    Pass { result, wanted }
+}
+
+/// Checks that a template parses, for validation before any secret is fetched.
+pub fn check_syntax(text: &str) -> Result<(), String> {
+    handlebars::Template::compile(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn describe(e: &RenderError) -> String {
+    let mut text = e.reason().to_string();
+    if let (Some(line), Some(col)) = (e.line_no, e.column_no) {
+        text = format!("line {line}, column {col}: {text}");
+    }
+    text
+}
+
+/// `secret "path" [key=value ...]`: a read, or with parameters a write (PKI issue and the like).
+struct SecretHelper {
+    known: Arc<Known>,
+    wanted: Arc<Mutex<Vec<SecretKey>>>,
+}
+
+impl HelperDef for SecretHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let path = h
+            .param(0)
+            .and_then(|p| p.value().as_str())
+            .filter(|p| !p.is_empty())
+            .ok_or(RenderErrorReason::Other(
+                "secret needs a path, for example (secret \"secret/data/app\")".into(),
+            ))?;
+        let params: BTreeMap<String, String> = h
+            .hash()
+            .iter()
+            .map(|(k, v)| (k.to_string(), scalar_text(v.value())))
+            .collect();
+        let key = SecretKey {
+            path: path.to_string(),
+            params,
+        };
+        match self.known.get(&key) {
+            Some(secret) => Ok(ScopedJson::Derived(secret.clone())),
+            None => {
+                self.wanted.lock().expect("wanted list").push(key);
+                Ok(ScopedJson::Derived(Value::Null))
+            }
+        }
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => gofmt::print_value(other),
+    }
+}
+
+type Func = fn(&[Value]) -> Result<Value, String>;
+
+/// A plain function helper: positional arguments in, one value out.
+struct Function(&'static str, Func);
+
+impl HelperDef for Function {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let args: Vec<Value> = h.params().iter().map(|p| p.value().clone()).collect();
+        (self.1)(&args)
+            .map(ScopedJson::Derived)
+            .map_err(|e| RenderErrorReason::Other(format!("{}: {e}", self.0)).into())
+    }
+}
+
+const FUNCTIONS: &[(&str, Func)] = &[
+    ("base64Encode", base64_encode),
+    ("base64Decode", base64_decode),
+    ("base64URLEncode", base64_url_encode),
+    ("toJSON", to_json),
+    ("toJSONPretty", to_json_pretty),
+    ("toYAML", to_yaml),
+    ("env", env),
+    ("trimSpace", trim_space),
+    ("toLower", to_lower),
+    ("toUpper", to_upper),
+    ("contains", contains),
+    ("replaceAll", replace_all),
+    ("split", split),
+    ("join", join),
+    ("default", default),
+];
+
+fn arg(args: &[Value], i: usize) -> Result<&Value, String> {
+    args.get(i)
+        .ok_or_else(|| format!("needs {} argument(s), got {}", i + 1, args.len()))
+}
+
+fn str_arg(args: &[Value], i: usize) -> Result<&str, String> {
+    match arg(args, i)? {
+        Value::String(s) => Ok(s),
+        Value::Null => Err(format!("argument {} is missing (null)", i + 1)),
+        other => Err(format!(
+            "argument {} must be a string, got {}",
+            i + 1,
+            kind(other)
+        )),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a map",
+    }
+}
+
+fn base64_encode(args: &[Value]) -> Result<Value, String> {
+    Ok(base64::engine::general_purpose::STANDARD
+        .encode(str_arg(args, 0)?)
+        .into())
+}
+
+fn base64_url_encode(args: &[Value]) -> Result<Value, String> {
+    Ok(base64::engine::general_purpose::URL_SAFE
+        .encode(str_arg(args, 0)?)
+        .into())
+}
+
+fn base64_decode(args: &[Value]) -> Result<Value, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(str_arg(args, 0)?.trim())
+        .map_err(|e| format!("not valid base64 ({e})"))?;
+    String::from_utf8(bytes)
+        .map(Value::from)
+        .map_err(|_| "the decoded bytes are not UTF-8 text".into())
+}
+
+fn to_json(args: &[Value]) -> Result<Value, String> {
+    Ok(gofmt::to_json(arg(args, 0)?).into())
+}
+
+fn to_json_pretty(args: &[Value]) -> Result<Value, String> {
+    Ok(gofmt::to_json_pretty(arg(args, 0)?).into())
+}
+
+fn to_yaml(args: &[Value]) -> Result<Value, String> {
+    Ok(super::yaml::to_yaml(arg(args, 0)?).into())
+}
+
+fn env(args: &[Value]) -> Result<Value, String> {
+    Ok(std::env::var(str_arg(args, 0)?).unwrap_or_default().into())
+}
+
+fn trim_space(args: &[Value]) -> Result<Value, String> {
+    Ok(str_arg(args, 0)?.trim().into())
+}
+
+fn to_lower(args: &[Value]) -> Result<Value, String> {
+    Ok(str_arg(args, 0)?.to_lowercase().into())
+}
+
+fn to_upper(args: &[Value]) -> Result<Value, String> {
+    Ok(str_arg(args, 0)?.to_uppercase().into())
+}
+
+/// `contains haystack needle`.
+fn contains(args: &[Value]) -> Result<Value, String> {
+    Ok(str_arg(args, 0)?.contains(str_arg(args, 1)?).into())
+}
+
+/// `replaceAll text from to`.
+fn replace_all(args: &[Value]) -> Result<Value, String> {
+    Ok(str_arg(args, 0)?
+        .replace(str_arg(args, 1)?, str_arg(args, 2)?)
+        .into())
+}
+
+/// `split text separator` → a list.
+fn split(args: &[Value]) -> Result<Value, String> {
+    let text = str_arg(args, 0)?;
+    let sep = str_arg(args, 1)?;
+    if text.is_empty() {
+        return Ok(Value::Array(Vec::new()));
+    }
+    Ok(Value::Array(text.split(sep).map(Value::from).collect()))
+}
+
+/// `join list separator`.
+fn join(args: &[Value]) -> Result<Value, String> {
+    let items = match arg(args, 0)? {
+        Value::Array(items) => items,
+        other => return Err(format!("argument 1 must be a list, got {}", kind(other))),
+    };
+    let sep = str_arg(args, 1)?;
+    Ok(items
+        .iter()
+        .map(scalar_text)
+        .collect::<Vec<_>>()
+        .join(sep)
+        .into())
+}
+
+/// `default value fallback`: the fallback when value is null or an empty string.
+fn default(args: &[Value]) -> Result<Value, String> {
+    let value = args.first().cloned().unwrap_or(Value::Null);
+    let fallback = arg(args, 1)?;
+    Ok(match value {
+        Value::Null => fallback.clone(),
+        Value::String(s) if s.is_empty() => fallback.clone(),
+        v => v,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(f: Func, args: Value) -> Result<Value, String> {
+        f(args.as_array().unwrap())
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(call(base64_encode, json!(["hi?"])).unwrap(), "aGk/");
+        assert_eq!(call(base64_url_encode, json!(["hi?"])).unwrap(), "aGk_");
+        assert_eq!(call(base64_decode, json!(["aGk/"])).unwrap(), "hi?");
+        assert!(
+            call(base64_decode, json!(["!!"]))
+                .unwrap_err()
+                .contains("not valid base64")
+        );
+        assert_eq!(
+            call(to_json, json!([{"b": 1, "a": "<"}])).unwrap(),
+            r#"{"a":"\u003c","b":1}"#
+        );
+        assert_eq!(
+            call(to_json_pretty, json!([{"a": 1}])).unwrap(),
+            "{\n  \"a\": 1\n}"
+        );
+        assert_eq!(call(to_yaml, json!([{"a": 1}])).unwrap(), "a: 1");
+        assert_eq!(call(trim_space, json!(["  x \n"])).unwrap(), "x");
+        assert_eq!(call(to_lower, json!(["AbC"])).unwrap(), "abc");
+        assert_eq!(call(to_upper, json!(["AbC"])).unwrap(), "ABC");
+        assert_eq!(call(contains, json!(["haystack", "st"])).unwrap(), true);
+        assert_eq!(call(contains, json!(["haystack", "x"])).unwrap(), false);
+        assert_eq!(
+            call(replace_all, json!(["a-b-c", "-", "+"])).unwrap(),
+            "a+b+c"
+        );
+        assert_eq!(call(split, json!(["a,b", ","])).unwrap(), json!(["a", "b"]));
+        assert_eq!(call(split, json!(["", ","])).unwrap(), json!([]));
+        assert_eq!(
+            call(join, json!([["a", 1, true], "/"])).unwrap(),
+            "a/1/true"
+        );
+        assert_eq!(call(default, json!([null, "x"])).unwrap(), "x");
+        assert_eq!(call(default, json!(["", "x"])).unwrap(), "x");
+        assert_eq!(call(default, json!(["y", "x"])).unwrap(), "y");
+        assert!(
+            call(to_upper, json!([1]))
+                .unwrap_err()
+                .contains("must be a string, got a number")
+        );
+        assert!(
+            call(join, json!(["a", ","]))
+                .unwrap_err()
+                .contains("must be a list")
+        );
+        assert!(
+            call(to_lower, json!([]))
+                .unwrap_err()
+                .contains("needs 1 argument")
+        );
+    }
+
+    #[test]
+    fn env_helper_reads_the_environment() {
+        // PATH is always set in test processes.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(call(env, json!(["PATH"])).unwrap(), Value::from(path));
+        assert_eq!(call(env, json!(["SIDEKEY_SURELY_UNSET_VAR"])).unwrap(), "");
+    }
+
+    #[test]
+    fn secret_helper_records_what_it_needs_then_uses_it() {
+        let text = r#"{{#with (secret "pki/issue/app" common_name="a.svc" ttl=60)}}{{data.certificate}}{{/with}}"#;
+        let first = render(text, &Value::Null, Arc::new(Known::new()), false);
+        assert_eq!(first.result.unwrap(), "");
+        let key = SecretKey {
+            path: "pki/issue/app".into(),
+            params: BTreeMap::from([
+                ("common_name".into(), "a.svc".into()),
+                ("ttl".into(), "60".into()),
+            ]),
+        };
+        assert_eq!(first.wanted, vec![key.clone()]);
+        let known = Known::from([(key, json!({"data": {"certificate": "CERT"}}))]);
+        let second = render(text, &Value::Null, Arc::new(known), true);
+        assert_eq!(second.result.unwrap(), "CERT");
+        assert!(second.wanted.is_empty());
+    }
+
+    #[test]
+    fn strict_mode_names_the_missing_key_and_html_is_not_escaped() {
+        let root = json!({"data": {"user": "<app&co>"}});
+        let ok = render("{{data.user}}", &root, Arc::new(Known::new()), true);
+        assert_eq!(ok.result.unwrap(), "<app&co>");
+        let missing = render("{{data.nope}}", &root, Arc::new(Known::new()), true);
+        assert_eq!(
+            missing.result.unwrap_err(),
+            HbsError::Missing("data.nope".into())
+        );
+        let lax = render("[{{data.nope}}]", &root, Arc::new(Known::new()), false);
+        assert_eq!(lax.result.unwrap(), "[]");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        assert!(check_syntax("{{#if x}}unclosed").is_err());
+        assert!(check_syntax("{{data.user}}").is_ok());
+    }
+}

@@ -1,0 +1,433 @@
+//! Rendering: a template (handlebars, Go as Vault Agent renders it, or a default format) plus the
+//! secrets fetched so far becomes either the file's text or the list of secrets still needed.
+//! No I/O happens here; the caller fetches what a pass asks for and renders again.
+
+pub mod gofmt;
+mod hbs;
+mod yaml;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{DefaultFormat, Engine, TemplateConfig};
+
+/// One secret request: a read of `path`, or with parameters a write (for example a PKI issue).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SecretKey {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+}
+
+impl SecretKey {
+    pub fn read(path: impl Into<String>) -> SecretKey {
+        SecretKey {
+            path: path.into(),
+            params: BTreeMap::new(),
+        }
+    }
+    pub fn is_write(&self) -> bool {
+        !self.params.is_empty()
+    }
+}
+
+impl fmt::Display for SecretKey {
+    /// The path, and the parameter names (not their values) for writes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)?;
+        if self.is_write() {
+            let names: Vec<&str> = self.params.keys().map(String::as_str).collect();
+            write!(f, " (with {})", names.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Fetched secrets, as the JSON the API returned (`data`, `lease_id`, `lease_duration`, …).
+pub type Known = HashMap<SecretKey, Value>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Handlebars,
+    Go,
+    Default(DefaultFormat),
+}
+
+/// A template with its text loaded and its engine decided, checked before any secret is fetched.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub name: String,
+    pub engine: EngineKind,
+    pub text: String,
+    /// The template's own secret (`agent-inject-secret-NAME`), fetched first; the root context of
+    /// handlebars templates.
+    pub root: Option<SecretKey>,
+    pub error_on_missing_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RenderError {
+    #[error("template {template}: {problem}")]
+    Invalid { template: String, problem: String },
+    #[error("template {template}: key {key} is missing and error-on-missing-key is set")]
+    MissingKey { template: String, key: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The file's text, and the keys that were missing (rendered empty) for a warning.
+    Rendered { text: String, missing: Vec<String> },
+    /// Fetch these and render again.
+    Needs(Vec<SecretKey>),
+}
+
+/// Picks the engine when the annotation did not: handlebars block syntax (`{{#`, `{{/` that is
+/// not a Go comment, `{{else}}`, `{{^`) means handlebars; a Go action (`{{ .`, `{{-`, `{{ with`,
+/// `{{ range`, `{{ if`, `{{ end`, `{{/*`, a pipe) means Go; anything else is handlebars.
+pub fn detect_engine(text: &str) -> Engine {
+    let squeezed: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let hbs_markers = ["{{#", "{{^", "{{else}}", "{{~"];
+    let is_hbs = hbs_markers.iter().any(|m| squeezed.contains(m))
+        || squeezed
+            .match_indices("{{/")
+            .any(|(i, _)| !squeezed[i + 3..].starts_with('*'));
+    if is_hbs {
+        return Engine::Handlebars;
+    }
+    let go_markers = [
+        "{{ .",
+        "{{.",
+        "{{-",
+        "{{ with ",
+        "{{with ",
+        "{{ range ",
+        "{{range ",
+        "{{ if ",
+        "{{if ",
+        "{{ end",
+        "{{end",
+        "{{/*",
+        "{{ /*",
+        "{{ secret ",
+        "{{ $",
+        "{{$",
+        " | ",
+    ];
+    if go_markers.iter().any(|m| squeezed.contains(m)) {
+        Engine::Go
+    } else {
+        Engine::Handlebars
+    }
+}
+
+/// Decides the engine and checks the text. `source_text` is the content of `source` when the
+/// template comes from a file.
+pub fn prepare(t: &TemplateConfig, source_text: Option<String>) -> Result<Prepared, RenderError> {
+    let invalid = |problem: String| RenderError::Invalid {
+        template: t.name.clone(),
+        problem,
+    };
+    let root = t
+        .path
+        .as_deref()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| SecretKey::read(p.trim()));
+    let text = t.contents.clone().filter(|c| !c.is_empty()).or(source_text);
+    let Some(text) = text else {
+        if root.is_none() {
+            return Err(invalid(
+                "has no secret path, template text or template file".into(),
+            ));
+        }
+        return Ok(Prepared {
+            name: t.name.clone(),
+            engine: EngineKind::Default(t.format),
+            text: String::new(),
+            root,
+            error_on_missing_key: t.error_on_missing_key,
+        });
+    };
+    let engine = match t.engine {
+        Engine::Auto => detect_engine(&text),
+        explicit => explicit,
+    };
+    let engine = match engine {
+        Engine::Go => {
+            return Err(invalid(
+                "is a Go template ({{ with secret ... }} syntax); this build renders handlebars \
+                 templates and the default map/json formats only (set agent-inject-template-engine \
+                 to handlebars if the detection is wrong)"
+                    .into(),
+            ));
+        }
+        _ => {
+            if t.left_delimiter.is_some() || t.right_delimiter.is_some() {
+                return Err(invalid(
+                    "custom delimiters apply to Go templates only, not handlebars".into(),
+                ));
+            }
+            hbs::check_syntax(&text).map_err(|e| invalid(format!("does not parse: {e}")))?;
+            EngineKind::Handlebars
+        }
+    };
+    Ok(Prepared {
+        name: t.name.clone(),
+        engine,
+        text,
+        root,
+        error_on_missing_key: t.error_on_missing_key,
+    })
+}
+
+/// One rendering pass over what is known.
+pub fn render(p: &Prepared, known: &Arc<Known>) -> Result<Outcome, RenderError> {
+    let root = match &p.root {
+        Some(key) => match known.get(key) {
+            Some(secret) => secret.clone(),
+            None => return Ok(Outcome::Needs(vec![key.clone()])),
+        },
+        None => Value::Null,
+    };
+    match p.engine {
+        EngineKind::Default(format) => Ok(Outcome::Rendered {
+            text: default_format(format, &root["data"]),
+            missing: Vec::new(),
+        }),
+        EngineKind::Handlebars => render_handlebars(p, &root, known),
+        EngineKind::Go => Err(RenderError::Invalid {
+            template: p.name.clone(),
+            problem: "Go templates are not supported by this build".into(),
+        }),
+    }
+}
+
+fn render_handlebars(
+    p: &Prepared,
+    root: &Value,
+    known: &Arc<Known>,
+) -> Result<Outcome, RenderError> {
+    let strict = hbs::render(&p.text, root, known.clone(), true);
+    if !strict.wanted.is_empty() {
+        return Ok(Outcome::Needs(dedup(strict.wanted)));
+    }
+    match strict.result {
+        Ok(text) => Ok(Outcome::Rendered {
+            text,
+            missing: Vec::new(),
+        }),
+        Err(hbs::HbsError::Missing(key)) if p.error_on_missing_key => {
+            Err(RenderError::MissingKey {
+                template: p.name.clone(),
+                key,
+            })
+        }
+        Err(hbs::HbsError::Missing(key)) => {
+            let lax = hbs::render(&p.text, root, known.clone(), false);
+            match lax.result {
+                Ok(text) => Ok(Outcome::Rendered {
+                    text,
+                    missing: vec![key],
+                }),
+                Err(e) => Err(hbs_error(p, e)),
+            }
+        }
+        Err(e) => Err(hbs_error(p, e)),
+    }
+}
+
+fn hbs_error(p: &Prepared, e: hbs::HbsError) -> RenderError {
+    let problem = match e {
+        hbs::HbsError::Missing(key) => format!("key {key} is missing"),
+        hbs::HbsError::Other(text) => text,
+    };
+    RenderError::Invalid {
+        template: p.name.clone(),
+        problem,
+    }
+}
+
+fn dedup(mut keys: Vec<SecretKey>) -> Vec<SecretKey> {
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Vault Agent's default templates, byte for byte: `map` is
+/// `{{ range $k, $v := .Data }}{{ $k }}: {{ $v }}\n{{ end }}` and `json` is
+/// `{{ .Data | toJSON }}\n`, both inside `{{ with secret "<path>" }}`.
+pub fn default_format(format: DefaultFormat, data: &Value) -> String {
+    match format {
+        DefaultFormat::Map => {
+            let mut out = String::new();
+            if let Value::Object(map) = data {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                for (k, v) in entries {
+                    out.push_str(k);
+                    out.push_str(": ");
+                    out.push_str(&gofmt::print_top(v));
+                    out.push('\n');
+                }
+            }
+            out
+        }
+        DefaultFormat::Json => format!("{}\n", gofmt::to_json(data)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn template(contents: Option<&str>) -> TemplateConfig {
+        TemplateConfig {
+            name: "db".into(),
+            path: Some("database/creds/app".into()),
+            contents: contents.map(str::to_string),
+            source: None,
+            engine: Engine::Auto,
+            format: DefaultFormat::Map,
+            file: "db".into(),
+            perms: "0644".into(),
+            command: None,
+            error_on_missing_key: false,
+            left_delimiter: None,
+            right_delimiter: None,
+        }
+    }
+
+    #[test]
+    fn default_formats_match_vault_agent() {
+        let kv2 = json!({
+            "data": {"password": "p@ss", "user": "app"},
+            "metadata": {"created_time": "2026-11-23T10:00:00Z", "custom_metadata": null, "deletion_time": "", "destroyed": false, "version": 3}
+        });
+        assert_eq!(
+            default_format(DefaultFormat::Map, &kv2),
+            "data: map[password:p@ss user:app]\nmetadata: map[created_time:2026-11-23T10:00:00Z custom_metadata:<nil> deletion_time: destroyed:false version:3]\n"
+        );
+        assert_eq!(
+            default_format(DefaultFormat::Json, &kv2),
+            "{\"data\":{\"password\":\"p@ss\",\"user\":\"app\"},\"metadata\":{\"created_time\":\"2026-11-23T10:00:00Z\",\"custom_metadata\":null,\"deletion_time\":\"\",\"destroyed\":false,\"version\":3}}\n"
+        );
+        let kv1 = json!({"b": "2", "a": null});
+        assert_eq!(
+            default_format(DefaultFormat::Map, &kv1),
+            "a: <no value>\nb: 2\n"
+        );
+        assert_eq!(default_format(DefaultFormat::Map, &Value::Null), "");
+    }
+
+    #[test]
+    fn engine_detection() {
+        for go in [
+            r#"{{ with secret "database/creds/app" }}{{ .Data.username }}{{ end }}"#,
+            r#"{{- range $k, $v := .Data.data }}export {{ $k }}="{{ $v }}"{{ end }}"#,
+            "{{/* comment */}}{{ .Data }}",
+            r#"{{ secret "x" | toJSON }}"#,
+        ] {
+            assert_eq!(detect_engine(go), Engine::Go, "{go}");
+        }
+        for hbs in [
+            "{{data.username}}",
+            "{{#with (secret \"x\")}}{{data.a}}{{/with}}",
+            "plain text",
+            "{{#each data}}{{@key}}={{this}}\n{{/each}}",
+        ] {
+            assert_eq!(detect_engine(hbs), Engine::Handlebars, "{hbs}");
+        }
+    }
+
+    #[test]
+    fn passes_ask_for_the_root_secret_then_render() {
+        let p = prepare(
+            &template(Some(
+                "postgres://{{data.username}}:{{data.password}}@db/app",
+            )),
+            None,
+        )
+        .unwrap();
+        let root = SecretKey::read("database/creds/app");
+        assert_eq!(
+            render(&p, &Arc::new(Known::new())).unwrap(),
+            Outcome::Needs(vec![root.clone()])
+        );
+        let known = Arc::new(Known::from([(
+            root,
+            json!({"data": {"username": "u", "password": "p"}}),
+        )]));
+        assert_eq!(
+            render(&p, &known).unwrap(),
+            Outcome::Rendered {
+                text: "postgres://u:p@db/app".into(),
+                missing: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn missing_keys_warn_or_fail() {
+        let root = SecretKey::read("database/creds/app");
+        let known = Arc::new(Known::from([(root, json!({"data": {"username": "u"}}))]));
+        let mut t = template(Some("{{data.username}}:{{data.pasword}}"));
+        let lax = render(&prepare(&t, None).unwrap(), &known).unwrap();
+        assert_eq!(
+            lax,
+            Outcome::Rendered {
+                text: "u:".into(),
+                missing: vec!["data.pasword".into()]
+            }
+        );
+        t.error_on_missing_key = true;
+        let err = render(&prepare(&t, None).unwrap(), &known).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "template db: key data.pasword is missing and error-on-missing-key is set"
+        );
+    }
+
+    #[test]
+    fn prepare_rejects_what_cannot_render() {
+        let bad = prepare(&template(Some("{{#if x}}no end")), None).unwrap_err();
+        assert!(
+            bad.to_string().starts_with("template db: does not parse"),
+            "{bad}"
+        );
+        let go = prepare(
+            &template(Some("{{ with secret \"a\" }}{{ .Data }}{{ end }}")),
+            None,
+        )
+        .unwrap_err();
+        assert!(go.to_string().contains("is a Go template"));
+        let mut t = template(Some("{{data.a}}"));
+        t.left_delimiter = Some("[[".into());
+        assert!(
+            prepare(&t, None)
+                .unwrap_err()
+                .to_string()
+                .contains("custom delimiters")
+        );
+        let mut t = template(None);
+        t.path = None;
+        assert!(
+            prepare(&t, None)
+                .unwrap_err()
+                .to_string()
+                .contains("has no secret path")
+        );
+    }
+
+    #[test]
+    fn secret_key_display_hides_parameter_values() {
+        let key = SecretKey {
+            path: "pki/issue/app".into(),
+            params: BTreeMap::from([("common_name".into(), "secret-host".into())]),
+        };
+        assert_eq!(key.to_string(), "pki/issue/app (with common_name)");
+    }
+}

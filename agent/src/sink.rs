@@ -1,0 +1,207 @@
+//! Writing rendered files: atomically (a temporary file in the same folder, fsync, rename), with
+//! the requested mode, only when the content changed, and never outside the secrets folder.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::check_relative_file;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("file {file}: {problem}")]
+    Unsafe { file: String, problem: String },
+    #[error("writing {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where `file` lands under `dir`, refusing anything that could leave `dir`.
+pub fn target(dir: &Path, file: &str) -> Result<PathBuf, SinkError> {
+    check_relative_file(file).map_err(|problem| SinkError::Unsafe {
+        file: file.to_string(),
+        problem,
+    })?;
+    Ok(dir.join(file))
+}
+
+/// Writes `contents` to `dir/file` with `mode` unless the file already holds exactly that.
+/// Returns whether the file was written.
+pub fn write_if_changed(
+    dir: &Path,
+    file: &str,
+    contents: &[u8],
+    mode: u32,
+) -> Result<bool, SinkError> {
+    let path = target(dir, file)?;
+    let parent = path.parent().unwrap_or(dir).to_path_buf();
+    if parent != dir {
+        fs::create_dir_all(&parent).map_err(io(&parent))?;
+        // A sub-folder must not be a symlink that leads out of the secrets folder.
+        let real_dir = fs::canonicalize(dir).map_err(io(dir))?;
+        let real_parent = fs::canonicalize(&parent).map_err(io(&parent))?;
+        if !real_parent.starts_with(&real_dir) {
+            return Err(SinkError::Unsafe {
+                file: file.to_string(),
+                problem: "its folder resolves outside the secrets folder".into(),
+            });
+        }
+    }
+    if let Ok(meta) = fs::symlink_metadata(&path) {
+        let same_mode = meta.permissions().mode() & 0o777 == mode;
+        if meta.is_file() && same_mode && fs::read(&path).is_ok_and(|old| old == contents) {
+            return Ok(false);
+        }
+    }
+    let tmp = parent.join(format!(
+        ".{}.sidekey-tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let written = (|| {
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode given to open.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        if let Ok(d) = fs::File::open(&parent) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(SinkError::Io { path, source: e });
+    }
+    Ok(true)
+}
+
+/// The outcome of a template's command; its output is not kept (it may print secrets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandOutcome {
+    Succeeded,
+    Failed(String),
+}
+
+/// Runs a template's command through `/bin/sh -c` in the secrets folder, with a time limit.
+pub async fn run_command(command: &str, dir: &Path, limit: Duration) -> CommandOutcome {
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return CommandOutcome::Failed(format!("cannot start /bin/sh: {e}")),
+    };
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(Ok(status)) if status.success() => CommandOutcome::Succeeded,
+        Ok(Ok(status)) => CommandOutcome::Failed(format!("exited with {status}")),
+        Ok(Err(e)) => CommandOutcome::Failed(e.to_string()),
+        Err(_) => {
+            CommandOutcome::Failed(format!("still running after {}s; killed", limit.as_secs()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn writes_with_mode_and_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_if_changed(dir.path(), "db", b"one", 0o640).unwrap());
+        let path = dir.path().join("db");
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let ino = fs::metadata(&path).unwrap().ino();
+        assert!(!write_if_changed(dir.path(), "db", b"one", 0o640).unwrap());
+        assert_eq!(
+            fs::metadata(&path).unwrap().ino(),
+            ino,
+            "unchanged file must not be replaced"
+        );
+        assert!(
+            write_if_changed(dir.path(), "db", b"one", 0o600).unwrap(),
+            "a new mode rewrites"
+        );
+        assert!(write_if_changed(dir.path(), "db", b"two", 0o600).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn sub_folders_are_created_and_escapes_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_if_changed(dir.path(), "app/config/db.env", b"x", 0o644).unwrap());
+        assert!(dir.path().join("app/config/db.env").is_file());
+        for bad in ["../out", "/etc/passwd", "a/../../b"] {
+            let err = write_if_changed(dir.path(), bad, b"x", 0o644).unwrap_err();
+            assert!(matches!(err, SinkError::Unsafe { .. }), "{bad}: {err}");
+        }
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let err = write_if_changed(dir.path(), "link/x", b"x", 0o644).unwrap_err();
+        assert!(err.to_string().contains("resolves outside"), "{err}");
+        assert!(!outside.path().join("x").exists());
+    }
+
+    #[test]
+    fn a_read_only_folder_is_an_error_and_the_old_file_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_if_changed(dir.path(), "f", b"old", 0o644).unwrap());
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o555)).unwrap();
+        let result = write_if_changed(dir.path(), "f", b"new", 0o644);
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        // Root ignores folder permissions; then the write simply succeeds.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(result.is_err());
+            assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"old");
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_run_in_the_folder_and_report_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = run_command("touch ran", dir.path(), Duration::from_secs(5)).await;
+        assert_eq!(ok, CommandOutcome::Succeeded);
+        assert!(dir.path().join("ran").exists());
+        let failed = run_command("exit 3", dir.path(), Duration::from_secs(5)).await;
+        assert!(
+            matches!(failed, CommandOutcome::Failed(ref m) if m.contains("3")),
+            "{failed:?}"
+        );
+        let slow = run_command("sleep 5", dir.path(), Duration::from_millis(100)).await;
+        assert!(
+            matches!(slow, CommandOutcome::Failed(ref m) if m.contains("killed")),
+            "{slow:?}"
+        );
+    }
+}

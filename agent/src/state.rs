@@ -1,0 +1,143 @@
+//! The agent's persisted state in the state folder: the token, its accessor and TTL, and every
+//! secret it holds with its lease. The init container writes it; the sidecar adopts it and
+//! `revoke` reads it. The file is mode 0600 on the agent-only in-memory volume.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Secret, Token};
+use crate::render::SecretKey;
+use crate::sink;
+
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeldSecret {
+    pub key: SecretKey,
+    pub secret: Secret,
+    /// Unix seconds when it was fetched or last renewed.
+    pub renewed_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub token: Token,
+    pub accessor: String,
+    pub token_ttl_secs: u64,
+    pub token_renewable: bool,
+    /// Unix seconds when the token was obtained or last renewed.
+    pub token_renewed_at: u64,
+    pub secrets: Vec<HeldSecret>,
+    /// Set once `revoke` has revoked everything; a sidecar that sees it stops renewing.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl State {
+    /// Lease ids of the secrets that have one.
+    pub fn lease_ids(&self) -> impl Iterator<Item = &str> {
+        self.secrets
+            .iter()
+            .map(|h| h.secret.lease_id.as_str())
+            .filter(|id| !id.is_empty())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path}: {detail}")]
+    File { path: PathBuf, detail: String },
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
+    let json = serde_json::to_vec(state).expect("state serializes");
+    std::fs::create_dir_all(dir).map_err(|e| StateError::File {
+        path: dir.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    sink::write_if_changed(dir, STATE_FILE, &json, 0o600)
+        .map(|_| ())
+        .map_err(|e| StateError::File {
+            path: dir.join(STATE_FILE),
+            detail: e.to_string(),
+        })
+}
+
+/// The saved state, or `None` when there is none yet.
+pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::File {
+                path,
+                detail: format!("not valid ({e})"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StateError::File {
+            path,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn round_trip_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let state = State {
+            token: Token::new("t"),
+            accessor: "a".into(),
+            token_ttl_secs: 600,
+            token_renewable: true,
+            token_renewed_at: 1,
+            secrets: vec![HeldSecret {
+                key: SecretKey::read("database/creds/app"),
+                secret: Secret {
+                    lease_id: "database/creds/app/xyz".into(),
+                    lease_duration: 60,
+                    ..Secret::default()
+                },
+                renewed_at: 1,
+            }],
+            revoked: false,
+        };
+        save(dir.path(), &state).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(state.clone()));
+        let mode = std::fs::metadata(dir.path().join(STATE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            state.lease_ids().collect::<Vec<_>>(),
+            ["database/creds/app/xyz"]
+        );
+    }
+
+    #[test]
+    fn a_corrupt_state_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), "{").unwrap();
+        assert!(
+            load(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("not valid")
+        );
+    }
+}
