@@ -142,9 +142,8 @@ impl StoreClient {
             .connect_timeout(Duration::from_secs(store.timeout_secs.min(10)))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("sidekey-agent/", env!("CARGO_PKG_VERSION")));
-        if store.address.starts_with("https://") {
-            builder = builder.tls_backend_preconfigured(client_config(store)?);
-        }
+        // Always our own rustls set-up: reqwest's default would load the platform verifier.
+        builder = builder.tls_backend_preconfigured(client_config(store)?);
         let http = builder
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
@@ -409,7 +408,7 @@ fn error_message(body: &[u8]) -> String {
         if joined.is_empty() {
             return "no error message".into();
         }
-        return joined.join("; ").replace('\n', " ");
+        return tidy(&joined.join("; "));
     }
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
@@ -420,6 +419,20 @@ fn error_message(body: &[u8]) -> String {
             .take(200)
             .collect::<String>()
             .replace('\n', " ")
+    }
+}
+
+/// One line: whitespace collapsed, and Go's multierror wrapping ("1 error occurred: * x") removed.
+fn tidy(message: &str) -> String {
+    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.split_once(" occurred: ") {
+        Some((head, rest)) if head.ends_with("error") || head.ends_with("errors") => rest
+            .split("* ")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => line,
     }
 }
 
@@ -465,6 +478,14 @@ mod tests {
         );
         assert_eq!(error_message(br#"{"errors":["a","b\nc"]}"#), "a; b c");
         assert_eq!(error_message(b""), "empty answer");
+        assert_eq!(
+            error_message(br#"{"errors":["1 error occurred:\n\t* permission denied\n\n"]}"#),
+            "permission denied"
+        );
+        assert_eq!(
+            error_message(br#"{"errors":["2 errors occurred:\n\t* a\n\t* b\n\n"]}"#),
+            "a; b"
+        );
         assert_eq!(
             error_message(b"<html>bad gateway</html>"),
             "<html>bad gateway</html>"

@@ -101,7 +101,9 @@ impl Fetcher {
         }
         match self.client.read(&self.token, &key.path).await {
             Ok(secret) => Ok(secret),
-            Err(e) if e.status() == Some(404) => match self.kv2_path(&key.path).await {
+            // Without `data/`, a KV v2 path is not found or not allowed (policies name data/).
+            Err(e) if matches!(e.status(), Some(403 | 404)) => match self.kv2_path(&key.path).await
+            {
                 Some(rewritten) => self
                     .client
                     .read(&self.token, &rewritten)

@@ -30,6 +30,8 @@ const SYSTEM_BUNDLES: [&str; 3] = [
     "/etc/ssl/cert.pem",
 ];
 
+/// The TLS set-up for `store`. For a plain-http address the system bundle is not loaded (it is
+/// never used, and parsing ~150 certificates costs start-up time).
 pub fn client_config(store: &StoreConfig) -> Result<ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -40,7 +42,15 @@ pub fn client_config(store: &StoreConfig) -> Result<ClientConfig, TlsError> {
         })?;
     let roots = Arc::new(root_store(store)?);
     let verifier: Arc<dyn ServerCertVerifier> = if store.tls_skip_verify {
-        Arc::new(AcceptAnyCertificate(provider))
+        Arc::new(AnyCertificate {
+            provider,
+            accept: true,
+        })
+    } else if roots.is_empty() {
+        Arc::new(AnyCertificate {
+            provider,
+            accept: false,
+        })
     } else {
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
             .build()
@@ -126,7 +136,7 @@ fn root_store(store: &StoreConfig) -> Result<RootCertStore, TlsError> {
             })?;
         add(certs, "inline CA certificate")?;
     }
-    if !explicit {
+    if !explicit && store.address.starts_with("https://") {
         let env = std::env::var("SSL_CERT_FILE").ok();
         let bundle = env
             .iter()
@@ -187,11 +197,16 @@ impl ServerCertVerifier for FixedServerName {
     }
 }
 
-/// `tls-skip-verify`: any certificate is accepted; handshake signatures are still checked.
+/// Accepts any certificate (`tls-skip-verify`), or none at all when no CA is known (a plain-http
+/// store that redirects to https, or an image without a CA bundle). Handshake signatures are
+/// still checked.
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+struct AnyCertificate {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    accept: bool,
+}
 
-impl ServerCertVerifier for AcceptAnyCertificate {
+impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
         _: &CertificateDer<'_>,
@@ -200,7 +215,13 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        if self.accept {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "no CA certificate is configured for the secret store (set ca-cert)".into(),
+            ))
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -212,7 +233,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -225,10 +246,12 @@ impl ServerCertVerifier for AcceptAnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
