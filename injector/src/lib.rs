@@ -1,1 +1,11 @@
-pub fn _x() {}
+//! sidekey-injector: a mutating admission webhook that adds the Sidekey agent to pods annotated
+//! the way the Vault Agent Injector expects. The pipeline: `annotations::parse` →
+//! `mutate::build` → `mutate::to_patch`, decided in `review` and served by `server`.
+
+pub mod annotations;
+pub mod config;
+pub mod metrics;
+pub mod mutate;
+pub mod review;
+pub mod server;
+pub mod tls;

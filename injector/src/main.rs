@@ -1,1 +1,84 @@
-fn main() {}
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sidekey_injector::config::Flags;
+use sidekey_injector::metrics::Metrics;
+use sidekey_injector::server::{self, AppState};
+use sidekey_injector::tls;
+
+fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let flags = Flags::parse();
+    init_logging(&flags);
+    flags.defaults.validate().map_err(anyhow::Error::msg)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(flags))
+}
+
+fn init_logging(flags: &Flags) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = if flags.log_format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+async fn run(flags: Flags) -> Result<()> {
+    let (resolver, _watcher) = match (&flags.tls_cert_file, &flags.tls_key_file, &flags.tls_auto) {
+        (Some(cert), Some(key), _) => {
+            let resolver = tls::ReloadingResolver::new(tls::load_files(cert, key)?);
+            let watcher = tls::watch(cert.clone(), key.clone(), resolver.clone())?;
+            (resolver, Some(watcher))
+        }
+        (_, _, Some(mwc)) => {
+            let generated = tls::generate(&flags.tls_auto_hosts)?;
+            let key = tls::certified_key_from_pem(
+                generated.cert_pem.as_bytes(),
+                generated.key_pem.as_bytes(),
+            )?;
+            match tls::patch_ca_bundle(mwc, &generated.ca_pem).await {
+                Ok(changed) => tracing::info!(webhook = %mwc, changed, "caBundle checked"),
+                Err(e) => anyhow::bail!("auto-TLS: {e}"),
+            }
+            (tls::ReloadingResolver::new(key), None)
+        }
+        _ => anyhow::bail!("no TLS: give --tls-cert-file and --tls-key-file, or --tls-auto"),
+    };
+    let tls_config = Arc::new(tls::server_config(resolver)?);
+    let state = Arc::new(AppState {
+        defaults: flags.defaults.clone(),
+        metrics: Metrics::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(flags.listen)
+        .await
+        .with_context(|| format!("listening on {}", flags.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "sidekey-injector serving HTTPS");
+    server::serve(
+        listener,
+        tls_config,
+        server::router(state),
+        shutdown_signal(),
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

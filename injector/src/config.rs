@@ -1,0 +1,288 @@
+//! Flags and their `SIDEKEY_INJECTOR_*` environment equivalents: the server's own settings and
+//! the default of every annotation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+pub const DEFAULT_IMAGE: &str =
+    concat!("ghcr.io/sidekey/sidekey-agent:", env!("CARGO_PKG_VERSION"));
+
+/// sidekey-injector: a mutating admission webhook that adds the Sidekey agent to annotated pods.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Flags {
+    /// Address to serve HTTPS on.
+    #[arg(long, env = "SIDEKEY_INJECTOR_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain to serve (reloaded when it changes on disk).
+    #[arg(
+        long,
+        env = "SIDEKEY_INJECTOR_TLS_CERT_FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key to serve.
+    #[arg(
+        long,
+        env = "SIDEKEY_INJECTOR_TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+    /// Generate a CA and serving certificate at start and patch the caBundle of this
+    /// MutatingWebhookConfiguration.
+    #[arg(
+        long,
+        env = "SIDEKEY_INJECTOR_TLS_AUTO",
+        conflicts_with = "tls_cert_file"
+    )]
+    pub tls_auto: Option<String>,
+    /// DNS names and IPs for the auto-TLS serving certificate (comma list).
+    #[arg(long, env = "SIDEKEY_INJECTOR_TLS_AUTO_HOSTS", value_delimiter = ',')]
+    pub tls_auto_hosts: Vec<String>,
+    /// Injector log level.
+    #[arg(long, env = "SIDEKEY_INJECTOR_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Injector log format: json or text.
+    #[arg(long, env = "SIDEKEY_INJECTOR_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+    #[command(flatten)]
+    pub defaults: Defaults,
+}
+
+/// The default of every annotation, set once for the cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Defaults {
+    /// Agent image.
+    #[arg(long = "agent-image", env = "SIDEKEY_INJECTOR_AGENT_IMAGE", default_value = DEFAULT_IMAGE)]
+    pub agent_image: String,
+    /// Address of Vault or OpenBao (annotation `service` overrides it per pod).
+    #[arg(
+        long = "vault-address",
+        env = "SIDEKEY_INJECTOR_VAULT_ADDRESS",
+        default_value = ""
+    )]
+    pub vault_address: String,
+    /// Auth method: kubernetes, jwt, approle or token.
+    #[arg(
+        long = "vault-auth-type",
+        env = "SIDEKEY_INJECTOR_VAULT_AUTH_TYPE",
+        default_value = "kubernetes"
+    )]
+    pub auth_type: String,
+    /// Auth mount path.
+    #[arg(
+        long = "vault-auth-path",
+        env = "SIDEKEY_INJECTOR_VAULT_AUTH_PATH",
+        default_value = "auth/kubernetes"
+    )]
+    pub auth_path: String,
+    /// Vault Enterprise / OpenBao namespace.
+    #[arg(long = "vault-namespace", env = "SIDEKEY_INJECTOR_VAULT_NAMESPACE")]
+    pub vault_namespace: Option<String>,
+    /// PEM of the CA that signs the store's certificate, given to every agent.
+    #[arg(
+        long = "vault-cacert-bytes",
+        env = "SIDEKEY_INJECTOR_VAULT_CACERT_BYTES"
+    )]
+    pub vault_cacert_bytes: Option<String>,
+    /// HTTPS proxy the agents use to reach the store.
+    #[arg(long = "proxy-address", env = "SIDEKEY_INJECTOR_PROXY_ADDRESS")]
+    pub proxy_address: Option<String>,
+    /// CPU request of the agent containers ("" for none).
+    #[arg(
+        long = "cpu-request",
+        env = "SIDEKEY_INJECTOR_CPU_REQUEST",
+        default_value = "5m"
+    )]
+    pub cpu_request: String,
+    /// Memory request of the agent containers ("" for none).
+    #[arg(
+        long = "memory-request",
+        env = "SIDEKEY_INJECTOR_MEMORY_REQUEST",
+        default_value = "16Mi"
+    )]
+    pub memory_request: String,
+    /// CPU limit of the agent containers ("" for none).
+    #[arg(
+        long = "cpu-limit",
+        env = "SIDEKEY_INJECTOR_CPU_LIMIT",
+        default_value = ""
+    )]
+    pub cpu_limit: String,
+    /// Memory limit of the agent containers ("" for none).
+    #[arg(
+        long = "memory-limit",
+        env = "SIDEKEY_INJECTOR_MEMORY_LIMIT",
+        default_value = "64Mi"
+    )]
+    pub memory_limit: String,
+    /// Ephemeral-storage request ("" for none).
+    #[arg(
+        long = "ephemeral-storage-request",
+        env = "SIDEKEY_INJECTOR_EPHEMERAL_REQUEST",
+        default_value = ""
+    )]
+    pub ephemeral_request: String,
+    /// Ephemeral-storage limit ("" for none).
+    #[arg(
+        long = "ephemeral-storage-limit",
+        env = "SIDEKEY_INJECTOR_EPHEMERAL_LIMIT",
+        default_value = ""
+    )]
+    pub ephemeral_limit: String,
+    /// UID of the agent containers.
+    #[arg(
+        long = "run-as-user",
+        env = "SIDEKEY_INJECTOR_RUN_AS_USER",
+        default_value_t = 100
+    )]
+    pub run_as_user: i64,
+    /// GID of the agent containers.
+    #[arg(
+        long = "run-as-group",
+        env = "SIDEKEY_INJECTOR_RUN_AS_GROUP",
+        default_value_t = 1000
+    )]
+    pub run_as_group: i64,
+    /// Run the agent as the UID of the first app container.
+    #[arg(long = "run-as-same-user", env = "SIDEKEY_INJECTOR_RUN_AS_SAME_USER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub run_as_same_user: bool,
+    /// Give the agent containers a restrictive security context.
+    #[arg(long = "set-security-context", env = "SIDEKEY_INJECTOR_SET_SECURITY_CONTEXT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub set_security_context: bool,
+    /// Revoke the token and leases when the pod stops.
+    #[arg(long = "revoke-on-shutdown", env = "SIDEKEY_INJECTOR_REVOKE_ON_SHUTDOWN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub revoke_on_shutdown: bool,
+    /// Seconds the preStop revoke waits first.
+    #[arg(
+        long = "revoke-grace",
+        env = "SIDEKEY_INJECTOR_REVOKE_GRACE",
+        default_value_t = 5
+    )]
+    pub revoke_grace: u64,
+    /// Namespaces whose pods are never injected (comma list).
+    #[arg(
+        long = "skip-namespaces",
+        env = "SIDEKEY_INJECTOR_SKIP_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public"
+    )]
+    pub skip_namespaces: Vec<String>,
+    /// Annotation prefix; vault.hashicorp.com and openbao.org are always accepted too.
+    #[arg(
+        long = "annotation-prefix",
+        env = "SIDEKEY_INJECTOR_ANNOTATION_PREFIX",
+        default_value = "vault.hashicorp.com"
+    )]
+    pub annotation_prefix: String,
+    /// Inject the agent as a native sidecar (Kubernetes 1.29+) unless a pod says otherwise.
+    #[arg(long = "native-sidecar", env = "SIDEKEY_INJECTOR_NATIVE_SIDECAR", default_value_t = false, action = clap::ArgAction::Set)]
+    pub native_sidecar: bool,
+    /// Default format of a secret without a template: map or json.
+    #[arg(
+        long = "default-template",
+        env = "SIDEKEY_INJECTOR_DEFAULT_TEMPLATE",
+        default_value = "map"
+    )]
+    pub default_template: String,
+    /// Fail a render that refers to a missing key unless a pod says otherwise.
+    #[arg(long = "error-on-missing-key", env = "SIDEKEY_INJECTOR_ERROR_ON_MISSING_KEY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub error_on_missing_key: bool,
+    /// How often static secrets are re-read (Go duration or seconds).
+    #[arg(
+        long = "template-static-secret-render-interval",
+        env = "SIDEKEY_INJECTOR_TEMPLATE_STATIC_SECRET_RENDER_INTERVAL",
+        default_value = "5m"
+    )]
+    pub static_secret_render_interval: String,
+    /// Audience of the projected service-account token (empty: the API server's default).
+    #[arg(
+        long = "sa-token-audience",
+        env = "SIDEKEY_INJECTOR_SA_TOKEN_AUDIENCE",
+        default_value = ""
+    )]
+    pub sa_token_audience: String,
+    /// Lifetime of the projected service-account token, in seconds (at least 600).
+    #[arg(
+        long = "sa-token-expiration",
+        env = "SIDEKEY_INJECTOR_SA_TOKEN_EXPIRATION",
+        default_value_t = 3600
+    )]
+    pub sa_token_expiration: i64,
+    /// Agent log level.
+    #[arg(
+        long = "agent-log-level",
+        env = "SIDEKEY_INJECTOR_AGENT_LOG_LEVEL",
+        default_value = "info"
+    )]
+    pub agent_log_level: String,
+    /// Agent log format: json or text (standard).
+    #[arg(
+        long = "agent-log-format",
+        env = "SIDEKEY_INJECTOR_AGENT_LOG_FORMAT",
+        default_value = "json"
+    )]
+    pub agent_log_format: String,
+    /// How long the init container retries before it fails (seconds).
+    #[arg(
+        long = "agent-init-timeout",
+        env = "SIDEKEY_INJECTOR_AGENT_INIT_TIMEOUT",
+        default_value_t = 120
+    )]
+    pub agent_init_timeout: u64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Flags::parse_from(["sidekey-injector"]).defaults
+    }
+}
+
+impl Defaults {
+    /// Checks the defaults once at start, so a bad flag stops the injector rather than every pod.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::annotations::{is_quantity, parse_duration};
+        for (flag, q) in [
+            ("--cpu-request", &self.cpu_request),
+            ("--memory-request", &self.memory_request),
+            ("--cpu-limit", &self.cpu_limit),
+            ("--memory-limit", &self.memory_limit),
+            ("--ephemeral-storage-request", &self.ephemeral_request),
+            ("--ephemeral-storage-limit", &self.ephemeral_limit),
+        ] {
+            if !q.is_empty() && !is_quantity(q) {
+                return Err(format!("{flag}: {q:?} is not a Kubernetes quantity"));
+            }
+        }
+        if !["map", "json"].contains(&self.default_template.as_str()) {
+            return Err(format!(
+                "--default-template: {:?} is not map or json",
+                self.default_template
+            ));
+        }
+        if !["kubernetes", "jwt", "approle", "token"].contains(&self.auth_type.as_str()) {
+            return Err(format!(
+                "--vault-auth-type: {:?} is not kubernetes, jwt, approle or token",
+                self.auth_type
+            ));
+        }
+        if parse_duration(&self.static_secret_render_interval).is_none() {
+            return Err(format!(
+                "--template-static-secret-render-interval: {:?} is not a duration",
+                self.static_secret_render_interval
+            ));
+        }
+        if self.sa_token_expiration < 600 {
+            return Err("--sa-token-expiration: must be at least 600 seconds".into());
+        }
+        if self.annotation_prefix.is_empty() || self.annotation_prefix.contains('/') {
+            return Err(format!(
+                "--annotation-prefix: {:?} is not a DNS prefix",
+                self.annotation_prefix
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! Prometheus metrics of the webhook: reviews by outcome, review latency, injections and
+//! denials by namespace. Served as text on GET /metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    pub namespace: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub reviews: Family<OutcomeLabel, Counter>,
+    pub injections: Family<NamespaceLabel, Counter>,
+    pub denials: Family<NamespaceLabel, Counter>,
+    pub latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sidekey_injector");
+        let reviews = Family::<OutcomeLabel, Counter>::default();
+        let injections = Family::<NamespaceLabel, Counter>::default();
+        let denials = Family::<NamespaceLabel, Counter>::default();
+        // 50 µs to ~1.6 s.
+        let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.00005, 2.0, 16,
+        ));
+        registry.register(
+            "reviews",
+            "Admission reviews answered, by outcome (injected, skipped, denied, malformed)",
+            reviews.clone(),
+        );
+        registry.register(
+            "injections",
+            "Pods injected, by namespace",
+            injections.clone(),
+        );
+        registry.register(
+            "denials",
+            "Pods denied for invalid annotations, by namespace",
+            denials.clone(),
+        );
+        registry.register(
+            "review_duration_seconds",
+            "Time to decide one review",
+            latency.clone(),
+        );
+        Metrics {
+            registry,
+            reviews,
+            injections,
+            denials,
+            latency,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    pub fn count(&self, outcome: &str) {
+        self.reviews
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}

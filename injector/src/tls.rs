@@ -1,0 +1,292 @@
+//! The webhook's TLS: a rustls server config (TLS 1.2 and 1.3) whose certificate is swapped in
+//! place when the files change on disk, and auto-TLS (a generated CA and serving certificate).
+//!
+//! Kubernetes updates a mounted Secret by swapping a `..data` symlink, so the *folders* of the
+//! files are watched, not the files; `Access` events are ignored (reading the files on reload
+//! would otherwise trigger another reload, forever).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use notify::{EventKind, RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {path}: {detail}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Hands every new connection the current certificate.
+#[derive(Debug)]
+pub struct ReloadingResolver(ArcSwap<CertifiedKey>);
+
+impl ReloadingResolver {
+    pub fn new(key: CertifiedKey) -> Arc<ReloadingResolver> {
+        Arc::new(ReloadingResolver(ArcSwap::from_pointee(key)))
+    }
+    pub fn replace(&self, key: CertifiedKey) {
+        self.0.store(Arc::new(key));
+    }
+}
+
+impl ResolvesServerCert for ReloadingResolver {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certified key from PEM bytes: the chain and its private key (PKCS#8, SEC1 or RSA).
+pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Invalid(format!("certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid(
+            "no certificate in the certificate PEM".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| TlsError::Invalid(format!("private key PEM: {e}")))?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Invalid(format!("private key: {e}")))?;
+    let key = CertifiedKey::new(certs, signer);
+    key.keys_match()
+        .map_err(|e| TlsError::Invalid(format!("the key does not match the certificate: {e}")))?;
+    Ok(key)
+}
+
+pub fn load_files(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let read = |what, path: &Path| {
+        std::fs::read(path).map_err(|e| TlsError::File {
+            what,
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+    };
+    certified_key_from_pem(&read("certificate", cert)?, &read("private key", key)?)
+}
+
+pub fn server_config(resolver: Arc<ReloadingResolver>) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Watches the folders of `cert` and `key` and swaps the served certificate when they change.
+/// A reload that fails keeps the previous certificate. The watcher lives as long as the handle.
+pub fn watch(
+    cert: PathBuf,
+    key: PathBuf,
+    resolver: Arc<ReloadingResolver>,
+) -> Result<notify::RecommendedWatcher, TlsError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| TlsError::Invalid(format!("cannot watch certificate files: {e}")))?;
+    let mut dirs: Vec<PathBuf> = [&cert, &key]
+        .iter()
+        .map(|p| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        })
+        .collect();
+    dirs.dedup();
+    for dir in &dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|e| TlsError::File {
+                what: "certificate folder",
+                path: dir.clone(),
+                detail: e.to_string(),
+            })?;
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: a Secret update is several events in a few milliseconds.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            match load_files(&cert, &key) {
+                Ok(k) => {
+                    resolver.replace(k);
+                    tracing::info!(cert = %cert.display(), "serving certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate changed but cannot be loaded; keeping the previous one")
+                }
+            }
+        }
+    });
+    Ok(watcher)
+}
+
+/// A generated CA and a serving certificate it signed.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn days_from_now(days: i64) -> time::OffsetDateTime {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let now =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    now + time::Duration::days(days)
+}
+
+/// Generates a CA (ECDSA P-256, 10 years) and a serving certificate for `hosts` (1 year).
+pub fn generate(hosts: &[String]) -> Result<Generated, TlsError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    if hosts.is_empty() {
+        return Err(TlsError::Invalid(
+            "auto-TLS needs at least one host name (--tls-auto-hosts)".into(),
+        ));
+    }
+    let err = |e: rcgen::Error| TlsError::Invalid(format!("generating certificates: {e}"));
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "Sidekey injector CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = days_from_now(0) - time::Duration::hours(1);
+    ca.not_after = days_from_now(3650);
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let leaf_key = KeyPair::generate().map_err(err)?;
+    let mut leaf = CertificateParams::new(hosts.to_vec()).map_err(err)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, hosts[0].clone());
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.not_before = days_from_now(0) - time::Duration::hours(1);
+    leaf.not_after = days_from_now(365);
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).map_err(err)?;
+    Ok(Generated {
+        ca_pem: ca_cert.pem(),
+        cert_pem: format!("{}{}", leaf_cert.pem(), ca_cert.pem()),
+        key_pem: leaf_key.serialize_pem(),
+    })
+}
+
+/// Sets the caBundle of every webhook in the named MutatingWebhookConfiguration, unless it
+/// already holds this CA. The update carries the resourceVersion read, so a concurrent change
+/// makes it fail rather than be overwritten.
+pub async fn patch_ca_bundle(mwc: &str, ca_pem: &str) -> Result<bool, String> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use kube::api::{Api, PostParams};
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes client: {e}"))?;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let mut current = api
+        .get(mwc)
+        .await
+        .map_err(|e| format!("reading MutatingWebhookConfiguration {mwc}: {e}"))?;
+    let webhooks = current.webhooks.get_or_insert_with(Vec::new);
+    let wanted = ByteString(ca_pem.as_bytes().to_vec());
+    if webhooks
+        .iter()
+        .all(|w| w.client_config.ca_bundle.as_ref() == Some(&wanted))
+    {
+        return Ok(false);
+    }
+    for w in webhooks.iter_mut() {
+        w.client_config.ca_bundle = Some(wanted.clone());
+    }
+    api.replace(mwc, &PostParams::default(), &current)
+        .await
+        .map_err(|e| format!("updating the caBundle of {mwc}: {e}"))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+
+    #[test]
+    fn generated_certificates_chain_to_the_ca_and_name_the_hosts() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let hosts = vec!["sidekey.sidekey.svc".to_string(), "127.0.0.1".to_string()];
+        let g = generate(&hosts).unwrap();
+        let key = certified_key_from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes()).unwrap();
+        assert_eq!(key.cert.len(), 2, "leaf and CA");
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(g.ca_pem.as_bytes()) {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        for host in &hosts {
+            let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+            verifier
+                .verify_server_cert(&key.cert[0], &key.cert[1..], &name, &[], now)
+                .unwrap();
+        }
+        let other = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(&key.cert[0], &key.cert[1..], &other, &[], now)
+                .is_err()
+        );
+        assert!(generate(&[]).is_err());
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let a = generate(&["a.svc".into()]).unwrap();
+        let b = generate(&["b.svc".into()]).unwrap();
+        let err = certified_key_from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(certified_key_from_pem(b"", a.key_pem.as_bytes()).is_err());
+    }
+}
