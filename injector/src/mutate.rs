@@ -801,3 +801,135 @@ pub fn check_patch(pod: &Value, patch: &Patch) -> Result<Pod, String> {
     }
     Ok(pod)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::{Decision, parse};
+    use crate::config::Defaults;
+
+    fn request(prefix: &str) -> InjectionRequest {
+        let defaults = Defaults {
+            vault_address: "http://vault:8200".into(),
+            annotation_prefix: prefix.into(),
+            ..Defaults::default()
+        };
+        let annotations = [
+            ("agent-inject", "true"),
+            ("role", "app"),
+            ("agent-inject-secret-a", "kv/a"),
+        ]
+        .iter()
+        .map(|(k, v)| (format!("{prefix}/{k}"), v.to_string()))
+        .collect();
+        match parse(&annotations, &defaults).unwrap() {
+            Decision::Inject(r, _) => *r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn annotation_keys_with_slash_and_tilde_are_escaped() {
+        let req = request("weird~corp.example");
+        let pod = serde_json::json!({
+            "metadata": { "annotations": { "weird~corp.example/agent-inject": "true" } },
+            "spec": { "containers": [{ "name": "app", "image": "x" }] }
+        });
+        let m = build(&req, &pod).unwrap();
+        let patch = to_patch(&pod, &m);
+        let last = serde_json::to_value(patch.0.last().unwrap()).unwrap();
+        assert_eq!(
+            last["path"],
+            "/metadata/annotations/weird~0corp.example~1agent-inject-status"
+        );
+        let patched = check_patch(&pod, &patch).unwrap();
+        assert_eq!(
+            patched.metadata.annotations.unwrap()["weird~corp.example/agent-inject-status"],
+            "injected"
+        );
+    }
+
+    #[test]
+    fn missing_arrays_are_created_and_existing_ones_appended() {
+        let req = request("vault.hashicorp.com");
+        let bare = serde_json::json!({ "metadata": {}, "spec": { "containers": [{ "name": "app", "image": "x" }] } });
+        let patch = to_patch(&bare, &build(&req, &bare).unwrap());
+        let paths: Vec<String> = patch
+            .0
+            .iter()
+            .map(|op| {
+                serde_json::to_value(op).unwrap()["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/spec/volumes",
+                "/spec/containers/0/volumeMounts",
+                "/spec/initContainers",
+                "/spec/containers/-",
+                "/metadata/annotations"
+            ]
+        );
+        check_patch(&bare, &patch).unwrap();
+        let full = serde_json::json!({
+            "metadata": { "annotations": {} },
+            "spec": {
+                "volumes": [{ "name": "v", "emptyDir": {} }],
+                "initContainers": [{ "name": "first", "image": "x" }],
+                "containers": [{ "name": "app", "image": "x", "volumeMounts": [{ "name": "v", "mountPath": "/v" }] }]
+            }
+        });
+        let patch = to_patch(&full, &build(&req, &full).unwrap());
+        let paths: Vec<String> = patch
+            .0
+            .iter()
+            .map(|op| {
+                serde_json::to_value(op).unwrap()["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            paths[..3],
+            ["/spec/volumes/-", "/spec/volumes/-", "/spec/volumes/-"]
+        );
+        assert!(paths.contains(&"/spec/initContainers/0/volumeMounts".to_string()));
+        assert!(paths.contains(&"/spec/containers/0/volumeMounts/-".to_string()));
+        assert!(paths.contains(&"/spec/initContainers/-".to_string()));
+        let pod = check_patch(&full, &patch).unwrap();
+        let names: Vec<String> = pod
+            .spec
+            .unwrap()
+            .init_containers
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["first", "sidekey-agent-init"]);
+    }
+
+    #[test]
+    fn a_patch_that_would_duplicate_a_name_is_caught() {
+        let pod = serde_json::json!({ "metadata": {}, "spec": { "containers": [{ "name": "app", "image": "x" }] } });
+        let dup = Patch(vec![add(
+            ptr(&["spec", "containers", "-"]),
+            serde_json::json!({ "name": "app", "image": "y" }),
+        )]);
+        assert!(
+            check_patch(&pod, &dup)
+                .unwrap_err()
+                .contains("two containers named \"app\"")
+        );
+        let bad_path = Patch(vec![add(ptr(&["spec", "nope", "0", "x"]), Value::Null)]);
+        assert!(
+            check_patch(&pod, &bad_path)
+                .unwrap_err()
+                .contains("does not apply")
+        );
+    }
+}
