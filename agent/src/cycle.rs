@@ -40,6 +40,7 @@ impl CycleError {
 }
 
 /// A template checked and ready, with its config.
+#[derive(Clone)]
 pub struct Template {
     pub config: TemplateConfig,
     pub prepared: Prepared,

@@ -8,7 +8,11 @@ pub fn init(log: &LogConfig) {
     let filter = std::env::var("SIDEKEY_LOG")
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&log.level));
+        .unwrap_or_else(|| {
+            // Dependencies stay quiet below warn: their debug lines are noise, and a template
+            // engine's debug output is too close to rendered content to risk.
+            tracing_subscriber::EnvFilter::new(format!("warn,sidekey_agent={}", log.level))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

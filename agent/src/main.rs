@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sidekey_agent::config::{AgentConfig, LogConfig};
+use sidekey_agent::lifecycle;
 use sidekey_agent::run::{self, RunError};
 
 /// Sidekey agent: renders secrets from Vault or OpenBao into files.
@@ -36,6 +37,11 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
     },
+    /// Keep the files fresh: adopt the init container's token and leases, renew, re-render,
+    /// and revoke everything on SIGTERM (when revoke-on-shutdown is set).
+    Sidecar(ConfigArg),
+    /// Exit 0 once the first render is done (a native sidecar's startup probe).
+    Ready(ConfigArg),
     /// Revoke every lease and the token of the saved state (the preStop hook).
     Revoke {
         #[command(flatten)]
@@ -82,11 +88,22 @@ async fn async_main(cli: Cli) -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Sidecar(arg) => match load(&arg) {
+            Ok(config) => lifecycle::sidecar(&config).await,
+            Err(e) => Err(e),
+        },
+        Command::Ready(arg) => match AgentConfig::load(arg.config.as_deref()) {
+            Ok(config) if lifecycle::is_ready(&config) => Ok(()),
+            Ok(_) => return ExitCode::from(1),
+            Err(e) => Err(e.into()),
+        },
         Command::Revoke { config, grace } => match load(&config) {
             Ok(config) => {
                 let grace =
                     Duration::from_secs(grace.unwrap_or(config.lifecycle.revoke_grace_secs));
-                run::revoke(&config, grace).await.map(|_| ())
+                let result = run::revoke(&config, grace).await.map(|_| ());
+                lifecycle::signal_sidecar(&config);
+                result
             }
             Err(e) => Err(e),
         },

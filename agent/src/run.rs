@@ -113,10 +113,11 @@ pub async fn render_and_save(config: &AgentConfig, out_dir: &Path) -> Result<Sta
         }))
     })?;
     let limit = Duration::from_secs(config.lifecycle.init_timeout_secs);
-    let state = retry_until(limit, backoff(config), "first render", || {
+    let (session, fetcher) = retry_until(limit, backoff(config), "first render", || {
         first_render(config, &client, &templates, out_dir)
     })
     .await?;
+    let state = state_of(&session, &fetcher);
     state::save(&config.state_dir, &state)?;
     tracing::info!(
         files = templates.len(),
@@ -127,12 +128,13 @@ pub async fn render_and_save(config: &AgentConfig, out_dir: &Path) -> Result<Sta
     Ok(state)
 }
 
-async fn first_render(
+/// One attempt: log in and render every template. On failure the attempt's token is revoked.
+pub async fn first_render(
     config: &AgentConfig,
     client: &StoreClient,
     templates: &[Template],
     out_dir: &Path,
-) -> Result<State, RunError> {
+) -> Result<(Session, Fetcher), RunError> {
     let session = auth::login(client, &config.auth).await?;
     tracing::info!(method = config.auth.kind(), accessor = %session.accessor, ttl_secs = session.ttl_secs, "logged in");
     let mut fetcher = Fetcher::new(client.clone(), session.token.clone());
@@ -144,7 +146,7 @@ async fn first_render(
         }
         return Err(err.into());
     }
-    Ok(state_of(&session, &fetcher))
+    Ok((session, fetcher))
 }
 
 /// The state to persist for a session and what its fetcher holds.

@@ -2,81 +2,13 @@
 //! KV v1 and v2, database credentials, PKI, the default formats, and the errors users hit.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::{Value, json};
 use sidekey_tests::{Stack, free_port};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_sidekey-agent");
-
-/// A pod-like sandbox: a secrets folder, a state folder and credential files.
-struct Sandbox {
-    dir: tempfile::TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn secrets(&self) -> PathBuf {
-        self.dir.path().join("secrets")
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.secrets().join(name))
-            .unwrap_or_else(|e| panic!("reading rendered {name}: {e}"))
-    }
-    /// Kubernetes-style auth with a fresh service-account token file.
-    fn kubernetes_auth(&self, stack: &Stack) -> Value {
-        let token = self.file("sa-token", &stack.sa_token());
-        json!({ "type": "kubernetes", "role": "app", "token_path": token })
-    }
-    fn config(&self, address: &str, auth: Value, templates: Value) -> Value {
-        json!({
-            "store": { "address": address, "timeout_secs": 5 },
-            "auth": auth,
-            "templates": templates,
-            "secrets_dir": self.secrets(),
-            "state_dir": self.state(),
-            "lifecycle": { "init_timeout_secs": 20, "min_backoff_ms": 50, "max_backoff_ms": 500 },
-            "log": { "level": "debug", "format": "text" },
-        })
-    }
-    fn init(&self, config: &Value) -> Output {
-        let path = self.file("config.json", &config.to_string());
-        Command::new(AGENT)
-            .args(["init", "--config"])
-            .arg(path)
-            .output()
-            .unwrap()
-    }
-    fn init_ok(&self, config: &Value) {
-        let out = self.init(config);
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn last_line(out: &Output) -> String {
-    stderr(out).lines().last().unwrap_or_default().to_string()
-}
+mod common;
+use common::*;
 
 #[tokio::test]
 async fn each_auth_method_logs_in_and_renders_kv2_with_the_default_map_format() {

@@ -1,0 +1,173 @@
+//! Shared by the agent's integration tests: a pod-like sandbox (secrets and state folders,
+//! credential files) and the built agent binary.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sidekey_tests::Stack;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_sidekey-agent");
+
+/// A pod-like sandbox: a secrets folder, a state folder and credential files.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    pub fn secrets(&self) -> PathBuf {
+        self.dir.path().join("secrets")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.secrets().join(name))
+            .unwrap_or_else(|e| panic!("reading rendered {name}: {e}"))
+    }
+    /// Kubernetes-style auth with a fresh service-account token file.
+    pub fn kubernetes_auth(&self, stack: &Stack) -> Value {
+        let token = self.file("sa-token", &stack.sa_token());
+        json!({ "type": "kubernetes", "role": "app", "token_path": token })
+    }
+    pub fn config(&self, address: &str, auth: Value, templates: Value) -> Value {
+        json!({
+            "store": { "address": address, "timeout_secs": 5 },
+            "auth": auth,
+            "templates": templates,
+            "secrets_dir": self.secrets(),
+            "state_dir": self.state(),
+            "lifecycle": { "init_timeout_secs": 20, "min_backoff_ms": 50, "max_backoff_ms": 500 },
+            "log": { "level": "debug", "format": "text" },
+        })
+    }
+    pub fn init(&self, config: &Value) -> Output {
+        let path = self.file("config.json", &config.to_string());
+        Command::new(AGENT)
+            .args(["init", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    }
+    pub fn init_ok(&self, config: &Value) {
+        let out = self.init(config);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+pub fn last_line(out: &Output) -> String {
+    stderr(out).lines().last().unwrap_or_default().to_string()
+}
+
+impl Sandbox {
+    pub fn config_path(&self, config: &Value) -> PathBuf {
+        self.file("config.json", &config.to_string())
+    }
+    /// Starts `sidekey-agent sidecar` and waits until its first render is done.
+    pub fn start_sidecar(&self, config: &Value) -> Child {
+        let path = self.config_path(config);
+        let child = Command::new(AGENT)
+            .args(["sidecar", "--config"])
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("sidecar.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.state().join("ready").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no first render from the sidecar; its log:\n{}",
+                self.sidecar_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+    pub fn sidecar_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+    pub fn state_json(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.state().join("state.json")).unwrap()).unwrap()
+    }
+    pub fn revoke(&self, config: &Value) -> Output {
+        Command::new(AGENT)
+            .args(["revoke", "--grace", "0", "--config"])
+            .arg(self.config_path(config))
+            .output()
+            .unwrap()
+    }
+}
+
+/// Sends SIGTERM and waits for the exit status.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: signalling a child we spawned.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the sidecar did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `check` every 100 ms until it holds, failing the test after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A database role of its own for one test (so lease counts are not shared), with short TTLs.
+pub async fn db_role(stack: &Stack, name: &str, default_ttl: &str, max_ttl: &str) {
+    stack
+        .api(
+            "POST",
+            &format!("database/roles/{name}"),
+            Some(json!({
+                "db_name": "pg",
+                "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                "default_ttl": default_ttl,
+                "max_ttl": max_ttl,
+            })),
+        )
+        .await
+        .unwrap();
+}
+
+/// Every lease under `database/creds/<role>`.
+pub async fn db_leases(stack: &Stack, role: &str) -> Vec<String> {
+    stack
+        .leases(&format!("database/creds/{role}"))
+        .await
+        .unwrap()
+}
