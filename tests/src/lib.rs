@@ -6,7 +6,9 @@
 //! `PR_SET_PDEATHSIG`, so they die with the test process even when a test panics or the harness
 //! exits without running destructors. Nothing depends on a server left running by hand.
 
+pub mod injector;
 mod jwt;
+pub mod pod;
 mod process;
 mod setup;
 
@@ -255,6 +257,22 @@ impl Drop for Stack {
 /// Installs ring as the process-wide rustls provider (reqwest is built without one).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Forwards TCP connections from `127.0.0.1:port` to `target` (host:port) until the task is
+/// aborted: a store address that can be made to refuse connections and come back.
+pub async fn forward(port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
 }
 
 /// Asks the OS for a free loopback TCP port.

@@ -1,0 +1,161 @@
+//! The built sidekey-injector, started over TLS on a free loopback port, and a client that sends
+//! it AdmissionReviews and applies the patches it returns exactly as the API server would.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::free_port;
+
+/// Where the workspace's binaries are: next to the running test or demo binary.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(PathBuf::from);
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent().map(PathBuf::from);
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+    }
+    bail!(
+        "cannot find the {name} binary next to {}: build the workspace first (cargo build --workspace)",
+        exe.display()
+    )
+}
+
+pub struct Injector {
+    pub port: u16,
+    pub ca_pem: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Injector {
+    /// Starts the injector with a generated certificate, pointed at `vault_address`, plus any
+    /// extra flags.
+    pub async fn start(vault_address: &str, agent_image: &str, extra: &[&str]) -> Result<Injector> {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let generated =
+            sidekey_injector::tls::generate(&["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        std::fs::write(&cert, &generated.cert_pem)?;
+        std::fs::write(&key, &generated.key_pem)?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("injector.log"))?;
+        let child = Command::new(binary("sidekey-injector")?)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .args([
+                "--vault-address",
+                vault_address,
+                "--agent-image",
+                agent_image,
+                "--log-format",
+                "text",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting sidekey-injector")?;
+        let injector = Injector {
+            port,
+            ca_pem: generated.ca_pem,
+            child,
+            _dir: dir,
+        };
+        let client = injector.client()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client.get(injector.url("/health/ready")).send().await
+                && r.status().is_success()
+            {
+                return Ok(injector);
+            }
+            if Instant::now() > deadline {
+                bail!("sidekey-injector did not become ready on port {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// A client that trusts only the injector's generated CA.
+    pub fn client(&self) -> Result<reqwest::Client> {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes())?;
+        Ok(reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .timeout(Duration::from_secs(10))
+            .build()?)
+    }
+
+    /// Sends the pod as an AdmissionReview (CREATE) and returns the answer.
+    pub async fn review(&self, pod: &Value) -> Result<Value> {
+        let body = review_of(pod);
+        let resp = self
+            .client()?
+            .post(self.url("/mutate"))
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("the injector answered {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Sends the pod and applies the returned patch; fails when the pod was denied.
+    pub async fn mutate(&self, pod: &Value) -> Result<(Value, json_patch::Patch)> {
+        let answer = self.review(pod).await?;
+        if answer["response"]["allowed"] != true {
+            bail!("denied: {}", answer["response"]["status"]["message"]);
+        }
+        let patch = sidekey_injector::review::decode_patch(&answer)
+            .context("the answer carries no patch")?;
+        let mut mutated = pod.clone();
+        json_patch::patch(&mut mutated, &patch)?;
+        Ok((mutated, patch))
+    }
+}
+
+/// An AdmissionReview v1 for a pod CREATE, as the API server sends it.
+pub fn review_of(pod: &Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "e2e00000-0000-4000-8000-000000000001",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": pod["metadata"]["namespace"],
+            "operation": "CREATE",
+            "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller" },
+            "object": pod,
+            "dryRun": false
+        }
+    })
+}
