@@ -38,6 +38,16 @@ pub struct Flags {
         conflicts_with = "tls_cert_file"
     )]
     pub tls_auto: Option<String>,
+    /// Secret (in --namespace) that auto-TLS replicas share the CA and certificate through.
+    #[arg(
+        long,
+        env = "SIDEKEY_INJECTOR_TLS_AUTO_SECRET",
+        default_value = "sidekey-injector-tls"
+    )]
+    pub tls_auto_secret: String,
+    /// The injector's own namespace (from the downward API), where the auto-TLS Secret lives.
+    #[arg(long, env = "SIDEKEY_INJECTOR_NAMESPACE", default_value = "default")]
+    pub namespace: String,
     /// DNS names and IPs for the auto-TLS serving certificate (comma list).
     #[arg(long, env = "SIDEKEY_INJECTOR_TLS_AUTO_HOSTS", value_delimiter = ',')]
     pub tls_auto_hosts: Vec<String>,

@@ -165,7 +165,7 @@ impl PodRun {
         let uid = c["securityContext"]["runAsUser"].as_i64().unwrap_or(0);
         let gid = c["securityContext"]["runAsGroup"].as_i64().unwrap_or(uid);
         script.push_str(&format!(
-            "exec setpriv --reuid={uid} --regid={gid} --clear-groups -- \"$@\"\n"
+            "exec setpriv --pdeathsig KILL --reuid={uid} --regid={gid} --clear-groups -- \"$@\"\n"
         ));
         let mut cmd = Command::new("unshare");
         cmd.args([

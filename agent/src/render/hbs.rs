@@ -160,12 +160,15 @@ fn arg(args: &[Value], i: usize) -> Result<&Value, String> {
         .ok_or_else(|| format!("needs {} argument(s), got {}", i + 1, args.len()))
 }
 
-fn str_arg(args: &[Value], i: usize) -> Result<&str, String> {
+/// A text argument; numbers and booleans count as their text (secret data often holds them).
+fn str_arg(args: &[Value], i: usize) -> Result<std::borrow::Cow<'_, str>, String> {
     match arg(args, i)? {
-        Value::String(s) => Ok(s),
+        Value::String(s) => Ok(std::borrow::Cow::Borrowed(s)),
+        Value::Number(n) => Ok(std::borrow::Cow::Owned(n.to_string())),
+        Value::Bool(b) => Ok(std::borrow::Cow::Owned(b.to_string())),
         Value::Null => Err(format!("argument {} is missing (null)", i + 1)),
         other => Err(format!(
-            "argument {} must be a string, got {}",
+            "argument {} must be text, got {}",
             i + 1,
             kind(other)
         )),
@@ -185,13 +188,13 @@ fn kind(v: &Value) -> &'static str {
 
 fn base64_encode(args: &[Value]) -> Result<Value, String> {
     Ok(base64::engine::general_purpose::STANDARD
-        .encode(str_arg(args, 0)?)
+        .encode(str_arg(args, 0)?.as_bytes())
         .into())
 }
 
 fn base64_url_encode(args: &[Value]) -> Result<Value, String> {
     Ok(base64::engine::general_purpose::URL_SAFE
-        .encode(str_arg(args, 0)?)
+        .encode(str_arg(args, 0)?.as_bytes())
         .into())
 }
 
@@ -217,7 +220,9 @@ fn to_yaml(args: &[Value]) -> Result<Value, String> {
 }
 
 fn env(args: &[Value]) -> Result<Value, String> {
-    Ok(std::env::var(str_arg(args, 0)?).unwrap_or_default().into())
+    Ok(std::env::var(&*str_arg(args, 0)?)
+        .unwrap_or_default()
+        .into())
 }
 
 fn trim_space(args: &[Value]) -> Result<Value, String> {
@@ -234,13 +239,13 @@ fn to_upper(args: &[Value]) -> Result<Value, String> {
 
 /// `contains haystack needle`.
 fn contains(args: &[Value]) -> Result<Value, String> {
-    Ok(str_arg(args, 0)?.contains(str_arg(args, 1)?).into())
+    Ok(str_arg(args, 0)?.contains(&*str_arg(args, 1)?).into())
 }
 
 /// `replaceAll text from to`.
 fn replace_all(args: &[Value]) -> Result<Value, String> {
     Ok(str_arg(args, 0)?
-        .replace(str_arg(args, 1)?, str_arg(args, 2)?)
+        .replace(&*str_arg(args, 1)?, &str_arg(args, 2)?)
         .into())
 }
 
@@ -251,7 +256,7 @@ fn split(args: &[Value]) -> Result<Value, String> {
     if text.is_empty() {
         return Ok(Value::Array(Vec::new()));
     }
-    Ok(Value::Array(text.split(sep).map(Value::from).collect()))
+    Ok(Value::Array(text.split(&*sep).map(Value::from).collect()))
 }
 
 /// `join list separator`.
@@ -265,7 +270,7 @@ fn join(args: &[Value]) -> Result<Value, String> {
         .iter()
         .map(scalar_text)
         .collect::<Vec<_>>()
-        .join(sep)
+        .join(&sep)
         .into())
 }
 
@@ -326,10 +331,12 @@ mod tests {
         assert_eq!(call(default, json!([null, "x"])).unwrap(), "x");
         assert_eq!(call(default, json!(["", "x"])).unwrap(), "x");
         assert_eq!(call(default, json!(["y", "x"])).unwrap(), "y");
+        assert_eq!(call(to_upper, json!([1])).unwrap(), "1");
+        assert_eq!(call(replace_all, json!([5432, "54", "X"])).unwrap(), "X32");
         assert!(
-            call(to_upper, json!([1]))
+            call(to_upper, json!([["a"]]))
                 .unwrap_err()
-                .contains("must be a string, got a number")
+                .contains("must be text, got a list")
         );
         assert!(
             call(join, json!(["a", ","]))

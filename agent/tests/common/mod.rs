@@ -86,13 +86,13 @@ impl Sandbox {
     /// Starts `sidekey-agent sidecar` and waits until its first render is done.
     pub fn start_sidecar(&self, config: &Value) -> Child {
         let path = self.config_path(config);
-        let child = Command::new(AGENT)
-            .args(["sidecar", "--config"])
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["sidecar", "--config"])
             .arg(path)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("sidecar.log")).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(self.dir.path().join("sidecar.log")).unwrap());
+        die_with_test(&mut cmd);
+        let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.state().join("ready").exists() {
             assert!(
@@ -116,6 +116,18 @@ impl Sandbox {
             .arg(self.config_path(config))
             .output()
             .unwrap()
+    }
+}
+
+/// The child is killed when the test's thread ends, even if the test panics first.
+pub fn die_with_test(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
     }
 }
 

@@ -1,0 +1,356 @@
+//! The Helm chart: lint --strict and template for the default values and every TLS mode and major
+//! option; every rendered object deserializes into its k8s-openapi type; the webhook's service
+//! path and port meet the injector's route and listen flag; every injector env the chart sets is
+//! a real flag; values that break the schema are rejected.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use serde_json::Value;
+use sidekey_tests::injector::binary;
+use sidekey_tests::{tools, workspace_root};
+
+const VAP_API: &str = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy";
+
+/// Option sets the chart is tested with: (label, --set arguments).
+fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        ("defaults", vec![]),
+        ("tls certManager", vec!["tls.mode=certManager"]),
+        (
+            "tls certManager with an issuer",
+            vec![
+                "tls.mode=certManager",
+                "tls.certManager.issuerRef.name=corp-ca",
+                "tls.certManager.issuerRef.kind=ClusterIssuer",
+            ],
+        ),
+        (
+            "tls existing secret",
+            vec![
+                "tls.mode=secret",
+                "tls.secret.name=injector-tls",
+                "tls.secret.caBundle=LS0tLS1CRUdJTg==",
+            ],
+        ),
+        ("tls auto", vec!["tls.mode=auto"]),
+        (
+            "one replica, fail closed, native sidecars",
+            vec![
+                "replicas=1",
+                "webhook.failurePolicy=Fail",
+                "agent.nativeSidecar=true",
+                "validatingPolicy.enabled=false",
+            ],
+        ),
+        (
+            "openbao over https",
+            vec![
+                "vault.address=https://openbao.openbao.svc:8200",
+                "vault.authType=jwt",
+                "vault.authPath=auth/jwt",
+                "injector.annotationPrefix=openbao.org",
+                "injector.port=9443",
+            ],
+        ),
+    ]
+}
+
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new(tools().unwrap().helm)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap()
+}
+
+fn set_args(sets: &[&str]) -> Vec<String> {
+    sets.iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect()
+}
+
+fn template(sets: &[&str]) -> Vec<Value> {
+    let mut args = vec![
+        "template",
+        "sk",
+        "charts/sidekey",
+        "--namespace",
+        "sidekey",
+        "--api-versions",
+        VAP_API,
+    ];
+    let extra = set_args(sets);
+    args.extend(extra.iter().map(String::as_str));
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "helm template {sets:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|doc| {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+            (!v.is_null()).then(|| serde_json::to_value(v).unwrap())
+        })
+        .collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(doc: &Value) {
+    if let Err(e) = serde_json::from_value::<T>(doc.clone()) {
+        panic!("{} {}: {e}", doc["kind"], doc["metadata"]["name"]);
+    }
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn lint_strict_passes_for_every_variant() {
+    for (label, sets) in variants() {
+        let mut args = vec!["lint", "--strict", "charts/sidekey"];
+        let extra = set_args(&sets);
+        args.extend(extra.iter().map(String::as_str));
+        let out = helm(&args);
+        assert!(
+            out.status.success(),
+            "{label}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn every_rendered_object_is_a_valid_kubernetes_object() {
+    for (label, sets) in variants() {
+        let docs = template(&sets);
+        let mut kinds = BTreeSet::new();
+        for doc in &docs {
+            let kind = doc["kind"].as_str().unwrap_or_default();
+            kinds.insert(kind.to_string());
+            match kind {
+                "Deployment" => typed::<Deployment>(doc),
+                "Service" => typed::<Service>(doc),
+                "ServiceAccount" => typed::<ServiceAccount>(doc),
+                "PodDisruptionBudget" => typed::<PodDisruptionBudget>(doc),
+                "ClusterRole" => typed::<ClusterRole>(doc),
+                "ClusterRoleBinding" => typed::<ClusterRoleBinding>(doc),
+                "Role" => typed::<Role>(doc),
+                "RoleBinding" => typed::<RoleBinding>(doc),
+                "Secret" => typed::<Secret>(doc),
+                "MutatingWebhookConfiguration" => typed::<MutatingWebhookConfiguration>(doc),
+                "ValidatingAdmissionPolicy" => typed::<ValidatingAdmissionPolicy>(doc),
+                "ValidatingAdmissionPolicyBinding" => {
+                    typed::<ValidatingAdmissionPolicyBinding>(doc)
+                }
+                "Issuer" | "Certificate" => {
+                    assert_eq!(doc["apiVersion"], "cert-manager.io/v1", "{label}");
+                    assert!(doc["spec"].is_object(), "{label}");
+                }
+                other => panic!("{label}: unexpected kind {other}"),
+            }
+            let labels = &doc["metadata"]["labels"];
+            for l in [
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by",
+                "helm.sh/chart",
+            ] {
+                assert!(labels[l].is_string(), "{label}: {kind} lacks label {l}");
+            }
+        }
+        for needed in [
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "MutatingWebhookConfiguration",
+        ] {
+            assert!(kinds.contains(needed), "{label}: no {needed}");
+        }
+        let rbac = kinds.contains("ClusterRole");
+        assert_eq!(rbac, label == "tls auto", "{label}: RBAC only for auto-TLS");
+        assert_eq!(
+            kinds.contains("PodDisruptionBudget"),
+            !label.starts_with("one replica"),
+            "{label}"
+        );
+        assert_eq!(
+            kinds.contains("ValidatingAdmissionPolicy"),
+            !label.starts_with("one replica"),
+            "{label}"
+        );
+    }
+}
+
+#[test]
+fn the_webhook_reaches_the_injector_route_and_port() {
+    let injector_help = Command::new(binary("sidekey-injector").unwrap())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&injector_help.stdout).to_string();
+    for (label, sets) in variants() {
+        let docs = template(&sets);
+        let mwc = of_kind(&docs, "MutatingWebhookConfiguration")[0];
+        let hook = &mwc["webhooks"][0];
+        let svc_ref = &hook["clientConfig"]["service"];
+        assert_eq!(
+            svc_ref["path"], "/mutate",
+            "{label}: the injector serves POST /mutate"
+        );
+        assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+        assert_eq!(hook["sideEffects"], "None");
+        assert_eq!(
+            hook["rules"][0]["operations"],
+            serde_json::json!(["CREATE"])
+        );
+        let excluded = &hook["namespaceSelector"]["matchExpressions"][0]["values"];
+        for ns in ["sidekey", "kube-system", "kube-public"] {
+            assert!(
+                excluded.as_array().unwrap().iter().any(|v| v == ns),
+                "{label}: {ns} not excluded"
+            );
+        }
+        let service = of_kind(&docs, "Service")[0];
+        assert_eq!(svc_ref["name"], service["metadata"]["name"]);
+        let port = &service["spec"]["ports"][0];
+        assert_eq!(port["port"], svc_ref["port"], "{label}");
+        let deployment = of_kind(&docs, "Deployment")[0];
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let target = container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == port["targetPort"])
+            .expect("the Service's targetPort names a container port");
+        let env = container["env"].as_array().unwrap();
+        let listen = env
+            .iter()
+            .find(|e| e["name"] == "SIDEKEY_INJECTOR_LISTEN")
+            .unwrap()["value"]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            listen,
+            format!("0.0.0.0:{}", target["containerPort"]),
+            "{label}: the injector listens where the Service sends"
+        );
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                container[probe]["httpGet"]["path"], "/health/ready",
+                "{label}"
+            );
+            assert_eq!(container[probe]["httpGet"]["scheme"], "HTTPS", "{label}");
+        }
+        for e in env {
+            let name = e["name"].as_str().unwrap();
+            assert!(
+                help.contains(&format!("[env: {name}=")),
+                "{label}: {name} is not an injector flag"
+            );
+        }
+        let sc = &container["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+            true
+        );
+        match sets
+            .iter()
+            .find(|s| s.starts_with("tls.mode="))
+            .map(|s| &s[9..])
+            .unwrap_or("chart")
+        {
+            "chart" => assert!(
+                hook["clientConfig"]["caBundle"]
+                    .as_str()
+                    .is_some_and(|b| b.len() > 100),
+                "{label}"
+            ),
+            "secret" => assert_eq!(
+                hook["clientConfig"]["caBundle"], "LS0tLS1CRUdJTg==",
+                "{label}"
+            ),
+            "certManager" => assert_eq!(
+                mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+                "sidekey/sk-sidekey",
+                "{label}"
+            ),
+            "auto" => assert!(
+                env.iter().any(|e| e["name"] == "SIDEKEY_INJECTOR_TLS_AUTO"
+                    && e["value"] == mwc["metadata"]["name"]),
+                "{label}"
+            ),
+            other => panic!("{other}"),
+        }
+    }
+}
+
+#[test]
+fn values_that_break_the_schema_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("tls:\n  mode: magic\n", "/tls/mode"),
+        (
+            "webhook:\n  failurePolicy: Sometimes\n",
+            "/webhook/failurePolicy",
+        ),
+        ("vault:\n  address: vault:8200\n", "/vault/address"),
+        (
+            "agent:\n  resources:\n    memoryLimit: lots\n",
+            "/agent/resources/memoryLimit",
+        ),
+        ("replicas: 0\n", "/replicas"),
+        ("surprise: true\n", "surprise"),
+        ("tls:\n  mode: secret\n", "allOf"),
+    ];
+    for (i, (yaml, expected)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad-{i}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        let out = helm(&[
+            "template",
+            "sk",
+            "charts/sidekey",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{yaml} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("schema") && err.contains(expected),
+            "{yaml}: {err}"
+        );
+    }
+}
+
+#[test]
+fn notes_show_how_to_annotate_a_deployment() {
+    let out = helm(&[
+        "install",
+        "sk",
+        "charts/sidekey",
+        "--dry-run",
+        "--namespace",
+        "sidekey",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("vault.hashicorp.com/agent-inject: \"true\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("{{data.username}}"),
+        "the NOTES escape template braces: {text}"
+    );
+}
