@@ -3,6 +3,7 @@
 //! `mutate::build` → `mutate::to_patch`, decided in `review` and served by `server`.
 
 pub mod annotations;
+pub mod autotls;
 pub mod config;
 pub mod metrics;
 pub mod mutate;

@@ -5,7 +5,7 @@ use clap::Parser;
 use sidekey_injector::config::Flags;
 use sidekey_injector::metrics::Metrics;
 use sidekey_injector::server::{self, AppState};
-use sidekey_injector::tls;
+use sidekey_injector::{autotls, tls};
 
 fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -42,16 +42,27 @@ async fn run(flags: Flags) -> Result<()> {
             (resolver, Some(watcher))
         }
         (_, _, Some(mwc)) => {
-            let generated = tls::generate(&flags.tls_auto_hosts)?;
-            let key = tls::certified_key_from_pem(
-                generated.cert_pem.as_bytes(),
-                generated.key_pem.as_bytes(),
-            )?;
-            match tls::patch_ca_bundle(mwc, &generated.ca_pem).await {
+            let client = kube::Client::try_default()
+                .await
+                .context("auto-TLS needs in-cluster Kubernetes access")?;
+            let api = autotls::KubeSecrets(kube::Api::namespaced(client, &flags.namespace));
+            let certs =
+                autotls::ensure(&api, &flags.tls_auto_secret, &flags.tls_auto_hosts, now()).await?;
+            let key =
+                tls::certified_key_from_pem(certs.cert_pem.as_bytes(), certs.key_pem.as_bytes())?;
+            match tls::patch_ca_bundle(mwc, &certs.ca_pem).await {
                 Ok(changed) => tracing::info!(webhook = %mwc, changed, "caBundle checked"),
                 Err(e) => anyhow::bail!("auto-TLS: {e}"),
             }
-            (tls::ReloadingResolver::new(key), None)
+            let resolver = tls::ReloadingResolver::new(key);
+            tokio::spawn(keep_auto_tls(
+                api,
+                flags.clone(),
+                mwc.clone(),
+                certs,
+                resolver.clone(),
+            ));
+            (resolver, None)
         }
         _ => anyhow::bail!("no TLS: give --tls-cert-file and --tls-key-file, or --tls-auto"),
     };
@@ -73,6 +84,55 @@ async fn run(flags: Flags) -> Result<()> {
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Every hour (with jitter), re-reads the shared Secret: renews the certificate when it is due
+/// (one replica wins, the others read its result) and serves whatever the Secret holds.
+async fn keep_auto_tls(
+    api: autotls::KubeSecrets,
+    flags: Flags,
+    mwc: String,
+    mut current: autotls::Certs,
+    resolver: Arc<tls::ReloadingResolver>,
+) {
+    loop {
+        let jitter = std::time::Duration::from_secs(rand_secs(600));
+        tokio::time::sleep(std::time::Duration::from_secs(3600) + jitter).await;
+        match autotls::ensure(&api, &flags.tls_auto_secret, &flags.tls_auto_hosts, now()).await {
+            Ok(certs) if certs != current => match tls::certified_key_from_pem(
+                certs.cert_pem.as_bytes(),
+                certs.key_pem.as_bytes(),
+            ) {
+                Ok(key) => {
+                    resolver.replace(key);
+                    if let Err(e) = tls::patch_ca_bundle(&mwc, &certs.ca_pem).await {
+                        tracing::warn!(error = %e, "could not check the caBundle");
+                    }
+                    tracing::info!("serving the renewed auto-TLS certificate");
+                    current = certs;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the shared auto-TLS certificate is unusable; keeping the current one")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "auto-TLS check failed; will try again"),
+        }
+    }
+}
+
+fn rand_secs(max: u64) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 % max.max(1))
+        .unwrap_or(0)
 }
 
 async fn shutdown_signal() {

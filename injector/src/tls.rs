@@ -149,65 +149,114 @@ pub fn watch(
     Ok(watcher)
 }
 
-/// A generated CA and a serving certificate it signed.
+/// A CA and a serving certificate it signed (`cert_pem` holds the leaf and then the CA).
 #[derive(Debug, Clone)]
 pub struct Generated {
     pub ca_pem: String,
+    pub ca_key_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// Unix seconds when the serving certificate expires.
+    pub not_after: u64,
 }
 
-fn days_from_now(days: i64) -> time::OffsetDateTime {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let now =
-        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    now + time::Duration::days(days)
-}
+const CA_NAME: &str = "Sidekey injector CA";
+const LEAF_DAYS: i64 = 365;
 
-/// Generates a CA (ECDSA P-256, 10 years) and a serving certificate for `hosts` (1 year).
-pub fn generate(hosts: &[String]) -> Result<Generated, TlsError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    if hosts.is_empty() {
-        return Err(TlsError::Invalid(
-            "auto-TLS needs at least one host name (--tls-auto-hosts)".into(),
-        ));
-    }
-    let err = |e: rcgen::Error| TlsError::Invalid(format!("generating certificates: {e}"));
-    let ca_key = KeyPair::generate().map_err(err)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "Sidekey injector CA");
+fn ca_params(now: u64) -> Result<rcgen::CertificateParams, rcgen::Error> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, CA_NAME);
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    ca.not_before = days_from_now(0) - time::Duration::hours(1);
-    ca.not_after = days_from_now(3650);
-    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
-    let issuer = Issuer::new(ca, ca_key);
+    ca.not_before = days_after(now, 0) - time::Duration::hours(1);
+    ca.not_after = days_after(now, 3650);
+    Ok(ca)
+}
 
-    let leaf_key = KeyPair::generate().map_err(err)?;
-    let mut leaf = CertificateParams::new(hosts.to_vec()).map_err(err)?;
+fn leaf(
+    hosts: &[String],
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    ca_pem: &str,
+    ca_key_pem: String,
+    now: u64,
+) -> Result<Generated, rcgen::Error> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+    let leaf_key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(hosts.to_vec())?;
     leaf.distinguished_name
         .push(DnType::CommonName, hosts[0].clone());
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.not_before = days_from_now(0) - time::Duration::hours(1);
-    leaf.not_after = days_from_now(365);
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).map_err(err)?;
+    leaf.not_before = days_after(now, 0) - time::Duration::hours(1);
+    leaf.not_after = days_after(now, LEAF_DAYS);
+    let not_after = leaf.not_after.unix_timestamp().max(0) as u64;
+    let cert = leaf.signed_by(&leaf_key, issuer)?;
     Ok(Generated {
-        ca_pem: ca_cert.pem(),
-        cert_pem: format!("{}{}", leaf_cert.pem(), ca_cert.pem()),
+        ca_pem: ca_pem.to_string(),
+        ca_key_pem,
+        cert_pem: format!("{}{}", cert.pem(), ca_pem),
         key_pem: leaf_key.serialize_pem(),
+        not_after,
     })
+}
+
+/// A new serving certificate for `hosts`, valid from `now`, from an existing CA (its certificate
+/// and key PEM).
+pub fn issue_leaf(
+    ca_pem: &str,
+    ca_key_pem: &str,
+    hosts: &[String],
+    now: u64,
+) -> Result<Generated, TlsError> {
+    if hosts.is_empty() {
+        return Err(TlsError::Invalid(
+            "auto-TLS needs at least one host name (--tls-auto-hosts)".into(),
+        ));
+    }
+    let err = |e: rcgen::Error| TlsError::Invalid(format!("issuing a serving certificate: {e}"));
+    let key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(err)?;
+    // The issuer is rebuilt from the same name and key, so the leaf chains to the stored CA.
+    let issuer = rcgen::Issuer::new(ca_params(now).map_err(err)?, key);
+    leaf(hosts, &issuer, ca_pem, ca_key_pem.to_string(), now).map_err(err)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn days_after(now: u64, days: i64) -> time::OffsetDateTime {
+    let start = time::OffsetDateTime::from_unix_timestamp(now as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    start + time::Duration::days(days)
+}
+
+/// Generates a CA (ECDSA P-256, 10 years) and a serving certificate for `hosts` (1 year).
+pub fn generate(hosts: &[String]) -> Result<Generated, TlsError> {
+    generate_at(hosts, unix_now())
+}
+
+/// `generate`, valid from `now` (unix seconds).
+pub fn generate_at(hosts: &[String], now: u64) -> Result<Generated, TlsError> {
+    if hosts.is_empty() {
+        return Err(TlsError::Invalid(
+            "auto-TLS needs at least one host name (--tls-auto-hosts)".into(),
+        ));
+    }
+    let err = |e: rcgen::Error| TlsError::Invalid(format!("generating certificates: {e}"));
+    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = ca_params(now).map_err(err)?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    leaf(hosts, &issuer, &ca_cert.pem(), ca_key_pem, now).map_err(err)
 }
 
 /// Sets the caBundle of every webhook in the named MutatingWebhookConfiguration, unless it
@@ -243,9 +292,28 @@ pub async fn patch_ca_bundle(mwc: &str, ca_pem: &str) -> Result<bool, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rustls::client::danger::ServerCertVerifier;
+
+    /// Checks that `key`'s chain verifies against `ca_pem` for `host`.
+    pub(crate) fn verify_chain(ca_pem: &str, key: &CertifiedKey, host: &str, at: u64) {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(at));
+        verifier
+            .verify_server_cert(&key.cert[0], &key.cert[1..], &name, &[], at)
+            .unwrap();
+    }
 
     #[test]
     fn generated_certificates_chain_to_the_ca_and_name_the_hosts() {

@@ -1,0 +1,216 @@
+//! "A pod that asked for secrets never starts without them": the chart's ValidatingAdmissionPolicy
+//! is rendered, and its CEL, exactly the text the chart ships, is evaluated (cel-interpreter)
+//! against annotated, injected and plain pods the way the API server evaluates it.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use cel_interpreter::{Context, Program, Value as Cel};
+use serde_json::{Value, json};
+use sidekey_tests::{tools, workspace_root};
+
+fn rendered(sets: &[&str]) -> Vec<Value> {
+    let mut cmd = Command::new(tools().unwrap().helm);
+    cmd.args(["template", "sk", "charts/sidekey", "--namespace", "sidekey"])
+        .args([
+            "--api-versions",
+            "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+        ])
+        .current_dir(workspace_root());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+                .unwrap()
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn policy() -> Value {
+    rendered(&[])
+        .into_iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .expect("the chart installs the policy by default")
+}
+
+/// Evaluates the policy for `pod`: variables in order, then every validation. Returns whether
+/// the pod is admitted, and the message when it is not.
+fn evaluate(policy: &Value, pod: &Value) -> (bool, Option<String>) {
+    let mut ctx = Context::default();
+    ctx.add_variable("object", cel_interpreter::to_value(pod).unwrap())
+        .unwrap();
+    let mut variables: HashMap<String, Cel> = HashMap::new();
+    for v in policy["spec"]["variables"].as_array().unwrap() {
+        ctx.add_variable_from_value("variables", variables.clone());
+        let expr = v["expression"].as_str().unwrap();
+        let value = Program::compile(expr)
+            .unwrap_or_else(|e| panic!("{expr}: {e}"))
+            .execute(&ctx)
+            .unwrap_or_else(|e| panic!("{expr}: {e}"));
+        variables.insert(v["name"].as_str().unwrap().to_string(), value);
+    }
+    ctx.add_variable_from_value("variables", variables);
+    for validation in policy["spec"]["validations"].as_array().unwrap() {
+        let expr = validation["expression"].as_str().unwrap();
+        let ok = Program::compile(expr).unwrap().execute(&ctx).unwrap();
+        if ok != Cel::Bool(true) {
+            let message = Program::compile(validation["messageExpression"].as_str().unwrap())
+                .unwrap()
+                .execute(&ctx)
+                .unwrap();
+            let Cel::String(message) = message else {
+                panic!("the message is not a string: {message:?}")
+            };
+            return (false, Some(message.to_string()));
+        }
+    }
+    (true, None)
+}
+
+fn pod(annotations: Option<Value>) -> Value {
+    let mut metadata = json!({ "name": "web", "namespace": "shop" });
+    if let Some(a) = annotations {
+        metadata["annotations"] = a;
+    }
+    json!({ "apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": { "containers": [{ "name": "web", "image": "nginx" }] } })
+}
+
+#[test]
+fn annotated_pods_are_admitted_only_once_injected() {
+    let policy = policy();
+    let cases = [
+        ("plain pod, no annotations map", None, true),
+        (
+            "plain pod with other annotations",
+            Some(json!({ "team": "shop" })),
+            true,
+        ),
+        (
+            "agent-inject false",
+            Some(json!({ "vault.hashicorp.com/agent-inject": "false" })),
+            true,
+        ),
+        (
+            "annotated, not injected",
+            Some(json!({ "vault.hashicorp.com/agent-inject": "true" })),
+            false,
+        ),
+        (
+            "annotated with 1, not injected",
+            Some(json!({ "vault.hashicorp.com/agent-inject": "1" })),
+            false,
+        ),
+        (
+            "annotated, status update",
+            Some(
+                json!({ "vault.hashicorp.com/agent-inject": "true", "vault.hashicorp.com/agent-inject-status": "update" }),
+            ),
+            false,
+        ),
+        (
+            "annotated and injected",
+            Some(
+                json!({ "vault.hashicorp.com/agent-inject": "true", "vault.hashicorp.com/agent-inject-status": "injected" }),
+            ),
+            true,
+        ),
+        (
+            "openbao prefix, not injected",
+            Some(json!({ "openbao.org/agent-inject": "true" })),
+            false,
+        ),
+        (
+            "openbao prefix, injected under the vault prefix",
+            Some(
+                json!({ "openbao.org/agent-inject": "true", "vault.hashicorp.com/agent-inject-status": "injected" }),
+            ),
+            true,
+        ),
+        (
+            "openbao prefix, injected under its own prefix",
+            Some(
+                json!({ "openbao.org/agent-inject": "TRUE", "openbao.org/agent-inject-status": "injected" }),
+            ),
+            true,
+        ),
+    ];
+    for (label, annotations, admitted) in cases {
+        let (ok, message) = evaluate(&policy, &pod(annotations));
+        assert_eq!(ok, admitted, "{label}");
+        if let Some(m) = message {
+            assert!(
+                m.contains("the Sidekey injector did not process it"),
+                "{label}: {m}"
+            );
+            assert!(
+                m.contains("kubectl -n sidekey get pods"),
+                "the message says how to check: {m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_injector_and_skipped_namespaces_are_never_affected() {
+    let policy = policy();
+    let constraints = &policy["spec"]["matchConstraints"];
+    assert_eq!(
+        constraints["resourceRules"][0]["operations"],
+        json!(["CREATE"])
+    );
+    assert_eq!(
+        constraints["resourceRules"][0]["resources"],
+        json!(["pods"])
+    );
+    let namespaces = &constraints["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(namespaces["operator"], "NotIn");
+    for ns in ["sidekey", "kube-system", "kube-public"] {
+        assert!(
+            namespaces["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v == ns),
+            "{ns}"
+        );
+    }
+    let own = &constraints["objectSelector"]["matchExpressions"][0];
+    assert_eq!(own["key"], "app.kubernetes.io/name");
+    assert_eq!(own["operator"], "NotIn");
+    assert_eq!(own["values"], json!(["sidekey"]));
+    let binding = rendered(&[])
+        .into_iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+        .unwrap();
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+}
+
+#[test]
+fn a_value_turns_it_off_and_old_clusters_do_not_get_it() {
+    assert!(
+        !rendered(&["validatingPolicy.enabled=false"])
+            .iter()
+            .any(|d| d["kind"] == "ValidatingAdmissionPolicy")
+    );
+    let out = Command::new(tools().unwrap().helm)
+        .args(["template", "sk", "charts/sidekey"])
+        .current_dir(workspace_root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("kind: ValidatingAdmissionPolicy"),
+        "without the v1 API the policy is left out"
+    );
+}
