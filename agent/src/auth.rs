@@ -15,6 +15,9 @@ pub struct Session {
     pub accessor: String,
     pub ttl_secs: u64,
     pub renewable: bool,
+    /// Whether the agent created the token by logging in. A token handed to it (token auth) is
+    /// never revoked by the agent: others may hold it too.
+    pub owned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +111,7 @@ pub async fn login(client: &StoreClient, auth: &AuthConfig) -> Result<Session, A
                 accessor: info.accessor,
                 ttl_secs: info.ttl,
                 renewable: info.renewable,
+                owned: false,
             });
         }
     };
@@ -117,5 +121,6 @@ pub async fn login(client: &StoreClient, auth: &AuthConfig) -> Result<Session, A
         accessor: auth_info.accessor,
         ttl_secs: auth_info.lease_duration,
         renewable: auth_info.renewable,
+        owned: true,
     })
 }

@@ -84,7 +84,15 @@ pub struct FileReport {
 pub async fn render_text(p: &Prepared, fetcher: &mut Fetcher) -> Result<String, CycleError> {
     for _ in 0..MAX_PASSES {
         match render::render(p, &fetcher.known())? {
-            Outcome::Rendered { text, missing } => {
+            Outcome::Rendered {
+                text,
+                missing,
+                writes,
+            } => {
+                for (path, perms, content, append) in writes {
+                    sink::write_file(std::path::Path::new(&path), &content, &perms, append)
+                        .map_err(CycleError::Sink)?;
+                }
                 for key in missing {
                     tracing::warn!(template = %p.name, key = %key, "template refers to a missing key; it rendered empty");
                 }

@@ -91,6 +91,13 @@ impl Fetcher {
 
     /// Fetches `key` from the store, whether known or not.
     pub async fn fetch_fresh(&self, key: &SecretKey) -> Result<Secret, FetchError> {
+        if key.is_list() {
+            return self
+                .client
+                .list(&self.token, &key.path)
+                .await
+                .map_err(|e| FetchError::new(key, &e));
+        }
         if key.is_write() {
             let params = serde_json::to_value(&key.params).expect("params serialize");
             return self

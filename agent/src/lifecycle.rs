@@ -338,6 +338,7 @@ async fn adopt<'a>(
         accessor: saved.accessor.clone(),
         ttl_secs: info.ttl,
         renewable: info.renewable,
+        owned: saved.token_owned,
     };
     let mut fetcher = Fetcher::new(client.clone(), saved.token.clone());
     let mut schedule = Schedule::default();
@@ -567,8 +568,10 @@ impl Sidecar<'_> {
         self.render().await;
         self.plan_after_login();
         let overlap = longest_overlap.min(Duration::from_secs(60));
-        self.schedule
-            .retire(now + overlap, Retired::Token(old.token));
+        if old.owned && old.token != self.session.token {
+            self.schedule
+                .retire(now + overlap, Retired::Token(old.token));
+        }
         self.save();
     }
 

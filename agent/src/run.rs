@@ -140,9 +140,14 @@ pub async fn first_render(
     let mut fetcher = Fetcher::new(client.clone(), session.token.clone());
     let results = cycle::render_all(templates, &mut fetcher, out_dir).await;
     if let Some(err) = results.into_iter().find_map(Result::err) {
-        // Whatever this attempt obtained dies with its token.
-        if let Err(e) = client.revoke_self(&session.token).await {
-            tracing::warn!(error = %e, "could not revoke the token of a failed attempt");
+        // Whatever this attempt obtained dies with its token (when the token is ours to revoke).
+        if session.owned {
+            if let Err(e) = client.revoke_self(&session.token).await {
+                tracing::warn!(error = %e, "could not revoke the token of a failed attempt");
+            }
+        } else {
+            let state = state_of(&session, &fetcher);
+            revoke_state(client, &state).await;
         }
         return Err(err.into());
     }
@@ -170,6 +175,7 @@ pub fn state_of(session: &Session, fetcher: &Fetcher) -> State {
         token_renewed_at: now,
         secrets,
         revoked: false,
+        token_owned: session.owned,
     }
 }
 
@@ -208,6 +214,13 @@ pub async fn revoke_state(client: &StoreClient, state: &State) -> Revoked {
             Ok(()) => revoked.leases += 1,
             Err(e) => tracing::warn!(lease, error = %e, "could not revoke lease"),
         }
+    }
+    if !state.token_owned {
+        tracing::info!(
+            leases = revoked.leases,
+            "revoked; the token was handed to the agent and is left alone"
+        );
+        return revoked;
     }
     match client.revoke_self(&state.token).await {
         Ok(()) => revoked.token = true,

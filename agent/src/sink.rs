@@ -93,6 +93,36 @@ pub fn write_if_changed(
     Ok(true)
 }
 
+/// `writeToFile`: writes (or appends to) an absolute path with an octal mode, atomically.
+pub fn write_file(
+    path: &Path,
+    content: &str,
+    perms: &str,
+    append: bool,
+) -> Result<bool, SinkError> {
+    let unsafe_path = |problem: &str| SinkError::Unsafe {
+        file: path.display().to_string(),
+        problem: problem.into(),
+    };
+    if !path.is_absolute() {
+        return Err(unsafe_path("writeToFile needs an absolute path"));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| unsafe_path("has no file name"))?;
+    let dir = path.parent().ok_or_else(|| unsafe_path("has no folder"))?;
+    let mode = crate::config::parse_mode(perms)
+        .ok_or_else(|| unsafe_path("perms is not an octal file mode"))?;
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut bytes = Vec::new();
+    if append && let Ok(old) = fs::read(path) {
+        bytes = old;
+    }
+    bytes.extend_from_slice(content.as_bytes());
+    write_if_changed(dir, name, &bytes, mode)
+}
+
 /// The outcome of a template's command; its output is not kept (it may print secrets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandOutcome {

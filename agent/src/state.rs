@@ -33,6 +33,13 @@ pub struct State {
     /// Set once `revoke` has revoked everything; a sidecar that sees it stops renewing.
     #[serde(default)]
     pub revoked: bool,
+    /// False for a token handed to the agent (token auth): its leases are revoked, the token not.
+    #[serde(default = "owned_by_default")]
+    pub token_owned: bool,
+}
+
+fn owned_by_default() -> bool {
+    true
 }
 
 impl State {
@@ -115,6 +122,7 @@ mod tests {
                 renewed_at: 1,
             }],
             revoked: false,
+            token_owned: true,
         };
         save(dir.path(), &state).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(state.clone()));

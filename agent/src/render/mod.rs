@@ -2,9 +2,10 @@
 //! secrets fetched so far becomes either the file's text or the list of secrets still needed.
 //! No I/O happens here; the caller fetches what a pass asks for and renders again.
 
+pub mod go;
 pub mod gofmt;
 mod hbs;
-mod yaml;
+pub(crate) mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -23,6 +24,9 @@ pub struct SecretKey {
     pub params: BTreeMap<String, String>,
 }
 
+/// The parameter that marks a LIST request (`secrets "path"`), not a write.
+const LIST_MARKER: &str = "@list";
+
 impl SecretKey {
     pub fn read(path: impl Into<String>) -> SecretKey {
         SecretKey {
@@ -30,8 +34,17 @@ impl SecretKey {
             params: BTreeMap::new(),
         }
     }
+    pub fn list(path: impl Into<String>) -> SecretKey {
+        SecretKey {
+            path: path.into(),
+            params: BTreeMap::from([(LIST_MARKER.to_string(), String::new())]),
+        }
+    }
+    pub fn is_list(&self) -> bool {
+        self.params.contains_key(LIST_MARKER)
+    }
     pub fn is_write(&self) -> bool {
-        !self.params.is_empty()
+        !self.params.is_empty() && !self.is_list()
     }
 }
 
@@ -39,7 +52,9 @@ impl fmt::Display for SecretKey {
     /// The path, and the parameter names (not their values) for writes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.path)?;
-        if self.is_write() {
+        if self.is_list() {
+            f.write_str(" (list)")?;
+        } else if self.is_write() {
             let names: Vec<&str> = self.params.keys().map(String::as_str).collect();
             write!(f, " (with {})", names.join(", "))?;
         }
@@ -67,6 +82,8 @@ pub struct Prepared {
     /// handlebars templates.
     pub root: Option<SecretKey>,
     pub error_on_missing_key: bool,
+    /// The parsed Go template.
+    pub go: Option<std::sync::Arc<go::Tree>>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -79,8 +96,13 @@ pub enum RenderError {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The file's text, and the keys that were missing (rendered empty) for a warning.
-    Rendered { text: String, missing: Vec<String> },
+    /// The file's text, the keys that were missing (rendered empty) for a warning, and the files
+    /// a Go template's `writeToFile` asked for.
+    Rendered {
+        text: String,
+        missing: Vec<String>,
+        writes: Vec<go::FileWrite>,
+    },
     /// Fetch these and render again.
     Needs(Vec<SecretKey>),
 }
@@ -149,20 +171,21 @@ pub fn prepare(t: &TemplateConfig, source_text: Option<String>) -> Result<Prepar
             text: String::new(),
             root,
             error_on_missing_key: t.error_on_missing_key,
+            go: None,
         });
     };
     let engine = match t.engine {
         Engine::Auto => detect_engine(&text),
         explicit => explicit,
     };
-    let engine = match engine {
+    let (engine, go, root) = match engine {
         Engine::Go => {
-            return Err(invalid(
-                "is a Go template ({{ with secret ... }} syntax); this build renders handlebars \
-                 templates and the default map/json formats only (set agent-inject-template-engine \
-                 to handlebars if the detection is wrong)"
-                    .into(),
-            ));
+            let left = t.left_delimiter.as_deref().unwrap_or("{{");
+            let right = t.right_delimiter.as_deref().unwrap_or("}}");
+            let tree = go::compile(&text, left, right)
+                .map_err(|e| invalid(format!("does not parse: {e}")))?;
+            // A Go template names its secrets itself (`with secret "path"`), as in Vault Agent.
+            (EngineKind::Go, Some(tree), None)
         }
         _ => {
             if t.left_delimiter.is_some() || t.right_delimiter.is_some() {
@@ -171,7 +194,7 @@ pub fn prepare(t: &TemplateConfig, source_text: Option<String>) -> Result<Prepar
                 ));
             }
             hbs::check_syntax(&text).map_err(|e| invalid(format!("does not parse: {e}")))?;
-            EngineKind::Handlebars
+            (EngineKind::Handlebars, None, root)
         }
     };
     Ok(Prepared {
@@ -180,6 +203,7 @@ pub fn prepare(t: &TemplateConfig, source_text: Option<String>) -> Result<Prepar
         text,
         root,
         error_on_missing_key: t.error_on_missing_key,
+        go,
     })
 }
 
@@ -196,12 +220,35 @@ pub fn render(p: &Prepared, known: &Arc<Known>) -> Result<Outcome, RenderError> 
         EngineKind::Default(format) => Ok(Outcome::Rendered {
             text: default_format(format, &root["data"]),
             missing: Vec::new(),
+            writes: Vec::new(),
         }),
         EngineKind::Handlebars => render_handlebars(p, &root, known),
-        EngineKind::Go => Err(RenderError::Invalid {
-            template: p.name.clone(),
-            problem: "Go templates are not supported by this build".into(),
-        }),
+        EngineKind::Go => {
+            let tree = p.go.as_ref().expect("Go templates are parsed in prepare");
+            let pass = go::render(tree, known, p.error_on_missing_key);
+            if !pass.wanted.is_empty() {
+                return Ok(Outcome::Needs(dedup(pass.wanted)));
+            }
+            match pass.result {
+                Ok(text) => Ok(Outcome::Rendered {
+                    text,
+                    missing: Vec::new(),
+                    writes: pass.writes,
+                }),
+                Err(problem) if problem.starts_with("map has no entry for key") => {
+                    Err(RenderError::MissingKey {
+                        template: p.name.clone(),
+                        key: problem
+                            .trim_start_matches("map has no entry for key ")
+                            .to_string(),
+                    })
+                }
+                Err(problem) => Err(RenderError::Invalid {
+                    template: p.name.clone(),
+                    problem,
+                }),
+            }
+        }
     }
 }
 
@@ -218,6 +265,7 @@ fn render_handlebars(
         Ok(text) => Ok(Outcome::Rendered {
             text,
             missing: Vec::new(),
+            writes: Vec::new(),
         }),
         Err(hbs::HbsError::Missing(key)) if p.error_on_missing_key => {
             Err(RenderError::MissingKey {
@@ -231,6 +279,7 @@ fn render_handlebars(
                 Ok(text) => Ok(Outcome::Rendered {
                     text,
                     missing: vec![key],
+                    writes: Vec::new(),
                 }),
                 Err(e) => Err(hbs_error(p, e)),
             }
@@ -365,7 +414,8 @@ mod tests {
             render(&p, &known).unwrap(),
             Outcome::Rendered {
                 text: "postgres://u:p@db/app".into(),
-                missing: vec![]
+                missing: vec![],
+                writes: vec![]
             }
         );
     }
@@ -380,7 +430,8 @@ mod tests {
             lax,
             Outcome::Rendered {
                 text: "u:".into(),
-                missing: vec!["data.pasword".into()]
+                missing: vec!["data.pasword".into()],
+                writes: vec![]
             }
         );
         t.error_on_missing_key = true;
@@ -399,11 +450,14 @@ mod tests {
             "{bad}"
         );
         let go = prepare(
-            &template(Some("{{ with secret \"a\" }}{{ .Data }}{{ end }}")),
+            &template(Some("{{ with secret \"a\" }}{{ nope .Data }}{{ end }}")),
             None,
         )
         .unwrap_err();
-        assert!(go.to_string().contains("is a Go template"));
+        assert_eq!(
+            go.to_string(),
+            "template db: does not parse: line 1: function \"nope\" not defined"
+        );
         let mut t = template(Some("{{data.a}}"));
         t.left_delimiter = Some("[[".into());
         assert!(

@@ -1,0 +1,779 @@
+//! The functions a Vault Agent template can call: Go's builtins (and, or, not, eq…, index, len,
+//! print, printf, println) and consul-template's (secret, secrets, pkiCert, toJSON, split, …),
+//! with consul-template's argument order so that pipelines read the same.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use base64::Engine as _;
+
+use super::exec::{Exec, Val, format_float, print};
+use crate::render::{SecretKey, gofmt, yaml};
+
+pub const NAMES: &[&str] = &[
+    "and",
+    "or",
+    "not",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "index",
+    "len",
+    "print",
+    "printf",
+    "println",
+    "secret",
+    "secrets",
+    "pkiCert",
+    "toJSON",
+    "toJSONPretty",
+    "toYAML",
+    "parseJSON",
+    "parseBool",
+    "parseInt",
+    "parseFloat",
+    "base64Encode",
+    "base64Decode",
+    "base64URLEncode",
+    "base64URLDecode",
+    "env",
+    "trimSpace",
+    "trim",
+    "trimPrefix",
+    "trimSuffix",
+    "toLower",
+    "toUpper",
+    "contains",
+    "replaceAll",
+    "split",
+    "join",
+    "indent",
+    "timestamp",
+    "writeToFile",
+];
+
+pub fn known(name: &str) -> bool {
+    NAMES.contains(&name)
+}
+
+type R = Result<Val, String>;
+
+fn want(name: &str, args: &[Val], n: usize) -> Result<(), String> {
+    if args.len() != n {
+        return Err(format!(
+            "wrong number of args for {name}: want {n} got {}",
+            args.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A `string` parameter: json.Number and other types are refused, as Go's call does.
+fn text(args: &[Val], i: usize) -> Result<&str, String> {
+    match &args[i] {
+        Val::Str(s) => Ok(s),
+        Val::NoValue | Val::Nil => Err("invalid value; expected string".into()),
+        other => Err(format!(
+            "wrong type for value; expected string; got {}",
+            other.type_name()
+        )),
+    }
+}
+
+fn kv_params(args: &[Val]) -> Result<BTreeMap<String, String>, String> {
+    let mut params = BTreeMap::new();
+    for a in args {
+        let s = a.as_text().ok_or_else(|| {
+            format!(
+                "wrong type for value; expected string; got {}",
+                a.type_name()
+            )
+        })?;
+        if s.is_empty() {
+            continue;
+        }
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("not k=v pair {s:?}"))?;
+        params.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(params)
+}
+
+pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
+    match name {
+        "not" => {
+            want(name, &args, 1)?;
+            Ok(Val::Bool(!args[0].truthy()))
+        }
+        "eq" => {
+            if args.len() < 2 {
+                return Err("missing argument for comparison".into());
+            }
+            for other in &args[1..] {
+                if compare(&args[0], other)? == std::cmp::Ordering::Equal {
+                    return Ok(Val::Bool(true));
+                }
+            }
+            Ok(Val::Bool(false))
+        }
+        "ne" | "lt" | "le" | "gt" | "ge" => {
+            want(name, &args, 2)?;
+            let ord = compare(&args[0], &args[1])?;
+            if name != "ne" && matches!(args[0], Val::Bool(_)) {
+                return Err("invalid type for comparison".into());
+            }
+            use std::cmp::Ordering::*;
+            Ok(Val::Bool(match name {
+                "ne" => ord != Equal,
+                "lt" => ord == Less,
+                "le" => ord != Greater,
+                "gt" => ord == Greater,
+                _ => ord != Less,
+            }))
+        }
+        "index" => {
+            let mut v = args
+                .first()
+                .cloned()
+                .ok_or("wrong number of args for index: want at least 1 got 0")?;
+            for key in &args[1..] {
+                v = match (&v, key) {
+                    (Val::Map(m), k) => {
+                        let k = k.as_text().ok_or_else(|| {
+                            format!("value has type {}; should be string", k.type_name())
+                        })?;
+                        m.get(k).cloned().unwrap_or(Val::NoValue)
+                    }
+                    (Val::List(l), Val::Int(i)) => l
+                        .get(usize::try_from(*i).map_err(|_| format!("index out of range: {i}"))?)
+                        .cloned()
+                        .ok_or_else(|| format!("error calling index: index out of range: {i}"))?,
+                    (Val::NoValue | Val::Nil, _) => return Err("index of untyped nil".into()),
+                    (other, _) => {
+                        return Err(format!("can't index item of type {}", other.type_name()));
+                    }
+                };
+            }
+            Ok(v)
+        }
+        "len" => {
+            want(name, &args, 1)?;
+            match &args[0] {
+                Val::Str(s) | Val::Number(s) => Ok(Val::Int(s.len() as i64)),
+                Val::List(l) => Ok(Val::Int(l.len() as i64)),
+                Val::Map(m) => Ok(Val::Int(m.len() as i64)),
+                other => Err(format!("len of type {}", other.type_name())),
+            }
+        }
+        "print" => Ok(Val::Str(sprint(&args))),
+        "println" => Ok(Val::Str(format!(
+            "{}\n",
+            args.iter().map(print).collect::<Vec<_>>().join(" ")
+        ))),
+        "printf" => {
+            let format = text(&args, 0)?;
+            Ok(Val::Str(sprintf(format, &args[1..])))
+        }
+        "secret" => {
+            if args.is_empty() {
+                return Ok(Val::Nil);
+            }
+            let path = text(&args, 0)?.to_string();
+            let key = SecretKey {
+                path,
+                params: kv_params(&args[1..])?,
+            };
+            Ok(exec.secret(key))
+        }
+        "pkiCert" => {
+            let path = text(&args, 0)?.to_string();
+            let key = SecretKey {
+                path,
+                params: kv_params(&args[1..])?,
+            };
+            Ok(match exec.secret(key) {
+                Val::Secret(s) => {
+                    let d = &s["data"];
+                    let str_of = |k: &str| Val::Str(d[k].as_str().unwrap_or_default().to_string());
+                    let chain = d["ca_chain"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|c| c.as_str())
+                                .map(|c| Val::Str(c.to_string()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Val::Map(Rc::new(BTreeMap::from([
+                        ("Cert".to_string(), str_of("certificate")),
+                        ("Key".to_string(), str_of("private_key")),
+                        ("CA".to_string(), str_of("issuing_ca")),
+                        ("CAChain".to_string(), Val::List(Rc::new(chain))),
+                    ])))
+                }
+                other => other,
+            })
+        }
+        "secrets" => {
+            want(name, &args, 1)?;
+            let key = SecretKey::list(text(&args, 0)?);
+            Ok(match exec.secret(key) {
+                Val::Secret(s) => Val::List(Rc::new(
+                    s["data"]["keys"]
+                        .as_array()
+                        .map(|k| {
+                            k.iter()
+                                .filter_map(|x| x.as_str())
+                                .map(|x| Val::Str(x.to_string()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                )),
+                _ => Val::List(Rc::new(Vec::new())),
+            })
+        }
+        "toJSON" => {
+            want(name, &args, 1)?;
+            Ok(Val::Str(gofmt::to_json(&args[0].to_json())))
+        }
+        "toJSONPretty" => {
+            want(name, &args, 1)?;
+            Ok(Val::Str(gofmt::to_json_pretty(&args[0].to_json())))
+        }
+        "toYAML" => {
+            want(name, &args, 1)?;
+            Ok(Val::Str(yaml::to_yaml(&args[0].to_json())))
+        }
+        "parseJSON" => {
+            want(name, &args, 1)?;
+            let s = text(&args, 0)?;
+            if s.is_empty() {
+                return Ok(Val::Map(Rc::new(BTreeMap::new())));
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(s).map_err(|e| format!("parseJSON: {e}"))?;
+            Ok(floats(Val::from_json(&v)))
+        }
+        "parseBool" => {
+            want(name, &args, 1)?;
+            match text(&args, 0)? {
+                "" => Ok(Val::Bool(false)),
+                s => crate_parse_bool(s).map(Val::Bool).ok_or_else(|| {
+                    format!("parseBool: strconv.ParseBool: parsing {s:?}: invalid syntax")
+                }),
+            }
+        }
+        "parseInt" => {
+            want(name, &args, 1)?;
+            match text(&args, 0)? {
+                "" => Ok(Val::Int(0)),
+                s => s.parse::<i64>().map(Val::Int).map_err(|_| {
+                    format!("parseInt: strconv.ParseInt: parsing {s:?}: invalid syntax")
+                }),
+            }
+        }
+        "parseFloat" => {
+            want(name, &args, 1)?;
+            match text(&args, 0)? {
+                "" => Ok(Val::Float(0.0)),
+                s => s.parse::<f64>().map(Val::Float).map_err(|_| {
+                    format!("parseFloat: strconv.ParseFloat: parsing {s:?}: invalid syntax")
+                }),
+            }
+        }
+        "base64Encode" => one_text(name, &args, |s| {
+            Ok(base64::engine::general_purpose::STANDARD.encode(s))
+        }),
+        "base64URLEncode" => one_text(name, &args, |s| {
+            Ok(base64::engine::general_purpose::URL_SAFE.encode(s))
+        }),
+        "base64Decode" => one_text(name, &args, |s| {
+            decode(
+                &base64::engine::general_purpose::STANDARD,
+                s,
+                "base64Decode",
+            )
+        }),
+        "base64URLDecode" => one_text(name, &args, |s| {
+            decode(
+                &base64::engine::general_purpose::URL_SAFE,
+                s,
+                "base64URLDecode",
+            )
+        }),
+        "env" => one_text(name, &args, |s| Ok(std::env::var(s).unwrap_or_default())),
+        "trimSpace" => one_text(name, &args, |s| Ok(s.trim_matches(go_space).to_string())),
+        "toLower" => one_text(name, &args, |s| Ok(s.to_lowercase())),
+        "toUpper" => one_text(name, &args, |s| Ok(s.to_uppercase())),
+        "trim" => two_text(name, &args, |cut, s| {
+            Ok(s.trim_matches(|c| cut.contains(c)).to_string())
+        }),
+        "trimPrefix" => two_text(name, &args, |p, s| {
+            Ok(s.strip_prefix(p).unwrap_or(s).to_string())
+        }),
+        "trimSuffix" => two_text(name, &args, |p, s| {
+            Ok(s.strip_suffix(p).unwrap_or(s).to_string())
+        }),
+        "replaceAll" => {
+            want(name, &args, 3)?;
+            Ok(Val::Str(
+                text(&args, 2)?.replace(text(&args, 0)?, text(&args, 1)?),
+            ))
+        }
+        "split" => {
+            want(name, &args, 2)?;
+            let (sep, s) = (text(&args, 0)?, text(&args, 1)?.trim_matches(go_space));
+            if s.is_empty() {
+                return Ok(Val::List(Rc::new(Vec::new())));
+            }
+            Ok(Val::List(Rc::new(
+                s.split(sep).map(|p| Val::Str(p.to_string())).collect(),
+            )))
+        }
+        "join" => {
+            want(name, &args, 2)?;
+            let sep = text(&args, 0)?;
+            let Val::List(items) = &args[1] else {
+                return Err(format!(
+                    "wrong type for value; expected []string; got {}",
+                    args[1].type_name()
+                ));
+            };
+            let parts = items
+                .iter()
+                .map(|i| match i {
+                    Val::Str(s) => Ok(s.as_str()),
+                    _ => Err(
+                        "wrong type for value; expected []string; got []interface {}".to_string(),
+                    ),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Val::Str(parts.join(sep)))
+        }
+        "contains" => {
+            want(name, &args, 2)?;
+            Ok(Val::Bool(contained(&args[1], &args[0])))
+        }
+        "indent" => {
+            want(name, &args, 2)?;
+            let Val::Int(n) = args[0] else {
+                return Err(format!(
+                    "wrong type for value; expected int; got {}",
+                    args[0].type_name()
+                ));
+            };
+            if n < 0 {
+                return Err("indent value must be a positive integer".into());
+            }
+            let prefix = " ".repeat(n as usize);
+            let mut out = String::new();
+            let mut at_start = true;
+            for c in text(&args, 1)?.chars() {
+                if at_start && c != '\n' {
+                    out.push_str(&prefix);
+                }
+                out.push(c);
+                at_start = c == '\n';
+            }
+            Ok(Val::Str(out))
+        }
+        "timestamp" => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            match args.len() {
+                0 => Ok(Val::Str(rfc3339(now))),
+                1 if text(&args, 0)? == "unix" => Ok(Val::Str(now.to_string())),
+                1 if text(&args, 0)? == "2006-01-02T15:04:05Z07:00" => Ok(Val::Str(rfc3339(now))),
+                1 => Err(format!(
+                    "timestamp: layout {:?} is not supported (use no argument, \"unix\" or RFC 3339)",
+                    text(&args, 0)?
+                )),
+                n => Err(format!(
+                    "timestamp: wrong number of arguments, expected 0 or 1, but got {n}"
+                )),
+            }
+        }
+        "writeToFile" => {
+            if args.len() < 5 || args.len() > 6 {
+                return Err(format!(
+                    "writeToFile: wrong number of arguments, expected 5 or 6, but got {}",
+                    args.len()
+                ));
+            }
+            let path = text(&args, 0)?.to_string();
+            let perms = text(&args, 3)?.to_string();
+            let content = text(&args, 4)?.to_string();
+            let flags = if args.len() == 6 {
+                text(&args, 5)?.to_string()
+            } else {
+                String::new()
+            };
+            let content = if flags.contains("newline") {
+                format!("{content}\n")
+            } else {
+                content
+            };
+            exec.writes
+                .push((path, perms, content, flags.contains("append")));
+            Ok(Val::Str(String::new()))
+        }
+        other => Err(format!("function {other:?} not defined")),
+    }
+}
+
+fn crate_parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn go_space(c: char) -> bool {
+    c.is_whitespace()
+}
+
+fn decode(engine: &base64::engine::GeneralPurpose, s: &str, name: &str) -> Result<String, String> {
+    let bytes = engine.decode(s).map_err(|e| format!("{name}: {e}"))?;
+    Ok(String::from_utf8_lossy(&bytes).to_string())
+}
+
+fn one_text(name: &str, args: &[Val], f: impl Fn(&str) -> Result<String, String>) -> R {
+    want(name, args, 1)?;
+    f(text(args, 0)?).map(Val::Str)
+}
+
+fn two_text(name: &str, args: &[Val], f: impl Fn(&str, &str) -> Result<String, String>) -> R {
+    want(name, args, 2)?;
+    f(text(args, 0)?, text(args, 1)?).map(Val::Str)
+}
+
+/// JSON numbers parsed by `parseJSON` are float64 in Go.
+fn floats(v: Val) -> Val {
+    match v {
+        Val::Number(n) => n.parse::<f64>().map(Val::Float).unwrap_or(Val::Str(n)),
+        Val::List(l) => Val::List(Rc::new(l.iter().cloned().map(floats).collect())),
+        Val::Map(m) => Val::Map(Rc::new(
+            m.iter()
+                .map(|(k, v)| (k.clone(), floats(v.clone())))
+                .collect(),
+        )),
+        other => other,
+    }
+}
+
+/// consul-template's `in(l, v)`.
+fn contained(l: &Val, v: &Val) -> bool {
+    match l {
+        Val::List(items) => items.iter().any(|i| match (i, v) {
+            (Val::Int(a), Val::Int(b)) => a == b,
+            (Val::Float(a), Val::Float(b)) => a == b,
+            (Val::Str(a), Val::Str(b)) | (Val::Number(a), Val::Number(b)) => a == b,
+            _ => false,
+        }),
+        Val::Str(s) => matches!(v, Val::Str(x) if s.contains(x.as_str())),
+        Val::Number(s) => matches!(v, Val::Number(x) if s.contains(x.as_str())),
+        _ => false,
+    }
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    Bool,
+    Int,
+    Float,
+    Str,
+}
+
+fn kind(v: &Val) -> Result<Kind, String> {
+    Ok(match v {
+        Val::Bool(_) => Kind::Bool,
+        Val::Int(_) => Kind::Int,
+        Val::Float(_) => Kind::Float,
+        Val::Str(_) | Val::Number(_) => Kind::Str,
+        _ => return Err("invalid type for comparison".into()),
+    })
+}
+
+/// Go's comparison of basic kinds: json.Number compares as a string.
+fn compare(a: &Val, b: &Val) -> Result<std::cmp::Ordering, String> {
+    let (ka, kb) = (kind(a)?, kind(b)?);
+    if ka != kb {
+        return Err("incompatible types for comparison".into());
+    }
+    Ok(match (a, b) {
+        (Val::Bool(x), Val::Bool(y)) => x.cmp(y),
+        (Val::Int(x), Val::Int(y)) => x.cmp(y),
+        (Val::Float(x), Val::Float(y)) => x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal),
+        _ => a
+            .as_text()
+            .unwrap_or_default()
+            .cmp(b.as_text().unwrap_or_default()),
+    })
+}
+
+/// `fmt.Sprint`: a space between operands when neither is a string.
+fn sprint(args: &[Val]) -> String {
+    let mut out = String::new();
+    for (i, a) in args.iter().enumerate() {
+        let is_str = |v: &Val| matches!(v, Val::Str(_) | Val::Number(_));
+        if i > 0 && !is_str(a) && !is_str(&args[i - 1]) {
+            out.push(' ');
+        }
+        out.push_str(&print(a));
+    }
+    out
+}
+
+fn bad_verb(verb: char, v: &Val) -> String {
+    match v {
+        Val::NoValue | Val::Nil => format!("%!{verb}(<nil>)"),
+        other => format!("%!{verb}({}={})", other.type_name(), print(other)),
+    }
+}
+
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `fmt.Sprintf` for the verbs templates use: %s %v %d %q %t %f %e %g %x %X %%, with flags,
+/// width and precision; Go's `%!verb(type=value)` for mismatches, MISSING and EXTRA.
+pub fn sprintf(format: &str, args: &[Val]) -> String {
+    let mut out = String::new();
+    let mut next = 0;
+    let chars: Vec<char> = format.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] != '%' {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        i += 1;
+        let (mut minus, mut zero, mut plus) = (false, false, false);
+        while i < chars.len() && matches!(chars[i], '-' | '0' | '+' | ' ' | '#') {
+            match chars[i] {
+                '-' => minus = true,
+                '0' => zero = true,
+                '+' => plus = true,
+                _ => {}
+            }
+            i += 1;
+        }
+        let mut width = None;
+        let start = i;
+        while i < chars.len() && chars[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i > start {
+            width = chars[start..i]
+                .iter()
+                .collect::<String>()
+                .parse::<usize>()
+                .ok();
+        }
+        let mut precision = None;
+        if i < chars.len() && chars[i] == '.' {
+            i += 1;
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            precision = Some(
+                chars[start..i]
+                    .iter()
+                    .collect::<String>()
+                    .parse::<usize>()
+                    .unwrap_or(0),
+            );
+        }
+        let Some(&verb) = chars.get(i) else {
+            out.push_str("%!(NOVERB)");
+            break;
+        };
+        i += 1;
+        if verb == '%' {
+            out.push('%');
+            continue;
+        }
+        let Some(arg) = args.get(next) else {
+            out.push_str(&format!("%!{verb}(MISSING)"));
+            continue;
+        };
+        next += 1;
+        let body = match (verb, arg) {
+            ('v', v) => print(v),
+            ('s', Val::Str(s) | Val::Number(s)) => match precision {
+                Some(p) => s.chars().take(p).collect(),
+                None => s.clone(),
+            },
+            ('s', Val::List(items)) => format!(
+                "[{}]",
+                items
+                    .iter()
+                    .map(|x| sprintf("%s", std::slice::from_ref(x)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            ('q', Val::Str(s) | Val::Number(s)) => go_quote(s),
+            ('d', Val::Int(n)) => {
+                let digits = n.abs().to_string();
+                let sign = if *n < 0 {
+                    "-"
+                } else if plus {
+                    "+"
+                } else {
+                    ""
+                };
+                format!("{sign}{digits}")
+            }
+            ('x', Val::Int(n)) => format!("{n:x}"),
+            ('X', Val::Int(n)) => format!("{n:X}"),
+            ('x', Val::Str(s)) => s.bytes().map(|b| format!("{b:02x}")).collect(),
+            ('t', Val::Bool(b)) => b.to_string(),
+            ('f' | 'F', Val::Float(f)) => format!("{f:.*}", precision.unwrap_or(6)),
+            ('e', Val::Float(f)) => {
+                let s = format!("{f:.*e}", precision.unwrap_or(6));
+                let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+                let e: i32 = e.parse().unwrap_or(0);
+                format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
+            }
+            ('g', Val::Float(f)) => format_float(*f),
+            (verb, v) => bad_verb(verb, v),
+        };
+        let len = body.chars().count();
+        match width {
+            Some(w) if w > len => {
+                let pad = w - len;
+                if minus {
+                    out.push_str(&body);
+                    out.push_str(&" ".repeat(pad));
+                } else if zero && matches!(verb, 'd' | 'f' | 'x' | 'X' | 'e') {
+                    let (sign, digits) = if body.starts_with('-') || body.starts_with('+') {
+                        body.split_at(1)
+                    } else {
+                        ("", body.as_str())
+                    };
+                    out.push_str(sign);
+                    out.push_str(&"0".repeat(pad));
+                    out.push_str(digits);
+                } else {
+                    out.push_str(&" ".repeat(pad));
+                    out.push_str(&body);
+                }
+            }
+            _ => out.push_str(&body),
+        }
+    }
+    if next < args.len() {
+        let extra: Vec<String> = args[next..]
+            .iter()
+            .map(|a| format!("{}={}", a.type_name(), print(a)))
+            .collect();
+        out.push_str(&format!("%!(EXTRA {})", extra.join(", ")));
+    }
+    out
+}
+
+/// RFC 3339 in UTC, as Go's `time.Now().UTC().Format(time.RFC3339)`.
+fn rfc3339(unix: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Val {
+        Val::Str(x.into())
+    }
+
+    #[test]
+    fn printf_matches_go() {
+        assert_eq!(
+            sprintf(
+                "%s|%v|%d|%q",
+                &[s("a"), Val::Int(1), Val::Int(-3), s("q\"")]
+            ),
+            "a|1|-3|\"q\\\"\""
+        );
+        assert_eq!(
+            sprintf("%d", &[Val::Number("42".into())]),
+            "%!d(json.Number=42)"
+        );
+        assert_eq!(sprintf("%s", &[Val::Float(1.5)]), "%!s(float64=1.5)");
+        assert_eq!(
+            sprintf(
+                "%.4s|%5s|%-5s|%05d",
+                &[s("abcdefg"), s("ab"), s("ab"), Val::Int(42)]
+            ),
+            "abcd|   ab|ab   |00042"
+        );
+        assert_eq!(sprintf("%s %s", &[s("a")]), "a %!s(MISSING)");
+        assert_eq!(sprintf("%s", &[s("a"), Val::Int(2)]), "a%!(EXTRA int=2)");
+        assert_eq!(sprintf("%.2f%%", &[Val::Float(2.5)]), "2.50%");
+    }
+
+    #[test]
+    fn print_spacing_and_comparison() {
+        assert_eq!(
+            sprint(&[Val::Number("42".into()), Val::Number("42".into())]),
+            "4242"
+        );
+        assert_eq!(
+            sprint(&[Val::Int(1), Val::Int(2), s("x"), Val::Int(3)]),
+            "1 2x3"
+        );
+        assert_eq!(
+            compare(&Val::Number("42".into()), &s("42")).unwrap(),
+            std::cmp::Ordering::Equal
+        );
+        assert!(compare(&Val::Number("42".into()), &Val::Int(42)).is_err());
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_457_400), "2026-11-23T18:10:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

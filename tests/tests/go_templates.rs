@@ -1,0 +1,436 @@
+//! Differential tests: the same Go template rendered by `bao agent` (OpenBao Agent, the same
+//! template engine as Vault Agent) and by sidekey-agent, against the same real OpenBao and the
+//! same secrets, must give identical bytes. Dynamic secrets differ per read, so those templates
+//! print only their shape (or the values are normalized) before the comparison.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use sidekey_tests::injector::binary;
+use sidekey_tests::{Stack, tools};
+
+struct Case {
+    name: &'static str,
+    template: &'static str,
+    delims: Option<(&'static str, &'static str)>,
+    error_on_missing_key: bool,
+}
+
+const fn case(name: &'static str, template: &'static str) -> Case {
+    Case {
+        name,
+        template,
+        delims: None,
+        error_on_missing_key: false,
+    }
+}
+
+const V2: &str = "secret/data/gotpl/app";
+
+fn cases() -> Vec<Case> {
+    vec![
+        case(
+            "with secret, fields",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.user }}:{{ .Data.data.password }}@{{ .Data.data.port }}{{ end }}"#,
+        ),
+        case(
+            "trim before and after",
+            "a  \n {{- with secret \"secret/data/gotpl/app\" -}} \n {{ .Data.data.user }} \n {{- end }}  \n b",
+        ),
+        case(
+            "trim inside range",
+            "{{ with secret \"secret/data/gotpl/app\" }}\n{{- range $k, $v := .Data.data }}\n{{ $k }}={{ $v }}\n{{- end }}\n{{ end }}",
+        ),
+        case(
+            "range map sorted with values",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ range $k, $v := .Data.data }}{{ $k }}: {{ $v }};{{ end }}{{ end }}"#,
+        ),
+        case(
+            "range list with index",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ range $i, $t := .Data.data.tags }}{{ $i }}={{ $t }} {{ end }}{{ end }}"#,
+        ),
+        case(
+            "range else on missing",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ range .Data.data.nothing }}x{{ else }}none{{ end }}{{ end }}"#,
+        ),
+        case(
+            "if else if else",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ if .Data.data.empty }}a{{ else if .Data.data.enabled }}b{{ else }}c{{ end }} {{ if .Data.data.zero }}zero-truthy{{ end }}{{ end }}"#,
+        ),
+        case(
+            "comparisons",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ eq .Data.data.port "5432" }} {{ ne .Data.data.user "x" }} {{ lt "a" "b" }} {{ ge 3 2 }} {{ and .Data.data.user .Data.data.empty }}|{{ or .Data.data.empty "fallback" }} {{ not .Data.data.enabled }}{{ end }}"#,
+        ),
+        case(
+            "variables and assignment",
+            r#"{{ $x := "one" }}{{ $x = "two" }}{{ $x }}{{ with secret "secret/data/gotpl/app" }}{{ $u := .Data.data.user }}{{ $u }}{{ end }}"#,
+        ),
+        case(
+            "index and len",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ index .Data.data "dash-key" }} {{ index .Data.data.tags 1 }} {{ index .Data.data "nested" "k" }} {{ len .Data.data.tags }} {{ len .Data.data }} {{ len .Data.data.user }}{{ end }}"#,
+        ),
+        case(
+            "printf verbs",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ printf "%s|%v|%q|%d|%5s|%-5s|%.3s" .Data.data.user .Data.data.port .Data.data.user .Data.data.port "ab" "ab" .Data.data.password }}{{ end }}"#,
+        ),
+        case(
+            "print and println",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ print .Data.data.port .Data.data.port }}|{{ print 1 2 }}|{{ println "a" 1 }}{{ end }}"#,
+        ),
+        case(
+            "toJSON",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data | toJSON }}{{ end }}"#,
+        ),
+        case(
+            "toJSONPretty",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.nested | toJSONPretty }}{{ end }}"#,
+        ),
+        case(
+            "parseJSON",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ with parseJSON .Data.data.json }}{{ .a }}{{ end }}{{ end }}"#,
+        ),
+        case(
+            "base64",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.user | base64Encode }} {{ .Data.data.b64 | base64Decode }} {{ .Data.data.password | base64URLEncode }}{{ end }}"#,
+        ),
+        case(
+            "string functions",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.user | toUpper }} {{ "  x  " | trimSpace }} {{ "MiXed" | toLower }} {{ .Data.data.multi | replaceAll "\n" "/" }} {{ .Data.data.user | contains "pp" }}{{ end }}"#,
+        ),
+        case(
+            "split and join",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ range "a,b,c" | split "," }}[{{ . }}]{{ end }} {{ "x y z" | split " " | join "-" }}{{ end }}"#,
+        ),
+        case(
+            "env",
+            r#"{{ env "SIDEKEY_DIFF_ENV" }}|{{ env "SIDEKEY_DIFF_UNSET" }}|"#,
+        ),
+        case(
+            "kv v1",
+            r#"{{ with secret "kv/gotpl" }}{{ .Data.user }} {{ .Data.port }} {{ .Data.list }}{{ end }}"#,
+        ),
+        case(
+            "kv v2 without data segment",
+            r#"{{ with secret "secret/gotpl/app" }}{{ .Data.data.user }}{{ end }}"#,
+        ),
+        case(
+            "secrets list",
+            r#"{{ range secrets "secret/metadata/gotpl/" }}{{ . }};{{ end }}"#,
+        ),
+        case(
+            "unicode and html",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.unicode }} {{ .Data.data.password }} {{ .Data.data.password | toJSON }}{{ end }}"#,
+        ),
+        case("comments", "a{{/* one */}}b{{- /* two */ -}} c"),
+        case(
+            "define and template",
+            r#"{{ define "user" }}<{{ .Data.data.user }}>{{ end }}{{ with secret "secret/data/gotpl/app" }}{{ template "user" . }}{{ end }}"#,
+        ),
+        case(
+            "metadata and numbers",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.metadata.version }} {{ .Data.data.ratio }} {{ .Data.data.big }} {{ .Data.data.nested }}{{ end }}"#,
+        ),
+        case(
+            "secret struct fields",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .LeaseID }}|{{ .LeaseDuration }}|{{ .Renewable }}|{{ len .Warnings }}{{ end }}"#,
+        ),
+        case(
+            "dynamic database credentials, shape",
+            r#"{{ with secret "database/creds/app" }}{{ if .Data.username }}user{{ end }} {{ len .Data.password }} {{ if .LeaseID }}lease{{ end }} {{ .Renewable }} {{ .LeaseDuration }}{{ end }}"#,
+        ),
+        case(
+            "pki issue with parameters, shape",
+            r#"{{ with secret "pki/issue/app" "common_name=gotpl.example.com" "ttl=1h" }}{{ if .Data.certificate }}cert{{ end }} {{ .Data.private_key_type }} {{ len .Data.ca_chain }}{{ end }}"#,
+        ),
+        case(
+            "timestamp shape",
+            r#"{{ timestamp "unix" | len }} {{ timestamp | len }}"#,
+        ),
+        Case {
+            name: "custom delimiters",
+            template: r#"[[ with secret "secret/data/gotpl/app" ]][[ .Data.data.user ]] {{ not a template }}[[ end ]]"#,
+            delims: Some(("[[", "]]")),
+            error_on_missing_key: false,
+        },
+        Case {
+            name: "missing key without error",
+            template: r#"{{ with secret "secret/data/gotpl/app" }}[{{ .Data.data.nope }}]{{ end }}"#,
+            delims: None,
+            error_on_missing_key: false,
+        },
+    ]
+}
+
+/// Failing templates: both engines must refuse them.
+fn failing() -> Vec<Case> {
+    vec![
+        Case {
+            name: "missing key with error-on-missing-key",
+            template: r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.nope }}{{ end }}"#,
+            delims: None,
+            error_on_missing_key: true,
+        },
+        case("unknown function", r#"{{ nosuchfunc "x" }}"#),
+        case(
+            "unterminated action",
+            r#"{{ with secret "secret/data/gotpl/app" "#,
+        ),
+        case(
+            "nil pointer",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.nope.deeper }}{{ end }}"#,
+        ),
+        case(
+            "json.Number is not a string",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.port | toUpper }}{{ end }}"#,
+        ),
+    ]
+}
+
+/// Seeds the secrets once per test binary: a second write would bump the KV v2 version between
+/// the two renders of another test.
+async fn seed(stack: &Stack) {
+    static SEEDED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SEEDED.get_or_init(|| write_secrets(stack)).await;
+}
+
+async fn write_secrets(stack: &Stack) {
+    stack
+        .put_kv2(
+            "gotpl/app",
+            json!({
+                "user": "app", "password": "p@ss<&>\"'", "port": 5432, "ratio": 0.25, "big": 1000000, "zero": 0,
+                "enabled": true, "empty": "", "tags": ["a", "b"], "nested": { "k": "v", "n": 1 }, "dash-key": "d",
+                "multi": "line1\nline2", "unicode": "héllo ✓", "json": "{\"a\":1}", "b64": "aGVsbG8="
+            }),
+        )
+        .await
+        .unwrap();
+    stack
+        .put_kv2("gotpl/other", json!({ "x": "y" }))
+        .await
+        .unwrap();
+    stack
+        .put_kv1(
+            "gotpl",
+            json!({ "user": "v1user", "port": 8080, "list": [1, "two", true] }),
+        )
+        .await
+        .unwrap();
+}
+
+/// Renders with `bao agent` (exit_after_auth). Err carries the agent's output.
+fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
+    let token = dir.join("token");
+    std::fs::write(&token, &stack.app_token).unwrap();
+    let out = dir.join("bao-out");
+    let (left, right) = c.delims.unwrap_or(("{{", "}}"));
+    let config = json!({
+        "exit_after_auth": true,
+        "pid_file": dir.join("bao.pid"),
+        "vault": { "address": stack.addr, "retry": { "num_retries": 1 } },
+        "auto_auth": {
+            "method": { "type": "token_file", "config": { "token_file_path": token } },
+            "sink": [{ "type": "file", "config": { "path": dir.join("sink") } }]
+        },
+        "template_config": { "exit_on_retry_failure": true },
+        "template": [{
+            "contents": c.template, "destination": out, "left_delimiter": left, "right_delimiter": right,
+            "error_on_missing_key": c.error_on_missing_key
+        }]
+    });
+    let path = dir.join("bao.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut child = Command::new(tools().unwrap().bao)
+        .arg("agent")
+        .arg(format!("-config={}", path.display()))
+        .env("SIDEKEY_DIFF_ENV", "from-env")
+        .env_remove("VAULT_ADDR")
+        .env_remove("BAO_ADDR")
+        .env("HOME", dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A failing template makes bao agent retry with backoff; a refusal within 20 s is enough.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let result = child.wait_with_output().unwrap();
+    match std::fs::read_to_string(&out) {
+        Ok(text) if result.status.success() => Ok(text),
+        _ => Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        )),
+    }
+}
+
+fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, String> {
+    let token = dir.join("token");
+    std::fs::write(&token, &stack.app_token).unwrap();
+    let config = json!({
+        "store": { "address": stack.addr },
+        "auth": { "type": "token", "token_file": token },
+        "templates": [template],
+        "secrets_dir": dir.join("sk-out"),
+        "state_dir": dir.join("sk-state"),
+        "lifecycle": { "init_timeout_secs": 5 },
+        "log": { "level": "warn", "format": "text" },
+    });
+    let path = dir.join("sidekey.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let result = Command::new(binary("sidekey-agent").unwrap())
+        .args(["init", "--config"])
+        .arg(&path)
+        .env("SIDEKEY_DIFF_ENV", "from-env")
+        .output()
+        .unwrap();
+    if !result.status.success() {
+        return Err(String::from_utf8_lossy(&result.stderr).to_string());
+    }
+    Ok(
+        std::fs::read_to_string(dir.join("sk-out").join(template["file"].as_str().unwrap()))
+            .unwrap(),
+    )
+}
+
+fn go_template(c: &Case) -> Value {
+    let mut t = json!({ "name": "t", "file": "out", "contents": c.template, "engine": "go", "error_on_missing_key": c.error_on_missing_key });
+    if let Some((l, r)) = c.delims {
+        t["left_delimiter"] = l.into();
+        t["right_delimiter"] = r.into();
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_render_byte_for_byte_like_bao_agent() {
+    let stack = Stack::shared();
+    seed(stack).await;
+    let all = cases();
+    assert!(all.len() >= 25);
+    let mut mismatches = Vec::new();
+    for c in &all {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = bao_render(stack, dir.path(), c)
+            .unwrap_or_else(|e| panic!("{}: bao agent failed: {e}", c.name));
+        let ours = sidekey_render(stack, dir.path(), go_template(c))
+            .unwrap_or_else(|e| panic!("{}: sidekey failed: {e}", c.name));
+        if std::env::var_os("SIDEKEY_DIFF_SHOW").is_some() {
+            eprintln!("{}: {ours:?}", c.name);
+        }
+        if reference != ours {
+            mismatches.push(format!(
+                "{}:\n  bao agent: {reference:?}\n  sidekey:   {ours:?}",
+                c.name
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} templates differ:\n{}",
+        mismatches.len(),
+        all.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn default_formats_match_vault_agents() {
+    let stack = Stack::shared();
+    seed(stack).await;
+    // The vault-k8s default templates, as Go text for bao agent, against our built-in formats.
+    for (path, shape) in [
+        (V2, false),
+        ("kv/gotpl", false),
+        ("database/creds/app", true),
+    ] {
+        for format in ["map", "json"] {
+            let body = if format == "map" {
+                r#"{{ range $k, $v := .Data }}{{ $k }}: {{ $v }}
+{{ end }}"#
+            } else {
+                "{{ .Data | toJSON }}\n"
+            };
+            let text = format!("{{{{ with secret \"{path}\" }}}}{body}{{{{ end }}}}");
+            let leaked: &'static str = Box::leak(text.into_boxed_str());
+            let dir = tempfile::tempdir().unwrap();
+            let reference = bao_render(stack, dir.path(), &case("default", leaked)).unwrap();
+            let ours = sidekey_render(
+                stack,
+                dir.path(),
+                json!({ "name": "d", "file": "out", "path": path, "format": format }),
+            )
+            .unwrap();
+            let (reference, ours) = if shape {
+                (normalize(&reference), normalize(&ours))
+            } else {
+                (reference, ours)
+            };
+            assert_eq!(ours, reference, "{path} {format}");
+        }
+    }
+}
+
+/// Dynamic credentials differ per read: keep the shape.
+fn normalize(text: &str) -> String {
+    let mut out = String::new();
+    for part in text.split_inclusive(['"', ' ', '\n', ':']) {
+        let word = part.trim_end_matches(['"', ' ', '\n', ':']);
+        let tail = &part[word.len()..];
+        if word.starts_with("v-token-")
+            || word.starts_with("v-root-")
+            || (word.len() == 20 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            out.push_str("<dynamic>");
+        } else {
+            out.push_str(word);
+        }
+        out.push_str(tail);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_templates_fail_in_both_with_a_clear_message() {
+    let stack = Stack::shared();
+    seed(stack).await;
+    for c in failing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            bao_render(stack, dir.path(), &c).is_err(),
+            "{}: bao agent rendered it",
+            c.name
+        );
+        let err = sidekey_render(stack, dir.path(), go_template(&c)).expect_err(c.name);
+        let line = err.lines().last().unwrap_or_default().to_string();
+        assert!(
+            line.starts_with("sidekey-agent: template t: "),
+            "{}: {line}",
+            c.name
+        );
+        let expected = match c.name {
+            "missing key with error-on-missing-key" => "key \"nope\"",
+            "unknown function" => "function \"nosuchfunc\" not defined",
+            "unterminated action" => "unclosed action",
+            "nil pointer" => "nil pointer evaluating interface {}.deeper",
+            _ => "wrong type for value; expected string; got json.Number",
+        };
+        assert!(line.contains(expected), "{}: {line}", c.name);
+    }
+    // A secret path that does not exist.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = case(
+        "missing path",
+        r#"{{ with secret "secret/data/gotpl/nothing-here" }}{{ .Data }}{{ end }}"#,
+    );
+    let err = sidekey_render(stack, dir.path(), go_template(&missing)).unwrap_err();
+    assert!(
+        err.contains("secret secret/data/gotpl/nothing-here: does not exist"),
+        "{err}"
+    );
+}
