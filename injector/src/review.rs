@@ -50,6 +50,17 @@ pub struct Answer {
 pub fn review(body: &[u8], defaults: &Defaults) -> Result<Answer, MalformedReview> {
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
         .map_err(|e| MalformedReview(format!("the body is not an AdmissionReview: {e}")))?;
+    if review.types.kind != "AdmissionReview"
+        || !matches!(
+            review.types.api_version.as_str(),
+            "admission.k8s.io/v1" | "admission.k8s.io/v1beta1"
+        )
+    {
+        return Err(MalformedReview(format!(
+            "the body is not an AdmissionReview: kind {:?}, apiVersion {:?}",
+            review.types.kind, review.types.api_version
+        )));
+    }
     let request: AdmissionRequest<DynamicObject> = review
         .try_into()
         .map_err(|e| MalformedReview(format!("the AdmissionReview has no usable request: {e}")))?;

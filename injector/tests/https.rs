@@ -278,3 +278,66 @@ async fn tls_below_1_2_is_refused() {
         }
     }
 }
+
+/// Peak resident memory of a process, from /proc (kB).
+fn vm_hwm_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_mixed_reviews_at_concurrency_64() {
+    let g = generate(&["localhost".into()]).unwrap();
+    let server = start(&g).await;
+    // Keep-alive connections, as the API server keeps them.
+    let ca = reqwest::Certificate::from_pem(g.ca_pem.as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let good = serde_json::to_vec(&review(json!({ "vault.hashicorp.com/agent-inject": "true", "vault.hashicorp.com/role": "app", "vault.hashicorp.com/agent-inject-secret-db": "database/creds/app" }))).unwrap();
+    let denied = serde_json::to_vec(&review(json!({ "vault.hashicorp.com/agent-inject": "true", "vault.hashicorp.com/role": "app", "vault.hashicorp.com/agent-inject-secret-db": "x", "vault.hashicorp.com/agent-inject-file-db": "../x" }))).unwrap();
+    let plain = serde_json::to_vec(&review(json!({ "team": "a" }))).unwrap();
+    let bodies: Vec<Vec<u8>> = vec![good, denied, plain, b"{broken".to_vec(), b"[]".to_vec()];
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10_000usize {
+        let permit = semaphore.clone().acquire_owned().await.unwrap();
+        let (client, url, body) = (
+            client.clone(),
+            server.url("/mutate"),
+            bodies[i % bodies.len()].clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = permit;
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await.unwrap();
+            status
+        });
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    while let Some(status) = tasks.join_next().await {
+        *counts.entry(status.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts.values().sum::<i32>(), 10_000);
+    assert_eq!(counts.get(&200), Some(&6000), "{counts:?}");
+    assert_eq!(counts.get(&400), Some(&4000), "{counts:?}");
+    assert!(counts.keys().all(|s| *s < 500), "no 5xx: {counts:?}");
+    let peak_mb = vm_hwm_kb(server.child.id()) / 1024;
+    assert!(
+        peak_mb < 100,
+        "the injector's peak RSS grew to {peak_mb} MB"
+    );
+}

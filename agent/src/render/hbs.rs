@@ -59,7 +59,18 @@ pub fn render(text: &str, root: &Value, known: Arc<Known>, strict: bool) -> Pass
 pub fn check_syntax(text: &str) -> Result<(), String> {
     handlebars::Template::compile(text)
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| {
+            // One line a user can act on; the parser's list of expected tokens is noise.
+            let reason = e.reason().to_string();
+            let reason = match reason.split_once(": expected") {
+                Some((head, _)) => format!("{head} (an unclosed block or a stray brace?)"),
+                None => reason,
+            };
+            match e.pos() {
+                Some((line, col)) => format!("line {line}, column {col}: {reason}"),
+                None => reason,
+            }
+        })
 }
 
 fn describe(e: &RenderError) -> String {

@@ -1,0 +1,452 @@
+//! Hand-written bad inputs and the exact answer each gets: HTTP 400 for what is not a review, a
+//! denial naming the annotation for what a pod asked wrongly, and an untouched admission for
+//! what is not ours to inject. Never a panic, never a patch that does not apply.
+
+use serde_json::{Value, json};
+use sidekey_injector::config::Defaults;
+use sidekey_injector::review::{self, Outcome};
+
+fn defaults() -> Defaults {
+    Defaults {
+        vault_address: "https://vault:8200".into(),
+        ..Defaults::default()
+    }
+}
+
+fn pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "p", "namespace": "shop", "annotations": annotations },
+        "spec": { "containers": [{ "name": "app", "image": "x" }] }
+    })
+}
+
+fn review_with(object: Value, tweak: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut r = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "shop", "operation": "CREATE", "userInfo": {}, "object": object
+        }
+    });
+    tweak(&mut r);
+    serde_json::to_vec(&r).unwrap()
+}
+
+fn annotated(extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut a = serde_json::Map::new();
+    for (k, v) in [
+        ("agent-inject", "true"),
+        ("role", "app"),
+        ("agent-inject-secret-db", "database/creds/app"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        a.insert(
+            format!("vault.hashicorp.com/{k}"),
+            Value::String(v.to_string()),
+        );
+    }
+    review_with(pod(Value::Object(a)), |_| {})
+}
+
+enum Want {
+    Http400(&'static str),
+    Denied(&'static str),
+    Skipped,
+    Injected,
+}
+
+fn check(label: &str, body: &[u8], want: Want) {
+    let result = review::review(body, &defaults());
+    match (result, want) {
+        (Err(e), Want::Http400(prefix)) => {
+            assert!(e.to_string().starts_with(prefix), "{label}: {e}")
+        }
+        (Ok(a), Want::Denied(message)) => {
+            assert_eq!(a.outcome, Outcome::Denied, "{label}: {}", a.body);
+            assert_eq!(a.body["response"]["status"]["message"], message, "{label}");
+            assert_eq!(a.body["response"]["uid"], "u-1");
+        }
+        (Ok(a), Want::Skipped) => {
+            assert_eq!(a.outcome, Outcome::Skipped, "{label}: {}", a.body);
+            assert_eq!(a.body["response"]["allowed"], true);
+            assert!(a.body["response"].get("patch").is_none());
+        }
+        (Ok(a), Want::Injected) => {
+            assert_eq!(a.outcome, Outcome::Injected, "{label}: {}", a.body);
+            let patch = review::decode_patch(&a.body).unwrap();
+            let req: Value = serde_json::from_slice(body).unwrap();
+            let mut obj = req["request"]["object"].clone();
+            json_patch::patch(&mut obj, &patch).unwrap();
+        }
+        (Ok(a), _) => panic!("{label}: unexpected answer {}", a.body),
+        (Err(e), _) => panic!("{label}: unexpected 400 {e}"),
+    }
+}
+
+const A: &str = "annotation vault.hashicorp.com/";
+
+#[test]
+fn thirty_plus_bad_inputs_get_exact_answers() {
+    let big = "x".repeat(300_000);
+    let cases: Vec<(&str, Vec<u8>, Want)> = vec![
+        (
+            "empty body",
+            b"".to_vec(),
+            Want::Http400("the body is not an AdmissionReview: EOF while parsing"),
+        ),
+        (
+            "not JSON",
+            b"<xml/>".to_vec(),
+            Want::Http400("the body is not an AdmissionReview: expected value"),
+        ),
+        (
+            "invalid UTF-8",
+            b"{\"apiVersion\":\"\xff\xfe\"}".to_vec(),
+            Want::Http400("the body is not an AdmissionReview: invalid unicode"),
+        ),
+        (
+            "a JSON array",
+            b"[]".to_vec(),
+            Want::Http400("the body is not an AdmissionReview: invalid type: sequence"),
+        ),
+        (
+            "no request",
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+            Want::Http400("the AdmissionReview has no usable request"),
+        ),
+        (
+            "missing uid",
+            review_with(pod(json!({})), |r| {
+                r["request"].as_object_mut().unwrap().remove("uid");
+            }),
+            Want::Http400("the body is not an AdmissionReview: missing field `uid`"),
+        ),
+        (
+            "empty uid",
+            review_with(pod(json!({})), |r| r["request"]["uid"] = "".into()),
+            Want::Http400("the AdmissionReview request has no uid"),
+        ),
+        (
+            "wrong review kind",
+            review_with(pod(json!({})), |r| r["kind"] = "Pod".into()),
+            Want::Http400(
+                "the body is not an AdmissionReview: kind \"Pod\", apiVersion \"admission.k8s.io/v1\"",
+            ),
+        ),
+        (
+            "unknown operation",
+            review_with(pod(json!({})), |r| {
+                r["request"]["operation"] = "EXPLODE".into()
+            }),
+            Want::Http400("the body is not an AdmissionReview: unknown variant `EXPLODE`"),
+        ),
+        (
+            "a Deployment, not a pod",
+            review_with(
+                json!({ "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "d", "annotations": { "vault.hashicorp.com/agent-inject": "true" } }, "spec": {} }),
+                |r| {
+                    r["request"]["kind"] =
+                        json!({ "group": "apps", "version": "v1", "kind": "Deployment" })
+                },
+            ),
+            Want::Skipped,
+        ),
+        (
+            "a Secret, not a pod",
+            review_with(
+                json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "s" } }),
+                |r| r["request"]["kind"]["kind"] = "Secret".into(),
+            ),
+            Want::Skipped,
+        ),
+        (
+            "DELETE",
+            review_with(Value::Null, |r| r["request"]["operation"] = "DELETE".into()),
+            Want::Skipped,
+        ),
+        (
+            "UPDATE of an annotated pod",
+            {
+                let mut b = annotated(&[]);
+                let mut v: Value = serde_json::from_slice(&b).unwrap();
+                v["request"]["operation"] = "UPDATE".into();
+                b = serde_json::to_vec(&v).unwrap();
+                b
+            },
+            Want::Skipped,
+        ),
+        (
+            "CREATE without an object",
+            review_with(Value::Null, |_| {}),
+            Want::Skipped,
+        ),
+        (
+            "pod in kube-system",
+            review_with(
+                pod(json!({ "vault.hashicorp.com/agent-inject": "true" })),
+                |r| r["request"]["namespace"] = "kube-system".into(),
+            ),
+            Want::Skipped,
+        ),
+        (
+            "a running pod",
+            review_with(
+                {
+                    let mut p = pod(
+                        json!({ "vault.hashicorp.com/agent-inject": "true", "vault.hashicorp.com/role": "app" }),
+                    );
+                    p["status"] = json!({ "phase": "Running" });
+                    p
+                },
+                |_| {},
+            ),
+            Want::Skipped,
+        ),
+        (
+            "bad boolean",
+            annotated(&[("agent-pre-populate", "maybe")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-pre-populate: \"maybe\" is not a boolean (true or false)",
+            ),
+        ),
+        (
+            "perms 9999",
+            annotated(&[("agent-inject-perms-db", "9999")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-perms-db: \"9999\" is not an octal file mode",
+            ),
+        ),
+        (
+            "perms with letters",
+            annotated(&[("agent-inject-perms-db", "rw-r--r--")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-perms-db: \"rw-r--r--\" is not an octal file mode",
+            ),
+        ),
+        (
+            "negative grace",
+            annotated(&[("agent-revoke-grace", "-1")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-revoke-grace: \"-1\" is not a whole number of seconds",
+            ),
+        ),
+        (
+            "path traversal in file",
+            annotated(&[("agent-inject-file-db", "../../etc/shadow")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-file-db: \"../../etc/shadow\" leaves the secrets folder through \"..\"",
+            ),
+        ),
+        (
+            "absolute file",
+            annotated(&[("agent-inject-file-db", "/etc/shadow")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-file-db: \"/etc/shadow\" is an absolute path; it must be relative to the secrets folder",
+            ),
+        ),
+        (
+            "file naming a folder",
+            annotated(&[("agent-inject-file-db", "conf/")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-file-db: \"conf/\" names a folder, not a file",
+            ),
+        ),
+        (
+            "duplicate file names",
+            annotated(&[
+                ("agent-inject-secret-other", "kv/x"),
+                ("agent-inject-file-other", "db"),
+            ]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-secret-other: renders to \"db\", which secret \"db\" also renders to",
+            ),
+        ),
+        (
+            "secret name with a space",
+            annotated(&[("agent-inject-secret-my db", "kv/x")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-secret-my db: \"my db\" is not a valid file name",
+            ),
+        ),
+        (
+            "unknown auth type",
+            annotated(&[("auth-type", "ldap")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (kubernetes, jwt, approle, token)",
+            ),
+        ),
+        (
+            "no role",
+            review_with(
+                pod(
+                    json!({ "vault.hashicorp.com/agent-inject": "true", "vault.hashicorp.com/agent-inject-secret-db": "x" }),
+                ),
+                |_| {},
+            ),
+            Want::Denied(
+                "annotation vault.hashicorp.com/role: is required for kubernetes auth: name the role the pod logs in with",
+            ),
+        ),
+        (
+            "address without scheme",
+            annotated(&[("service", "vault:8200")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/service: \"vault:8200\" must start with http:// or https://",
+            ),
+        ),
+        (
+            "bad duration",
+            annotated(&[("template-static-secret-render-interval", "5 minutes")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/template-static-secret-render-interval: \"5 minutes\" is not a duration (for example 30s, 5m, 1h)",
+            ),
+        ),
+        (
+            "zero duration",
+            annotated(&[("template-static-secret-render-interval", "0s")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/template-static-secret-render-interval: must be longer than zero",
+            ),
+        ),
+        (
+            "bad quantity",
+            annotated(&[("agent-limits-mem", "64MB")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-limits-mem: \"64MB\" is not a Kubernetes quantity",
+            ),
+        ),
+        (
+            "bad run-as-user",
+            annotated(&[("agent-run-as-user", "root")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-run-as-user: \"root\" is not a user or group id",
+            ),
+        ),
+        (
+            "handlebars that does not parse",
+            annotated(&[("agent-inject-template-db", "{{#if data}}never closed")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-template-db: does not parse: line 1, column 25: invalid handlebars syntax (an unclosed block or a stray brace?)",
+            ),
+        ),
+        (
+            "Go template with an unknown function",
+            annotated(&[(
+                "agent-inject-template-db",
+                "{{ with secret \"x\" }}{{ .Data | frobnicate }}{{ end }}",
+            )]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-template-db: does not parse: line 1: function \"frobnicate\" not defined",
+            ),
+        ),
+        (
+            "Go template without end",
+            annotated(&[(
+                "agent-inject-template-db",
+                "{{ with secret \"x\" }}{{ .Data }}",
+            )]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-template-db: does not parse: line 1: unexpected EOF: {{with}} has no {{end}}",
+            ),
+        ),
+        (
+            "unknown engine",
+            annotated(&[("agent-inject-template-engine-db", "jinja")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-template-engine-db: \"jinja\" is not go or handlebars",
+            ),
+        ),
+        (
+            "empty delimiter",
+            annotated(&[("agent-template-left-delim-db", "")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-template-left-delim-db: a delimiter cannot be empty",
+            ),
+        ),
+        (
+            "native sidecar for a Job",
+            annotated(&[
+                ("agent-native-sidecar", "true"),
+                ("agent-pre-populate-only", "true"),
+            ]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-native-sidecar: agent-native-sidecar and agent-pre-populate-only cannot be combined: a Job wants only the init container",
+            ),
+        ),
+        (
+            "no agent at all",
+            annotated(&[
+                ("agent-pre-populate", "false"),
+                ("agent-pre-populate-only", "true"),
+            ]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-pre-populate: is false while agent-pre-populate-only is true: the pod would get no agent at all",
+            ),
+        ),
+        (
+            "unknown container",
+            annotated(&[("agent-inject-containers", "app,ghost")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-inject-containers: the pod has no container named \"ghost\" (it has app)",
+            ),
+        ),
+        (
+            "configmap mode",
+            annotated(&[("agent-configmap", "my-config")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-configmap: not supported: Sidekey generates the agent config from annotations; a Vault Agent HCL config cannot be used",
+            ),
+        ),
+        (
+            "a JSON patch that is not one",
+            annotated(&[("agent-json-patch", "{\"op\":\"add\"}")]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-json-patch: is not a JSON patch: invalid type: map, expected a sequence",
+            ),
+        ),
+        (
+            "a JSON patch that does not apply",
+            annotated(&[(
+                "agent-json-patch",
+                "[{\"op\":\"remove\",\"path\":\"/nope\"}]",
+            )]),
+            Want::Denied(
+                "annotation vault.hashicorp.com/agent-json-patch: does not apply to the agent container: operation '/0' failed at path '/nope': path is invalid",
+            ),
+        ),
+        (
+            "huge annotation value, still fine",
+            annotated(&[("agent-inject-command-db", big.as_str())]),
+            Want::Injected,
+        ),
+        (
+            "huge bad annotation value",
+            annotated(&[("agent-inject-perms-db", &big[..300])]),
+            Want::Denied(Box::leak(
+                format!(
+                    "{A}agent-inject-perms-db: \"{}\" is not an octal file mode",
+                    &big[..300]
+                )
+                .into_boxed_str(),
+            )),
+        ),
+        (
+            "annotations that are not strings",
+            review_with(
+                pod(json!({ "vault.hashicorp.com/agent-inject": true })),
+                |_| {},
+            ),
+            Want::Http400(
+                "the body is not an AdmissionReview: invalid type: boolean `true`, expected a string",
+            ),
+        ),
+    ];
+    assert!(cases.len() >= 30, "{}", cases.len());
+    for (label, body, want) in cases {
+        check(label, &body, want);
+    }
+}
