@@ -115,6 +115,7 @@ pub async fn render_one(
     out_dir: &Path,
 ) -> Result<FileReport, CycleError> {
     let text = render_text(&t.prepared, fetcher).await?;
+    tracing::debug!(template = %t.config.name, bytes = text.len(), "template rendered");
     let written =
         sink::write_if_changed(out_dir, &t.config.file, text.as_bytes(), t.config.mode())?;
     let command = match (&t.config.command, written) {

@@ -98,6 +98,11 @@ impl Injector {
         }
     }
 
+    /// What the injector logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("injector.log")).unwrap_or_default()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.port)
     }

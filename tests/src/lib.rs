@@ -224,8 +224,9 @@ impl Stack {
         Ok(self.psql(&sql)? == "1")
     }
 
-    /// Stops the OpenBao server (its in-memory data is kept by restarting from a file backend is
-    /// not possible in dev mode, so this pauses the process with SIGSTOP instead).
+    /// Makes OpenBao unresponsive (SIGSTOP): connections are accepted by the kernel but never
+    /// answered, like a hung or partitioned server. Dev mode keeps data only in memory, so this
+    /// stands in for a restart.
     pub fn pause_bao(&self) -> Result<()> {
         self.send(process::Command::PauseBao)
     }
@@ -233,6 +234,16 @@ impl Stack {
     /// Resumes a paused OpenBao server.
     pub fn resume_bao(&self) -> Result<()> {
         self.send(process::Command::ResumeBao)
+    }
+
+    /// Freezes PostgreSQL (the postmaster and its backends) with SIGSTOP.
+    pub fn pause_postgres(&self) -> Result<()> {
+        self.send(process::Command::PausePostgres)
+    }
+
+    /// Thaws a paused PostgreSQL.
+    pub fn resume_postgres(&self) -> Result<()> {
+        self.send(process::Command::ResumePostgres)
     }
 
     fn send(&self, command: process::Command) -> Result<()> {

@@ -20,6 +20,8 @@ pub(crate) enum Command {
     Shutdown,
     PauseBao,
     ResumeBao,
+    PausePostgres,
+    ResumePostgres,
     Ack(Box<Command>, Sender<Result<()>>),
 }
 
@@ -58,6 +60,24 @@ impl Children {
         match command {
             Command::PauseBao => signal(bao, libc::SIGSTOP),
             Command::ResumeBao => signal(bao, libc::SIGCONT),
+            Command::PausePostgres | Command::ResumePostgres => {
+                let pg = self
+                    .postgres
+                    .as_ref()
+                    .context("PostgreSQL is not running")?;
+                let sig = if matches!(command, Command::PausePostgres) {
+                    libc::SIGSTOP
+                } else {
+                    libc::SIGCONT
+                };
+                // The postmaster and every backend it forked, so open connections hang too.
+                for pid in std::iter::once(pg.id()).chain(children_of(pg.id())) {
+                    // SAFETY: signalling processes of our own PostgreSQL cluster.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, sig);
+                    }
+                }
+            }
             Command::Shutdown | Command::Ack(..) => bail!("not a process command"),
         }
         Ok(())
@@ -99,7 +119,12 @@ pub(crate) fn keep(tools: Tools, info_tx: Sender<Result<Info>>, control: Receive
             Ok(Command::Ack(command, reply)) => {
                 let _ = reply.send(children.apply(*command));
             }
-            Ok(command @ (Command::PauseBao | Command::ResumeBao)) => {
+            Ok(
+                command @ (Command::PauseBao
+                | Command::ResumeBao
+                | Command::PausePostgres
+                | Command::ResumePostgres),
+            ) => {
                 let _ = children.apply(command);
             }
             Ok(Command::Shutdown) | Err(_) => break,
@@ -268,6 +293,32 @@ fn die_with_parent(cmd: &mut std::process::Command, sig: libc::c_int) {
             Ok(())
         });
     }
+}
+
+/// Pids whose parent is `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the parenthesised command name: state, ppid, …
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+            == Some(parent)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

@@ -267,3 +267,111 @@ async fn the_store_down_at_pod_start_is_waited_for() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_token_or_rendered_content_reaches_any_log() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    stack
+        .put_kv2(
+            "e2e/hygiene",
+            json!({ "api_key": "HYGIENE-KEY-5f0c1", "pin": "HYGIENE-PIN-77aa" }),
+        )
+        .await
+        .unwrap();
+    let injector = injector(stack).await;
+    let mut pod = fixture("orders-dynamic-database-credentials.json", stack);
+    let annotations = pod["metadata"]["annotations"].as_object_mut().unwrap();
+    annotations.insert("vault.hashicorp.com/log-level".into(), "trace".into());
+    annotations.insert("vault.hashicorp.com/log-format".into(), "standard".into());
+    annotations.insert(
+        "vault.hashicorp.com/agent-inject-secret-app.json".into(),
+        "secret/data/e2e/hygiene".into(),
+    );
+    annotations.insert(
+        "vault.hashicorp.com/agent-inject-default-template".into(),
+        "json".into(),
+    );
+    let (mutated, _) = injector.mutate(&pod).await.unwrap();
+
+    // Agent containers drop every capability; the app mounts secrets read-only and never the home.
+    for c in mutated["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(mutated["spec"]["containers"].as_array().unwrap())
+    {
+        if c["name"].as_str().unwrap().starts_with("sidekey-agent") {
+            assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+            assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        } else {
+            let secrets = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == "/vault/secrets")
+                .unwrap();
+            assert_eq!(secrets["readOnly"], true);
+            assert!(
+                !c["volumeMounts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["mountPath"] == "/home/sidekey")
+            );
+        }
+    }
+
+    let mut run = PodRun::new(mutated, &token(stack, &pod)).unwrap();
+    run.run_init_containers(no_app_init).unwrap();
+    run.start_sidecars().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state_path = run.volume("sidekey-home").join("state.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&state_path).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the token file is private"
+    );
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let token = state["token"].as_str().unwrap().to_string();
+    let rendered = files(&run.volume("sidekey-secrets"));
+    let db_uri = rendered["db"].clone();
+    let password = db_uri
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    run.stop().unwrap();
+
+    let mut logs = injector.log();
+    for name in [
+        "sidekey-agent-init",
+        "sidekey-agent",
+        "sidekey-agent-prestop",
+    ] {
+        logs.push_str(&run.log(name));
+    }
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "verbose logging was on"
+    );
+    let mut secrets = vec![
+        token,
+        password,
+        db_uri.trim().to_string(),
+        "HYGIENE-KEY-5f0c1".into(),
+        "HYGIENE-PIN-77aa".into(),
+    ];
+    secrets.extend(rendered.values().map(|v| v.trim().to_string()));
+    for secret in secrets {
+        assert!(
+            !logs.contains(&secret),
+            "a secret reached the logs ({} chars)",
+            secret.len()
+        );
+    }
+}
