@@ -1,0 +1,53 @@
+//! Criterion benchmarks of the webhook's pipeline steps on a realistic pod: annotation parsing,
+//! building the mutation and its patch, and a whole review (parse, decide, check, encode).
+
+use std::collections::BTreeMap;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::Value;
+use sidekey_injector::annotations::{self, Decision};
+use sidekey_injector::config::Defaults;
+use sidekey_injector::{mutate, review};
+
+fn fixture() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/deployment-pod-dynamic-db-and-pki.json"
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn benches(c: &mut Criterion) {
+    let defaults = Defaults {
+        vault_address: "https://vault:8200".into(),
+        ..Defaults::default()
+    };
+    let pod = fixture();
+    let annotations: BTreeMap<String, String> =
+        serde_json::from_value(pod["metadata"]["annotations"].clone()).unwrap();
+    c.bench_function("parse annotations", |b| {
+        b.iter(|| annotations::parse(&annotations, &defaults).unwrap())
+    });
+    let Decision::Inject(request, _) = annotations::parse(&annotations, &defaults).unwrap() else {
+        panic!()
+    };
+    c.bench_function("build mutation and patch", |b| {
+        b.iter(|| {
+            let m = mutate::build(&request, &pod).unwrap();
+            mutate::to_patch(&pod, &m)
+        })
+    });
+    let body = serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": { "uid": "b", "kind": { "group": "", "version": "v1", "kind": "Pod" }, "resource": { "group": "", "version": "v1", "resource": "pods" },
+                     "namespace": "shop", "operation": "CREATE", "userInfo": {}, "object": pod }
+    }))
+    .unwrap();
+    c.bench_function("whole review", |b| {
+        b.iter(|| review::review(&body, &defaults).unwrap())
+    });
+}
+
+criterion_group!(webhook, benches);
+criterion_main!(webhook);

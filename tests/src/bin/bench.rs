@@ -1,0 +1,554 @@
+//! The benchmark harness behind `bench/run.sh`: every figure is measured for Sidekey and its
+//! reference in the same run, on the same stack, and written to bench/RESULTS.md with min,
+//! median and max over repeated runs. Requests to the store are counted by OpenBao's own file
+//! audit device (one `request` entry per HTTP request the server handled).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use sidekey_tests::injector::binary;
+use sidekey_tests::{Stack, free_port, tools, workspace_root};
+
+const RUNS: usize = 5;
+const KV_SECRETS: usize = 10;
+
+/// What a finished process used, from wait4.
+struct Usage {
+    wall_ms: f64,
+    cpu_ms: f64,
+    max_rss_kb: u64,
+    ok: bool,
+}
+
+fn run_measured(cmd: &mut Command) -> Result<Usage> {
+    let start = Instant::now();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, with valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r < 0 {
+        bail!("wait4 failed");
+    }
+    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    Ok(Usage {
+        wall_ms,
+        cpu_ms: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kb: usage.ru_maxrss as u64,
+        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    })
+}
+
+fn stats(values: &[f64]) -> String {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return "-".into();
+    }
+    format!(
+        "{:.1} / {:.1} / {:.1}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
+}
+
+fn audit_requests(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.contains("\"type\":\"request\""))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+struct Bench {
+    stack: Stack,
+    dir: tempfile::TempDir,
+    audit: PathBuf,
+}
+
+impl Bench {
+    async fn new() -> Result<Bench> {
+        let stack = Stack::start()?;
+        let dir = tempfile::tempdir()?;
+        let audit = dir.path().join("audit.log");
+        stack
+            .api(
+                "POST",
+                "sys/audit/file",
+                Some(json!({ "type": "file", "options": { "file_path": audit } })),
+            )
+            .await?;
+        for i in 1..=KV_SECRETS {
+            stack.put_kv2(&format!("app/s{i:02}"), json!({ "user": format!("user{i}"), "password": format!("pw-{i}"), "port": 5400 + i })).await?;
+        }
+        stack
+            .api(
+                "POST",
+                "database/roles/bench",
+                Some(json!({
+                    "db_name": "pg",
+                    "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                    "default_ttl": "60s", "max_ttl": "10m",
+                })),
+            )
+            .await?;
+        std::fs::write(dir.path().join("role-id"), &stack.approle_role_id)?;
+        std::fs::write(dir.path().join("secret-id"), &stack.approle_secret_id)?;
+        Ok(Bench { stack, dir, audit })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Our agent's config: approle, 10 KV v2 templates and one database template.
+    fn sidekey_config(&self, run: &str) -> Result<PathBuf> {
+        let mut templates: Vec<Value> = (1..=KV_SECRETS)
+            .map(|i| json!({ "name": format!("s{i:02}"), "file": format!("s{i:02}"), "contents": format!("{{{{ with secret \"secret/data/app/s{i:02}\" }}}}{{{{ .Data.data.user }}}}:{{{{ .Data.data.password }}}}@{{{{ .Data.data.port }}}}{{{{ end }}}}") }))
+            .collect();
+        templates.push(json!({ "name": "db", "file": "db", "contents": "{{ with secret \"database/creds/bench\" }}{{ .Data.username }}:{{ .Data.password }}{{ end }}" }));
+        let config = json!({
+            "store": { "address": self.stack.addr },
+            "auth": { "type": "approle", "role_id_file": self.path("role-id"), "secret_id_file": self.path("secret-id") },
+            "templates": templates,
+            "secrets_dir": self.path(&format!("{run}/sk-out")),
+            "state_dir": self.path(&format!("{run}/sk-state")),
+            "log": { "level": "warn", "format": "json" },
+        });
+        let path = self.path(&format!("{run}-sidekey.json"));
+        std::fs::create_dir_all(self.path(run))?;
+        std::fs::write(&path, config.to_string())?;
+        Ok(path)
+    }
+
+    /// bao agent's config for the same work.
+    fn bao_config(&self, run: &str, exit_after_auth: bool) -> Result<PathBuf> {
+        let mut templates: Vec<Value> = (1..=KV_SECRETS)
+            .map(|i| json!({ "destination": self.path(&format!("{run}/bao-out/s{i:02}")), "contents": format!("{{{{ with secret \"secret/data/app/s{i:02}\" }}}}{{{{ .Data.data.user }}}}:{{{{ .Data.data.password }}}}@{{{{ .Data.data.port }}}}{{{{ end }}}}") }))
+            .collect();
+        templates.push(json!({ "destination": self.path(&format!("{run}/bao-out/db")), "contents": "{{ with secret \"database/creds/bench\" }}{{ .Data.username }}:{{ .Data.password }}{{ end }}" }));
+        let config = json!({
+            "exit_after_auth": exit_after_auth,
+            "pid_file": self.path(&format!("{run}/bao.pid")),
+            "vault": { "address": self.stack.addr },
+            "auto_auth": {
+                "method": { "type": "approle", "config": { "role_id_file_path": self.path("role-id"), "secret_id_file_path": self.path("secret-id"), "remove_secret_id_file_after_reading": false } },
+                "sink": [{ "type": "file", "config": { "path": self.path(&format!("{run}/bao-sink")) } }]
+            },
+            "template_config": { "exit_on_retry_failure": true },
+            "template": templates,
+        });
+        let path = self.path(&format!("{run}-bao.json"));
+        std::fs::create_dir_all(self.path(run))?;
+        std::fs::write(&path, config.to_string())?;
+        Ok(path)
+    }
+
+    fn sidekey_cmd(&self, sub: &str, config: &Path) -> Result<Command> {
+        let mut c = Command::new(binary("sidekey-agent")?);
+        c.args([sub, "--config"]).arg(config);
+        Ok(c)
+    }
+
+    fn bao_cmd(&self, config: &Path) -> Result<Command> {
+        let mut c = Command::new(tools()?.bao);
+        c.arg("agent")
+            .arg(format!("-config={}", config.display()))
+            .env("HOME", self.dir.path())
+            .env_remove("VAULT_ADDR");
+        Ok(c)
+    }
+
+    async fn count_tokens(&self) -> Result<usize> {
+        let v = self.stack.api("LIST", "auth/token/accessors", None).await?;
+        Ok(v["data"]["keys"].as_array().map(Vec::len).unwrap_or(0))
+    }
+}
+
+/// RSS (kB) and CPU ticks of a running process, from /proc.
+fn proc_sample(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = fields
+        .get(11)
+        .and_then(|u| u.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+    (rss, ticks)
+}
+
+async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
+    let b = Bench::new().await?;
+    // Warm-up runs load both binaries into the page cache.
+    run_measured(&mut b.sidekey_cmd("init", &b.sidekey_config("warm-sk")?)?)?;
+    run_measured(&mut b.bao_cmd(&b.bao_config("warm-bao", true)?)?)?;
+
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut our_reqs, mut their_reqs) = (Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        let before = audit_requests(&b.audit);
+        let u = run_measured(&mut b.sidekey_cmd("init", &b.sidekey_config(&format!("sk{i}"))?)?)?;
+        our_reqs.push((audit_requests(&b.audit) - before) as f64);
+        if !u.ok {
+            bail!("sidekey-agent init failed during the benchmark");
+        }
+        ours.push(u);
+        let before = audit_requests(&b.audit);
+        let u = run_measured(&mut b.bao_cmd(&b.bao_config(&format!("bao{i}"), true)?)?)?;
+        their_reqs.push((audit_requests(&b.audit) - before) as f64);
+        if !u.ok {
+            bail!("bao agent failed during the benchmark");
+        }
+        theirs.push(u);
+    }
+    let col = |v: &[Usage], f: fn(&Usage) -> f64| stats(&v.iter().map(f).collect::<Vec<_>>());
+    writeln!(out, "## The agent against `bao agent` (OpenBao Agent)\n")?;
+    writeln!(
+        out,
+        "Work: one approle login, {KV_SECRETS} KV v2 secrets and 1 dynamic PostgreSQL credential, 11 Go templates, render once and exit (init-container mode). {RUNS} runs each after one warm-up, min / median / max. Requests are counted by OpenBao's file audit device.\n"
+    )?;
+    writeln!(
+        out,
+        "| figure | sidekey-agent | bao agent | target |\n|---|---|---|---|"
+    )?;
+    writeln!(
+        out,
+        "| time to first render, process start to exit (ms) | {} | {} | ≤ 30 |",
+        col(&ours, |u| u.wall_ms),
+        col(&theirs, |u| u.wall_ms)
+    )?;
+    writeln!(
+        out,
+        "| peak RSS (MiB) | {} | {} | ≤ 6 |",
+        col(&ours, |u| u.max_rss_kb as f64 / 1024.0),
+        col(&theirs, |u| u.max_rss_kb as f64 / 1024.0)
+    )?;
+    writeln!(
+        out,
+        "| CPU user+sys for one init render (ms) | {} | {} | ≤ 15 |",
+        col(&ours, |u| u.cpu_ms),
+        col(&theirs, |u| u.cpu_ms)
+    )?;
+    writeln!(
+        out,
+        "| store requests per init start | {} | {} | 12 (1 login + 11 reads) |",
+        stats(&our_reqs),
+        stats(&their_reqs)
+    )?;
+    let size = |p: PathBuf| {
+        std::fs::metadata(p)
+            .map(|m| m.len() as f64 / 1024.0 / 1024.0)
+            .unwrap_or(0.0)
+    };
+    writeln!(
+        out,
+        "| binary size (MiB) | {:.1} | {:.1} | |",
+        size(binary("sidekey-agent")?),
+        size(std::fs::canonicalize(tools()?.bao)?)
+    )?;
+
+    // Long-running: RSS and CPU over an idle period after the first render.
+    let sk_config = b.sidekey_config("idle-sk")?;
+    run_measured(&mut b.sidekey_cmd("init", &sk_config)?)?;
+    let mut sk = b
+        .sidekey_cmd("sidecar", &sk_config)?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut bao = b
+        .bao_cmd(&b.bao_config("idle-bao", false)?)?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let ready = |p: &Path| {
+        std::fs::read_dir(p)
+            .map(|d| d.count() >= 11)
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(b.path("idle-sk/sk-state/ready").exists() && ready(&b.path("idle-bao/bao-out")))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (sk0, bao0) = (proc_sample(sk.id()), proc_sample(bao.id()));
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let (sk1, bao1) = (proc_sample(sk.id()), proc_sample(bao.id()));
+    let tick_ms = 1000.0 / 100.0;
+    writeln!(
+        out,
+        "| RSS after {idle_secs} s idle, long-running (MiB) | {:.1} | {:.1} | |",
+        sk1.0 as f64 / 1024.0,
+        bao1.0 as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "| CPU during {idle_secs} s idle (ms, /proc ticks) | {:.0} | {:.0} | |",
+        (sk1.1 - sk0.1) as f64 * tick_ms,
+        (bao1.1 - bao0.1) as f64 * tick_ms
+    )?;
+    // SAFETY: signalling our own children.
+    unsafe {
+        libc::kill(sk.id() as i32, libc::SIGTERM);
+        libc::kill(bao.id() as i32, libc::SIGTERM);
+    }
+    let _ = sk.wait();
+    let _ = bao.wait();
+
+    // Leases and tokens left after 20 pod starts and stops.
+    let leases_before = b.stack.leases("database/creds/bench").await?.len();
+    let tokens_before = b.count_tokens().await?;
+    for i in 0..20 {
+        let config = b.sidekey_config(&format!("pod-sk{i}"))?;
+        run_measured(&mut b.sidekey_cmd("init", &config)?)?;
+        // The pod stops: its preStop hook.
+        let mut revoke = b.sidekey_cmd("revoke", &config)?;
+        revoke.args(["--grace", "0"]);
+        run_measured(&mut revoke)?;
+    }
+    let ours_left = (
+        b.stack.leases("database/creds/bench").await?.len() - leases_before,
+        b.count_tokens().await? - tokens_before,
+    );
+    for i in 0..20 {
+        run_measured(&mut b.bao_cmd(&b.bao_config(&format!("pod-bao{i}"), true)?)?)?;
+    }
+    let theirs_left = (
+        b.stack.leases("database/creds/bench").await?.len() - leases_before - ours_left.0,
+        b.count_tokens().await? - tokens_before - ours_left.1,
+    );
+    writeln!(
+        out,
+        "| leases left after 20 pod starts and stops | {} | {} | 0 |",
+        ours_left.0, theirs_left.0
+    )?;
+    writeln!(
+        out,
+        "| tokens left after 20 pod starts and stops | {} | {} | 0 |",
+        ours_left.1, theirs_left.1
+    )?;
+    writeln!(
+        out,
+        "\nbao agent has no stop step to run: it never revokes (see ../shared/reference/openbao-agent-anchor.md); sidekey-agent's pod stop is `sidekey-agent revoke --grace 0`, the preStop hook.\n"
+    )?;
+    Ok(())
+}
+
+fn review_body(dir: &Path) -> Result<PathBuf> {
+    let pod: Value = serde_json::from_str(&std::fs::read_to_string(
+        workspace_root().join("injector/tests/fixtures/deployment-pod-dynamic-db-and-pki.json"),
+    )?)?;
+    let mut pod = pod;
+    // A realistic ~7 KB pod: a few env vars and labels as Deployments carry them.
+    let env: Vec<Value> = (0..30).map(|i| json!({ "name": format!("APP_SETTING_{i:02}"), "value": format!("value-number-{i:02}-for-the-application") })).collect();
+    pod["spec"]["containers"][0]["env"] = Value::Array(env);
+    pod["metadata"]["name"] = "orders-7d9f8b6c5d-x2x9k".into();
+    let review = sidekey_tests::injector::review_of(&pod);
+    let path = dir.join("review.json");
+    std::fs::write(&path, serde_json::to_vec(&review)?)?;
+    Ok(path)
+}
+
+struct WrkResult {
+    rps: f64,
+    p50: String,
+    p99: String,
+}
+
+fn wrk(port: u16, conns: u32, close: bool, body: &Path, secs: u64) -> Result<WrkResult> {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(workspace_root().join("bench/post.lua"))
+        .arg(format!("https://127.0.0.1:{port}/mutate"))
+        .env("SIDEKEY_BENCH_BODY", body)
+        .env("SIDEKEY_BENCH_CLOSE", if close { "1" } else { "0" })
+        .output()
+        .context("running wrk (Debian package wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| "-".into())
+    };
+    if text.contains("Non-2xx") {
+        bail!("wrk saw non-2xx answers:\n{text}");
+    }
+    Ok(WrkResult {
+        rps,
+        p50: pct("50%"),
+        p99: pct("99%"),
+    })
+}
+
+fn injector_section(out: &mut String, secs: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let g = sidekey_injector::tls::generate(&["localhost".into(), "127.0.0.1".into()])?;
+    std::fs::write(dir.path().join("tls.crt"), &g.cert_pem)?;
+    std::fs::write(dir.path().join("tls.key"), &g.key_pem)?;
+    let body = review_body(dir.path())?;
+    let size = std::fs::metadata(&body)?.len();
+    let (ours_port, base_port) = (free_port(), free_port());
+    let mut ours = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(binary("sidekey-injector")?)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{ours_port}"),
+            "--vault-address",
+            "https://vault:8200",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--tls-cert-file")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key-file")
+        .arg(dir.path().join("tls.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut base = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(binary("baseline_webhook")?)
+        .arg(format!("127.0.0.1:{base_port}"))
+        .arg(dir.path().join("tls.crt"))
+        .arg(dir.path().join("tls.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(1));
+    writeln!(out, "## The injector against a straightforward webhook\n")?;
+    writeln!(
+        out,
+        "POST /mutate with a {size}-byte pod review (a Deployment's pod with two annotated secrets), HTTP/1.1 over TLS. Each server pinned to core 0 (`taskset -c 0`), wrk on core 1, {secs} s per row. The baseline is a handler on the same axum + rustls stack that deserializes the review into a typed Pod, builds a comparable patch and encodes it, with no annotation parsing or checks.\n"
+    )?;
+    writeln!(
+        out,
+        "| mode | connections | sidekey-injector req/s | p50 | p99 | baseline req/s | p50 | p99 | ratio |\n|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for (close, conns) in [(false, 1), (false, 16), (false, 64), (true, 16)] {
+        let a = wrk(ours_port, conns, close, &body, secs)?;
+        let b = wrk(base_port, conns, close, &body, secs)?;
+        let mode = if close {
+            "new TLS connection per request"
+        } else {
+            "keep-alive"
+        };
+        writeln!(
+            out,
+            "| {mode} | {conns} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            a.rps,
+            a.p50,
+            a.p99,
+            b.rps,
+            b.p50,
+            b.p99,
+            a.rps / b.rps.max(1.0)
+        )?;
+    }
+    let hwm = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    // taskset execs the server, so the child's pid is the server's.
+    writeln!(
+        out,
+        "\nPeak RSS over all rows: sidekey-injector {:.1} MiB, baseline {:.1} MiB (target ≤ 30 MB). Targets: at least the baseline's throughput, p99 ≤ 2 ms at 16 connections, ≥ 3,000 req/s with a new connection per request.\n",
+        hwm(ours.id()),
+        hwm(base.id())
+    )?;
+    let _ = ours.kill();
+    let _ = base.kill();
+    let _ = ours.wait();
+    let _ = base.wait();
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let bao = Command::new(tools().map(|t| t.bao).unwrap_or_default())
+        .arg("version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{cores} × {cpu}, kernel {}, {bao}", kernel.trim())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (idle, secs) = if quick { (10, 3) } else { (60, 10) };
+    let mut out = String::new();
+    writeln!(out, "# Benchmarks\n")?;
+    writeln!(
+        out,
+        "Written by `bench/run.sh` (do not edit by hand). Machine: {}. Release builds (`opt-level = \"s\"`, fat LTO). Figures are ratios taken in one run: Sidekey and its reference measured side by side.\n",
+        machine()
+    )?;
+    agent_section(&mut out, idle).await?;
+    injector_section(&mut out, secs)?;
+    if let Ok(criterion) = std::fs::read_to_string(workspace_root().join("bench/criterion.txt")) {
+        writeln!(out, "## Criterion (injector pipeline steps)\n\n```")?;
+        for line in criterion.lines().filter(|l| {
+            l.contains("time:")
+                || (!l.starts_with(' ') && !l.is_empty() && !l.contains("Benchmarking"))
+        }) {
+            writeln!(out, "{line}")?;
+        }
+        writeln!(out, "```")?;
+    }
+    let path = workspace_root().join("bench/RESULTS.md");
+    std::fs::write(&path, &out)?;
+    println!("{out}");
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
