@@ -555,10 +555,33 @@ fn check_template(look: &Lookup<'_>, spec: &SecretSpec) -> Result<(), Annotation
     let Some(text) = &spec.template else {
         return Ok(());
     };
+    template_verdict(text, spec)
+        .map_err(|problem| look.error(&format!("agent-inject-template-{}", spec.raw_name), problem))
+}
+
+/// Whether a template parses. The pods of one Deployment carry the same templates, so verdicts
+/// are remembered (a bounded cache keyed by the template and its engine settings).
+fn template_verdict(text: &str, spec: &SecretSpec) -> Result<(), String> {
+    use std::hash::{Hash, Hasher};
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<u64, Result<(), String>>>> = OnceLock::new();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        text,
+        format!("{:?}", spec.engine),
+        &spec.left_delimiter,
+        &spec.right_delimiter,
+    )
+        .hash(&mut hasher);
+    let key = hasher.finish();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(verdict) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return verdict;
+    }
     let config = sidekey_agent::config::TemplateConfig {
         name: spec.name.clone(),
         path: spec.path.clone(),
-        contents: Some(text.clone()),
+        contents: Some(text.to_string()),
         source: None,
         engine: spec.engine,
         format: DefaultFormat::Map,
@@ -569,17 +592,22 @@ fn check_template(look: &Lookup<'_>, spec: &SecretSpec) -> Result<(), Annotation
         left_delimiter: spec.left_delimiter.clone(),
         right_delimiter: spec.right_delimiter.clone(),
     };
-    match sidekey_agent::render::prepare(&config, None) {
-        Ok(_) => Ok(()),
-        Err(e) => {
+    let verdict = sidekey_agent::render::prepare(&config, None)
+        .map(|_| ())
+        .map_err(|e| {
             let problem = e.to_string();
-            let problem = problem
+            problem
                 .strip_prefix(&format!("template {}: ", spec.name))
                 .unwrap_or(&problem)
-                .to_string();
-            Err(look.error(&format!("agent-inject-template-{}", spec.raw_name), problem))
+                .to_string()
+        });
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 4096 {
+            c.clear();
         }
+        c.insert(key, verdict.clone());
     }
+    verdict
 }
 
 fn parse_format(v: &str) -> Option<DefaultFormat> {

@@ -8,7 +8,7 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements,
     SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
     VolumeMount, VolumeProjection,
 };
@@ -384,29 +384,20 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
             ..VolumeMount::default()
         },
     ];
-    if let Some(name) = token_volume {
-        agent_mounts.push(VolumeMount {
-            name,
-            mount_path: TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
-    if let Some(name) = tls_volume {
-        agent_mounts.push(VolumeMount {
-            name,
-            mount_path: TLS_PATH.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
-    if let Some(name) = extra_volume {
-        agent_mounts.push(VolumeMount {
-            name,
-            mount_path: EXTRA_PATH.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+    // The read-only volumes only the agents see: the token, the store's TLS files, extra files.
+    for (volume, path) in [
+        (token_volume, TOKEN_DIR),
+        (tls_volume, TLS_PATH),
+        (extra_volume, EXTRA_PATH),
+    ] {
+        if let Some(name) = volume {
+            agent_mounts.push(VolumeMount {
+                name,
+                mount_path: path.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
     }
     if let Some(source) = &req.copy_volume_mounts {
         let found = [Section::Containers, Section::InitContainers]
@@ -768,38 +759,37 @@ pub fn to_patch(pod: &Value, m: &Mutation) -> Patch {
     Patch(ops)
 }
 
-/// Applies `patch` to a copy of `pod` and reads the result as a typed Pod: a patch that does not
-/// apply, or that yields an invalid pod, never leaves the webhook.
-pub fn check_patch(pod: &Value, patch: &Patch) -> Result<Pod, String> {
+/// Applies `patch` to a copy of `pod` and checks what Kubernetes would refuse: a patch that does
+/// not apply, or a pod with two containers or two volumes of one name, never leaves the webhook.
+/// What the patch adds is built from typed k8s-openapi structs, so its shape is right by
+/// construction (the fixture and property tests read every result back as a typed Pod).
+pub fn check_patch(pod: &Value, patch: &Patch) -> Result<Value, String> {
     let mut doc = pod.clone();
     json_patch::patch(&mut doc, patch).map_err(|e| format!("the patch does not apply: {e}"))?;
-    let pod: Pod = serde_json::from_value(doc)
-        .map_err(|e| format!("the patched pod is not a valid Pod: {e}"))?;
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let spec = &doc["spec"];
     let mut seen = HashSet::new();
-    let spec = pod.spec.as_ref().ok_or("the patched pod has no spec")?;
-    for c in spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
+    for name in names(&spec["initContainers"])
+        .into_iter()
+        .chain(names(&spec["containers"]))
     {
-        if !seen.insert(c.name.clone()) {
-            return Err(format!(
-                "the patched pod has two containers named {:?}",
-                c.name
-            ));
+        if !seen.insert(name.clone()) {
+            return Err(format!("the patched pod has two containers named {name:?}"));
         }
     }
     let mut volumes = HashSet::new();
-    for v in spec.volumes.iter().flatten() {
-        if !volumes.insert(v.name.clone()) {
-            return Err(format!(
-                "the patched pod has two volumes named {:?}",
-                v.name
-            ));
+    for name in names(&spec["volumes"]) {
+        if !volumes.insert(name.clone()) {
+            return Err(format!("the patched pod has two volumes named {name:?}"));
         }
     }
-    Ok(pod)
+    Ok(doc)
 }
 
 #[cfg(test)]
@@ -807,6 +797,7 @@ mod tests {
     use super::*;
     use crate::annotations::{Decision, parse};
     use crate::config::Defaults;
+    use k8s_openapi::api::core::v1::Pod;
 
     fn request(prefix: &str) -> InjectionRequest {
         let defaults = Defaults {
@@ -842,7 +833,7 @@ mod tests {
             last["path"],
             "/metadata/annotations/weird~0corp.example~1agent-inject-status"
         );
-        let patched = check_patch(&pod, &patch).unwrap();
+        let patched: Pod = serde_json::from_value(check_patch(&pod, &patch).unwrap()).unwrap();
         assert_eq!(
             patched.metadata.annotations.unwrap()["weird~corp.example/agent-inject-status"],
             "injected"
@@ -901,7 +892,7 @@ mod tests {
         assert!(paths.contains(&"/spec/initContainers/0/volumeMounts".to_string()));
         assert!(paths.contains(&"/spec/containers/0/volumeMounts/-".to_string()));
         assert!(paths.contains(&"/spec/initContainers/-".to_string()));
-        let pod = check_patch(&full, &patch).unwrap();
+        let pod: Pod = serde_json::from_value(check_patch(&full, &patch).unwrap()).unwrap();
         let names: Vec<String> = pod
             .spec
             .unwrap()

@@ -4,8 +4,6 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::Value;
 
 use crate::annotations::{self, Decision};
@@ -47,32 +45,80 @@ pub struct Answer {
     pub namespace: String,
 }
 
+/// The parts of an AdmissionReview the decision needs; the pod stays plain JSON, so the patch is
+/// computed against exactly what the API server sent.
+#[derive(serde::Deserialize)]
+struct Review {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    request: Option<Request>,
+}
+
+#[derive(serde::Deserialize)]
+struct Request {
+    uid: String,
+    kind: Gvk,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: String,
+    #[serde(default)]
+    object: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Gvk {
+    #[serde(default)]
+    group: String,
+    kind: String,
+}
+
+/// What the decision answers, before it is written as an AdmissionReview.
+struct Response {
+    allowed: bool,
+    message: Option<String>,
+    patch: Option<json_patch::Patch>,
+    warnings: Vec<String>,
+}
+
+fn malformed(e: impl std::fmt::Display) -> MalformedReview {
+    MalformedReview(format!("the body is not an AdmissionReview: {e}"))
+}
+
 pub fn review(body: &[u8], defaults: &Defaults) -> Result<Answer, MalformedReview> {
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
-        .map_err(|e| MalformedReview(format!("the body is not an AdmissionReview: {e}")))?;
-    if review.types.kind != "AdmissionReview"
+    let review: Review = serde_json::from_slice(body).map_err(malformed)?;
+    if review.kind != "AdmissionReview"
         || !matches!(
-            review.types.api_version.as_str(),
+            review.api_version.as_str(),
             "admission.k8s.io/v1" | "admission.k8s.io/v1beta1"
         )
     {
-        return Err(MalformedReview(format!(
-            "the body is not an AdmissionReview: kind {:?}, apiVersion {:?}",
-            review.types.kind, review.types.api_version
+        return Err(malformed(format_args!(
+            "kind {:?}, apiVersion {:?}",
+            review.kind, review.api_version
         )));
     }
-    let request: AdmissionRequest<DynamicObject> = review
-        .try_into()
-        .map_err(|e| MalformedReview(format!("the AdmissionReview has no usable request: {e}")))?;
+    let request = review.request.ok_or_else(|| {
+        MalformedReview("the AdmissionReview has no usable request: it has no request".into())
+    })?;
     if request.uid.is_empty() {
         return Err(MalformedReview(
             "the AdmissionReview request has no uid".into(),
         ));
     }
+    if !matches!(
+        request.operation.as_str(),
+        "CREATE" | "UPDATE" | "DELETE" | "CONNECT"
+    ) {
+        return Err(malformed(format_args!(
+            "unknown operation {:?}",
+            request.operation
+        )));
+    }
     let namespace = request.namespace.clone().unwrap_or_default();
-    let (response, outcome, reason) = decide(&request, defaults);
+    let (response, outcome, reason) = decide(&request, defaults)?;
     Ok(Answer {
-        body: encode(response),
+        body: encode(&review.api_version, &request.uid, response),
         outcome,
         reason,
         namespace,
@@ -80,73 +126,75 @@ pub fn review(body: &[u8], defaults: &Defaults) -> Result<Answer, MalformedRevie
 }
 
 fn decide(
-    req: &AdmissionRequest<DynamicObject>,
+    req: &Request,
     defaults: &Defaults,
-) -> (AdmissionResponse, Outcome, String) {
+) -> Result<(Response, Outcome, String), MalformedReview> {
     let allow = |why: &str| {
-        (
-            AdmissionResponse::from(req),
+        Ok((
+            Response {
+                allowed: true,
+                message: None,
+                patch: None,
+                warnings: Vec::new(),
+            },
             Outcome::Skipped,
             why.to_string(),
-        )
+        ))
+    };
+    let deny = |message: String| {
+        Ok((
+            Response {
+                allowed: false,
+                message: Some(message.clone()),
+                patch: None,
+                warnings: Vec::new(),
+            },
+            Outcome::Denied,
+            message,
+        ))
     };
     if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         return allow("not a pod");
     }
-    if req.operation != Operation::Create {
+    if req.operation != "CREATE" {
         return allow("not a CREATE");
     }
-    let Some(pod) = &req.object else {
+    let Some(pod) = req.object.as_ref().filter(|o| o.is_object()) else {
         return allow("no object");
     };
     let namespace = req
         .namespace
         .as_deref()
-        .or(pod.metadata.namespace.as_deref())
+        .or(pod["metadata"]["namespace"].as_str())
         .unwrap_or("");
-    let empty = BTreeMap::new();
-    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    let deny = |message: String| {
-        let mut resp = AdmissionResponse::from(req).deny(&message);
-        resp.result.code = 400;
-        resp.result.reason = "BadRequest".into();
-        (resp, Outcome::Denied, message)
-    };
     if defaults.skip_namespaces.iter().any(|s| s == namespace) {
         return allow("namespace is skipped");
     }
-    let (request, warnings) = match annotations::parse(annotations, defaults) {
+    let annotations: BTreeMap<String, String> = match &pod["metadata"]["annotations"] {
+        Value::Null => BTreeMap::new(),
+        other => serde_json::from_value(other.clone()).map_err(malformed)?,
+    };
+    let (request, warnings) = match annotations::parse(&annotations, defaults) {
         Err(e) => return deny(e.to_string()),
         Ok(Decision::NotRequested) => return allow("not annotated"),
         Ok(Decision::AlreadyInjected) => return allow("already injected"),
         Ok(Decision::Inject(request, warnings)) => (request, warnings),
     };
-    if let Some(phase) = pod.data["status"]["phase"].as_str()
+    if let Some(phase) = pod["status"]["phase"].as_str()
         && !phase.is_empty()
         && phase != "Pending"
     {
         return allow("pod is past Pending");
     }
-    let pod_json = match serde_json::to_value(pod) {
-        Ok(v) => v,
-        Err(e) => return deny(format!("the pod cannot be read: {e}")),
-    };
-    let mutation = match mutate::build(&request, &pod_json) {
+    let mutation = match mutate::build(&request, pod) {
         Ok(m) => m,
         Err(e) => return deny(e.to_string()),
     };
-    let patch = mutate::to_patch(&pod_json, &mutation);
-    if let Err(problem) = mutate::check_patch(&pod_json, &patch) {
+    let patch = mutate::to_patch(pod, &mutation);
+    if let Err(problem) = mutate::check_patch(pod, &patch) {
         return deny(format!(
             "internal error, the pod was not changed: {problem}"
         ));
-    }
-    let mut resp = match AdmissionResponse::from(req).with_patch(patch) {
-        Ok(r) => r,
-        Err(e) => return deny(format!("internal error, the patch cannot be encoded: {e}")),
-    };
-    if !warnings.is_empty() {
-        resp.warnings = Some(warnings);
     }
     let mode = match (&mutation.init_container, &mutation.sidecar) {
         _ if request.native_sidecar => "native sidecar",
@@ -154,22 +202,34 @@ fn decide(
         (Some(_), None) => "init only",
         _ => "sidecar only",
     };
-    (
-        resp,
+    Ok((
+        Response {
+            allowed: true,
+            message: None,
+            patch: Some(patch),
+            warnings,
+        },
         Outcome::Injected,
         format!("injected ({mode}, {} secrets)", request.secrets.len()),
-    )
+    ))
 }
 
-/// Serializes the response review, turning kube's byte-array `patch` into the base64 string the
-/// Kubernetes API defines for `[]byte` (kube-rs issue #1781).
-fn encode(resp: AdmissionResponse) -> Value {
-    let mut value = serde_json::to_value(resp.into_review()).expect("AdmissionReview serializes");
-    if let Some(patch) = value.pointer_mut("/response/patch") {
-        let bytes: Vec<u8> = serde_json::from_value(patch.take()).unwrap_or_default();
-        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+/// The AdmissionReview answer, with `patch` as the base64 string the Kubernetes API defines for
+/// `[]byte`.
+fn encode(api_version: &str, uid: &str, r: Response) -> Value {
+    let mut response = serde_json::json!({ "uid": uid, "allowed": r.allowed });
+    if let Some(message) = r.message {
+        response["status"] = serde_json::json!({ "status": "Failure", "message": message, "reason": "BadRequest", "code": 400 });
     }
-    value
+    if let Some(patch) = r.patch {
+        let bytes = serde_json::to_vec(&patch).expect("patches serialize");
+        response["patch"] = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        response["patchType"] = Value::String("JSONPatch".into());
+    }
+    if !r.warnings.is_empty() {
+        response["warnings"] = serde_json::json!(r.warnings);
+    }
+    serde_json::json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response })
 }
 
 /// The JSON patch of an answer, decoded exactly as the API server does (base64, then JSON).

@@ -111,7 +111,9 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
         (
             "a JSON array",
             b"[]".to_vec(),
-            Want::Http400("the body is not an AdmissionReview: invalid type: sequence"),
+            Want::Http400(
+                "the body is not an AdmissionReview: invalid length 0, expected struct Review",
+            ),
         ),
         (
             "no request",
@@ -142,7 +144,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
             review_with(pod(json!({})), |r| {
                 r["request"]["operation"] = "EXPLODE".into()
             }),
-            Want::Http400("the body is not an AdmissionReview: unknown variant `EXPLODE`"),
+            Want::Http400("the body is not an AdmissionReview: unknown operation \"EXPLODE\""),
         ),
         (
             "a Deployment, not a pod",

@@ -189,6 +189,17 @@ impl Stack {
         }
     }
 
+    /// Whether the token with this accessor is still valid.
+    pub async fn token_alive(&self, accessor: &str) -> bool {
+        self.api(
+            "POST",
+            "auth/token/lookup-accessor",
+            Some(serde_json::json!({ "accessor": accessor })),
+        )
+        .await
+        .is_ok()
+    }
+
     /// Runs SQL as the PostgreSQL superuser; returns psql's unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
         self.psql_as("postgres", &self.pg_password, sql)

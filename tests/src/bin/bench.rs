@@ -1,17 +1,20 @@
 //! The benchmark harness behind `bench/run.sh`: every figure is measured for Sidekey and its
 //! reference in the same run, on the same stack, and written to bench/RESULTS.md with min,
-//! median and max over repeated runs. Requests to the store are counted by OpenBao's own file
-//! audit device (one `request` entry per HTTP request the server handled).
+//! median and max over repeated runs. Requests to the store are counted by a small proxy in
+//! front of OpenBao that counts HTTP/1.1 request lines (`GET /v1/…`) on the way in.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sidekey_tests::injector::binary;
 use sidekey_tests::{Stack, free_port, tools, workspace_root};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RUNS: usize = 5;
 const KV_SECRETS: usize = 10;
@@ -60,34 +63,77 @@ fn stats(values: &[f64]) -> String {
     )
 }
 
-fn audit_requests(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .map(|t| {
-            t.lines()
-                .filter(|l| l.contains("\"type\":\"request\""))
-                .count()
-        })
-        .unwrap_or(0)
+/// A TCP proxy to `target` that counts the HTTP requests passing through it.
+async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let (target, counter) = (target.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut ri, mut wi) = inbound.into_split();
+                let (mut ro, mut wo) = outbound.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut at_line_start = true;
+                    loop {
+                        let n = match ri.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        // A request line starts the stream or follows CRLF; bodies are JSON.
+                        let chunk = &buf[..n];
+                        for i in 0..chunk.len() {
+                            let starts = (i == 0 && at_line_start)
+                                || (i >= 2 && &chunk[i - 2..i] == b"\r\n");
+                            let methods: [&[u8]; 5] = [
+                                b"GET /v1/",
+                                b"POST /v1/",
+                                b"PUT /v1/",
+                                b"DELETE /v1/",
+                                b"LIST /v1/",
+                            ];
+                            if starts && methods.iter().any(|m| chunk[i..].starts_with(m)) {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        at_line_start = chunk.ends_with(b"\r\n");
+                        if wo.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = wo.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut ro, &mut wi).await;
+                    let _ = wi.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    Ok((addr, count))
 }
 
 struct Bench {
     stack: Stack,
     dir: tempfile::TempDir,
-    audit: PathBuf,
+    /// The proxy's address (agents talk to it) and its request count.
+    proxy: String,
+    requests: Arc<AtomicUsize>,
 }
 
 impl Bench {
     async fn new() -> Result<Bench> {
         let stack = Stack::start()?;
         let dir = tempfile::tempdir()?;
-        let audit = dir.path().join("audit.log");
-        stack
-            .api(
-                "POST",
-                "sys/audit/file",
-                Some(json!({ "type": "file", "options": { "file_path": audit } })),
-            )
-            .await?;
+        let (proxy, requests) =
+            counting_proxy(stack.addr.trim_start_matches("http://").to_string()).await?;
         for i in 1..=KV_SECRETS {
             stack.put_kv2(&format!("app/s{i:02}"), json!({ "user": format!("user{i}"), "password": format!("pw-{i}"), "port": 5400 + i })).await?;
         }
@@ -104,7 +150,12 @@ impl Bench {
             .await?;
         std::fs::write(dir.path().join("role-id"), &stack.approle_role_id)?;
         std::fs::write(dir.path().join("secret-id"), &stack.approle_secret_id)?;
-        Ok(Bench { stack, dir, audit })
+        Ok(Bench {
+            stack,
+            dir,
+            proxy,
+            requests,
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -118,7 +169,7 @@ impl Bench {
             .collect();
         templates.push(json!({ "name": "db", "file": "db", "contents": "{{ with secret \"database/creds/bench\" }}{{ .Data.username }}:{{ .Data.password }}{{ end }}" }));
         let config = json!({
-            "store": { "address": self.stack.addr },
+            "store": { "address": self.proxy },
             "auth": { "type": "approle", "role_id_file": self.path("role-id"), "secret_id_file": self.path("secret-id") },
             "templates": templates,
             "secrets_dir": self.path(&format!("{run}/sk-out")),
@@ -140,7 +191,7 @@ impl Bench {
         let config = json!({
             "exit_after_auth": exit_after_auth,
             "pid_file": self.path(&format!("{run}/bao.pid")),
-            "vault": { "address": self.stack.addr },
+            "vault": { "address": self.proxy },
             "auto_auth": {
                 "method": { "type": "approle", "config": { "role_id_file_path": self.path("role-id"), "secret_id_file_path": self.path("secret-id"), "remove_secret_id_file_after_reading": false } },
                 "sink": [{ "type": "file", "config": { "path": self.path(&format!("{run}/bao-sink")) } }]
@@ -208,16 +259,16 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let (mut our_reqs, mut their_reqs) = (Vec::new(), Vec::new());
     for i in 0..RUNS {
-        let before = audit_requests(&b.audit);
+        let before = b.requests.load(Ordering::Relaxed);
         let u = run_measured(&mut b.sidekey_cmd("init", &b.sidekey_config(&format!("sk{i}"))?)?)?;
-        our_reqs.push((audit_requests(&b.audit) - before) as f64);
+        our_reqs.push((b.requests.load(Ordering::Relaxed) - before) as f64);
         if !u.ok {
             bail!("sidekey-agent init failed during the benchmark");
         }
         ours.push(u);
-        let before = audit_requests(&b.audit);
+        let before = b.requests.load(Ordering::Relaxed);
         let u = run_measured(&mut b.bao_cmd(&b.bao_config(&format!("bao{i}"), true)?)?)?;
-        their_reqs.push((audit_requests(&b.audit) - before) as f64);
+        their_reqs.push((b.requests.load(Ordering::Relaxed) - before) as f64);
         if !u.ok {
             bail!("bao agent failed during the benchmark");
         }
@@ -227,7 +278,7 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
     writeln!(out, "## The agent against `bao agent` (OpenBao Agent)\n")?;
     writeln!(
         out,
-        "Work: one approle login, {KV_SECRETS} KV v2 secrets and 1 dynamic PostgreSQL credential, 11 Go templates, render once and exit (init-container mode). {RUNS} runs each after one warm-up, min / median / max. Requests are counted by OpenBao's file audit device.\n"
+        "Work: one approle login, {KV_SECRETS} KV v2 secrets and 1 dynamic PostgreSQL credential, 11 Go templates, render once and exit (init-container mode). {RUNS} runs each after one warm-up, min / median / max. Requests are counted by a proxy in front of OpenBao.\n"
     )?;
     writeln!(
         out,

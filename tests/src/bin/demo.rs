@@ -193,14 +193,7 @@ async fn main() -> Result<()> {
         );
     }
     let leases_after = stack.leases("database/creds/orders").await?.len();
-    let token_alive = stack
-        .api(
-            "POST",
-            "auth/token/lookup-accessor",
-            Some(json!({ "accessor": accessor })),
-        )
-        .await
-        .is_ok();
+    let token_alive = stack.token_alive(&accessor).await;
     println!("database leases: {leases_before} before stop, {leases_after} after");
     println!(
         "PostgreSQL user {user} exists: {}",
