@@ -133,12 +133,35 @@ pub async fn render_one(
     })
 }
 
+/// Fetches what every template needs before any is rendered, each round concurrently, so the
+/// first render costs one round trip per dependency level rather than one per secret. Errors
+/// are left for `render_one` to report per template.
+async fn prefetch(templates: &[Template], fetcher: &mut Fetcher) {
+    for _ in 0..MAX_PASSES {
+        let known = fetcher.known();
+        let mut needed: Vec<_> = templates
+            .iter()
+            .filter_map(|t| match render::render(&t.prepared, &known) {
+                Ok(Outcome::Needs(keys)) => Some(keys),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        needed.sort();
+        needed.dedup();
+        if needed.is_empty() || fetcher.fetch_all(needed).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Renders every template; one result per template, in order.
 pub async fn render_all(
     templates: &[Template],
     fetcher: &mut Fetcher,
     out_dir: &Path,
 ) -> Vec<Result<FileReport, CycleError>> {
+    prefetch(templates, fetcher).await;
     let mut results = Vec::with_capacity(templates.len());
     for t in templates {
         let result = render_one(t, fetcher, out_dir).await;

@@ -91,44 +91,74 @@ impl Fetcher {
 
     /// Fetches `key` from the store, whether known or not.
     pub async fn fetch_fresh(&self, key: &SecretKey) -> Result<Secret, FetchError> {
-        if key.is_list() {
-            return self
-                .client
-                .list(&self.token, &key.path)
-                .await
-                .map_err(|e| FetchError::new(key, &e));
+        fetch_one(&self.client, &self.token, key).await
+    }
+
+    /// Fetches every key not known yet, concurrently; all are kept, the first error returned.
+    pub async fn fetch_all(&mut self, keys: Vec<SecretKey>) -> Result<(), FetchError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for key in keys.into_iter().filter(|k| !self.secrets.contains_key(k)) {
+            let (client, token) = (self.client.clone(), self.token.clone());
+            tasks.spawn(async move {
+                let result = fetch_one(&client, &token, &key).await;
+                (key, result)
+            });
         }
-        if key.is_write() {
-            let params = serde_json::to_value(&key.params).expect("params serialize");
-            return self
-                .client
-                .write(&self.token, &key.path, &params)
-                .await
-                .map_err(|e| FetchError::new(key, &e));
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((key, result)) = joined else { continue };
+            match result {
+                Ok(secret) => self.adopt(key, secret),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        match self.client.read(&self.token, &key.path).await {
-            Ok(secret) => Ok(secret),
-            // Without `data/`, a KV v2 path is not found or not allowed (policies name data/).
-            Err(e) if matches!(e.status(), Some(403 | 404)) => match self.kv2_path(&key.path).await
-            {
-                Some(rewritten) => self
-                    .client
-                    .read(&self.token, &rewritten)
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// One request for `key`: a LIST, a write with parameters, or a read (with the KV v2 rewrite).
+async fn fetch_one(
+    client: &StoreClient,
+    token: &Token,
+    key: &SecretKey,
+) -> Result<Secret, FetchError> {
+    if key.is_list() {
+        return client
+            .list(token, &key.path)
+            .await
+            .map_err(|e| FetchError::new(key, &e));
+    }
+    if key.is_write() {
+        let params = serde_json::to_value(&key.params).expect("params serialize");
+        return client
+            .write(token, &key.path, &params)
+            .await
+            .map_err(|e| FetchError::new(key, &e));
+    }
+    match client.read(token, &key.path).await {
+        Ok(secret) => Ok(secret),
+        // Without `data/`, a KV v2 path is not found or not allowed (policies name data/).
+        Err(e) if matches!(e.status(), Some(403 | 404)) => {
+            match kv2_path(client, token, &key.path).await {
+                Some(rewritten) => client
+                    .read(token, &rewritten)
                     .await
                     .map_err(|e| FetchError::new(key, &e)),
                 None => Err(FetchError::new(key, &e)),
-            },
-            Err(e) => Err(FetchError::new(key, &e)),
+            }
         }
+        Err(e) => Err(FetchError::new(key, &e)),
     }
+}
 
-    /// `secret/app/config` on a KV v2 mount `secret/` → `secret/data/app/config`.
-    async fn kv2_path(&self, path: &str) -> Option<String> {
-        let (mount, version) = self.client.mount_of(&self.token, path).await.ok()?;
-        let rest = path.trim_start_matches('/').strip_prefix(mount.as_str())?;
-        if version != "2" || rest.starts_with("data/") {
-            return None;
-        }
-        Some(format!("{mount}data/{rest}"))
+/// `secret/app/config` on a KV v2 mount `secret/` → `secret/data/app/config`.
+async fn kv2_path(client: &StoreClient, token: &Token, path: &str) -> Option<String> {
+    let (mount, version) = client.mount_of(token, path).await.ok()?;
+    let rest = path.trim_start_matches('/').strip_prefix(mount.as_str())?;
+    if version != "2" || rest.starts_with("data/") {
+        return None;
     }
+    Some(format!("{mount}data/{rest}"))
 }

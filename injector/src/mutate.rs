@@ -431,7 +431,7 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
 
     let agent = AgentContainer {
         req,
-        config: &config,
+        config_env: config.to_env_value(),
         mounts: &agent_mounts,
         run_as_user,
     };
@@ -476,7 +476,8 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
 
 struct AgentContainer<'a> {
     req: &'a InjectionRequest,
-    config: &'a AgentConfig,
+    /// The config as the env value, encoded once for both agent containers.
+    config_env: String,
     mounts: &'a [VolumeMount],
     run_as_user: i64,
 }
@@ -494,7 +495,7 @@ impl AgentContainer<'_> {
         let mut env = vec![
             EnvVar {
                 name: CONFIG_ENV.into(),
-                value: Some(self.config.to_env_value()),
+                value: Some(self.config_env.clone()),
                 value_from: None,
             },
             EnvVar {

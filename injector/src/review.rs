@@ -170,10 +170,19 @@ fn decide(
     if defaults.skip_namespaces.iter().any(|s| s == namespace) {
         return allow("namespace is skipped");
     }
-    let annotations: BTreeMap<String, String> = match &pod["metadata"]["annotations"] {
-        Value::Null => BTreeMap::new(),
-        other => serde_json::from_value(other.clone()).map_err(malformed)?,
-    };
+    let mut annotations = BTreeMap::new();
+    match &pod["metadata"]["annotations"] {
+        Value::Null => {}
+        Value::Object(map) => {
+            for (k, v) in map {
+                let Value::String(v) = v else {
+                    return Err(malformed(format_args!("annotation {k:?} is not a string")));
+                };
+                annotations.insert(k.clone(), v.clone());
+            }
+        }
+        _ => return Err(malformed("metadata.annotations is not a map")),
+    }
     let (request, warnings) = match annotations::parse(&annotations, defaults) {
         Err(e) => return deny(e.to_string()),
         Ok(Decision::NotRequested) => return allow("not annotated"),

@@ -443,7 +443,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
                 |_| {},
             ),
             Want::Http400(
-                "the body is not an AdmissionReview: invalid type: boolean `true`, expected a string",
+                "the body is not an AdmissionReview: annotation \"vault.hashicorp.com/agent-inject\" is not a string",
             ),
         ),
     ];

@@ -80,17 +80,16 @@ async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>)> {
                 let (mut ro, mut wo) = outbound.into_split();
                 let up = async move {
                     let mut buf = vec![0u8; 16 * 1024];
-                    let mut at_line_start = true;
                     loop {
                         let n = match ri.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        // A request line starts the stream or follows CRLF; bodies are JSON.
                         let chunk = &buf[..n];
                         for i in 0..chunk.len() {
-                            let starts = (i == 0 && at_line_start)
-                                || (i >= 2 && &chunk[i - 2..i] == b"\r\n");
+                            // HTTP/1.1 clients wait for the answer before the next request, so
+                            // a request starts a read, or follows CRLF within one.
+                            let starts = i == 0 || (i >= 2 && &chunk[i - 2..i] == b"\r\n");
                             let methods: [&[u8]; 5] = [
                                 b"GET /v1/",
                                 b"POST /v1/",
@@ -102,7 +101,6 @@ async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>)> {
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        at_line_start = chunk.ends_with(b"\r\n");
                         if wo.write_all(chunk).await.is_err() {
                             break;
                         }
