@@ -8,6 +8,9 @@ use std::sync::Arc;
 use crate::client::{ClientError, Secret, StoreClient, Token};
 use crate::render::{Known, SecretKey};
 
+/// How many secrets are fetched at once on the first render.
+const FETCH_CONCURRENCY: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 #[error("secret {key}: {detail}")]
 pub struct FetchError {
@@ -96,10 +99,13 @@ impl Fetcher {
 
     /// Fetches every key not known yet, concurrently; all are kept, the first error returned.
     pub async fn fetch_all(&mut self, keys: Vec<SecretKey>) -> Result<(), FetchError> {
+        // A bounded number at once: a thousand templates must not open a thousand connections.
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
         let mut tasks = tokio::task::JoinSet::new();
         for key in keys.into_iter().filter(|k| !self.secrets.contains_key(k)) {
-            let (client, token) = (self.client.clone(), self.token.clone());
+            let (client, token, slots) = (self.client.clone(), self.token.clone(), slots.clone());
             tasks.spawn(async move {
+                let _slot = slots.acquire_owned().await;
                 let result = fetch_one(&client, &token, &key).await;
                 (key, result)
             });

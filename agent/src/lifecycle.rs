@@ -159,6 +159,17 @@ impl Schedule {
         );
     }
 
+    /// Plans a lease just obtained (or adopted): its first renewal falls anywhere between a third
+    /// and two thirds of the TTL, so that many leases obtained together do not renew together.
+    pub fn lease_obtained(&mut self, now: Instant, key: SecretKey, grant: Granted, jitter: f64) {
+        let first =
+            Duration::from_secs(grant.ttl.max(1)).mul_f64((1.0 + jitter.clamp(0.0, 1.0)) / 3.0);
+        self.lease_granted(now, key.clone(), grant, jitter);
+        if let Some(clock) = self.leases.get_mut(&key) {
+            clock.due = now + first;
+        }
+    }
+
     pub fn lease_failed(&mut self, now: Instant, key: &SecretKey, backoff: Backoff, rotate: bool) {
         if let Some(clock) = self.leases.get_mut(key) {
             clock.due = now + backoff.delay_random(clock.attempt);
@@ -348,7 +359,7 @@ async fn adopt<'a>(
         if !held.secret.lease_id.is_empty() {
             let age = unix_now.saturating_sub(held.renewed_at);
             let left = held.secret.lease_duration.saturating_sub(age);
-            schedule.lease_granted(
+            schedule.lease_obtained(
                 now,
                 held.key.clone(),
                 Granted {
@@ -435,7 +446,7 @@ impl Sidecar<'_> {
             .map(|(k, s)| (k.clone(), s.lease_id.clone(), s.lease_duration, s.renewable))
             .collect();
         for (key, lease_id, ttl, renewable) in held {
-            self.schedule.lease_granted(
+            self.schedule.lease_obtained(
                 now,
                 key,
                 Granted {
@@ -659,7 +670,7 @@ impl Sidecar<'_> {
                 if lease_id.is_empty() {
                     self.schedule.forget_lease(&key);
                 } else {
-                    self.schedule.lease_granted(
+                    self.schedule.lease_obtained(
                         now,
                         key.clone(),
                         Granted {
@@ -899,6 +910,22 @@ mod tests {
         SecretKey::read(p)
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_new_lease_renews_between_a_third_and_two_thirds_of_its_ttl() {
+        let now = Instant::now();
+        let mut s = Schedule::default();
+        let grant = |id: &str| Granted {
+            lease_id: id.into(),
+            ttl: 60,
+            asked: 60,
+            renewable: true,
+        };
+        s.lease_obtained(now, key("a"), grant("a"), 0.0);
+        assert_eq!(s.next().unwrap().0, now + Duration::from_secs(20));
+        s.lease_obtained(now, key("a"), grant("a"), 1.0);
+        assert_eq!(s.next().unwrap().0, now + Duration::from_secs(40));
+    }
+
     #[test]
     fn renewals_fall_between_60_and_70_percent_of_the_ttl() {
         let ttl = Duration::from_secs(600);
@@ -1019,13 +1046,13 @@ mod tests {
         );
         assert!(waits[7] > waits[0], "growing: {waits:?}");
 
-        // An hour of renewals of 500 leases with a 60 s TTL, all obtained at once: every
-        // renewal lands 36-42 s after the previous one, and once the start-up burst has spread
-        // (the second half hour) no second sees more than three times the mean rate.
+        // An hour of renewals of 500 leases with a 60 s TTL, all obtained at once: the first
+        // renewals spread over 20-40 s, every later one lands 36-42 s after the previous one,
+        // and no second of the second half hour sees more than three times the mean rate.
         let mut s = Schedule::default();
         let t0 = Instant::now();
         for i in 0..500 {
-            s.lease_granted(
+            s.lease_obtained(
                 t0,
                 key(&format!("database/creds/r{i}")),
                 Granted {

@@ -64,14 +64,17 @@ fn stats(values: &[f64]) -> String {
 }
 
 /// A TCP proxy to `target` that counts the HTTP requests passing through it.
-async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>)> {
+type Renewals = Arc<std::sync::Mutex<Vec<Instant>>>;
+
+async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>, Renewals)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = format!("http://{}", listener.local_addr()?);
     let count = Arc::new(AtomicUsize::new(0));
-    let counter = count.clone();
+    let renewals: Renewals = Arc::default();
+    let (counter, renew_log) = (count.clone(), renewals.clone());
     tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
-            let (target, counter) = (target.clone(), counter.clone());
+            let (target, counter, renew_log) = (target.clone(), counter.clone(), renew_log.clone());
             tokio::spawn(async move {
                 let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                     return;
@@ -99,6 +102,9 @@ async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>)> {
                             ];
                             if starts && methods.iter().any(|m| chunk[i..].starts_with(m)) {
                                 counter.fetch_add(1, Ordering::Relaxed);
+                                if chunk[i..].starts_with(b"PUT /v1/sys/leases/renew") {
+                                    renew_log.lock().unwrap().push(Instant::now());
+                                }
                             }
                         }
                         if wo.write_all(chunk).await.is_err() {
@@ -115,7 +121,7 @@ async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>)> {
             });
         }
     });
-    Ok((addr, count))
+    Ok((addr, count, renewals))
 }
 
 struct Bench {
@@ -124,13 +130,14 @@ struct Bench {
     /// The proxy's address (agents talk to it) and its request count.
     proxy: String,
     requests: Arc<AtomicUsize>,
+    renewals: Renewals,
 }
 
 impl Bench {
     async fn new() -> Result<Bench> {
         let stack = Stack::start()?;
         let dir = tempfile::tempdir()?;
-        let (proxy, requests) =
+        let (proxy, requests, renewals) =
             counting_proxy(stack.addr.trim_start_matches("http://").to_string()).await?;
         for i in 1..=KV_SECRETS {
             stack.put_kv2(&format!("app/s{i:02}"), json!({ "user": format!("user{i}"), "password": format!("pw-{i}"), "port": 5400 + i })).await?;
@@ -153,6 +160,7 @@ impl Bench {
             dir,
             proxy,
             requests,
+            renewals,
         })
     }
 
@@ -405,6 +413,107 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// One agent with `n` files and `n` leases (n database roles), running for `secs`.
+async fn scale_section(out: &mut String, n: usize, secs: u64) -> Result<()> {
+    let b = Bench::new().await?;
+    let mut templates = Vec::new();
+    for i in 0..n {
+        b.stack
+            .api(
+                "POST",
+                &format!("database/roles/scale-{i}"),
+                Some(json!({
+                    "db_name": "pg",
+                    "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                    "default_ttl": "60s", "max_ttl": "1h",
+                })),
+            )
+            .await?;
+        templates.push(json!({ "name": format!("f{i}"), "file": format!("f{i}"), "contents": format!("{{{{ with secret \"database/creds/scale-{i}\" }}}}{{{{ .Data.username }}}}{{{{ end }}}}") }));
+    }
+    let config = json!({
+        "store": { "address": b.proxy },
+        "auth": { "type": "approle", "role_id_file": b.path("role-id"), "secret_id_file": b.path("secret-id") },
+        "templates": templates,
+        "secrets_dir": b.path("scale/out"),
+        "state_dir": b.path("scale/state"),
+        "log": { "level": "warn", "format": "json" },
+    });
+    let path = b.path("scale.json");
+    std::fs::create_dir_all(b.path("scale"))?;
+    std::fs::write(&path, config.to_string())?;
+    let started = Instant::now();
+    let init = run_measured(&mut b.sidekey_cmd("init", &path)?)?;
+    if !init.ok {
+        bail!("the scale init failed");
+    }
+    let mut sidecar = b
+        .sidekey_cmd("sidecar", &path)?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let t0 = Instant::now();
+    let mut peak_rss = 0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss = peak_rss.max(proc_sample(sidecar.id()).0);
+    }
+    let renewals: Vec<Instant> = b.renewals.lock().unwrap().clone();
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(sidecar.id() as i32, libc::SIGTERM);
+    }
+    let _ = sidecar.wait();
+    let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
+    for r in renewals.iter().filter(|r| **r >= t0) {
+        *per_second.entry((*r - t0).as_secs()).or_default() += 1;
+    }
+    let total: u32 = per_second.values().sum();
+    let mean = total as f64 / secs as f64;
+    let peak = per_second.values().copied().max().unwrap_or(0);
+    writeln!(
+        out,
+        "## The agent at scale
+"
+    )?;
+    writeln!(out, "One sidekey-agent with {n} files and {n} leases ({n} database roles, lease TTL 60 s), init then sidecar for {secs} s. Renewals are the `PUT sys/leases/renew` requests the proxy saw.
+")?;
+    writeln!(
+        out,
+        "| figure | value | target |
+|---|---|---|"
+    )?;
+    writeln!(
+        out,
+        "| init: first render of {n} files (s) | {:.1} | |",
+        init.wall_ms / 1000.0
+    )?;
+    writeln!(
+        out,
+        "| init peak RSS (MiB) | {:.1} | |",
+        init.max_rss_kb as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "| sidecar peak RSS over the run (MiB) | {:.1} | |",
+        peak_rss as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "| renewals per minute | {:.0} | |",
+        total as f64 * 60.0 / secs as f64
+    )?;
+    writeln!(
+        out,
+        "| busiest second / mean per second | {peak} / {mean:.1} ({:.1}×) | ≤ 3× |",
+        peak as f64 / mean.max(f64::MIN_POSITIVE)
+    )?;
+    writeln!(out, "
+The first renewal of a new lease falls anywhere in a third to two thirds of its TTL, later ones at 60-70 %, so leases obtained together spread out. Whole run {:.0} s.
+", started.elapsed().as_secs_f64())?;
+    Ok(())
+}
+
 fn review_body(dir: &Path) -> Result<PathBuf> {
     let pod: Value = serde_json::from_str(&std::fs::read_to_string(
         workspace_root().join("injector/tests/fixtures/deployment-pod-dynamic-db-and-pki.json"),
@@ -584,6 +693,12 @@ async fn main() -> Result<()> {
         machine()
     )?;
     agent_section(&mut out, idle).await?;
+    scale_section(
+        &mut out,
+        if quick { 200 } else { 1000 },
+        if quick { 60 } else { 150 },
+    )
+    .await?;
     injector_section(&mut out, secs)?;
     if let Ok(criterion) = std::fs::read_to_string(workspace_root().join("bench/criterion.txt")) {
         writeln!(out, "## Criterion (injector pipeline steps)\n\n```")?;
