@@ -153,6 +153,18 @@ fn cases() -> Vec<Case> {
             delims: Some(("[[", "]]")),
             error_on_missing_key: false,
         },
+        case(
+            "toYAML",
+            r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.nested | toYAML }}|{{ .Data.data.tags | toYAML }}{{ end }}"#,
+        ),
+        case(
+            "pkiCert, shape",
+            r#"{{ with pkiCert "pki/issue/app" "common_name=pkicert.example.com" }}{{ if .Cert }}cert{{ end }} {{ if .Key }}key{{ end }} {{ if .CA }}ca{{ end }}{{ end }}"#,
+        ),
+        case(
+            "writeToFile",
+            r#"{{ writeToFile "WRITE_DIR/written.txt" "" "" "0640" "hello" }}[{{ writeToFile "WRITE_DIR/appended.txt" "" "" "0640" "append,newline" "line" }}{{ "more" | writeToFile "WRITE_DIR/appended.txt" "" "" "0640" "append" }}]"#,
+        ),
         Case {
             name: "missing key without error",
             template: r#"{{ with secret "secret/data/gotpl/app" }}[{{ .Data.data.nope }}]{{ end }}"#,
@@ -235,7 +247,7 @@ fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
         },
         "template_config": { "exit_on_retry_failure": true },
         "template": [{
-            "contents": c.template, "destination": out, "left_delimiter": left, "right_delimiter": right,
+            "contents": c.template.replace("WRITE_DIR", &dir.join("bao-files").display().to_string()), "destination": out, "left_delimiter": left, "right_delimiter": right,
             "error_on_missing_key": c.error_on_missing_key
         }]
     });
@@ -298,8 +310,8 @@ fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, 
     )
 }
 
-fn go_template(c: &Case) -> Value {
-    let mut t = json!({ "name": "t", "file": "out", "contents": c.template, "engine": "go", "error_on_missing_key": c.error_on_missing_key });
+fn go_template(c: &Case, dir: &Path) -> Value {
+    let mut t = json!({ "name": "t", "file": "out", "contents": c.template.replace("WRITE_DIR", &dir.join("sk-files").display().to_string()), "engine": "go", "error_on_missing_key": c.error_on_missing_key });
     if let Some((l, r)) = c.delims {
         t["left_delimiter"] = l.into();
         t["right_delimiter"] = r.into();
@@ -318,8 +330,14 @@ async fn templates_render_byte_for_byte_like_bao_agent() {
         let dir = tempfile::tempdir().unwrap();
         let reference = bao_render(stack, dir.path(), c)
             .unwrap_or_else(|e| panic!("{}: bao agent failed: {e}", c.name));
-        let ours = sidekey_render(stack, dir.path(), go_template(c))
+        let ours = sidekey_render(stack, dir.path(), go_template(c, dir.path()))
             .unwrap_or_else(|e| panic!("{}: sidekey failed: {e}", c.name));
+        // Files written by writeToFile must match too.
+        for name in ["written.txt", "appended.txt"] {
+            let theirs = std::fs::read_to_string(dir.path().join("bao-files").join(name)).ok();
+            let mine = std::fs::read_to_string(dir.path().join("sk-files").join(name)).ok();
+            assert_eq!(mine, theirs, "{}: {name}", c.name);
+        }
         if std::env::var_os("SIDEKEY_DIFF_SHOW").is_some() {
             eprintln!("{}: {ours:?}", c.name);
         }
@@ -406,7 +424,7 @@ async fn failing_templates_fail_in_both_with_a_clear_message() {
             "{}: bao agent rendered it",
             c.name
         );
-        let err = sidekey_render(stack, dir.path(), go_template(&c)).expect_err(c.name);
+        let err = sidekey_render(stack, dir.path(), go_template(&c, dir.path())).expect_err(c.name);
         let line = err.lines().last().unwrap_or_default().to_string();
         assert!(
             line.starts_with("sidekey-agent: template t: "),
@@ -428,7 +446,7 @@ async fn failing_templates_fail_in_both_with_a_clear_message() {
         "missing path",
         r#"{{ with secret "secret/data/gotpl/nothing-here" }}{{ .Data }}{{ end }}"#,
     );
-    let err = sidekey_render(stack, dir.path(), go_template(&missing)).unwrap_err();
+    let err = sidekey_render(stack, dir.path(), go_template(&missing, dir.path())).unwrap_err();
     assert!(
         err.contains("secret secret/data/gotpl/nothing-here: does not exist"),
         "{err}"

@@ -408,9 +408,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             }
             let path = text(&args, 0)?.to_string();
             let perms = text(&args, 3)?.to_string();
-            let content = text(&args, 4)?.to_string();
+            // consul-template: the content is the last argument (so it can be piped in), and
+            // the optional flags ("append", "newline") come before it.
+            let content = text(&args, args.len() - 1)?.to_string();
             let flags = if args.len() == 6 {
-                text(&args, 5)?.to_string()
+                text(&args, 4)?.to_string()
             } else {
                 String::new()
             };
