@@ -154,7 +154,9 @@ async fn main() -> Result<()> {
     }
     println!("the app logged in to PostgreSQL as {user}");
 
-    step("Waiting for the sidecar to renew the database lease (TTL 9 s, renewed at about 2/3)");
+    step(
+        "Waiting for the sidecar to renew the database lease (TTL 9 s; a new lease renews between a third and two thirds of it)",
+    );
     let lease = stack
         .leases("database/creds/orders")
         .await?
