@@ -468,6 +468,9 @@ impl Sidecar<'_> {
         self.schedule.statics_at(Some(now + interval));
     }
 
+    /// Saves what `revoke` and a restarted sidecar need: the token and the lease ids. Renewals
+    /// change neither, so they do not save (with a thousand leases that would rewrite a large
+    /// file many times a second); rotations, logins and changed static secrets do.
     fn save(&self) {
         let mut state = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
@@ -525,7 +528,6 @@ impl Sidecar<'_> {
                     jitter(),
                 );
                 tracing::info!(ttl_secs = auth.lease_duration, "token renewed");
-                self.save();
             }
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "token renewal failed; will retry");
@@ -636,7 +638,6 @@ impl Sidecar<'_> {
                         jitter(),
                     );
                 }
-                self.save();
             }
             Err(e) if e.is_transient() => {
                 tracing::warn!(secret = %key, error = %e, "lease renewal failed; will retry");
