@@ -294,10 +294,7 @@ impl<'a> Exec<'a> {
                         Val::Int(n) => (0..*n).map(|i| (Val::Int(i), Val::Int(i))).collect(),
                         Val::NoValue | Val::Nil => Vec::new(),
                         other => {
-                            return Err(self.err(
-                                pipe.pos,
-                                format!("range can't iterate over {}", print(other)),
-                            ));
+                            return Err(format!("range can't iterate over {}", print(other)));
                         }
                     };
                     if items.is_empty() {
@@ -345,11 +342,6 @@ impl<'a> Exec<'a> {
             }
         }
         Ok(Flow::Normal)
-    }
-
-    fn err(&self, pos: usize, msg: impl std::fmt::Display) -> String {
-        let _ = pos;
-        msg.to_string()
     }
 
     fn pipe(&mut self, pipe: &Pipe, dot: &Val) -> R<Val> {
