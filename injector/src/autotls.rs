@@ -118,7 +118,8 @@ pub enum AutoTlsError {
 }
 
 /// Returns certificates every replica agrees on, creating or renewing the shared Secret.
-/// `issue_new` makes a fresh CA and certificate; `issue_leaf` a certificate from an existing CA.
+/// A missing or unreadable Secret gets a fresh CA (`tls::generate_at`); a certificate due for
+/// renewal is re-issued by the stored CA (`tls::issue_leaf`).
 pub async fn ensure<A: SecretApi>(
     api: &A,
     name: &str,
