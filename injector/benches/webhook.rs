@@ -32,10 +32,13 @@ fn benches(c: &mut Criterion) {
     let Decision::Inject(request, _) = annotations::parse(&annotations, &defaults).unwrap() else {
         panic!()
     };
+    let view = sidekey_injector::pod::PodView::parse(&pod.to_string()).unwrap();
     c.bench_function("build mutation and patch", |b| {
         b.iter(|| {
-            let m = mutate::build(&request, &pod).unwrap();
-            mutate::to_patch(&pod, &m)
+            let m = mutate::build(&request, &view).unwrap();
+            let ops = mutate::to_patch(&view, &m);
+            mutate::check_patch(&view, &ops).unwrap();
+            mutate::encode_patch(&ops)
         })
     });
     let body = serde_json::to_vec(&serde_json::json!({

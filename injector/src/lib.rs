@@ -1,12 +1,14 @@
 //! sidekey-injector: a mutating admission webhook that adds the Sidekey agent to pods annotated
 //! the way the Vault Agent Injector expects. The pipeline: `annotations::parse` →
-//! `mutate::build` → `mutate::to_patch`, decided in `review` and served by `server`.
+//! `mutate::build` → `mutate::to_patch` → `mutate::check_patch`, on the parts of the pod
+//! `pod::PodView` reads, decided in `review` and served by `server`.
 
 pub mod annotations;
 pub mod autotls;
 pub mod config;
 pub mod metrics;
 pub mod mutate;
+pub mod pod;
 pub mod review;
 pub mod server;
 pub mod tls;

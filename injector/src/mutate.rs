@@ -1,6 +1,6 @@
 //! From an `InjectionRequest` and the pod to what the pod gains (`build`), and from that to a JSON
-//! patch (`to_patch`). Pure functions: no I/O, no clock. The patch is checked by applying it to the
-//! pod and reading the result back as a typed Pod before it leaves this module.
+//! patch (`to_patch`), checked (`check_patch`) before it leaves the webhook. Pure functions: no
+//! I/O, no clock.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
     VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde::Serialize;
 use serde_json::Value;
 use sidekey_agent::config::{
     AgentConfig, AuthConfig, CONFIG_ENV, LifecycleConfig, LogConfig, LogFormat, StoreConfig,
@@ -20,6 +21,8 @@ use sidekey_agent::config::{
 };
 
 use crate::annotations::{AnnotationError, AuthType, InjectionRequest};
+pub use crate::pod::Section;
+use crate::pod::{ContainerView, PodView};
 
 pub const SECRETS_VOLUME: &str = "sidekey-secrets";
 pub const HOME_VOLUME: &str = "sidekey-home";
@@ -34,22 +37,6 @@ pub const INIT_NAME: &str = "sidekey-agent-init";
 pub const SIDECAR_NAME: &str = "sidekey-agent";
 pub const AGENT_BINARY: &str = "sidekey-agent";
 
-/// The pod's container lists, as JSON patch paths name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Section {
-    InitContainers,
-    Containers,
-}
-
-impl Section {
-    fn key(self) -> &'static str {
-        match self {
-            Section::InitContainers => "initContainers",
-            Section::Containers => "containers",
-        }
-    }
-}
-
 /// What the injection adds to the pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mutation {
@@ -63,32 +50,6 @@ pub struct Mutation {
     pub share_process_namespace: bool,
     pub status_key: String,
     pub config: AgentConfig,
-}
-
-/// The few things about the pod that the mutation depends on, read from its JSON.
-struct PodView<'a> {
-    spec: &'a Value,
-}
-
-impl<'a> PodView<'a> {
-    fn containers(&self, section: Section) -> &'a [Value] {
-        self.spec[section.key()]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-    }
-    fn names(&self, section: Section) -> Vec<&'a str> {
-        self.containers(section)
-            .iter()
-            .filter_map(|c| c["name"].as_str())
-            .collect()
-    }
-    fn volume_names(&self) -> Vec<&'a str> {
-        self.spec["volumes"]
-            .as_array()
-            .map(|vs| vs.iter().filter_map(|v| v["name"].as_str()).collect())
-            .unwrap_or_default()
-    }
 }
 
 fn annotation_error(
@@ -208,9 +169,8 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
     }
 }
 
-/// Decides everything the pod gains. `pod` is the pod's JSON as the request carried it.
-pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, AnnotationError> {
-    let view = PodView { spec: &pod["spec"] };
+/// Decides everything the pod gains, from what the pod already has.
+pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, AnnotationError> {
     let config = agent_config(req);
     config.validate().map_err(|e| AnnotationError {
         key: None,
@@ -218,7 +178,7 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
     })?;
 
     // Which app containers get the secrets volume.
-    let app_names = view.names(Section::Containers);
+    let app_names: Vec<&str> = view.names(Section::Containers).collect();
     if app_names.is_empty() {
         return Err(AnnotationError {
             key: None,
@@ -248,8 +208,12 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
         }
     };
 
-    let mut taken_volumes: HashSet<String> =
-        view.volume_names().into_iter().map(String::from).collect();
+    let mut taken_volumes: HashSet<String> = view
+        .volumes()
+        .into_iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .collect();
     let mut volume = |base: &str| {
         let name = unique_name(base, |n| taken_volumes.contains(n));
         taken_volumes.insert(name.clone());
@@ -321,19 +285,19 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
     };
     let mut mounts = Vec::new();
     let mut mount_into = |section: Section, i: usize| -> Result<(), AnnotationError> {
-        let c = &view.containers(section)[i];
-        let clash = c["volumeMounts"].as_array().is_some_and(|ms| {
-            ms.iter()
-                .any(|m| m["mountPath"].as_str() == Some(req.secret_volume_path.as_str()))
-        });
+        let c: &ContainerView = &view.containers(section)[i];
+        let clash = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == req.secret_volume_path);
         if clash {
             return Err(annotation_error(
                 req,
                 "secret-volume-path",
                 format!(
                     "container {:?} already mounts a volume at {}; choose another path",
-                    c["name"].as_str().unwrap_or("?"),
-                    req.secret_volume_path
+                    c.name, req.secret_volume_path
                 ),
             ));
         }
@@ -351,7 +315,10 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
 
     // The agent containers.
     let run_as_user = if req.run_as_same_user {
-        let uid = view.containers(Section::Containers)[0]["securityContext"]["runAsUser"].as_i64();
+        let uid = view.containers(Section::Containers)[0]
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user);
         match uid {
             None => {
                 return Err(annotation_error(
@@ -403,7 +370,7 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
         let found = [Section::Containers, Section::InitContainers]
             .iter()
             .flat_map(|s| view.containers(*s))
-            .find(|c| c["name"].as_str() == Some(source.as_str()))
+            .find(|c| c.name == *source)
             .ok_or_else(|| {
                 annotation_error(
                     req,
@@ -412,18 +379,15 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
                 )
             })?;
         let known: HashSet<String> = agent_mounts.iter().map(|m| m.mount_path.clone()).collect();
-        for m in found["volumeMounts"].as_array().into_iter().flatten() {
-            let Ok(mount) = serde_json::from_value::<VolumeMount>(m.clone()) else {
-                continue;
-            };
+        for mount in found.volume_mounts.iter().flatten() {
             if mount.mount_path.contains("serviceaccount") || known.contains(&mount.mount_path) {
                 continue;
             }
-            agent_mounts.push(mount);
+            agent_mounts.push(mount.clone());
         }
     }
 
-    let init_names: HashSet<&str> = view.names(Section::InitContainers).into_iter().collect();
+    let init_names: HashSet<&str> = view.names(Section::InitContainers).collect();
     let app_names_set: HashSet<&str> = app_names.iter().copied().collect();
     let all_names: HashSet<&str> = init_names.union(&app_names_set).copied().collect();
     let init_name = unique_name(INIT_NAME, |n| all_names.contains(n));
@@ -450,7 +414,7 @@ pub fn build(req: &InjectionRequest, pod: &Value) -> Result<Mutation, Annotation
 
     let share_process_namespace = match req.share_process_namespace {
         Some(true) => {
-            if pod["spec"]["shareProcessNamespace"] == Value::Bool(false) {
+            if view.share_process_namespace() == Some(false) {
                 return Err(annotation_error(
                     req,
                     "agent-share-process-namespace",
@@ -665,132 +629,284 @@ fn ptr(tokens: &[&str]) -> PointerBuf {
     PointerBuf::from_tokens(tokens.iter().copied())
 }
 
-fn add(path: PointerBuf, value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path, value })
+/// One `add` operation of the patch. Values borrow from the `Mutation` and are serialized
+/// straight from the typed structs, once, when the answer is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct Op<'a> {
+    op: &'static str,
+    pub path: PointerBuf,
+    pub value: Added<'a>,
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).expect("k8s types serialize")
+fn add<'a>(path: PointerBuf, value: Added<'a>) -> Op<'a> {
+    Op {
+        op: "add",
+        path,
+        value,
+    }
 }
 
-/// The JSON patch that applies `m` to `pod`. Arrays that are missing are created; existing ones
-/// are appended to; the annotation key is escaped by the pointer type.
-pub fn to_patch(pod: &Value, m: &Mutation) -> Patch {
-    let spec = &pod["spec"];
+/// What an operation adds.
+#[derive(Debug, Clone, Copy)]
+pub enum Added<'a> {
+    Volumes(&'a [Volume]),
+    Volume(&'a Volume),
+    Mounts(&'a [VolumeMount]),
+    Mount(&'a VolumeMount),
+    Containers(&'a [Container]),
+    Container(&'a Container),
+    Flag(bool),
+    /// The status annotation's value.
+    Status,
+    /// A new annotations map holding only the status key.
+    Annotations(&'a str),
+    /// A new metadata object holding only the annotations map.
+    Metadata(&'a str),
+}
+
+const STATUS: &str = "injected";
+
+impl Serialize for Added<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match *self {
+            Added::Volumes(v) => v.serialize(s),
+            Added::Volume(v) => v.serialize(s),
+            Added::Mounts(v) => v.serialize(s),
+            Added::Mount(v) => v.serialize(s),
+            Added::Containers(v) => v.serialize(s),
+            Added::Container(v) => v.serialize(s),
+            Added::Flag(b) => s.serialize_bool(b),
+            Added::Status => s.serialize_str(STATUS),
+            Added::Annotations(key) => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry(key, STATUS)?;
+                map.end()
+            }
+            Added::Metadata(key) => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("annotations", &Added::Annotations(key))?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl Added<'_> {
+    /// The same structure with the leaves left out: what later operations could address.
+    fn shape(&self) -> Value {
+        let nulls = |n: usize| Value::Array(vec![Value::Null; n]);
+        match *self {
+            Added::Volumes(v) => nulls(v.len()),
+            Added::Mounts(v) => nulls(v.len()),
+            Added::Containers(v) => nulls(v.len()),
+            Added::Annotations(key) => serde_json::json!({ key: null }),
+            Added::Metadata(key) => serde_json::json!({ "annotations": { key: null } }),
+            _ => Value::Null,
+        }
+    }
+
+    fn container_names(&self) -> Vec<&str> {
+        match self {
+            Added::Containers(cs) => cs.iter().map(|c| c.name.as_str()).collect(),
+            Added::Container(c) => vec![c.name.as_str()],
+            _ => Vec::new(),
+        }
+    }
+
+    fn volume_names(&self) -> Vec<&str> {
+        match self {
+            Added::Volumes(vs) => vs.iter().map(|v| v.name.as_str()).collect(),
+            Added::Volume(v) => vec![v.name.as_str()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The JSON patch that applies `m` to the pod. Arrays that are missing are created; existing
+/// ones are appended to; the annotation key is escaped by the pointer type.
+pub fn to_patch<'a>(pod: &PodView, m: &'a Mutation) -> Vec<Op<'a>> {
     let mut ops = Vec::new();
 
     // Volumes.
-    if spec["volumes"].is_array() {
+    if pod.volumes().is_some() {
         for v in &m.volumes {
-            ops.push(add(ptr(&["spec", "volumes", "-"]), json(v)));
+            ops.push(add(ptr(&["spec", "volumes", "-"]), Added::Volume(v)));
         }
     } else {
-        ops.push(add(ptr(&["spec", "volumes"]), json(&m.volumes)));
+        ops.push(add(ptr(&["spec", "volumes"]), Added::Volumes(&m.volumes)));
     }
 
     // Mounts into existing containers (before any container is inserted, so indices hold).
     let mut created: HashSet<(Section, usize)> = HashSet::new();
     for (section, i, mount) in &m.mounts {
         let index = i.to_string();
-        let has_mounts =
-            spec[section.key()][*i]["volumeMounts"].is_array() || created.contains(&(*section, *i));
+        let has_mounts = pod
+            .containers(*section)
+            .get(*i)
+            .is_some_and(|c| c.volume_mounts.is_some())
+            || created.contains(&(*section, *i));
         if has_mounts {
             ops.push(add(
                 ptr(&["spec", section.key(), &index, "volumeMounts", "-"]),
-                json(mount),
+                Added::Mount(mount),
             ));
         } else {
             ops.push(add(
                 ptr(&["spec", section.key(), &index, "volumeMounts"]),
-                Value::Array(vec![json(mount)]),
+                Added::Mounts(std::slice::from_ref(mount)),
             ));
             created.insert((*section, *i));
         }
     }
 
     if let Some(init) = &m.init_container {
-        let existing = spec["initContainers"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty());
-        if !spec["initContainers"].is_array() {
-            ops.push(add(
+        match pod.list(Section::InitContainers) {
+            None => ops.push(add(
                 ptr(&["spec", "initContainers"]),
-                Value::Array(vec![json(init)]),
-            ));
-        } else if m.init_first && existing {
-            ops.push(add(ptr(&["spec", "initContainers", "0"]), json(init)));
-        } else {
-            ops.push(add(ptr(&["spec", "initContainers", "-"]), json(init)));
+                Added::Containers(std::slice::from_ref(init)),
+            )),
+            Some(existing) if m.init_first && !existing.is_empty() => ops.push(add(
+                ptr(&["spec", "initContainers", "0"]),
+                Added::Container(init),
+            )),
+            Some(_) => ops.push(add(
+                ptr(&["spec", "initContainers", "-"]),
+                Added::Container(init),
+            )),
         }
     }
     if let Some(sidecar) = &m.sidecar {
-        if spec["containers"].is_array() {
-            ops.push(add(ptr(&["spec", "containers", "-"]), json(sidecar)));
+        if pod.list(Section::Containers).is_some() {
+            ops.push(add(
+                ptr(&["spec", "containers", "-"]),
+                Added::Container(sidecar),
+            ));
         } else {
             ops.push(add(
                 ptr(&["spec", "containers"]),
-                Value::Array(vec![json(sidecar)]),
+                Added::Containers(std::slice::from_ref(sidecar)),
             ));
         }
     }
     if m.share_process_namespace {
         ops.push(add(
             ptr(&["spec", "shareProcessNamespace"]),
-            Value::Bool(true),
+            Added::Flag(true),
         ));
     }
 
-    let status = Value::String("injected".into());
-    if !pod["metadata"].is_object() {
-        ops.push(add(
-            ptr(&["metadata"]),
-            serde_json::json!({ "annotations": { m.status_key.clone(): status } }),
-        ));
-    } else if !pod["metadata"]["annotations"].is_object() {
-        ops.push(add(
+    match &pod.metadata {
+        None => ops.push(add(ptr(&["metadata"]), Added::Metadata(&m.status_key))),
+        Some(meta) if meta.annotations.is_none() => ops.push(add(
             ptr(&["metadata", "annotations"]),
-            serde_json::json!({ m.status_key.clone(): status }),
-        ));
-    } else {
-        ops.push(add(
+            Added::Annotations(&m.status_key),
+        )),
+        Some(_) => ops.push(add(
             ptr(&["metadata", "annotations", &m.status_key]),
-            status,
-        ));
+            Added::Status,
+        )),
     }
-    Patch(ops)
+    ops
 }
 
-/// Applies `patch` to a copy of `pod` and checks what Kubernetes would refuse: a patch that does
-/// not apply, or a pod with two containers or two volumes of one name, never leaves the webhook.
-/// What the patch adds is built from typed k8s-openapi structs, so its shape is right by
-/// construction (the fixture and property tests read every result back as a typed Pod).
-pub fn check_patch(pod: &Value, patch: &Patch) -> Result<Value, String> {
-    let mut doc = pod.clone();
-    json_patch::patch(&mut doc, patch).map_err(|e| format!("the patch does not apply: {e}"))?;
-    let names = |list: &Value| -> Vec<String> {
-        list.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["name"].as_str().map(str::to_string))
-            .collect()
+/// The patch as the bytes the answer carries.
+pub fn encode_patch(ops: &[Op]) -> Vec<u8> {
+    serde_json::to_vec(ops).expect("patches serialize")
+}
+
+/// The patch as a `json_patch::Patch`, for applying it to a pod's JSON.
+pub fn json_patch(ops: &[Op]) -> Patch {
+    serde_json::from_slice(&encode_patch(ops)).expect("a patch reads back")
+}
+
+/// The pod's outline: its objects and arrays with every leaf left out, which is all a patch's
+/// paths can address.
+fn outline(pod: &PodView) -> Value {
+    use serde_json::Map;
+    let nulls = |n: usize| Value::Array(vec![Value::Null; n]);
+    let containers = |list: &[ContainerView]| {
+        Value::Array(
+            list.iter()
+                .map(|c| {
+                    let mut o = Map::new();
+                    if let Some(ms) = &c.volume_mounts {
+                        o.insert("volumeMounts".into(), nulls(ms.len()));
+                    }
+                    Value::Object(o)
+                })
+                .collect(),
+        )
     };
-    let spec = &doc["spec"];
-    let mut seen = HashSet::new();
-    for name in names(&spec["initContainers"])
-        .into_iter()
-        .chain(names(&spec["containers"]))
+    let mut doc = Map::new();
+    if let Some(meta) = &pod.metadata {
+        let mut o = Map::new();
+        if let Some(a) = &meta.annotations {
+            o.insert(
+                "annotations".into(),
+                Value::Object(a.0.keys().map(|k| (k.clone(), Value::Null)).collect()),
+            );
+        }
+        doc.insert("metadata".into(), Value::Object(o));
+    }
+    if let Some(spec) = &pod.spec {
+        let mut o = Map::new();
+        if let Some(vs) = &spec.volumes {
+            o.insert("volumes".into(), nulls(vs.len()));
+        }
+        for section in [Section::Containers, Section::InitContainers] {
+            if let Some(list) = pod.list(section) {
+                o.insert(section.key().into(), containers(list));
+            }
+        }
+        doc.insert("spec".into(), Value::Object(o));
+    }
+    Value::Object(doc)
+}
+
+/// Checks what Kubernetes would refuse before the patch leaves the webhook: every path must
+/// resolve in the pod as the earlier operations left it (the operations are applied to the
+/// pod's outline), and no container or volume name may appear twice. What the patch adds is
+/// built from typed k8s-openapi structs, so its shape is right by construction (the fixture
+/// and property tests apply every patch to the whole pod and read the result back as a Pod).
+pub fn check_patch(pod: &PodView, ops: &[Op]) -> Result<(), String> {
+    let mut doc = outline(pod);
+    let shaped = Patch(
+        ops.iter()
+            .map(|op| {
+                PatchOperation::Add(AddOperation {
+                    path: op.path.clone(),
+                    value: op.value.shape(),
+                })
+            })
+            .collect(),
+    );
+    json_patch::patch(&mut doc, &shaped).map_err(|e| format!("the patch does not apply: {e}"))?;
+    let mut containers: HashSet<&str> = HashSet::new();
+    for name in pod
+        .names(Section::InitContainers)
+        .chain(pod.names(Section::Containers))
+        .filter(|n| !n.is_empty())
+        .chain(ops.iter().flat_map(|op| op.value.container_names()))
     {
-        if !seen.insert(name.clone()) {
+        if !containers.insert(name) {
             return Err(format!("the patched pod has two containers named {name:?}"));
         }
     }
-    let mut volumes = HashSet::new();
-    for name in names(&spec["volumes"]) {
-        if !volumes.insert(name.clone()) {
+    let mut volumes: HashSet<&str> = HashSet::new();
+    for name in pod
+        .volumes()
+        .into_iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .filter(|n| !n.is_empty())
+        .chain(ops.iter().flat_map(|op| op.value.volume_names()))
+    {
+        if !volumes.insert(name) {
             return Err(format!("the patched pod has two volumes named {name:?}"));
         }
     }
-    Ok(doc)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -799,6 +915,21 @@ mod tests {
     use crate::annotations::{Decision, parse};
     use crate::config::Defaults;
     use k8s_openapi::api::core::v1::Pod;
+
+    fn view(pod: &Value) -> PodView {
+        PodView::parse(&pod.to_string()).unwrap()
+    }
+
+    fn paths(ops: &[Op]) -> Vec<String> {
+        ops.iter().map(|op| op.path.to_string()).collect()
+    }
+
+    /// Applies the patch to the whole pod, as the API server does, and reads it back as a Pod.
+    fn patched(pod: &Value, ops: &[Op]) -> Pod {
+        let mut doc = pod.clone();
+        json_patch::patch(&mut doc, &json_patch(ops)).unwrap();
+        serde_json::from_value(doc).unwrap()
+    }
 
     fn request(prefix: &str) -> InjectionRequest {
         let defaults = Defaults {
@@ -827,16 +958,17 @@ mod tests {
             "metadata": { "annotations": { "weird~corp.example/agent-inject": "true" } },
             "spec": { "containers": [{ "name": "app", "image": "x" }] }
         });
-        let m = build(&req, &pod).unwrap();
-        let patch = to_patch(&pod, &m);
-        let last = serde_json::to_value(patch.0.last().unwrap()).unwrap();
+        let v = view(&pod);
+        let m = build(&req, &v).unwrap();
+        let ops = to_patch(&v, &m);
+        let last = serde_json::to_value(ops.last().unwrap()).unwrap();
         assert_eq!(
             last["path"],
             "/metadata/annotations/weird~0corp.example~1agent-inject-status"
         );
-        let patched: Pod = serde_json::from_value(check_patch(&pod, &patch).unwrap()).unwrap();
+        check_patch(&v, &ops).unwrap();
         assert_eq!(
-            patched.metadata.annotations.unwrap()["weird~corp.example/agent-inject-status"],
+            patched(&pod, &ops).metadata.annotations.unwrap()["weird~corp.example/agent-inject-status"],
             "injected"
         );
     }
@@ -845,19 +977,11 @@ mod tests {
     fn missing_arrays_are_created_and_existing_ones_appended() {
         let req = request("vault.hashicorp.com");
         let bare = serde_json::json!({ "metadata": {}, "spec": { "containers": [{ "name": "app", "image": "x" }] } });
-        let patch = to_patch(&bare, &build(&req, &bare).unwrap());
-        let paths: Vec<String> = patch
-            .0
-            .iter()
-            .map(|op| {
-                serde_json::to_value(op).unwrap()["path"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let v = view(&bare);
+        let m = build(&req, &v).unwrap();
+        let ops = to_patch(&v, &m);
         assert_eq!(
-            paths,
+            paths(&ops),
             [
                 "/spec/volumes",
                 "/spec/containers/0/volumeMounts",
@@ -866,7 +990,8 @@ mod tests {
                 "/metadata/annotations"
             ]
         );
-        check_patch(&bare, &patch).unwrap();
+        check_patch(&v, &ops).unwrap();
+        patched(&bare, &ops);
         let full = serde_json::json!({
             "metadata": { "annotations": {} },
             "spec": {
@@ -875,17 +1000,11 @@ mod tests {
                 "containers": [{ "name": "app", "image": "x", "volumeMounts": [{ "name": "v", "mountPath": "/v" }] }]
             }
         });
-        let patch = to_patch(&full, &build(&req, &full).unwrap());
-        let paths: Vec<String> = patch
-            .0
-            .iter()
-            .map(|op| {
-                serde_json::to_value(op).unwrap()["path"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let v = view(&full);
+        let m = build(&req, &v).unwrap();
+        let ops = to_patch(&v, &m);
+        check_patch(&v, &ops).unwrap();
+        let paths = paths(&ops);
         assert_eq!(
             paths[..3],
             ["/spec/volumes/-", "/spec/volumes/-", "/spec/volumes/-"]
@@ -893,8 +1012,7 @@ mod tests {
         assert!(paths.contains(&"/spec/initContainers/0/volumeMounts".to_string()));
         assert!(paths.contains(&"/spec/containers/0/volumeMounts/-".to_string()));
         assert!(paths.contains(&"/spec/initContainers/-".to_string()));
-        let pod: Pod = serde_json::from_value(check_patch(&full, &patch).unwrap()).unwrap();
-        let names: Vec<String> = pod
+        let names: Vec<String> = patched(&full, &ops)
             .spec
             .unwrap()
             .init_containers
@@ -906,22 +1024,63 @@ mod tests {
     }
 
     #[test]
-    fn a_patch_that_would_duplicate_a_name_is_caught() {
-        let pod = serde_json::json!({ "metadata": {}, "spec": { "containers": [{ "name": "app", "image": "x" }] } });
-        let dup = Patch(vec![add(
+    fn a_patch_that_would_duplicate_a_name_or_miss_its_target_is_caught() {
+        let pod = serde_json::json!({ "metadata": {}, "spec": { "containers": [{ "name": "app", "image": "x" }], "volumes": [{ "name": "v" }] } });
+        let v = view(&pod);
+        let app = Container {
+            name: "app".into(),
+            ..Container::default()
+        };
+        let dup = [add(
             ptr(&["spec", "containers", "-"]),
-            serde_json::json!({ "name": "app", "image": "y" }),
-        )]);
-        assert!(
-            check_patch(&pod, &dup)
-                .unwrap_err()
-                .contains("two containers named \"app\"")
+            Added::Container(&app),
+        )];
+        assert_eq!(
+            check_patch(&v, &dup).unwrap_err(),
+            "the patched pod has two containers named \"app\""
         );
-        let bad_path = Patch(vec![add(ptr(&["spec", "nope", "0", "x"]), Value::Null)]);
-        assert!(
-            check_patch(&pod, &bad_path)
-                .unwrap_err()
-                .contains("does not apply")
+        let vol = Volume {
+            name: "v".into(),
+            ..Volume::default()
+        };
+        let dup = [add(
+            ptr(&["spec", "volumes"]),
+            Added::Volumes(std::slice::from_ref(&vol)),
+        )];
+        assert_eq!(
+            check_patch(&v, &dup).unwrap_err(),
+            "the patched pod has two volumes named \"v\""
         );
+        let mount = VolumeMount::default();
+        for bad in [
+            add(ptr(&["spec", "nope", "0", "x"]), Added::Flag(true)),
+            add(
+                ptr(&["spec", "containers", "0", "volumeMounts", "-"]),
+                Added::Mount(&mount),
+            ),
+            add(
+                ptr(&["spec", "initContainers", "0"]),
+                Added::Container(&app),
+            ),
+            add(ptr(&["metadata", "annotations", "k"]), Added::Status),
+        ] {
+            let path = bad.path.to_string();
+            let e = check_patch(&v, &[bad]).unwrap_err();
+            assert!(e.starts_with("the patch does not apply"), "{path}: {e}");
+        }
+        // Created arrays and objects can be addressed by later operations.
+        let ok = [
+            add(
+                ptr(&["spec", "containers", "0", "volumeMounts"]),
+                Added::Mounts(std::slice::from_ref(&mount)),
+            ),
+            add(
+                ptr(&["spec", "containers", "0", "volumeMounts", "-"]),
+                Added::Mount(&mount),
+            ),
+            add(ptr(&["metadata", "annotations"]), Added::Annotations("a/b")),
+            add(ptr(&["metadata", "annotations", "c"]), Added::Status),
+        ];
+        check_patch(&v, &ok).unwrap();
     }
 }

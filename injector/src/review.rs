@@ -1,14 +1,15 @@
 //! One AdmissionReview in, one AdmissionReview out: the whole webhook decision as a plain
 //! function. Transport (HTTP, TLS, metrics) lives in `server`; this module only decides.
 
-use std::collections::BTreeMap;
-
 use base64::Engine as _;
+use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::annotations::{self, Decision};
 use crate::config::Defaults;
 use crate::mutate;
+use crate::pod::PodView;
 
 /// What happened to a review, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,33 +38,41 @@ pub struct MalformedReview(pub String);
 /// The answer to one review.
 #[derive(Debug)]
 pub struct Answer {
-    /// The AdmissionReview to send back, with `response.patch` as a base64 string.
-    pub body: Value,
+    /// The AdmissionReview to send back (JSON), with `response.patch` as a base64 string.
+    pub body: Vec<u8>,
     pub outcome: Outcome,
     /// Why, in one line (no secret can be in it: annotations hold paths, not values).
     pub reason: String,
     pub namespace: String,
 }
 
-/// The parts of an AdmissionReview the decision needs; the pod stays plain JSON, so the patch is
-/// computed against exactly what the API server sent.
+impl Answer {
+    /// The answer as a JSON value (tests and tools; the server sends `body` as it is).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("answers are JSON")
+    }
+}
+
+/// The parts of an AdmissionReview the decision needs. The object is kept as its raw JSON and
+/// read as a `PodView` only when it is a pod being created.
 #[derive(serde::Deserialize)]
-struct Review {
+struct Review<'a> {
     #[serde(rename = "apiVersion")]
     api_version: String,
     kind: String,
-    request: Option<Request>,
+    #[serde(borrow)]
+    request: Option<Request<'a>>,
 }
 
 #[derive(serde::Deserialize)]
-struct Request {
+struct Request<'a> {
     uid: String,
     kind: Gvk,
     #[serde(default)]
     namespace: Option<String>,
     operation: String,
-    #[serde(default)]
-    object: Option<Value>,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
 }
 
 #[derive(serde::Deserialize)]
@@ -77,7 +86,8 @@ struct Gvk {
 struct Response {
     allowed: bool,
     message: Option<String>,
-    patch: Option<json_patch::Patch>,
+    /// The JSON patch, encoded.
+    patch: Option<Vec<u8>>,
     warnings: Vec<String>,
 }
 
@@ -159,48 +169,35 @@ fn decide(
     if req.operation != "CREATE" {
         return allow("not a CREATE");
     }
-    let Some(pod) = req.object.as_ref().filter(|o| o.is_object()) else {
+    let Some(raw) = req.object.filter(|o| o.get().starts_with('{')) else {
         return allow("no object");
     };
-    let namespace = req
-        .namespace
-        .as_deref()
-        .or(pod["metadata"]["namespace"].as_str())
-        .unwrap_or("");
+    let pod = PodView::parse(raw.get())
+        .map_err(|e| MalformedReview(format!("the review's pod is not a valid Pod: {e}")))?;
+    let namespace = req.namespace.as_deref().or(pod.namespace()).unwrap_or("");
     if defaults.skip_namespaces.iter().any(|s| s == namespace) {
         return allow("namespace is skipped");
     }
-    let mut annotations = BTreeMap::new();
-    match &pod["metadata"]["annotations"] {
-        Value::Null => {}
-        Value::Object(map) => {
-            for (k, v) in map {
-                let Value::String(v) = v else {
-                    return Err(malformed(format_args!("annotation {k:?} is not a string")));
-                };
-                annotations.insert(k.clone(), v.clone());
-            }
-        }
-        _ => return Err(malformed("metadata.annotations is not a map")),
-    }
-    let (request, warnings) = match annotations::parse(&annotations, defaults) {
+    let no_annotations = Default::default();
+    let annotations = pod.annotations().unwrap_or(&no_annotations);
+    let (request, warnings) = match annotations::parse(annotations, defaults) {
         Err(e) => return deny(e.to_string()),
         Ok(Decision::NotRequested) => return allow("not annotated"),
         Ok(Decision::AlreadyInjected) => return allow("already injected"),
         Ok(Decision::Inject(request, warnings)) => (request, warnings),
     };
-    if let Some(phase) = pod["status"]["phase"].as_str()
+    if let Some(phase) = pod.phase()
         && !phase.is_empty()
         && phase != "Pending"
     {
         return allow("pod is past Pending");
     }
-    let mutation = match mutate::build(&request, pod) {
+    let mutation = match mutate::build(&request, &pod) {
         Ok(m) => m,
         Err(e) => return deny(e.to_string()),
     };
-    let patch = mutate::to_patch(pod, &mutation);
-    if let Err(problem) = mutate::check_patch(pod, &patch) {
+    let ops = mutate::to_patch(&pod, &mutation);
+    if let Err(problem) = mutate::check_patch(&pod, &ops) {
         return deny(format!(
             "internal error, the pod was not changed: {problem}"
         ));
@@ -215,7 +212,7 @@ fn decide(
         Response {
             allowed: true,
             message: None,
-            patch: Some(patch),
+            patch: Some(mutate::encode_patch(&ops)),
             warnings,
         },
         Outcome::Injected,
@@ -223,22 +220,60 @@ fn decide(
     ))
 }
 
+#[derive(Serialize)]
+struct ReviewOut<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    status: &'static str,
+    message: String,
+    reason: &'static str,
+    code: u16,
+}
+
 /// The AdmissionReview answer, with `patch` as the base64 string the Kubernetes API defines for
 /// `[]byte`.
-fn encode(api_version: &str, uid: &str, r: Response) -> Value {
-    let mut response = serde_json::json!({ "uid": uid, "allowed": r.allowed });
-    if let Some(message) = r.message {
-        response["status"] = serde_json::json!({ "status": "Failure", "message": message, "reason": "BadRequest", "code": 400 });
-    }
-    if let Some(patch) = r.patch {
-        let bytes = serde_json::to_vec(&patch).expect("patches serialize");
-        response["patch"] = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
-        response["patchType"] = Value::String("JSONPatch".into());
-    }
-    if !r.warnings.is_empty() {
-        response["warnings"] = serde_json::json!(r.warnings);
-    }
-    serde_json::json!({ "apiVersion": api_version, "kind": "AdmissionReview", "response": response })
+fn encode(api_version: &str, uid: &str, r: Response) -> Vec<u8> {
+    let out = ReviewOut {
+        api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid,
+            allowed: r.allowed,
+            status: r.message.map(|message| StatusOut {
+                status: "Failure",
+                message,
+                reason: "BadRequest",
+                code: 400,
+            }),
+            patch_type: r.patch.as_ref().map(|_| "JSONPatch"),
+            patch: r
+                .patch
+                .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes)),
+            warnings: r.warnings,
+        },
+    };
+    serde_json::to_vec(&out).expect("answers serialize")
 }
 
 /// The JSON patch of an answer, decoded exactly as the API server does (base64, then JSON).

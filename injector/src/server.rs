@@ -55,8 +55,7 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
             } else {
                 tracing::info!(namespace = %answer.namespace, outcome = answer.outcome.as_str(), reason = %answer.reason, "review");
             }
-            let body = serde_json::to_vec(&answer.body).expect("JSON values serialize");
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            ([(header::CONTENT_TYPE, "application/json")], answer.body).into_response()
         }
         Err(e) => {
             state.metrics.count("malformed");

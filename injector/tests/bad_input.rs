@@ -60,29 +60,29 @@ enum Want {
 }
 
 fn check(label: &str, body: &[u8], want: Want) {
-    let result = review::review(body, &defaults());
+    let result = review::review(body, &defaults()).map(|a| (a.outcome, a.json()));
     match (result, want) {
         (Err(e), Want::Http400(prefix)) => {
             assert!(e.to_string().starts_with(prefix), "{label}: {e}")
         }
-        (Ok(a), Want::Denied(message)) => {
-            assert_eq!(a.outcome, Outcome::Denied, "{label}: {}", a.body);
-            assert_eq!(a.body["response"]["status"]["message"], message, "{label}");
-            assert_eq!(a.body["response"]["uid"], "u-1");
+        (Ok((outcome, a)), Want::Denied(message)) => {
+            assert_eq!(outcome, Outcome::Denied, "{label}: {a}");
+            assert_eq!(a["response"]["status"]["message"], message, "{label}");
+            assert_eq!(a["response"]["uid"], "u-1");
         }
-        (Ok(a), Want::Skipped) => {
-            assert_eq!(a.outcome, Outcome::Skipped, "{label}: {}", a.body);
-            assert_eq!(a.body["response"]["allowed"], true);
-            assert!(a.body["response"].get("patch").is_none());
+        (Ok((outcome, a)), Want::Skipped) => {
+            assert_eq!(outcome, Outcome::Skipped, "{label}: {a}");
+            assert_eq!(a["response"]["allowed"], true);
+            assert!(a["response"].get("patch").is_none());
         }
-        (Ok(a), Want::Injected) => {
-            assert_eq!(a.outcome, Outcome::Injected, "{label}: {}", a.body);
-            let patch = review::decode_patch(&a.body).unwrap();
+        (Ok((outcome, a)), Want::Injected) => {
+            assert_eq!(outcome, Outcome::Injected, "{label}: {a}");
+            let patch = review::decode_patch(&a).unwrap();
             let req: Value = serde_json::from_slice(body).unwrap();
             let mut obj = req["request"]["object"].clone();
             json_patch::patch(&mut obj, &patch).unwrap();
         }
-        (Ok(a), _) => panic!("{label}: unexpected answer {}", a.body),
+        (Ok((_, a)), _) => panic!("{label}: unexpected answer {a}"),
         (Err(e), _) => panic!("{label}: unexpected 400 {e}"),
     }
 }
@@ -443,7 +443,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
                 |_| {},
             ),
             Want::Http400(
-                "the body is not an AdmissionReview: annotation \"vault.hashicorp.com/agent-inject\" is not a string",
+                "the review's pod is not a valid Pod: annotation \"vault.hashicorp.com/agent-inject\" is not a string",
             ),
         ),
     ];

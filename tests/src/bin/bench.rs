@@ -683,7 +683,14 @@ fn machine() -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only agent|scale|injector` runs one section and prints it without touching the report.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let (idle, secs) = if quick { (10, 3) } else { (60, 10) };
     let mut out = String::new();
     writeln!(out, "# Benchmarks\n")?;
@@ -692,14 +699,24 @@ async fn main() -> Result<()> {
         "Written by `bench/run.sh` (do not edit by hand). Machine: {}. Release builds (`opt-level = \"s\"`, fat LTO). Figures are ratios taken in one run: Sidekey and its reference measured side by side.\n",
         machine()
     )?;
-    agent_section(&mut out, idle).await?;
-    scale_section(
-        &mut out,
-        if quick { 200 } else { 1000 },
-        if quick { 60 } else { 150 },
-    )
-    .await?;
-    injector_section(&mut out, secs)?;
+    if wanted("agent") {
+        agent_section(&mut out, idle).await?;
+    }
+    if wanted("scale") {
+        scale_section(
+            &mut out,
+            if quick { 200 } else { 1000 },
+            if quick { 60 } else { 150 },
+        )
+        .await?;
+    }
+    if wanted("injector") {
+        injector_section(&mut out, secs)?;
+    }
+    if only.is_some() {
+        println!("{out}");
+        return Ok(());
+    }
     if let Ok(criterion) = std::fs::read_to_string(workspace_root().join("bench/criterion.txt")) {
         writeln!(out, "## Criterion (injector pipeline steps)\n\n```")?;
         for line in criterion.lines().filter(|l| {
