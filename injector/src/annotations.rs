@@ -136,13 +136,13 @@ pub enum Decision {
 /// Annotations under any accepted prefix, keyed by suffix; the configured prefix wins when the
 /// same suffix appears under two prefixes.
 struct Lookup<'a> {
-    by_suffix: HashMap<&'a str, (&'a str, &'a str)>,
+    by_suffix: BTreeMap<&'a str, (&'a str, &'a str)>,
     status_prefix: &'a str,
 }
 
 impl<'a> Lookup<'a> {
     fn new(annotations: &'a BTreeMap<String, String>, prefix: &'a str) -> Lookup<'a> {
-        let mut by_suffix: HashMap<&str, (&str, &str)> = HashMap::new();
+        let mut by_suffix: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         let rank = |p: &str| {
             if p == prefix {
                 0
@@ -431,7 +431,7 @@ fn parse_secrets(
     raw_names.dedup();
 
     let mut specs: Vec<SecretSpec> = Vec::new();
-    let mut files: HashMap<String, String> = HashMap::new();
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
     for raw in raw_names {
         let key_of = |family: &str| format!("{family}{raw}");
         let defining_key = SECRET_PREFIXES

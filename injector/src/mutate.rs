@@ -2,7 +2,7 @@
 //! patch (`to_patch`), checked (`check_patch`) before it leaves the webhook. Pure functions: no
 //! I/O, no clock.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -208,7 +208,7 @@ pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, Annotat
         }
     };
 
-    let mut taken_volumes: HashSet<String> = view
+    let mut taken_volumes: BTreeSet<String> = view
         .volumes()
         .into_iter()
         .flatten()
@@ -378,7 +378,7 @@ pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, Annotat
                     format!("the pod has no container named {source:?}"),
                 )
             })?;
-        let known: HashSet<String> = agent_mounts.iter().map(|m| m.mount_path.clone()).collect();
+        let known: BTreeSet<String> = agent_mounts.iter().map(|m| m.mount_path.clone()).collect();
         for mount in found.volume_mounts.iter().flatten() {
             if mount.mount_path.contains("serviceaccount") || known.contains(&mount.mount_path) {
                 continue;
@@ -387,9 +387,9 @@ pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, Annotat
         }
     }
 
-    let init_names: HashSet<&str> = view.names(Section::InitContainers).collect();
-    let app_names_set: HashSet<&str> = app_names.iter().copied().collect();
-    let all_names: HashSet<&str> = init_names.union(&app_names_set).copied().collect();
+    let init_names: BTreeSet<&str> = view.names(Section::InitContainers).collect();
+    let app_names_set: BTreeSet<&str> = app_names.iter().copied().collect();
+    let all_names: BTreeSet<&str> = init_names.union(&app_names_set).copied().collect();
     let init_name = unique_name(INIT_NAME, |n| all_names.contains(n));
     let sidecar_name = unique_name(SIDECAR_NAME, |n| all_names.contains(n));
 
@@ -738,7 +738,7 @@ pub fn to_patch<'a>(pod: &PodView, m: &'a Mutation) -> Vec<Op<'a>> {
     }
 
     // Mounts into existing containers (before any container is inserted, so indices hold).
-    let mut created: HashSet<(Section, usize)> = HashSet::new();
+    let mut created: BTreeSet<(Section, usize)> = BTreeSet::new();
     for (section, i, mount) in &m.mounts {
         let index = i.to_string();
         let has_mounts = pod
@@ -882,7 +882,7 @@ pub fn check_patch(pod: &PodView, ops: &[Op]) -> Result<(), String> {
             .collect(),
     );
     json_patch::patch(&mut doc, &shaped).map_err(|e| format!("the patch does not apply: {e}"))?;
-    let mut containers: HashSet<&str> = HashSet::new();
+    let mut containers: BTreeSet<&str> = BTreeSet::new();
     for name in pod
         .names(Section::InitContainers)
         .chain(pod.names(Section::Containers))
@@ -893,7 +893,7 @@ pub fn check_patch(pod: &PodView, ops: &[Op]) -> Result<(), String> {
             return Err(format!("the patched pod has two containers named {name:?}"));
         }
     }
-    let mut volumes: HashSet<&str> = HashSet::new();
+    let mut volumes: BTreeSet<&str> = BTreeSet::new();
     for name in pod
         .volumes()
         .into_iter()
