@@ -260,7 +260,10 @@ fn encode(api_version: &str, uid: &str, r: Response) -> Vec<u8> {
     if let Some(patch) = r.patch {
         out.extend_from_slice(b",\"patchType\":\"JSONPatch\",\"patch\":\"");
         let start = out.len();
-        out.resize(start + base64::encoded_len(patch.len(), true).expect("fits"), 0);
+        out.resize(
+            start + base64::encoded_len(patch.len(), true).expect("fits"),
+            0,
+        );
         let written = STANDARD
             .encode_slice(&patch, &mut out[start..])
             .expect("sized for the encoding");
