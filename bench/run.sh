@@ -7,9 +7,10 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 ./scripts/stack-install.sh
-if ! command -v wrk >/dev/null 2>&1; then
+# wrk drives the injector; GNU time measures each agent's own peak RSS (see bench.rs).
+if ! command -v wrk >/dev/null 2>&1 || [ ! -x /usr/bin/time ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk time >/dev/null
 fi
 cargo build --release --workspace --bins --locked
 cargo bench -p sidekey-injector --bench webhook -- --quick --noplot 2>/dev/null | tee bench/criterion.txt | grep -E "time:|^[a-z]" || true
