@@ -35,7 +35,8 @@ fn benches(c: &mut Criterion) {
     let view = sidekey_injector::pod::PodView::parse(&pod.to_string()).unwrap();
     c.bench_function("build mutation and patch", |b| {
         b.iter(|| {
-            let m = mutate::build(&request, &view).unwrap();
+            let env = mutate::config_env(&request).unwrap();
+            let m = mutate::build(&request, &env, &view).unwrap();
             let ops = mutate::to_patch(&view, &m);
             mutate::check_patch(&view, &ops).unwrap();
             mutate::encode_patch(&ops)
@@ -49,6 +50,10 @@ fn benches(c: &mut Criterion) {
     .unwrap();
     c.bench_function("whole review", |b| {
         b.iter(|| review::review(&body, &defaults).unwrap())
+    });
+    let decisions = sidekey_injector::decisions::Decisions::default();
+    c.bench_function("whole review, annotations seen before", |b| {
+        b.iter(|| review::review_with(&body, &defaults, Some(&decisions)).unwrap())
     });
 }
 

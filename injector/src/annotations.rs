@@ -133,6 +133,18 @@ pub enum Decision {
     Inject(Box<InjectionRequest>, Vec<String>),
 }
 
+/// The annotations parsing reads: those under the configured prefix, `vault.hashicorp.com/` or
+/// `openbao.org/`. Nothing else can change a decision.
+pub fn relevant<'a>(
+    annotations: &'a BTreeMap<String, String>,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    annotations.iter().filter(move |(key, _)| {
+        key.split_once('/')
+            .is_some_and(|(p, _)| p == prefix || p == VAULT_PREFIX || p == OPENBAO_PREFIX)
+    })
+}
+
 /// Annotations under any accepted prefix, keyed by suffix; the configured prefix wins when the
 /// same suffix appears under two prefixes.
 struct Lookup<'a> {
@@ -152,13 +164,10 @@ impl<'a> Lookup<'a> {
                 2
             }
         };
-        for (key, value) in annotations {
+        for (key, value) in relevant(annotations, prefix) {
             let Some((p, suffix)) = key.split_once('/') else {
                 continue;
             };
-            if p != prefix && p != VAULT_PREFIX && p != OPENBAO_PREFIX {
-                continue;
-            }
             match by_suffix.get(suffix) {
                 Some((existing, _))
                     if rank(existing.split_once('/').map_or("", |x| x.0)) <= rank(p) => {}

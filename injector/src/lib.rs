@@ -6,6 +6,7 @@
 pub mod annotations;
 pub mod autotls;
 pub mod config;
+pub mod decisions;
 pub mod metrics;
 pub mod mutate;
 pub mod pod;

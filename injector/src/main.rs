@@ -75,6 +75,7 @@ async fn run(flags: Flags) -> Result<()> {
     let state = Arc::new(AppState {
         defaults: flags.defaults.clone(),
         metrics: Metrics::default(),
+        decisions: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(flags.listen)
         .await

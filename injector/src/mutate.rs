@@ -49,7 +49,6 @@ pub struct Mutation {
     pub init_first: bool,
     pub share_process_namespace: bool,
     pub status_key: String,
-    pub config: AgentConfig,
 }
 
 fn annotation_error(
@@ -169,14 +168,24 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
     }
 }
 
-/// Decides everything the pod gains, from what the pod already has.
-pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, AnnotationError> {
+/// The agent config for `req`, validated, as the `SIDEKEY_AGENT_CONFIG` value both agent
+/// containers carry. It depends on the annotations only, so pods annotated alike share it.
+pub fn config_env(req: &InjectionRequest) -> Result<String, AnnotationError> {
     let config = agent_config(req);
     config.validate().map_err(|e| AnnotationError {
         key: None,
         problem: format!("the generated agent config is invalid: {e}"),
     })?;
+    Ok(config.to_env_value())
+}
 
+/// Decides everything the pod gains, from what the pod already has. `config_env` is
+/// `config_env(req)`.
+pub fn build(
+    req: &InjectionRequest,
+    config_env: &str,
+    view: &PodView,
+) -> Result<Mutation, AnnotationError> {
     // Which app containers get the secrets volume.
     let app_names: Vec<&str> = view.names(Section::Containers).collect();
     if app_names.is_empty() {
@@ -395,7 +404,7 @@ pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, Annotat
 
     let agent = AgentContainer {
         req,
-        config_env: config.to_env_value(),
+        config_env,
         mounts: &agent_mounts,
         run_as_user,
     };
@@ -434,14 +443,13 @@ pub fn build(req: &InjectionRequest, view: &PodView) -> Result<Mutation, Annotat
         init_first: req.init_first,
         share_process_namespace,
         status_key: req.status_key.clone(),
-        config,
     })
 }
 
 struct AgentContainer<'a> {
     req: &'a InjectionRequest,
     /// The config as the env value, encoded once for both agent containers.
-    config_env: String,
+    config_env: &'a str,
     mounts: &'a [VolumeMount],
     run_as_user: i64,
 }
@@ -459,7 +467,7 @@ impl AgentContainer<'_> {
         let mut env = vec![
             EnvVar {
                 name: CONFIG_ENV.into(),
-                value: Some(self.config_env.clone()),
+                value: Some(self.config_env.to_string()),
                 value_from: None,
             },
             EnvVar {
@@ -959,7 +967,7 @@ mod tests {
             "spec": { "containers": [{ "name": "app", "image": "x" }] }
         });
         let v = view(&pod);
-        let m = build(&req, &v).unwrap();
+        let m = build(&req, &config_env(&req).unwrap(), &v).unwrap();
         let ops = to_patch(&v, &m);
         let last = serde_json::to_value(ops.last().unwrap()).unwrap();
         assert_eq!(
@@ -978,7 +986,7 @@ mod tests {
         let req = request("vault.hashicorp.com");
         let bare = serde_json::json!({ "metadata": {}, "spec": { "containers": [{ "name": "app", "image": "x" }] } });
         let v = view(&bare);
-        let m = build(&req, &v).unwrap();
+        let m = build(&req, &config_env(&req).unwrap(), &v).unwrap();
         let ops = to_patch(&v, &m);
         assert_eq!(
             paths(&ops),
@@ -1001,7 +1009,7 @@ mod tests {
             }
         });
         let v = view(&full);
-        let m = build(&req, &v).unwrap();
+        let m = build(&req, &config_env(&req).unwrap(), &v).unwrap();
         let ops = to_patch(&v, &m);
         check_patch(&v, &ops).unwrap();
         let paths = paths(&ops);

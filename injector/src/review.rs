@@ -6,8 +6,9 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::annotations::{self, Decision};
+use crate::annotations::Decision;
 use crate::config::Defaults;
+use crate::decisions::{Decisions, Prepared};
 use crate::mutate;
 use crate::pod::PodView;
 
@@ -95,7 +96,18 @@ fn malformed(e: impl std::fmt::Display) -> MalformedReview {
     MalformedReview(format!("the body is not an AdmissionReview: {e}"))
 }
 
+/// Decides one review, working everything out from the body.
 pub fn review(body: &[u8], defaults: &Defaults) -> Result<Answer, MalformedReview> {
+    review_with(body, defaults, None)
+}
+
+/// Decides one review; with `decisions`, the annotation-only work is remembered across reviews
+/// (the server keeps one `Decisions` for its `Defaults`).
+pub fn review_with(
+    body: &[u8],
+    defaults: &Defaults,
+    decisions: Option<&Decisions>,
+) -> Result<Answer, MalformedReview> {
     let review: Review = serde_json::from_slice(body).map_err(malformed)?;
     if review.kind != "AdmissionReview"
         || !matches!(
@@ -126,7 +138,7 @@ pub fn review(body: &[u8], defaults: &Defaults) -> Result<Answer, MalformedRevie
         )));
     }
     let namespace = request.namespace.clone().unwrap_or_default();
-    let (response, outcome, reason) = decide(&request, defaults)?;
+    let (response, outcome, reason) = decide(&request, defaults, decisions)?;
     Ok(Answer {
         body: encode(&review.api_version, &request.uid, response),
         outcome,
@@ -138,6 +150,7 @@ pub fn review(body: &[u8], defaults: &Defaults) -> Result<Answer, MalformedRevie
 fn decide(
     req: &Request,
     defaults: &Defaults,
+    decisions: Option<&Decisions>,
 ) -> Result<(Response, Outcome, String), MalformedReview> {
     let allow = |why: &str| {
         Ok((
@@ -180,11 +193,15 @@ fn decide(
     }
     let no_annotations = Default::default();
     let annotations = pod.annotations().unwrap_or(&no_annotations);
-    let (request, warnings) = match annotations::parse(annotations, defaults) {
+    let prepared = match decisions {
+        Some(d) => d.get(annotations, defaults),
+        None => std::sync::Arc::new(Prepared::new(annotations, defaults)),
+    };
+    let (request, warnings) = match &prepared.decision {
         Err(e) => return deny(e.to_string()),
         Ok(Decision::NotRequested) => return allow("not annotated"),
         Ok(Decision::AlreadyInjected) => return allow("already injected"),
-        Ok(Decision::Inject(request, warnings)) => (request, warnings),
+        Ok(Decision::Inject(request, warnings)) => (request, warnings.clone()),
     };
     if let Some(phase) = pod.phase()
         && !phase.is_empty()
@@ -192,7 +209,12 @@ fn decide(
     {
         return allow("pod is past Pending");
     }
-    let mutation = match mutate::build(&request, &pod) {
+    let config_env = match &prepared.config_env {
+        Some(Ok(env)) => env,
+        Some(Err(e)) => return deny(e.to_string()),
+        None => return deny("internal error, the pod was not changed: no agent config".into()),
+    };
+    let mutation = match mutate::build(request, config_env, &pod) {
         Ok(m) => m,
         Err(e) => return deny(e.to_string()),
     };

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Defaults;
+use crate::decisions::Decisions;
 use crate::metrics::{Metrics, NamespaceLabel};
 use crate::review::{self, Outcome};
 
@@ -26,6 +27,8 @@ pub const MAX_BODY: usize = 3 * 1024 * 1024;
 pub struct AppState {
     pub defaults: Defaults,
     pub metrics: Metrics,
+    /// What each distinct annotation set decides, for `defaults`.
+    pub decisions: Decisions,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -39,7 +42,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let response = match review::review(&body, &state.defaults) {
+    let response = match review::review_with(&body, &state.defaults, Some(&state.decisions)) {
         Ok(answer) => {
             state.metrics.count(answer.outcome.as_str());
             let ns = NamespaceLabel {

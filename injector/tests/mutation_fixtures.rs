@@ -682,3 +682,33 @@ fn every_fixture_is_exercised() {
     let count = std::fs::read_dir(dir).unwrap().count();
     assert!(count >= 27, "fixtures went missing: {count}");
 }
+
+/// The server remembers what each annotation set decides; for every fixture, an answer from
+/// that memory (first seen and seen again, after every other fixture) is byte for byte the
+/// answer worked out from scratch.
+#[test]
+fn remembered_decisions_answer_exactly_as_fresh_ones() {
+    let decisions = sidekey_injector::decisions::Decisions::default();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 20, "{names:?}");
+    for round in 0..2 {
+        for name in &names {
+            let body = serde_json::to_vec(&review_of(&load(name))).unwrap();
+            let fresh = review::review(&body, &defaults()).unwrap();
+            let remembered = review::review_with(&body, &defaults(), Some(&decisions)).unwrap();
+            assert_eq!(fresh.outcome, remembered.outcome, "{name}, round {round}");
+            assert_eq!(
+                String::from_utf8_lossy(&fresh.body),
+                String::from_utf8_lossy(&remembered.body),
+                "{name}, round {round}"
+            );
+        }
+    }
+    assert!(!decisions.is_empty());
+}
