@@ -7,28 +7,36 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use crate::annotations::{self, AnnotationError, Decision};
+use crate::annotations::{self, AnnotationError, Decision, InjectionRequest};
 use crate::config::Defaults;
 use crate::mutate;
 
 /// The annotation-only part of a review's answer.
 #[derive(Debug)]
-pub struct Prepared {
-    pub decision: Result<Decision, AnnotationError>,
-    /// For an injection: the `SIDEKEY_AGENT_CONFIG` value, or why no valid config results.
-    pub config_env: Option<Result<String, AnnotationError>>,
+pub enum Prepared {
+    /// Allowed unchanged, and why.
+    Skip(&'static str),
+    /// The annotations cannot be honoured.
+    Deny(AnnotationError),
+    Inject {
+        request: Box<InjectionRequest>,
+        warnings: Vec<String>,
+        /// The `SIDEKEY_AGENT_CONFIG` value, or why the request gives no valid config.
+        config_env: Result<String, AnnotationError>,
+    },
 }
 
 impl Prepared {
     pub fn new(annotations: &BTreeMap<String, String>, defaults: &Defaults) -> Prepared {
-        let decision = annotations::parse(annotations, defaults);
-        let config_env = match &decision {
-            Ok(Decision::Inject(request, _)) => Some(mutate::config_env(request)),
-            _ => None,
-        };
-        Prepared {
-            decision,
-            config_env,
+        match annotations::parse(annotations, defaults) {
+            Err(e) => Prepared::Deny(e),
+            Ok(Decision::NotRequested) => Prepared::Skip("not annotated"),
+            Ok(Decision::AlreadyInjected) => Prepared::Skip("already injected"),
+            Ok(Decision::Inject(request, warnings)) => Prepared::Inject {
+                config_env: mutate::config_env(&request),
+                request,
+                warnings,
+            },
         }
     }
 }
@@ -136,11 +144,16 @@ mod tests {
         let second = d.get(&b, &defaults());
         assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(d.len(), 1);
-        let Ok(Decision::Inject(request, _)) = &first.decision else {
-            panic!("{:?}", first.decision)
+        let Prepared::Inject {
+            request,
+            config_env,
+            ..
+        } = &*first
+        else {
+            panic!("{first:?}")
         };
         assert_eq!(
-            first.config_env.as_ref().unwrap().as_ref().unwrap(),
+            config_env.as_ref().unwrap(),
             &mutate::config_env(request).unwrap()
         );
         // A changed value is a new set with its own answer.
@@ -151,11 +164,13 @@ mod tests {
         );
         let third = d.get(&c, &defaults());
         assert_eq!(d.len(), 2);
+        let Prepared::Deny(e) = &*third else {
+            panic!("{third:?}")
+        };
         assert_eq!(
-            third.decision.as_ref().unwrap_err().to_string(),
+            e.to_string(),
             "annotation vault.hashicorp.com/agent-inject-perms-db: \"9999\" is not an octal file mode"
         );
-        assert!(third.config_env.is_none());
     }
 
     #[test]

@@ -6,7 +6,6 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::annotations::Decision;
 use crate::config::Defaults;
 use crate::decisions::{Decisions, Prepared};
 use crate::mutate;
@@ -197,11 +196,14 @@ fn decide(
         Some(d) => d.get(annotations, defaults),
         None => std::sync::Arc::new(Prepared::new(annotations, defaults)),
     };
-    let (request, warnings) = match &prepared.decision {
-        Err(e) => return deny(e.to_string()),
-        Ok(Decision::NotRequested) => return allow("not annotated"),
-        Ok(Decision::AlreadyInjected) => return allow("already injected"),
-        Ok(Decision::Inject(request, warnings)) => (request, warnings.clone()),
+    let (request, warnings, config_env) = match &*prepared {
+        Prepared::Deny(e) => return deny(e.to_string()),
+        Prepared::Skip(why) => return allow(why),
+        Prepared::Inject {
+            request,
+            warnings,
+            config_env,
+        } => (request, warnings.clone(), config_env),
     };
     if let Some(phase) = pod.phase()
         && !phase.is_empty()
@@ -209,10 +211,9 @@ fn decide(
     {
         return allow("pod is past Pending");
     }
-    let config_env = match &prepared.config_env {
-        Some(Ok(env)) => env,
-        Some(Err(e)) => return deny(e.to_string()),
-        None => return deny("internal error, the pod was not changed: no agent config".into()),
+    let config_env = match config_env {
+        Ok(env) => env,
+        Err(e) => return deny(e.to_string()),
     };
     let mutation = match mutate::build(request, config_env, &pod) {
         Ok(m) => m,
