@@ -396,9 +396,10 @@ pub fn build(
         }
     }
 
-    let init_names: BTreeSet<&str> = view.names(Section::InitContainers).collect();
-    let app_names_set: BTreeSet<&str> = app_names.iter().copied().collect();
-    let all_names: BTreeSet<&str> = init_names.union(&app_names_set).copied().collect();
+    let all_names: BTreeSet<&str> = view
+        .names(Section::InitContainers)
+        .chain(app_names.iter().copied())
+        .collect();
     let init_name = unique_name(INIT_NAME, |n| all_names.contains(n));
     let sidecar_name = unique_name(SIDECAR_NAME, |n| all_names.contains(n));
 
