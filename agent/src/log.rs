@@ -1,8 +1,9 @@
 //! Logging set-up: JSON or text lines on stderr at the configured level. `SIDEKEY_LOG` (target
 //! directives such as `warn,sidekey_agent=debug`) overrides the level. Directives are plain
-//! targets and levels, without env-filter's regular expressions: a regex engine would be a
-//! fifth of the agent's binary, and the binary is most of its memory. Nothing here ever formats a secret: tokens are a
-//! redacting type and rendered text never reaches a log call.
+//! targets and levels, without env-filter's regular expressions: a regex engine is a large
+//! part of the binary, and the binary's pages are most of the agent's memory. Nothing here
+//! ever formats a secret: tokens are a redacting type and rendered text never reaches a log
+//! call.
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
