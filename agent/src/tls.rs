@@ -92,7 +92,9 @@ pub fn client_config(store: &StoreConfig) -> Result<ClientConfig, TlsError> {
         }
         _ => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: the agent is built without an HTTP/2 client (it keeps the binary small), and
+    // offering h2 would let a store pick a protocol the client cannot speak.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
