@@ -7,4 +7,6 @@ cd "$root"
 ./scripts/stack-install.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The images and the shipped agent binary the tests run (built alone, static, as users get them).
+./scripts/images.sh
 cargo test --workspace --locked "$@"

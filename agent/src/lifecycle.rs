@@ -275,7 +275,15 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
                 Some(Event::Stop) | None => return sidecar.stop().await,
                 Some(Event::StateChanged) => {
                     if state_revoked(&config.state_dir) {
-                        tracing::info!("the state was revoked (preStop); stopping without renewing");
+                        // Exiting here would kill the preStop hook's own process with the
+                        // container (the kubelet then reports the hook as failed); the kubelet
+                        // sends SIGTERM as soon as the hook returns.
+                        tracing::info!("the state was revoked (preStop); renewing nothing more, waiting for SIGTERM");
+                        while let Some(event) = events.recv().await {
+                            if matches!(event, Event::Stop) {
+                                break;
+                            }
+                        }
                         return Ok(());
                     }
                 }

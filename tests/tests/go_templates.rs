@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use sidekey_tests::injector::binary;
 use sidekey_tests::{Stack, tools};
 
 struct Case {
@@ -240,7 +239,7 @@ fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
     let config = json!({
         "exit_after_auth": true,
         "pid_file": dir.join("bao.pid"),
-        "vault": { "address": stack.addr, "retry": { "num_retries": 1 } },
+        "vault": { "address": stack.addr, "ca_cert": stack.ca_file(), "retry": { "num_retries": 1 } },
         "auto_auth": {
             "method": { "type": "token_file", "config": { "token_file_path": token } },
             "sink": [{ "type": "file", "config": { "path": dir.join("sink") } }]
@@ -285,7 +284,7 @@ fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, 
     let token = dir.join("token");
     std::fs::write(&token, &stack.app_token).unwrap();
     let config = json!({
-        "store": { "address": stack.addr },
+        "store": stack.store_config(),
         "auth": { "type": "token", "token_file": token },
         "templates": [template],
         "secrets_dir": dir.join("sk-out"),
@@ -295,7 +294,7 @@ fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, 
     });
     let path = dir.join("sidekey.json");
     std::fs::write(&path, config.to_string()).unwrap();
-    let result = Command::new(binary("sidekey-agent").unwrap())
+    let result = Command::new(sidekey_tests::podman::shipped_agent().unwrap())
         .args(["init", "--config"])
         .arg(&path)
         .env("SIDEKEY_DIFF_ENV", "from-env")

@@ -1,5 +1,6 @@
-//! The local end-to-end demo (`./scripts/demo.sh`): a real OpenBao and PostgreSQL, the injector
-//! over TLS, and a sample Deployment's pod injected, run, renewed, stopped and cleaned up.
+//! The local end-to-end demo (`./scripts/demo.sh`): a real OpenBao (over TLS) and PostgreSQL, the
+//! injector and agent images as they ship (run under podman), and a sample Deployment's pod
+//! injected, run, renewed, stopped and cleaned up.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -19,11 +20,11 @@ async fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "the demo runs each container in its own mount namespace (unshare -m) and needs root"
+            "the demo runs the images under podman with runc and mounts tmpfs volumes: it needs root"
         );
     }
     let started = Instant::now();
-    step("Starting OpenBao (bao server -dev) and PostgreSQL on loopback");
+    step("Starting OpenBao (bao server -dev, TLS listeners) and PostgreSQL on loopback");
     let stack = Stack::start()?;
     println!(
         "OpenBao at {}, PostgreSQL on 127.0.0.1:{}",
@@ -51,11 +52,17 @@ async fn main() -> Result<()> {
         "wrote secret/shop/config (KV v2) and database role orders (dynamic PostgreSQL users, TTL 9 s)"
     );
 
-    step("Starting sidekey-injector over TLS");
+    step("Loading the images (target/images/*.tar, built by scripts/images.sh) into podman");
+    let images = sidekey_tests::podman::images()?;
+    println!("{} and {}", images.agent, images.injector);
+    step(
+        "Starting the sidekey-injector image over TLS, with the store's CA as the agents' default",
+    );
+    let ca = std::fs::read_to_string(stack.ca_file())?;
     let injector = Injector::start(
         &stack.addr,
-        "ghcr.io/sidekey/sidekey-agent:demo",
-        &["--revoke-grace", "1"],
+        &images.agent,
+        &["--revoke-grace", "1", &format!("--vault-cacert-bytes={ca}")],
     )
     .await?;
     println!("listening on https://127.0.0.1:{}", injector.port);
