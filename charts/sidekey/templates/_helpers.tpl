@@ -53,8 +53,21 @@ app.kubernetes.io/component: injector
 {{- printf "%s.%s.svc" (include "sidekey.fullname" .) .Release.Namespace -}}
 {{- end -}}
 
-{{/* The chart-generated CA and serving certificate, reused across upgrades when the Secret exists. */}}
+{{/*
+The chart-generated CA and serving certificate as JSON ({"ca", "cert", "key"}), reused across
+upgrades when the Secret exists. tls.yaml (the Secret) and webhook.yaml (the caBundle) both include
+this, and genCA is random: the first include of a render stores its result in the render's root
+context, which every template of this chart shares, so both see the same CA.
+*/}}
 {{- define "sidekey.chartCerts" -}}
+{{- if not (hasKey . "sidekeyChartCerts") -}}
+{{- $_ := set . "sidekeyChartCerts" (include "sidekey.chartCertsOnce" .) -}}
+{{- end -}}
+{{- get . "sidekeyChartCerts" -}}
+{{- end -}}
+
+{{/* One generation (or lookup) of the chart certificates: include only through sidekey.chartCerts. */}}
+{{- define "sidekey.chartCertsOnce" -}}
 {{- $secretName := include "sidekey.tlsSecretName" . -}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace $secretName -}}
 {{- if and $existing $existing.data (index $existing.data "ca.crt") -}}
