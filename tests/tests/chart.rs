@@ -314,6 +314,10 @@ fn values_that_break_the_schema_are_rejected() {
         ("replicas: 0\n", "/replicas"),
         ("surprise: true\n", "surprise"),
         ("tls:\n  mode: secret\n", "allOf"),
+        (
+            "agent:\n  imageRepository: \"\"\n",
+            "/agent/imageRepository",
+        ),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let file = dir.path().join(format!("bad-{i}.yaml"));
@@ -353,4 +357,82 @@ fn notes_show_how_to_annotate_a_deployment() {
         text.contains("{{data.username}}"),
         "the NOTES escape template braces: {text}"
     );
+}
+
+fn app_version() -> String {
+    let chart =
+        std::fs::read_to_string(workspace_root().join("charts/sidekey/Chart.yaml")).unwrap();
+    let chart: serde_yaml::Value = serde_yaml::from_str(&chart).unwrap();
+    chart["appVersion"].as_str().unwrap().to_string()
+}
+
+fn injector_env(docs: &[Value], name: &str) -> String {
+    let deployment = of_kind(docs, "Deployment")[0];
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name}"))["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn images_follow_the_charts_app_version() {
+    let version = app_version();
+    assert_eq!(
+        version,
+        env!("CARGO_PKG_VERSION"),
+        "the chart ships the workspace's version"
+    );
+    let agent_default = format!("ghcr.io/sidekey/sidekey-agent:{version}");
+    assert_eq!(
+        sidekey_injector::config::DEFAULT_IMAGE,
+        agent_default,
+        "the injector's own default agent image is the chart's"
+    );
+    let docs = template(&[]);
+    let container = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["image"],
+        format!("ghcr.io/sidekey/sidekey-injector:{version}")
+    );
+    // Images loaded into kind, k3s or containerd are used without a registry.
+    assert_eq!(container["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(
+        injector_env(&docs, "SIDEKEY_INJECTOR_AGENT_IMAGE"),
+        agent_default
+    );
+    for (sets, injector, agent) in [
+        (
+            vec!["agent.image=registry.example.com/agent:2.0"],
+            format!("ghcr.io/sidekey/sidekey-injector:{version}"),
+            "registry.example.com/agent:2.0".to_string(),
+        ),
+        (
+            vec!["agent.imageTag=0.2.0", "image.tag=0.2.0"],
+            "ghcr.io/sidekey/sidekey-injector:0.2.0".to_string(),
+            "ghcr.io/sidekey/sidekey-agent:0.2.0".to_string(),
+        ),
+        (
+            vec![
+                "agent.imageRepository=mirror.example.com/sidekey-agent",
+                "image.repository=mirror.example.com/sidekey-injector",
+            ],
+            format!("mirror.example.com/sidekey-injector:{version}"),
+            format!("mirror.example.com/sidekey-agent:{version}"),
+        ),
+    ] {
+        let docs = template(&sets);
+        let container =
+            &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["image"], injector.as_str(), "{sets:?}");
+        assert_eq!(
+            injector_env(&docs, "SIDEKEY_INJECTOR_AGENT_IMAGE"),
+            agent,
+            "{sets:?}"
+        );
+    }
 }

@@ -37,6 +37,21 @@ app.kubernetes.io/component: injector
 {{- end -}}
 {{- end -}}
 
+{{/* The injector's image: the chart's appVersion unless image.tag is set. */}}
+{{- define "sidekey.injectorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The agent image the injector adds to pods: agent.image verbatim when set, else
+<agent.imageRepository>:<agent.imageTag or the chart's appVersion>. */}}
+{{- define "sidekey.agentImage" -}}
+{{- if .Values.agent.image -}}
+{{- .Values.agent.image -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.agent.imageRepository (.Values.agent.imageTag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "sidekey.webhookName" -}}
 {{- printf "%s-webhook" (include "sidekey.fullname" .) -}}
 {{- end -}}
