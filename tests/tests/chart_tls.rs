@@ -454,13 +454,25 @@ impl InjectorPod {
         std::fs::read_to_string(self.dir.path().join("injector.log")).unwrap_or_default()
     }
 
-    /// Starts the container the way the kubelet does: the Deployment's args and env (downward
-    /// API `fieldRef`s resolved), its Secret volumes written out key by key, and nothing else of
-    /// the environment. The image's entrypoint is `sidekey-injector`; the test runs the
-    /// workspace binary. Mount paths are translated to where the volumes were written, and the
-    /// listen address to a free loopback port (kube-proxy's part is `Cluster::dial`).
-    /// `extra_env` is what the pod gets from outside the Deployment (here: a kubeconfig).
+    /// Starts the container the way the kubelet does and waits until its readiness probe
+    /// passes: the Deployment's args and env (downward API `fieldRef`s resolved), its Secret
+    /// volumes written out key by key, and nothing else of the environment. The Deployment sets
+    /// no command (the image runs `sidekey-injector`); here the workspace's binary runs. Mount
+    /// paths are translated to where the volumes were written, and the listen address to a free
+    /// loopback port (kube-proxy's part is in `call_host`). `extra_env` is what the pod gets from
+    /// outside the Deployment (here: a kubeconfig).
     async fn start(
+        rendered: &Rendered,
+        secrets: &Secrets,
+        extra_env: &[(String, String)],
+    ) -> InjectorPod {
+        let mut pod = InjectorPod::spawn(rendered, secrets, extra_env);
+        pod.wait_ready(rendered).await;
+        pod
+    }
+
+    /// The container started, not yet ready.
+    fn spawn(
         rendered: &Rendered,
         secrets: &Secrets,
         extra_env: &[(String, String)],
@@ -543,15 +555,15 @@ impl InjectorPod {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut pod = InjectorPod { child, port, dir };
-        pod.wait_ready(&container["readinessProbe"]).await;
-        pod
+        InjectorPod { child, port, dir }
     }
 
-    /// The kubelet's readiness probe: HTTPS without certificate verification, as the kubelet
-    /// probes.
-    async fn wait_ready(&mut self, probe: &Value) {
-        let get = &probe["httpGet"];
+    /// The kubelet's readiness probe of the rendered container: HTTPS without certificate
+    /// verification, as the kubelet probes.
+    async fn wait_ready(&mut self, rendered: &Rendered) {
+        let deployment = rendered.one("Deployment");
+        let get =
+            &deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
         assert_eq!(get["scheme"], "HTTPS");
         let url = format!(
             "https://127.0.0.1:{}{}",
@@ -632,19 +644,28 @@ fn port_of_target(rendered: &Rendered) -> u16 {
 // ---------------------------------------------------------------------------------------------
 // The API server calling the webhook
 
-/// Calls the webhook as the API server does and returns the AdmissionReview answered. The
-/// client trusts only `ca_pem`; the service name resolves to the injector pod's loopback port
-/// (kube-proxy's part), and TLS sends and verifies that name.
-async fn call_webhook(target: &WebhookTarget, ca_pem: &[u8], pod: &InjectorPod) -> Value {
-    call_host(&target.host, target, ca_pem, pod).await
+/// Calls the webhook as the API server does and returns the AdmissionReview answered: only for
+/// a request the webhook's rules and selectors match, at the service name of its clientConfig,
+/// trusting only its caBundle.
+async fn call_webhook(mwc: &Value, pod: &InjectorPod) -> Value {
+    call_host(&webhook_target(mwc).host, mwc, pod).await
 }
 
-async fn call_host(host: &str, target: &WebhookTarget, ca_pem: &[u8], pod: &InjectorPod) -> Value {
+/// `call_webhook` at one of the names the serving certificate is for. The name resolves to the
+/// injector pod's loopback port (kube-proxy's part); TLS sends and verifies that name.
+async fn call_host(host: &str, mwc: &Value, pod: &InjectorPod) -> Value {
     install_crypto_provider();
+    let target = webhook_target(mwc);
+    let review = review_of(&fixture_pod());
+    assert!(
+        webhook_matches(mwc, &review["request"]),
+        "the API server would not call the webhook for this review"
+    );
     // The service port reaches the pod through the resolved address only when the URL carries
     // the scheme's default port (an explicit port would override it): the chart's is 443.
     assert_eq!(target.port, 443, "the webhook's service port");
-    let roots = reqwest::Certificate::from_pem_bundle(ca_pem).expect("the caBundle is PEM");
+    let roots =
+        reqwest::Certificate::from_pem_bundle(&ca_bundle(mwc)).expect("the caBundle is PEM");
     assert!(!roots.is_empty(), "the caBundle holds a certificate");
     let client = reqwest::Client::builder()
         .tls_certs_only(roots)
@@ -657,7 +678,6 @@ async fn call_host(host: &str, target: &WebhookTarget, ca_pem: &[u8], pod: &Inje
         "https://{host}:{}{}?timeout={}s",
         target.port, target.path, target.timeout_seconds
     );
-    let review = review_of(&fixture_pod());
     let response = client
         .post(&url)
         .header("content-type", "application/json")
@@ -673,6 +693,56 @@ async fn call_host(host: &str, target: &WebhookTarget, ca_pem: &[u8], pod: &Inje
         });
     assert_eq!(response.status(), 200, "{url}");
     response.json().await.unwrap()
+}
+
+/// Whether the API server sends this admission request to the webhook: a rule covers the
+/// operation and resource, and the namespaceSelector (over the namespace's labels; the API
+/// server sets `kubernetes.io/metadata.name` on every namespace) and the objectSelector (over
+/// the object's labels) match.
+fn webhook_matches(mwc: &Value, request: &Value) -> bool {
+    let hook = &mwc["webhooks"][0];
+    let listed = |list: &Value, v: &Value| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x == v || x == "*")
+    };
+    let rule = hook["rules"].as_array().unwrap().iter().any(|r| {
+        listed(&r["operations"], &request["operation"])
+            && listed(&r["apiGroups"], &request["resource"]["group"])
+            && listed(&r["apiVersions"], &request["resource"]["version"])
+            && listed(&r["resources"], &request["resource"]["resource"])
+    });
+    let namespace_labels = json!({ "kubernetes.io/metadata.name": request["namespace"] });
+    let object_labels = &request["object"]["metadata"]["labels"];
+    rule && selects(&hook["namespaceSelector"], &namespace_labels)
+        && selects(&hook["objectSelector"], object_labels)
+}
+
+/// A label selector over `labels`, as Kubernetes evaluates it (an empty selector selects all).
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let label = |k: &str| labels.get(k).and_then(Value::as_str);
+    let by_label = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| label(k) == v.as_str());
+    let by_expression = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let value = label(e["key"].as_str().unwrap());
+            let among = |v: &str| e["values"].as_array().into_iter().flatten().any(|x| x == v);
+            match e["operator"].as_str().unwrap() {
+                "In" => value.is_some_and(among),
+                "NotIn" => !value.is_some_and(among),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                other => panic!("selector operator {other}"),
+            }
+        });
+    by_label && by_expression
 }
 
 fn fixture_pod() -> Value {
@@ -718,15 +788,28 @@ async fn chart_mode_the_rendered_ca_bundle_verifies_the_rendered_secret() {
     for flags in [&[][..], &["--is-upgrade"][..]] {
         let rendered = render(&[], flags);
         let mwc = rendered.one("MutatingWebhookConfiguration");
-        let target = webhook_target(mwc);
-        let bundle = ca_bundle(mwc);
         let secrets = rendered_secrets(&rendered);
         let pod = InjectorPod::start(&rendered, &secrets, &[]).await;
-        assert_injected(&call_webhook(&target, &bundle, &pod).await);
+        assert_injected(&call_webhook(mwc, &pod).await);
         let secret = &secrets[&ns_name(NAMESPACE, &format!("{RELEASE}-sidekey-tls"))];
         assert!(
-            secret["ca.crt"] == bundle,
+            secret["ca.crt"] == ca_bundle(mwc),
             "{flags:?}: the Secret's ca.crt is not the webhook's caBundle"
+        );
+    }
+}
+
+#[test]
+fn the_webhook_is_not_called_for_its_own_namespace() {
+    let rendered = render(&[], &[]);
+    let mwc = rendered.one("MutatingWebhookConfiguration");
+    let mut review = review_of(&fixture_pod());
+    assert!(webhook_matches(mwc, &review["request"]));
+    for namespace in [NAMESPACE, "kube-system"] {
+        review["request"]["namespace"] = json!(namespace);
+        assert!(
+            !webhook_matches(mwc, &review["request"]),
+            "{namespace} is left out"
         );
     }
 }
@@ -759,12 +842,10 @@ async fn secret_mode_serves_the_users_secret_trusted_by_the_ca_they_pass() {
         "the user's Secret is theirs"
     );
     let mwc = rendered.one("MutatingWebhookConfiguration");
-    let target = webhook_target(mwc);
-    assert_eq!(target.host, service_host);
-    let bundle = ca_bundle(mwc);
-    assert_eq!(bundle, ca.cert_pem.as_bytes());
+    assert_eq!(webhook_target(mwc).host, service_host);
+    assert_eq!(ca_bundle(mwc), ca.cert_pem.as_bytes());
     let pod = InjectorPod::start(&rendered, &secrets, &[]).await;
-    assert_injected(&call_webhook(&target, &bundle, &pod).await);
+    assert_injected(&call_webhook(mwc, &pod).await);
 }
 
 #[tokio::test]
@@ -785,10 +866,8 @@ async fn cert_manager_mode_with_the_charts_self_signed_issuer() {
         "cainjector fills the caBundle"
     );
     cert_manager.inject_ca(&mut mwc, &secrets);
-    let target = webhook_target(&mwc);
-    let bundle = ca_bundle(&mwc);
     let pod = InjectorPod::start(&rendered, &secrets, &[]).await;
-    assert_injected(&call_webhook(&target, &bundle, &pod).await);
+    assert_injected(&call_webhook(&mwc, &pod).await);
 }
 
 #[tokio::test]
@@ -825,39 +904,43 @@ async fn cert_manager_mode_with_the_users_cluster_issuer() {
     cert_manager.reconcile(&mut secrets);
     let mut mwc = rendered.one("MutatingWebhookConfiguration").clone();
     cert_manager.inject_ca(&mut mwc, &secrets);
-    let bundle = ca_bundle(&mwc);
-    assert_eq!(bundle, corp.cert_pem.as_bytes());
-    let target = webhook_target(&mwc);
+    assert_eq!(ca_bundle(&mwc), corp.cert_pem.as_bytes());
     let pod = InjectorPod::start(&rendered, &secrets, &[]).await;
-    assert_injected(&call_webhook(&target, &bundle, &pod).await);
+    assert_injected(&call_webhook(&mwc, &pod).await);
 }
 
 #[tokio::test]
-async fn auto_mode_the_injector_patches_the_ca_bundle_it_serves_under() {
+async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
     let rendered = render(&sets(&["tls.mode=auto"]), &[]);
-    let mwc = rendered.one("MutatingWebhookConfiguration");
+    let mwc_name = rendered.one("MutatingWebhookConfiguration")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
-        mwc["webhooks"][0]["clientConfig"]["caBundle"].is_null(),
+        rendered.one("MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]
+            .is_null(),
         "the injector fills the caBundle"
     );
     let api = ApiServer::start(&rendered).await;
-    let kubeconfig = api.kubeconfig();
-    let pod = InjectorPod::start(
-        &rendered,
-        &Secrets::new(),
-        &[("KUBECONFIG".into(), kubeconfig.display().to_string())],
-    )
-    .await;
-    let patched = api.object(&format!(
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{}",
-        mwc["metadata"]["name"].as_str().unwrap()
-    ));
-    let bundle = ca_bundle(&patched);
-    let target = webhook_target(&patched);
-    let env =
-        rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+    let kubeconfig = [(
+        "KUBECONFIG".to_string(),
+        api.kubeconfig().display().to_string(),
+    )];
+    // Every replica the Deployment asks for, started at once: they race for the shared Secret.
+    let deployment = rendered.one("Deployment");
+    let replicas = deployment["spec"]["replicas"].as_u64().unwrap();
+    assert!(replicas >= 2, "the chart runs replicas");
+    let mut pods: Vec<InjectorPod> = (0..replicas)
+        .map(|_| InjectorPod::spawn(&rendered, &Secrets::new(), &kubeconfig))
+        .collect();
+    for pod in &mut pods {
+        pod.wait_ready(&rendered).await;
+    }
+    let patched = api.object(&format!("{MWC_PATH}/{mwc_name}"));
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let env_value = |name: &str| {
-        env.as_array()
+        container["env"]
+            .as_array()
             .unwrap()
             .iter()
             .find(|e| e["name"] == name)
@@ -866,24 +949,27 @@ async fn auto_mode_the_injector_patches_the_ca_bundle_it_serves_under() {
             .unwrap()
             .to_string()
     };
+    assert_eq!(env_value("SIDEKEY_INJECTOR_TLS_AUTO"), mwc_name);
     let shared = api.object(&format!(
         "/api/v1/namespaces/{NAMESPACE}/secrets/{}",
         env_value("SIDEKEY_INJECTOR_TLS_AUTO_SECRET")
     ));
-    assert_eq!(
+    assert!(
         B64.decode(shared["data"]["ca.crt"].as_str().unwrap())
-            .unwrap(),
-        bundle,
-        "the shared Secret's CA is the patched caBundle"
+            .unwrap()
+            == ca_bundle(&patched),
+        "the shared Secret's CA is not the patched caBundle"
     );
     let hosts = env_value("SIDEKEY_INJECTOR_TLS_AUTO_HOSTS");
     let hosts: Vec<&str> = hosts.split(',').collect();
     assert!(
-        hosts.contains(&target.host.as_str()),
+        hosts.contains(&webhook_target(&patched).host.as_str()),
         "the auto-TLS hosts {hosts:?} cover the name the API server dials"
     );
-    for host in hosts {
-        assert_injected(&call_host(host, &target, &bundle, &pod).await);
+    for pod in &pods {
+        for host in &hosts {
+            assert_injected(&call_host(host, &patched, pod).await);
+        }
     }
 }
 
