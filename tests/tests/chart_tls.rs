@@ -9,10 +9,10 @@
 //! hostname verification on that service name. A render whose caBundle does not verify the
 //! served chain for that name fails the handshake, and the case with it.
 //!
-//! The chart's upgrade branch (`lookup` of the existing Secret) needs a cluster; `helm template`
-//! always sees none, so that branch is not run here.
+//! The chart's upgrade branch (`lookup` of the existing Secret) needs a cluster: helm renders it
+//! here with `--dry-run=server` against the API server this file plays.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -56,7 +56,15 @@ impl Rendered {
 /// `helm template` of the chart with `--set` values and extra flags; fails the test when helm
 /// exits non-zero.
 fn render(sets: &[String], flags: &[&str]) -> Rendered {
+    render_in(sets, flags, None)
+}
+
+/// `render`, talking to the cluster the kubeconfig names when one is given.
+fn render_in(sets: &[String], flags: &[&str], kubeconfig: Option<&std::path::Path>) -> Rendered {
     let mut cmd = Command::new(tools().unwrap().helm);
+    if let Some(config) = kubeconfig {
+        cmd.env("KUBECONFIG", config);
+    }
     cmd.args([
         "template",
         RELEASE,
@@ -783,8 +791,8 @@ fn sets(values: &[&str]) -> Vec<String> {
 
 #[tokio::test]
 async fn chart_mode_the_rendered_ca_bundle_verifies_the_rendered_secret() {
-    // `--is-upgrade` renders as `helm upgrade` would without a cluster: the lookup of the
-    // existing Secret finds nothing, so new certificates are generated, once.
+    // `--is-upgrade` without a cluster: the lookup of the existing Secret finds nothing, so new
+    // certificates are generated, once.
     for flags in [&[][..], &["--is-upgrade"][..]] {
         let rendered = render(&[], flags);
         let mwc = rendered.one("MutatingWebhookConfiguration");
@@ -797,6 +805,44 @@ async fn chart_mode_the_rendered_ca_bundle_verifies_the_rendered_secret() {
             "{flags:?}: the Secret's ca.crt is not the webhook's caBundle"
         );
     }
+}
+
+// Multi-threaded: helm runs as a blocking child process while the API server task answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_mode_an_upgrade_keeps_the_installed_certificates() {
+    // The cluster after `helm install`: everything the first render made, its Secret included.
+    let installed = render(&[], &[]);
+    let api = ApiServer::start(&installed.0.iter().collect::<Vec<_>>(), &installed).await;
+    // `helm upgrade` renders against the cluster, so the chart's lookup sees the Secret. Helm
+    // would also fetch the API server's OpenAPI to validate; that is left out here
+    // (chart.rs validates the render with kubernetes-validate).
+    let upgraded = render_in(
+        &[],
+        &[
+            "--is-upgrade",
+            "--dry-run=server",
+            "--disable-openapi-validation",
+        ],
+        Some(&api.kubeconfig(ApiUser::Admin)),
+    );
+    let secret_path = format!("/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-sidekey-tls");
+    assert!(
+        api.requests().contains(&format!("GET {secret_path}")),
+        "the render looked the Secret up: {:?}",
+        api.requests()
+    );
+    let mwc = upgraded.one("MutatingWebhookConfiguration");
+    assert!(
+        ca_bundle(mwc) == ca_bundle(installed.one("MutatingWebhookConfiguration")),
+        "the upgrade changed the caBundle"
+    );
+    assert!(
+        upgraded.one("Secret")["data"] == installed.one("Secret")["data"],
+        "the upgrade changed the Secret"
+    );
+    let secrets = rendered_secrets(&upgraded);
+    let pod = InjectorPod::start(&upgraded, &secrets, &[]).await;
+    assert_injected(&call_webhook(mwc, &pod).await);
 }
 
 #[test]
@@ -921,10 +967,16 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
             .is_null(),
         "the injector fills the caBundle"
     );
-    let api = ApiServer::start(&rendered).await;
+    assert_eq!(
+        rendered.one("Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        true,
+        "the pod gets an API token"
+    );
+    // The cluster after `helm install`: the webhook configuration exists, without a caBundle.
+    let api = ApiServer::start(&[rendered.one("MutatingWebhookConfiguration")], &rendered).await;
     let kubeconfig = [(
         "KUBECONFIG".to_string(),
-        api.kubeconfig().display().to_string(),
+        api.kubeconfig(ApiUser::Injector).display().to_string(),
     )];
     // Every replica the Deployment asks for, started at once: they race for the shared Secret.
     let deployment = rendered.one("Deployment");
@@ -974,20 +1026,23 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The API server, for auto-TLS
+// The API server, for auto-TLS and for helm's server-side dry run
 
-/// The part of the Kubernetes API the auto-TLS injector uses, served over HTTP on loopback:
-/// objects stored as JSON with resourceVersions (create answers 409 AlreadyExists for an existing
-/// name, update 409 Conflict for a stale resourceVersion, get 404 NotFound), seeded with the
-/// rendered MutatingWebhookConfiguration as `helm install` leaves it, and every request
-/// authorized against the rendered RBAC for the bearer token of the Deployment's service
-/// account: a verb the chart's Role/ClusterRole does not grant is 403 Forbidden, as the
-/// authorizer answers. Substitutions: plain HTTP instead of the API server's TLS (not what is
-/// under test), and the pod reaches it through a kubeconfig instead of the in-cluster service
-/// account mount (whose path is fixed, outside the container's reach here).
+/// The part of the Kubernetes API that the auto-TLS injector and `helm template
+/// --dry-run=server` use, served over HTTP on loopback: legacy discovery (`/version`, `/api`,
+/// `/apis`, each group version's resources) for the kinds the chart renders; objects stored as
+/// JSON with resourceVersions (create answers 409 AlreadyExists for an existing name, update 409
+/// Conflict for a stale resourceVersion, get 404 NotFound as a Status), seeded with what an
+/// earlier `helm install` left; two users: an admin (helm's, allowed everything as
+/// cluster-admin is) and the Deployment's service account, whose every request is authorized
+/// against the rendered RBAC: a verb the chart's Role/ClusterRole does not grant is 403
+/// Forbidden, as the authorizer answers. It serves HTTPS with its own CA, as clients send bearer
+/// tokens only over TLS. Substitution: the pod reaches it through a kubeconfig instead of the
+/// in-cluster service account mount (whose path is fixed, outside the container's reach here).
 struct ApiServer {
     state: Arc<ApiState>,
     addr: SocketAddr,
+    ca_pem: String,
     dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
 }
@@ -1001,10 +1056,147 @@ impl Drop for ApiServer {
 struct ApiState {
     objects: Mutex<BTreeMap<String, Value>>,
     version: Mutex<u64>,
+    /// Every request served, as `METHOD path`.
+    requests: Mutex<Vec<String>>,
     token: String,
     /// The service account the token belongs to, as the authenticator names it.
     user: String,
     rules: Vec<Grant>,
+    admin_token: String,
+}
+
+/// Who a kubeconfig authenticates as.
+enum ApiUser {
+    /// The Deployment's service account.
+    Injector,
+    /// A cluster admin, as helm runs.
+    Admin,
+}
+
+/// The API resources the chart renders, as discovery lists them: (group, version, resource,
+/// kind, namespaced).
+const RESOURCES: [(&str, &str, &str, &str, bool); 12] = [
+    ("", "v1", "secrets", "Secret", true),
+    ("", "v1", "services", "Service", true),
+    ("", "v1", "serviceaccounts", "ServiceAccount", true),
+    ("apps", "v1", "deployments", "Deployment", true),
+    (
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+        true,
+    ),
+    (
+        ADMISSION,
+        "v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        false,
+    ),
+    (
+        ADMISSION,
+        "v1",
+        "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicy",
+        false,
+    ),
+    (
+        ADMISSION,
+        "v1",
+        "validatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicyBinding",
+        false,
+    ),
+    (RBAC, "v1", "roles", "Role", true),
+    (RBAC, "v1", "rolebindings", "RoleBinding", true),
+    (RBAC, "v1", "clusterroles", "ClusterRole", false),
+    (
+        RBAC,
+        "v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        false,
+    ),
+];
+const ADMISSION: &str = "admissionregistration.k8s.io";
+const RBAC: &str = "rbac.authorization.k8s.io";
+
+/// The REST path of a stored object.
+fn object_path(obj: &Value) -> String {
+    let (group, version) = match obj["apiVersion"].as_str().unwrap().split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", obj["apiVersion"].as_str().unwrap()),
+    };
+    let (_, _, resource, _, namespaced) = RESOURCES
+        .iter()
+        .find(|r| r.0 == group && r.1 == version && r.3 == obj["kind"])
+        .unwrap_or_else(|| panic!("{} {} is not served", obj["apiVersion"], obj["kind"]));
+    let root = if group.is_empty() {
+        format!("/api/{version}")
+    } else {
+        format!("/apis/{group}/{version}")
+    };
+    let name = obj["metadata"]["name"].as_str().unwrap();
+    match (namespaced, obj["metadata"]["namespace"].as_str()) {
+        (true, Some(ns)) => format!("{root}/namespaces/{ns}/{resource}/{name}"),
+        (true, None) => panic!("{} {name} has no namespace", obj["kind"]),
+        (false, _) => format!("{root}/{resource}/{name}"),
+    }
+}
+
+/// Legacy discovery: what `/version`, `/api`, `/apis` and a group version answer, or `None`
+/// for other paths.
+fn discovery(path: &str) -> Option<Value> {
+    let group_versions: BTreeSet<(&str, &str)> = RESOURCES.iter().map(|r| (r.0, r.1)).collect();
+    let resources = |group: &str, version: &str| {
+        let list: Vec<Value> = RESOURCES
+            .iter()
+            .filter(|r| r.0 == group && r.1 == version)
+            .map(|r| {
+                json!({
+                    "name": r.2, "singularName": r.3.to_lowercase(), "namespaced": r.4, "kind": r.3,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]
+                })
+            })
+            .collect();
+        let group_version = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        (!list.is_empty()).then(|| {
+            json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": list })
+        })
+    };
+    match path
+        .trim_end_matches('/')
+        .split('/')
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["", "version"] => Some(json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"
+        })),
+        ["", "api"] => Some(json!({
+            "kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{ "clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1" }]
+        })),
+        ["", "apis"] => {
+            let groups: Vec<Value> = group_versions
+                .iter()
+                .filter(|(g, _)| !g.is_empty())
+                .map(|(g, v)| {
+                    let gv = json!({ "groupVersion": format!("{g}/{v}"), "version": v });
+                    json!({ "name": g, "versions": [gv], "preferredVersion": gv })
+                })
+                .collect();
+            Some(json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": groups }))
+        }
+        ["", "api", version] => resources("", version),
+        ["", "apis", group, version] => resources(group, version),
+        _ => None,
+    }
 }
 
 /// One RBAC rule, granted in a namespace (`None`: cluster-wide, from a ClusterRoleBinding).
@@ -1016,30 +1208,34 @@ struct Grant {
 const MWC_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
 
 impl ApiServer {
-    async fn start(rendered: &Rendered) -> ApiServer {
+    /// Serves the `seed` objects, authorizing the service account of `rendered`'s Deployment
+    /// with `rendered`'s RBAC.
+    async fn start(seed: &[&Value], rendered: &Rendered) -> ApiServer {
         let deployment = rendered.one("Deployment");
-        let pod = &deployment["spec"]["template"]["spec"];
-        assert_eq!(
-            pod["automountServiceAccountToken"], true,
-            "the pod gets an API token"
-        );
-        let sa = pod["serviceAccountName"].as_str().unwrap();
-        let mut mwc = rendered.one("MutatingWebhookConfiguration").clone();
-        mwc["metadata"]["resourceVersion"] = json!("1");
-        let mut objects = BTreeMap::new();
-        objects.insert(
-            format!("{MWC_PATH}/{}", mwc["metadata"]["name"].as_str().unwrap()),
-            mwc,
-        );
+        let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap();
+        let objects = seed
+            .iter()
+            .map(|obj| {
+                let mut obj = (*obj).clone();
+                obj["metadata"]["resourceVersion"] = json!("1");
+                (object_path(&obj), obj)
+            })
+            .collect();
         let state = Arc::new(ApiState {
             objects: Mutex::new(objects),
             version: Mutex::new(1),
+            requests: Mutex::new(Vec::new()),
             token: format!("token-of-{sa}"),
             user: format!("system:serviceaccount:{NAMESPACE}:{sa}"),
             rules: grants(rendered, NAMESPACE, sa),
+            admin_token: "token-of-cluster-admin".into(),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let ca = Authority::root("test API server CA");
+        let (cert, key) = ca.serving(&["127.0.0.1".to_string()]);
+        let listener = TlsListener::bind(&cert, &key).await;
+        let addr = listener.tcp.local_addr().unwrap();
         let app = axum::Router::new()
             .fallback(api_request)
             .with_state(state.clone());
@@ -1049,19 +1245,27 @@ impl ApiServer {
         ApiServer {
             state,
             addr,
+            ca_pem: ca.cert_pem.clone(),
             dir: tempfile::tempdir().unwrap(),
             task,
         }
     }
 
-    fn kubeconfig(&self) -> PathBuf {
-        let path = self.dir.path().join("kubeconfig");
+    fn kubeconfig(&self, user: ApiUser) -> PathBuf {
+        let (name, token) = match user {
+            ApiUser::Injector => ("injector", &self.state.token),
+            ApiUser::Admin => ("admin", &self.state.admin_token),
+        };
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
         let config = json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{ "name": "test", "cluster": { "server": format!("http://{}", self.addr) } }],
-            "users": [{ "name": "injector", "user": { "token": self.state.token } }],
-            "contexts": [{ "name": "test", "context": { "cluster": "test", "user": "injector", "namespace": NAMESPACE } }],
+            "clusters": [{ "name": "test", "cluster": {
+                "server": format!("https://{}", self.addr),
+                "certificate-authority-data": B64.encode(&self.ca_pem)
+            } }],
+            "users": [{ "name": name, "user": { "token": token } }],
+            "contexts": [{ "name": "test", "context": { "cluster": "test", "user": name, "namespace": NAMESPACE } }],
             "current-context": "test"
         });
         std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
@@ -1076,6 +1280,55 @@ impl ApiServer {
             .get(path)
             .cloned()
             .unwrap_or_else(|| panic!("the API server holds no {path}"))
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+/// TLS connections for `axum::serve`; a failed handshake drops that connection only.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    async fn bind(cert_pem: &str, key_pem: &str) -> TlsListener {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        install_crypto_provider();
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        TlsListener {
+            tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if let Ok((tcp, addr)) = self.tcp.accept().await
+                && let Ok(tls) = self.acceptor.accept(tcp).await
+            {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 
@@ -1213,13 +1466,24 @@ async fn api_request(
     body: Bytes,
 ) -> Response {
     let path = uri.path();
-    let bearer = format!("Bearer {}", state.token);
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(bearer.as_str()) {
+    state
+        .requests
+        .lock()
+        .unwrap()
+        .push(format!("{method} {path}"));
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let admin = authorization == Some(format!("Bearer {}", state.admin_token).as_str());
+    if !admin && authorization != Some(format!("Bearer {}", state.token).as_str()) {
         return status(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "Unauthorized".into(),
         );
+    }
+    if method == Method::GET
+        && let Some(list) = discovery(path)
+    {
+        return axum::Json(list).into_response();
     }
     let Some(attrs) = attributes(path) else {
         return status(
@@ -1240,7 +1504,7 @@ async fn api_request(
             );
         }
     };
-    if !allowed(&state.rules, verb, &attrs) {
+    if !admin && !allowed(&state.rules, verb, &attrs) {
         let scope = match &attrs.namespace {
             Some(ns) => format!(" in the namespace \"{ns}\""),
             None => " at the cluster scope".to_string(),
