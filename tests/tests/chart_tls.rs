@@ -448,6 +448,11 @@ struct InjectorPod {
     /// the rendered one; this machine is shared).
     port: u16,
     dir: tempfile::TempDir,
+    /// How the container is started again after it exits (the pod's restartPolicy: Always).
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    /// Times the kubelet restarted the container.
+    restarts: u32,
 }
 
 impl Drop for InjectorPod {
@@ -553,17 +558,20 @@ impl InjectorPod {
             .flatten()
             .map(|a| in_volumes(a.as_str().unwrap(), &mounts))
             .collect();
-        let log = std::fs::File::create(dir.path().join("injector.log")).unwrap();
-        let child = Command::new(binary("sidekey-injector").unwrap())
-            .env_clear()
-            .envs(env)
-            .envs(extra_env.iter().cloned())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        InjectorPod { child, port, dir }
+        assert!(
+            pod["restartPolicy"].is_null() || pod["restartPolicy"] == "Always",
+            "a Deployment's pods restart their containers"
+        );
+        env.extend(extra_env.iter().cloned());
+        let child = run_container(dir.path(), &env, &args);
+        InjectorPod {
+            child,
+            port,
+            dir,
+            env,
+            args,
+            restarts: 0,
+        }
     }
 
     /// The kubelet's readiness probe of the rendered container: HTTPS without certificate
@@ -591,7 +599,17 @@ impl InjectorPod {
                 return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the injector exited ({status}):\n{}", self.log());
+                // The kubelet restarts an exited container after a back-off (10 s at first;
+                // 1 s here), a few times within this wait.
+                assert!(
+                    self.restarts < 2,
+                    "the injector exited ({status}), restarted {} times:\n{}",
+                    self.restarts,
+                    self.log()
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.child = run_container(self.dir.path(), &self.env, &self.args);
+                self.restarts += 1;
             }
             assert!(
                 Instant::now() < deadline,
@@ -601,6 +619,24 @@ impl InjectorPod {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The container's process: the injector with exactly `env`, its log appended to
+/// `injector.log` across restarts.
+fn run_container(dir: &std::path::Path, env: &[(String, String)], args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("injector.log"))
+        .unwrap();
+    Command::new(binary("sidekey-injector").unwrap())
+        .env_clear()
+        .envs(env.iter().cloned())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// A path inside the container, as it is on this machine.
@@ -978,16 +1014,24 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
         "KUBECONFIG".to_string(),
         api.kubeconfig(ApiUser::Injector).display().to_string(),
     )];
-    // Every replica the Deployment asks for, started at once: they race for the shared Secret.
+    // Every replica the Deployment asks for, started at once: they race to create the shared
+    // Secret and to update the caBundle. A replica whose update loses (409 Conflict) exits
+    // today, as the injector does not re-read and retry; the kubelet restarts it and it then
+    // finds the caBundle current. The end state is what the API server sees.
     let deployment = rendered.one("Deployment");
     let replicas = deployment["spec"]["replicas"].as_u64().unwrap();
     assert!(replicas >= 2, "the chart runs replicas");
+    api.read_webhook_together(replicas as usize);
     let mut pods: Vec<InjectorPod> = (0..replicas)
         .map(|_| InjectorPod::spawn(&rendered, &Secrets::new(), &kubeconfig))
         .collect();
     for pod in &mut pods {
         pod.wait_ready(&rendered).await;
     }
+    eprintln!(
+        "auto-TLS replica restarts: {:?}",
+        pods.iter().map(|p| p.restarts).collect::<Vec<_>>()
+    );
     let patched = api.object(&format!("{MWC_PATH}/{mwc_name}"));
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let env_value = |name: &str| {
@@ -1063,6 +1107,9 @@ struct ApiState {
     user: String,
     rules: Vec<Grant>,
     admin_token: String,
+    /// The first reads of the webhook configuration by the injector that are answered only
+    /// once all of them have arrived (see `read_webhook_together`).
+    together: Mutex<Option<(usize, Arc<tokio::sync::Barrier>)>>,
 }
 
 /// Who a kubeconfig authenticates as.
@@ -1231,6 +1278,7 @@ impl ApiServer {
             user: format!("system:serviceaccount:{NAMESPACE}:{sa}"),
             rules: grants(rendered, NAMESPACE, sa),
             admin_token: "token-of-cluster-admin".into(),
+            together: Mutex::new(None),
         });
         let ca = Authority::root("test API server CA");
         let (cert, key) = ca.serving(&["127.0.0.1".to_string()]);
@@ -1280,6 +1328,14 @@ impl ApiServer {
             .get(path)
             .cloned()
             .unwrap_or_else(|| panic!("the API server holds no {path}"))
+    }
+
+    /// Answers the injector's first `readers` reads of the webhook configuration together (or
+    /// after 10 s): every replica then sees the same resourceVersion before any writes, one of
+    /// the interleavings a real API server allows, chosen so the update race always happens.
+    fn read_webhook_together(&self, readers: usize) {
+        *self.state.together.lock().unwrap() =
+            Some((readers, Arc::new(tokio::sync::Barrier::new(readers))));
     }
 
     fn requests(&self) -> Vec<String> {
@@ -1484,6 +1540,18 @@ async fn api_request(
         && let Some(list) = discovery(path)
     {
         return axum::Json(list).into_response();
+    }
+    if method == Method::GET && !admin && path.starts_with(MWC_PATH) {
+        let barrier = match &mut *state.together.lock().unwrap() {
+            Some((left, barrier)) if *left > 0 => {
+                *left -= 1;
+                Some(barrier.clone())
+            }
+            _ => None,
+        };
+        if let Some(barrier) = barrier {
+            let _ = tokio::time::timeout(Duration::from_secs(10), barrier.wait()).await;
+        }
     }
     let Some(attrs) = attributes(path) else {
         return status(
