@@ -510,12 +510,22 @@ fn kubernetes_validate(renders: &[(String, Vec<Value>)], version: &str) {
         std::fs::write(&file, text).unwrap();
         files.push(file);
     }
-    let out = Command::new("kubernetes-validate")
+    // The stack's copy when scripts/stack-install.sh put one there, else the one on PATH.
+    let stack_copy = workspace_root().join(".stack/bin/kubernetes-validate");
+    let program = if stack_copy.is_file() {
+        stack_copy
+    } else {
+        "kubernetes-validate".into()
+    };
+    let out = Command::new(&program)
         .args(["--strict", "--kubernetes-version", version])
         .args(&files)
         .output()
         .unwrap_or_else(|e| {
-            panic!("cannot run kubernetes-validate ({e}): pip install kubernetes-validate")
+            panic!(
+                "cannot run {} ({e}): pip install kubernetes-validate",
+                program.display()
+            )
         });
     let report = format!(
         "{}{}",
