@@ -1111,9 +1111,9 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
         api.kubeconfig(ApiUser::Injector).display().to_string(),
     )];
     // Every replica the Deployment asks for, started at once: they race to create the shared
-    // Secret and to update the caBundle. A replica whose update loses (409 Conflict) exits
-    // today, as the injector does not re-read and retry; the kubelet restarts it and it then
-    // finds the caBundle current. The end state is what the API server sees.
+    // Secret and to update the caBundle (the API server here makes their updates collide: both
+    // read before either writes). The loser's update gets 409 Conflict; it reads again, finds
+    // the caBundle current and serves, with no restart.
     let deployment = rendered.one("Deployment");
     let replicas = deployment["spec"]["replicas"].as_u64().unwrap();
     assert!(replicas >= 2, "the chart runs replicas");
@@ -1124,9 +1124,14 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
     for pod in &mut pods {
         pod.wait_ready(&rendered).await;
     }
-    eprintln!(
-        "auto-TLS replica restarts: {:?}",
-        pods.iter().map(|p| p.restarts).collect::<Vec<_>>()
+    let restarts: Vec<u32> = pods.iter().map(|p| p.restarts).collect();
+    assert!(
+        restarts.iter().all(|r| *r == 0),
+        "a replica exited on the caBundle race (restarts {restarts:?}):\n{}",
+        pods.iter()
+            .map(InjectorPod::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
     let patched = api.object(&format!("{MWC_PATH}/{mwc_name}"));
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
