@@ -117,7 +117,9 @@ async fn main() -> Result<()> {
         );
     }
 
-    step("Running the pod: init container, then the sidecar (each in its own mount namespace)");
+    step(
+        "Running the pod: the init container, then the sidecar, from the agent image under podman/runc",
+    );
     let sa_token = stack.signer.service_account_token(
         APP_NAMESPACE,
         APP_SERVICE_ACCOUNT,
@@ -131,7 +133,7 @@ async fn main() -> Result<()> {
         Ok(())
     })?;
     println!(
-        "sidekey-agent-init rendered every file in {:.0} ms (process start to exit)",
+        "sidekey-agent-init rendered every file in {:.0} ms (container start to exit)",
         t.elapsed().as_secs_f64() * 1000.0
     );
     run.start_sidecars()?;
