@@ -792,6 +792,24 @@ fn retired_kind(r: &Retired) -> &'static str {
     }
 }
 
+/// `sidekey-agent guard`: waits for SIGTERM, which the kubelet sends a native sidecar only after
+/// the app containers have exited (so a Job completes first), then revokes what the init
+/// container saved, leases first and then the token. Nothing is renewed or rendered meanwhile:
+/// the pod reads files that were rendered once, and a lease that expires first needs no revoking.
+pub async fn guard(config: &AgentConfig) -> Result<(), RunError> {
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    spawn_signal_listener(tx);
+    tracing::info!("holding the init container's token and leases until the pod stops");
+    while let Some(event) = events.recv().await {
+        if matches!(event, Event::Stop) {
+            break;
+        }
+    }
+    let revoked = crate::run::revoke(config, Duration::ZERO).await?;
+    tracing::info!(leases = revoked.leases, token = revoked.token, "pod stopped; revoked");
+    Ok(())
+}
+
 fn spawn_signal_listener(tx: tokio::sync::mpsc::UnboundedSender<Event>) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {
