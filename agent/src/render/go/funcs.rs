@@ -77,9 +77,20 @@ fn want(name: &str, args: &[Val], n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Go's check of a variadic function's fixed parameters.
+fn at_least(name: &str, args: &[Val], n: usize) -> Result<(), String> {
+    if args.len() < n {
+        return Err(format!(
+            "wrong number of args for {name}: want at least {n} got {}",
+            args.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A `string` parameter: json.Number and other types are refused, as Go's call does.
 fn text(args: &[Val], i: usize) -> Result<&str, String> {
-    match &args[i] {
+    match args.get(i).unwrap_or(&Val::NoValue) {
         Val::Str(s) => Ok(s),
         Val::NoValue | Val::Nil => Err("invalid value; expected string".into()),
         other => Err(format!(
@@ -188,6 +199,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             }))
         }
         "printf" => {
+            at_least(name, &args, 1)?;
             let format = text(&args, 0)?;
             Ok(Val::Str(sprintf(format, &args[1..])?))
         }
@@ -203,6 +215,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             Ok(exec.secret(key))
         }
         "pkiCert" => {
+            at_least(name, &args, 1)?;
             let path = text(&args, 0)?.to_string();
             let key = SecretKey {
                 path,

@@ -272,6 +272,17 @@ mod tests {
         }
     }
 
+    /// Inputs the fuzzer found (`fuzz/fuzz_targets/go_template.rs`); each panicked once.
+    #[test]
+    fn fuzz_regressions() {
+        for (text, want) in [
+            ("{{ printf }}", "wrong number of args for printf: want at least 1 got 0"),
+            ("{{ pkiCert }}", "wrong number of args for pkiCert: want at least 1 got 0"),
+        ] {
+            assert_eq!(run(text).unwrap_err(), want, "{text}");
+        }
+    }
+
     #[test]
     fn custom_delimiters_and_discovery() {
         let tree = compile(
