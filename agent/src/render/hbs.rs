@@ -12,7 +12,7 @@ use handlebars::{
 };
 use serde_json::Value;
 
-use super::limits::{self, Limit, MAX_NESTING};
+use super::limits::{self, Limit, MAX_NESTING, MAX_TEXT_BYTES};
 use super::{Known, SecretKey, gofmt};
 
 /// What one pass produced: the text or the error, and the secrets the template asked for that
@@ -349,9 +349,26 @@ fn contains(args: &[Value]) -> Result<Value, String> {
 
 /// `replaceAll text from to`.
 fn replace_all(args: &[Value]) -> Result<Value, String> {
-    Ok(str_arg(args, 0)?
-        .replace(&*str_arg(args, 1)?, &str_arg(args, 2)?)
-        .into())
+    let (text, from, to) = (str_arg(args, 0)?, str_arg(args, 1)?, str_arg(args, 2)?);
+    // The size before building: an empty `from` matches around every character.
+    let matches = if from.is_empty() {
+        text.chars().count() + 1
+    } else {
+        text.matches(&*from).count()
+    };
+    within_text_limit(matches.saturating_mul(to.len()).saturating_add(text.len()))?;
+    Ok(text.replace(&*from, &to).into())
+}
+
+/// Refuses to build a text larger than a rendering pass may build at all.
+fn within_text_limit(bytes: usize) -> Result<(), String> {
+    if bytes > MAX_TEXT_BYTES {
+        return Err(Limit::Text {
+            limit: MAX_TEXT_BYTES,
+        }
+        .to_string());
+    }
+    Ok(())
 }
 
 /// `split text separator` → a list.
@@ -371,12 +388,15 @@ fn join(args: &[Value]) -> Result<Value, String> {
         other => return Err(format!("argument 1 must be a list, got {}", kind(other))),
     };
     let sep = str_arg(args, 1)?;
-    Ok(items
-        .iter()
-        .map(scalar_text)
-        .collect::<Vec<_>>()
-        .join(&sep)
-        .into())
+    let parts: Vec<String> = items.iter().map(scalar_text).collect();
+    within_text_limit(
+        parts
+            .iter()
+            .map(String::len)
+            .sum::<usize>()
+            .saturating_add(sep.len().saturating_mul(parts.len())),
+    )?;
+    Ok(parts.join(&sep).into())
 }
 
 /// `default value fallback`: the fallback when value is null or an empty string.
@@ -438,6 +458,15 @@ mod tests {
         assert_eq!(call(default, json!(["y", "x"])).unwrap(), "y");
         assert_eq!(call(to_upper, json!([1])).unwrap(), "1");
         assert_eq!(call(replace_all, json!([5432, "54", "X"])).unwrap(), "X32");
+        let big = "y".repeat(100_000);
+        assert_eq!(
+            call(replace_all, json!([big, "", big])).unwrap_err(),
+            "builds more than the limit of 16777216 bytes of text"
+        );
+        assert_eq!(
+            call(join, json!([vec!["a"; 1000], big])).unwrap_err(),
+            "builds more than the limit of 16777216 bytes of text"
+        );
         assert!(
             call(to_upper, json!([["a"]]))
                 .unwrap_err()
@@ -547,7 +576,7 @@ mod tests {
             }
         );
         // Closed blocks, plain `else` and `{{^}}`, and comments do not add up.
-        let siblings = "{{#if a}}x{{else}}y{{/if}}{{#each b}}{{^}}z{{/each}}".repeat(500);
+        let siblings = "{{#if a}}x{{else}}y{{/if}}{{#each b}}{{^}}z{{/each}}".repeat(100);
         assert_eq!(check_syntax(&siblings), Ok(()));
         let commented = format!("{{{{!-- {} --}}}}ok", "{{#if x}}".repeat(500));
         assert_eq!(check_syntax(&commented), Ok(()));
@@ -563,7 +592,7 @@ mod tests {
         let text = format!(
             "{}{}",
             nested("{{#if x}}", "{{x (a (b (c d)))}}", "{{/if}}", 96),
-            "{{#if a}}{{else if b}}{{/if}}".repeat(1000)
+            "{{#if a}}{{else if b}}{{/if}}".repeat(200)
         );
         let checked = std::thread::Builder::new()
             .stack_size(1024 * 1024)
