@@ -276,8 +276,14 @@ mod tests {
     #[test]
     fn fuzz_regressions() {
         for (text, want) in [
-            ("{{ printf }}", "wrong number of args for printf: want at least 1 got 0"),
-            ("{{ pkiCert }}", "wrong number of args for pkiCert: want at least 1 got 0"),
+            (
+                "{{ printf }}",
+                "wrong number of args for printf: want at least 1 got 0",
+            ),
+            (
+                "{{ pkiCert }}",
+                "wrong number of args for pkiCert: want at least 1 got 0",
+            ),
         ] {
             assert_eq!(run(text).unwrap_err(), want, "{text}");
         }
