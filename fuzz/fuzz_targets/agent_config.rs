@@ -7,8 +7,8 @@ use sidekey_agent::AgentConfig;
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(config) = AgentConfig::from_json(bytes) {
-        let again = AgentConfig::from_env_value(&config.to_env_value())
-            .expect("an encoded config decodes");
+        let again =
+            AgentConfig::from_env_value(&config.to_env_value()).expect("an encoded config decodes");
         assert_eq!(again, config);
     }
     if let Ok(text) = std::str::from_utf8(bytes) {
