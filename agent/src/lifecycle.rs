@@ -806,7 +806,11 @@ pub async fn guard(config: &AgentConfig) -> Result<(), RunError> {
         }
     }
     let revoked = crate::run::revoke(config, Duration::ZERO).await?;
-    tracing::info!(leases = revoked.leases, token = revoked.token, "pod stopped; revoked");
+    tracing::info!(
+        leases = revoked.leases,
+        token = revoked.token,
+        "pod stopped; revoked"
+    );
     Ok(())
 }
 

@@ -87,6 +87,8 @@ pub struct InjectionRequest {
     pub pre_populate_only: bool,
     pub init_first: bool,
     pub native_sidecar: bool,
+    /// A pre-populate-only pod's revoke-only native sidecar (`sidekey-agent guard`).
+    pub revoke_sidecar: bool,
     /// Names of the app containers that get the secrets volume (None: all).
     pub containers: Option<Vec<String>>,
     pub revoke_on_shutdown: bool,
@@ -230,6 +232,33 @@ pub fn parse_bool(v: &str) -> Option<bool> {
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
         _ => None,
     }
+}
+
+/// Whether a pre-populate-only pod gets the revoke-only native sidecar: where the cluster has
+/// native sidecars and the pod revokes on shutdown, unless `agent-revoke-sidecar: "false"` opts
+/// out. Where it cannot have one, a warning says its leases live to their TTL.
+fn revoke_sidecar(
+    look: &Lookup,
+    defaults: &Defaults,
+    pre_populate_only: bool,
+    revoke_on_shutdown: bool,
+    warnings: &mut Vec<String>,
+) -> Result<bool, AnnotationError> {
+    let asked = look.bool_or("agent-revoke-sidecar", true)?;
+    if !pre_populate_only || !revoke_on_shutdown || !asked {
+        return Ok(false);
+    }
+    if !defaults.native_sidecars_available {
+        let key = look
+            .get("agent-pre-populate-only")
+            .map(|(k, _)| k.to_string())
+            .unwrap_or_else(|| "agent-pre-populate-only".into());
+        warnings.push(format!(
+            "annotation {key}: this cluster has no native sidecars (Kubernetes 1.29+), so nothing revokes the init container's token and leases when the pod stops; they live until their TTL"
+        ));
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// A duration as Vault takes it: whole seconds ("300") or a Go duration ("5m", "1h30m", "1.5s").
@@ -791,6 +820,15 @@ fn parse_request(
         };
         return Err(look.error(key, "agent-native-sidecar and agent-pre-populate-only cannot be combined: a Job wants only the init container"));
     }
+    let revoke_on_shutdown =
+        look.bool_or("agent-revoke-on-shutdown", defaults.revoke_on_shutdown)?;
+    let revoke_sidecar = revoke_sidecar(
+        look,
+        defaults,
+        pre_populate_only,
+        revoke_on_shutdown,
+        warnings,
+    )?;
     let pre_populate = look.bool_or("agent-pre-populate", true)?;
     if !pre_populate && pre_populate_only {
         return Err(look.error(
@@ -941,9 +979,9 @@ fn parse_request(
         pre_populate_only,
         init_first: look.bool_or("agent-init-first", false)?,
         native_sidecar,
+        revoke_sidecar,
         containers,
-        revoke_on_shutdown: look
-            .bool_or("agent-revoke-on-shutdown", defaults.revoke_on_shutdown)?,
+        revoke_on_shutdown,
         revoke_grace,
         resources: Resources {
             cpu_request: quantity(look, "agent-requests-cpu", &defaults.cpu_request)?,

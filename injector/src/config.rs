@@ -190,6 +190,11 @@ pub struct Defaults {
     /// Inject the agent as a native sidecar (Kubernetes 1.29+) unless a pod says otherwise.
     #[arg(long = "native-sidecar", env = "SIDEKEY_INJECTOR_NATIVE_SIDECAR", default_value_t = false, action = clap::ArgAction::Set)]
     pub native_sidecar: bool,
+    /// Whether the cluster runs native sidecars (Kubernetes 1.29+; the chart sets it from the
+    /// cluster version). Pre-populate-only pods then get a revoke-only native sidecar, so what
+    /// their init container obtained is revoked when the pod stops.
+    #[arg(long = "native-sidecars-available", env = "SIDEKEY_INJECTOR_NATIVE_SIDECARS_AVAILABLE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub native_sidecars_available: bool,
     /// Default format of a secret without a template: map or json.
     #[arg(
         long = "default-template",

@@ -45,6 +45,8 @@ pub struct Mutation {
     pub mounts: Vec<(Section, usize, VolumeMount)>,
     /// The agent in initContainers: the init container, or the native sidecar.
     pub init_container: Option<Container>,
+    /// Right after the init container: a pre-populate-only pod's revoke-only native sidecar.
+    pub guard: Option<Container>,
     pub sidecar: Option<Container>,
     pub init_first: bool,
     pub share_process_namespace: bool,
@@ -409,6 +411,10 @@ pub fn build(
         mounts: &agent_mounts,
         run_as_user,
     };
+    let guard = req
+        .revoke_sidecar
+        .then(|| agent.guard(&sidecar_name))
+        .transpose()?;
     let (init_container, sidecar) = if req.native_sidecar {
         (Some(agent.native_sidecar(&sidecar_name)?), None)
     } else {
@@ -440,6 +446,7 @@ pub fn build(
         volumes,
         mounts,
         init_container,
+        guard,
         sidecar,
         init_first: req.init_first,
         share_process_namespace,
@@ -577,6 +584,20 @@ impl AgentContainer<'_> {
                 ..Default::default()
             });
         }
+        apply_container_patch(
+            self.req,
+            c,
+            self.req.sidecar_json_patch.as_ref(),
+            "agent-json-patch",
+        )
+    }
+
+    /// The revoke-only native sidecar: started after the init container, it renews and renders
+    /// nothing and revokes on SIGTERM, which the kubelet sends only once the app containers have
+    /// exited (so a Job completes as before). No startup probe: it has nothing to get ready.
+    fn guard(&self, name: &str) -> Result<Container, AnnotationError> {
+        let mut c = self.base(name, "guard");
+        c.restart_policy = Some("Always".into());
         apply_container_patch(
             self.req,
             c,
@@ -769,20 +790,30 @@ pub fn to_patch<'a>(pod: &PodView, m: &'a Mutation) -> Vec<Op<'a>> {
         }
     }
 
-    if let Some(init) = &m.init_container {
-        match pod.list(Section::InitContainers) {
-            None => ops.push(add(
+    // The init container, then the guard right after it.
+    let agents_in_init: Vec<&Container> = m.init_container.iter().chain(&m.guard).collect();
+    let mut list_exists = pod.list(Section::InitContainers).is_some();
+    let front = m.init_first
+        && pod
+            .list(Section::InitContainers)
+            .is_some_and(|l| !l.is_empty());
+    for (i, container) in agents_in_init.into_iter().enumerate() {
+        if !list_exists {
+            ops.push(add(
                 ptr(&["spec", "initContainers"]),
-                Added::Containers(std::slice::from_ref(init)),
-            )),
-            Some(existing) if m.init_first && !existing.is_empty() => ops.push(add(
-                ptr(&["spec", "initContainers", "0"]),
-                Added::Container(init),
-            )),
-            Some(_) => ops.push(add(
+                Added::Containers(std::slice::from_ref(container)),
+            ));
+            list_exists = true;
+        } else if front {
+            ops.push(add(
+                ptr(&["spec", "initContainers", &i.to_string()]),
+                Added::Container(container),
+            ));
+        } else {
+            ops.push(add(
                 ptr(&["spec", "initContainers", "-"]),
-                Added::Container(init),
-            )),
+                Added::Container(container),
+            ));
         }
     }
     if let Some(sidecar) = &m.sidecar {

@@ -227,6 +227,7 @@ fn decide(
     }
     let mode = match (&mutation.init_container, &mutation.sidecar) {
         _ if request.native_sidecar => "native sidecar",
+        _ if mutation.guard.is_some() => "init and revoke-only native sidecar",
         (Some(_), Some(_)) => "init and sidecar",
         (Some(_), None) => "init only",
         _ => "sidecar only",
