@@ -694,28 +694,59 @@ fn quantity(
     Ok(Some(value.to_string()))
 }
 
-/// One resource of the agent containers: its annotations and the injector flags behind them.
+/// One resource of the agent containers: its annotation, its injector flag and that flag's
+/// value, for the request and for the limit.
 pub(crate) struct ResourceKind {
     pub(crate) what: &'static str,
-    pub(crate) request: (&'static str, &'static str),
-    pub(crate) limit: (&'static str, &'static str),
+    pub(crate) request: Setting,
+    pub(crate) limit: Setting,
+}
+
+pub(crate) struct Setting {
+    pub(crate) annotation: &'static str,
+    pub(crate) flag: &'static str,
+    pub(crate) default: fn(&Defaults) -> &str,
 }
 
 pub(crate) const RESOURCE_KINDS: [ResourceKind; 3] = [
     ResourceKind {
         what: "CPU",
-        request: ("agent-requests-cpu", "--cpu-request"),
-        limit: ("agent-limits-cpu", "--cpu-limit"),
+        request: Setting {
+            annotation: "agent-requests-cpu",
+            flag: "--cpu-request",
+            default: |d| &d.cpu_request,
+        },
+        limit: Setting {
+            annotation: "agent-limits-cpu",
+            flag: "--cpu-limit",
+            default: |d| &d.cpu_limit,
+        },
     },
     ResourceKind {
         what: "memory",
-        request: ("agent-requests-mem", "--memory-request"),
-        limit: ("agent-limits-mem", "--memory-limit"),
+        request: Setting {
+            annotation: "agent-requests-mem",
+            flag: "--memory-request",
+            default: |d| &d.memory_request,
+        },
+        limit: Setting {
+            annotation: "agent-limits-mem",
+            flag: "--memory-limit",
+            default: |d| &d.memory_limit,
+        },
     },
     ResourceKind {
         what: "ephemeral-storage",
-        request: ("agent-requests-ephemeral", "--ephemeral-storage-request"),
-        limit: ("agent-limits-ephemeral", "--ephemeral-storage-limit"),
+        request: Setting {
+            annotation: "agent-requests-ephemeral",
+            flag: "--ephemeral-storage-request",
+            default: |d| &d.ephemeral_request,
+        },
+        limit: Setting {
+            annotation: "agent-limits-ephemeral",
+            flag: "--ephemeral-storage-limit",
+            default: |d| &d.ephemeral_limit,
+        },
     },
 ];
 
@@ -752,10 +783,10 @@ fn request_and_limit(
     kind: &ResourceKind,
     warnings: &mut Vec<String>,
 ) -> Result<RequestAndLimit, AnnotationError> {
-    let (request_key, request_flag) = kind.request;
-    let (limit_key, limit_flag) = kind.limit;
-    let request = quantity(look, request_key, defaults.resource(request_flag))?;
-    let limit = quantity(look, limit_key, defaults.resource(limit_flag))?;
+    let (request_key, request_flag) = (kind.request.annotation, kind.request.flag);
+    let (limit_key, limit_flag) = (kind.limit.annotation, kind.limit.flag);
+    let request = quantity(look, request_key, (kind.request.default)(defaults))?;
+    let limit = quantity(look, limit_key, (kind.limit.default)(defaults))?;
     let (Some(r), Some(l)) = (&request, &limit) else {
         return Ok((request, limit));
     };

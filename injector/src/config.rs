@@ -339,26 +339,15 @@ impl Defaults {
 }
 
 impl Defaults {
-    pub(crate) fn resource(&self, flag: &str) -> &str {
-        match flag {
-            "--cpu-request" => &self.cpu_request,
-            "--cpu-limit" => &self.cpu_limit,
-            "--memory-request" => &self.memory_request,
-            "--memory-limit" => &self.memory_limit,
-            "--ephemeral-storage-request" => &self.ephemeral_request,
-            _ => &self.ephemeral_limit,
-        }
-    }
-
     /// Each flag's request above its limit, as the message that names both flags.
-    pub(crate) fn resource_conflicts(&self) -> Option<String> {
+    fn resource_conflicts(&self) -> Option<String> {
         crate::annotations::RESOURCE_KINDS.iter().find_map(|k| {
-            let (request, limit) = (self.resource(k.request.1), self.resource(k.limit.1));
+            let (request, limit) = ((k.request.default)(self), (k.limit.default)(self));
             let above = crate::quantity::parse(request)? > crate::quantity::parse(limit)?;
             above.then(|| {
                 format!(
                     "{} {request} is above {} {limit}: a container's request cannot exceed its limit",
-                    k.request.1, k.limit.1
+                    k.request.flag, k.limit.flag
                 )
             })
         })
