@@ -18,7 +18,11 @@ fn main() -> Result<()> {
     init_logging(&flags);
     log_panics();
     flags.defaults.validate().map_err(anyhow::Error::msg)?;
+    // Reviews parse pod-supplied templates on the worker threads. The parsers bound their own
+    // depth; a larger stack than tokio's 2 MiB is headroom for that bound, and costs only
+    // address space until it is used.
     tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(8 * 1024 * 1024)
         .enable_all()
         .build()
         .context("starting the async runtime")?
