@@ -13,9 +13,9 @@ if ! command -v wrk >/dev/null 2>&1 || [ ! -x /usr/bin/time ]; then
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk time >/dev/null
 fi
 cargo build --release --workspace --bins --locked
-# The agent as it ships, built on its own: a workspace build unifies features across members
-# (the injector's HTTP/2 server turns on hyper's HTTP/2 client paths), which adds 0.7 MiB to the
-# agent's binary and so to its RSS. Building it alone last puts that binary in target/release.
-cargo build --release -p sidekey-agent --bin sidekey-agent --locked
+# The agent as it ships: built on its own and static by scripts/images.sh (the binary the agent
+# image carries); the harness runs that file. A workspace build would unify features across
+# members and give a different, larger agent.
+./scripts/images.sh
 cargo bench -p sidekey-injector --bench webhook -- --quick --noplot 2>/dev/null | tee bench/criterion.txt | grep -E "time:|^[a-z]" || true
 exec ./target/release/bench "$@"

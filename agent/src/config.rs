@@ -368,11 +368,17 @@ impl AgentConfig {
             })?,
             None => {
                 let encoded = std::env::var(CONFIG_ENV).map_err(|_| ConfigError::Missing)?;
-                base64::engine::general_purpose::STANDARD
-                    .decode(encoded.trim())
-                    .map_err(ConfigError::Base64)?
+                return AgentConfig::from_env_value(&encoded);
             }
         };
+        AgentConfig::from_json(&json)
+    }
+
+    /// Decodes the value of `SIDEKEY_AGENT_CONFIG` (base64 of the JSON, surrounding space allowed).
+    pub fn from_env_value(encoded: &str) -> Result<AgentConfig, ConfigError> {
+        let json = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(ConfigError::Base64)?;
         AgentConfig::from_json(&json)
     }
 

@@ -26,8 +26,6 @@ use crate::state::{self, State};
 /// Written to the state folder once every file has been rendered (the native-sidecar startup
 /// probe runs `sidekey-agent ready`, which checks it).
 pub const READY_FILE: &str = "ready";
-/// The sidecar's pid, so `revoke` (the preStop hook) can tell it to stop renewing.
-pub const PID_FILE: &str = "sidecar.pid";
 
 /// When a renewal of something with `ttl` left is due: between 60 % and 70 % of the TTL, so
 /// that agents started together spread out. `jitter` is in [0, 1).
@@ -241,10 +239,6 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
     std::fs::create_dir_all(&config.state_dir).map_err(|e| state_error(&config.state_dir, e))?;
     std::fs::create_dir_all(&config.secrets_dir)
         .map_err(|e| state_error(&config.secrets_dir, e))?;
-    write_private(
-        &config.state_dir.join(PID_FILE),
-        std::process::id().to_string().as_bytes(),
-    )?;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     spawn_signal_listener(events_tx.clone());
     let _watchers = watch_files(config, events_tx);
@@ -275,7 +269,15 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
                 Some(Event::Stop) | None => return sidecar.stop().await,
                 Some(Event::StateChanged) => {
                     if state_revoked(&config.state_dir) {
-                        tracing::info!("the state was revoked (preStop); stopping without renewing");
+                        // Exiting here would kill the preStop hook's own process with the
+                        // container (the kubelet then reports the hook as failed); the kubelet
+                        // sends SIGTERM as soon as the hook returns.
+                        tracing::info!("the state was revoked (preStop); renewing nothing more, waiting for SIGTERM");
+                        while let Some(event) = events.recv().await {
+                            if matches!(event, Event::Stop) {
+                                break;
+                            }
+                        }
                         return Ok(());
                     }
                 }
@@ -290,21 +292,6 @@ fn state_error(dir: &Path, e: std::io::Error) -> RunError {
         path: dir.to_path_buf(),
         detail: e.to_string(),
     })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?;
-        f.write_all(bytes)
-    };
-    write().map_err(|e| state_error(path, e))
 }
 
 fn state_revoked(dir: &Path) -> bool {
@@ -805,6 +792,24 @@ fn retired_kind(r: &Retired) -> &'static str {
     }
 }
 
+/// `sidekey-agent guard`: waits for SIGTERM, which the kubelet sends a native sidecar only after
+/// the app containers have exited (so a Job completes first), then revokes what the init
+/// container saved, leases first and then the token. Nothing is renewed or rendered meanwhile:
+/// the pod reads files that were rendered once, and a lease that expires first needs no revoking.
+pub async fn guard(config: &AgentConfig) -> Result<(), RunError> {
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    spawn_signal_listener(tx);
+    tracing::info!("holding the init container's token and leases until the pod stops");
+    while let Some(event) = events.recv().await {
+        if matches!(event, Event::Stop) {
+            break;
+        }
+    }
+    let revoked = crate::run::revoke(config, Duration::ZERO).await?;
+    tracing::info!(leases = revoked.leases, token = revoked.token, "pod stopped; revoked");
+    Ok(())
+}
+
 fn spawn_signal_listener(tx: tokio::sync::mpsc::UnboundedSender<Event>) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {
@@ -881,26 +886,6 @@ fn watch_files(
 /// `sidekey-agent ready`: whether the first render is done (for a startup probe).
 pub fn is_ready(config: &AgentConfig) -> bool {
     config.state_dir.join(READY_FILE).exists()
-}
-
-/// Tells a running sidecar to stop (after `revoke` recorded the revocation).
-pub fn signal_sidecar(config: &AgentConfig) {
-    let Ok(text) = std::fs::read_to_string(config.state_dir.join(PID_FILE)) else {
-        return;
-    };
-    let Ok(pid) = text.trim().parse::<i32>() else {
-        return;
-    };
-    if pid < 1 {
-        return;
-    }
-    if pid == std::process::id() as i32 {
-        return;
-    }
-    // SAFETY: kill with a pid read from our own state folder; at worst it fails with ESRCH.
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-    }
 }
 
 #[cfg(test)]

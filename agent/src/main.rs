@@ -40,6 +40,10 @@ enum Command {
     /// Keep the files fresh: adopt the init container's token and leases, renew, re-render,
     /// and revoke everything on SIGTERM (when revoke-on-shutdown is set).
     Sidecar(ConfigArg),
+    /// Hold the init container's token and leases, renewing and rendering nothing, and revoke
+    /// them all on SIGTERM: the revoke-only native sidecar of pre-populate-only pods, so a Job's
+    /// leases end with the Job.
+    Guard(ConfigArg),
     /// Exit 0 once the first render is done (a native sidecar's startup probe).
     Ready(ConfigArg),
     /// Revoke every lease and the token of the saved state (the preStop hook).
@@ -92,6 +96,10 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(config) => lifecycle::sidecar(&config).await,
             Err(e) => Err(e),
         },
+        Command::Guard(arg) => match load(&arg) {
+            Ok(config) => lifecycle::guard(&config).await,
+            Err(e) => Err(e),
+        },
         Command::Ready(arg) => match AgentConfig::load(arg.config.as_deref()) {
             Ok(config) if lifecycle::is_ready(&config) => Ok(()),
             Ok(_) => return ExitCode::from(1),
@@ -101,9 +109,10 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(config) => {
                 let grace =
                     Duration::from_secs(grace.unwrap_or(config.lifecycle.revoke_grace_secs));
-                let result = run::revoke(&config, grace).await.map(|_| ());
-                lifecycle::signal_sidecar(&config);
-                result
+                // The running sidecar sees the revocation in the state file and stops renewing;
+                // it is not signalled: in a container it is PID 1, and its exit would kill this
+                // hook before it returns (the kubelet sends SIGTERM once it has).
+                run::revoke(&config, grace).await.map(|_| ())
             }
             Err(e) => Err(e),
         },

@@ -98,6 +98,39 @@ pub fn client_config(store: &StoreConfig) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
+/// What a connection to the store trusts, in words for an error message.
+pub fn trust_anchor(store: &StoreConfig) -> String {
+    if store.tls_skip_verify {
+        return "any certificate (tls-skip-verify)".into();
+    }
+    let mut anchors = Vec::new();
+    if let Some(path) = &store.ca_cert {
+        anchors.push(format!("CA file {}", path.display()));
+    }
+    if store.ca_cert_pem.is_some() {
+        anchors.push("the injector's default CA (vault-cacert-bytes)".into());
+    }
+    if anchors.is_empty() {
+        let env = std::env::var("SSL_CERT_FILE").ok();
+        let bundle = env
+            .iter()
+            .map(String::as_str)
+            .chain(SYSTEM_BUNDLES)
+            .find(|p| Path::new(p).exists());
+        anchors.push(match bundle {
+            Some(b) => format!("the system CA bundle {b}"),
+            None => "no CA at all (no ca-cert given and no system bundle found)".into(),
+        });
+    }
+    if let Some(name) = &store.tls_server_name {
+        anchors.push(format!("server name {name}"));
+    }
+    if let (Some(cert), Some(_)) = (&store.client_cert, &store.client_key) {
+        anchors.push(format!("client certificate {}", cert.display()));
+    }
+    anchors.join(", ")
+}
+
 fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let file_err = |detail: String| TlsError::File {
         what,

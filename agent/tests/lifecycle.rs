@@ -220,9 +220,18 @@ async fn prestop_revoke_and_sigterm_leave_nothing_behind() {
         if via_prestop {
             let out = sb.revoke(&config);
             assert!(out.status.success(), "{}", stderr(&out));
-            wait_for(Duration::from_secs(10), "the sidecar to stop", || {
-                sidecar.try_wait().unwrap().is_some()
-            });
+            // The sidecar stops renewing but stays up until the kubelet's SIGTERM: exiting
+            // while the hook runs would kill the hook with the container.
+            wait_for(
+                Duration::from_secs(10),
+                "the sidecar to see the revocation",
+                || sb.sidecar_log().contains("waiting for SIGTERM"),
+            );
+            assert!(
+                sidecar.try_wait().unwrap().is_none(),
+                "the sidecar quit before SIGTERM"
+            );
+            assert!(terminate(&mut sidecar).success());
         } else {
             assert!(terminate(&mut sidecar).success());
         }
@@ -286,7 +295,7 @@ async fn a_native_sidecar_renders_first_and_reports_ready() {
     config["lifecycle"]["native_sidecar"] = true.into();
     let path = sb.config_path(&config);
     let ready = || {
-        std::process::Command::new(AGENT)
+        std::process::Command::new(agent())
             .args(["ready", "--config"])
             .arg(&path)
             .status()

@@ -251,14 +251,14 @@ async fn a_wrong_role_fails_at_once_with_a_clear_error() {
 async fn an_unreachable_store_is_retried_then_reported() {
     let stack = Stack::shared();
     let sb = Sandbox::new();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("https://127.0.0.1:{}", free_port());
     let templates = json!([{ "name": "x", "path": "kv/fmt", "file": "x" }]);
     let mut config = sb.config(&dead, sb.kubernetes_auth(stack), templates);
     config["lifecycle"]["init_timeout_secs"] = 3.into();
     let out = sb.init(&config);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let line = last_line(&out);
-    assert!(line.starts_with("sidekey-agent: gave up after 3s of retrying; last error: kubernetes login at auth/kubernetes failed: cannot reach the secret store at http://127.0.0.1:"), "{line}");
+    assert!(line.starts_with("sidekey-agent: gave up after 3s of retrying; last error: kubernetes login at auth/kubernetes failed: cannot reach the secret store at https://127.0.0.1:"), "{line}");
     let retries = stderr(&out).matches("will retry").count();
     assert!(retries >= 2, "expected several retries, saw {retries}");
 }
@@ -267,7 +267,7 @@ async fn an_unreachable_store_is_retried_then_reported() {
 async fn invalid_config_names_the_field() {
     let sb = Sandbox::new();
     let config = json!({
-        "store": { "address": "http://127.0.0.1:1" },
+        "store": { "address": "https://127.0.0.1:1" },
         "auth": { "type": "kubernetes", "role": "app" },
         "templates": [{ "name": "x", "path": "kv/x", "file": "../escape" }],
     });
@@ -345,7 +345,7 @@ async fn revoke_removes_the_lease_the_token_and_the_database_user() {
     let accessor = state["accessor"].as_str().unwrap().to_string();
 
     let path = sb.file("config.json", &config.to_string());
-    let out = Command::new(AGENT)
+    let out = Command::new(agent())
         .args(["revoke", "--grace", "0", "--config"])
         .arg(&path)
         .output()
@@ -367,7 +367,7 @@ async fn revoke_removes_the_lease_the_token_and_the_database_user() {
         "the token is still valid"
     );
     // A second revoke is a no-op.
-    let again = Command::new(AGENT)
+    let again = Command::new(agent())
         .args(["revoke", "--grace", "0", "--config"])
         .arg(&path)
         .output()

@@ -305,34 +305,45 @@ pub fn generate_at(hosts: &[String], now: u64) -> Result<Generated, TlsError> {
 
 /// Sets the caBundle of every webhook in the named MutatingWebhookConfiguration, unless it
 /// already holds this CA. The update carries the resourceVersion read, so a concurrent change
-/// makes it fail rather than be overwritten.
+/// makes it fail rather than be overwritten; on such a conflict (another replica updated it
+/// first) the configuration is read again, and usually found current.
 pub async fn patch_ca_bundle(mwc: &str, ca_pem: &str) -> Result<bool, String> {
     use k8s_openapi::ByteString;
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use kube::api::{Api, PostParams};
+    /// Conflicts come from a handful of replicas starting together; a few re-reads settle it.
+    const ATTEMPTS: usize = 5;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("no Kubernetes client: {e}"))?;
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
-    let mut current = api
-        .get(mwc)
-        .await
-        .map_err(|e| format!("reading MutatingWebhookConfiguration {mwc}: {e}"))?;
-    let webhooks = current.webhooks.get_or_insert_with(Vec::new);
     let wanted = ByteString(ca_pem.as_bytes().to_vec());
-    if webhooks
-        .iter()
-        .all(|w| w.client_config.ca_bundle.as_ref() == Some(&wanted))
-    {
-        return Ok(false);
+    for attempt in 1..=ATTEMPTS {
+        let mut current = api
+            .get(mwc)
+            .await
+            .map_err(|e| format!("reading MutatingWebhookConfiguration {mwc}: {e}"))?;
+        let webhooks = current.webhooks.get_or_insert_with(Vec::new);
+        if webhooks
+            .iter()
+            .all(|w| w.client_config.ca_bundle.as_ref() == Some(&wanted))
+        {
+            return Ok(false);
+        }
+        for w in webhooks.iter_mut() {
+            w.client_config.ca_bundle = Some(wanted.clone());
+        }
+        match api.replace(mwc, &PostParams::default(), &current).await {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < ATTEMPTS => {
+                tracing::info!(attempt, "the caBundle changed under us; reading it again");
+            }
+            Err(e) => return Err(format!("updating the caBundle of {mwc}: {e}")),
+        }
     }
-    for w in webhooks.iter_mut() {
-        w.client_config.ca_bundle = Some(wanted.clone());
-    }
-    api.replace(mwc, &PostParams::default(), &current)
-        .await
-        .map_err(|e| format!("updating the caBundle of {mwc}: {e}"))?;
-    Ok(true)
+    Err(format!(
+        "updating the caBundle of {mwc}: still conflicting after {ATTEMPTS} attempts"
+    ))
 }
 
 #[cfg(test)]

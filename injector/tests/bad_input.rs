@@ -453,3 +453,112 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
         check(label, &body, want);
     }
 }
+
+/// Templates a hostile pod author writes (deep nesting that overflowed the parser's stack, names
+/// that panicked the lexer, oversized text): each is a one-line denial naming the annotation and
+/// the limit, or, where Go's text/template accepts it, an injection. The process survives all.
+#[test]
+fn hostile_templates_are_denied_or_injected_never_a_crash() {
+    let nested = |open: &str, close: &str, depth: usize| {
+        format!("{}x{}", open.repeat(depth), close.repeat(depth))
+    };
+    let too_deep = "nests deeper than the limit of 100 levels at line 1 (blocks and parentheses count together)";
+    let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
+        (
+            "2,000 nested ifs",
+            nested("{{ if .Data }}", "{{ end }}", 2000),
+            "go",
+            Some(too_deep),
+        ),
+        (
+            "deep range",
+            nested("{{ range .Data }}", "{{ end }}", 2000),
+            "go",
+            Some(too_deep),
+        ),
+        (
+            "deep with",
+            nested("{{ with .Data }}", "{{ end }}", 2000),
+            "go",
+            Some(too_deep),
+        ),
+        (
+            "deep parentheses",
+            format!(
+                "{{{{ print {} }}}}",
+                nested("(", ")", 2000).replace('x', "1")
+            ),
+            "go",
+            Some(too_deep),
+        ),
+        (
+            "deep blocks",
+            nested("{{ block \"b\" . }}", "{{ end }}", 2000),
+            "go",
+            Some(too_deep),
+        ),
+        (
+            "deep handlebars",
+            nested("{{#if x}}", "{{/if}}", 2000),
+            "handlebars",
+            Some(too_deep),
+        ),
+        (
+            "a long handlebars else-if chain",
+            format!("{{{{#if a}}}}{}{{{{/if}}}}", "{{else if b}}".repeat(10_000)),
+            "handlebars",
+            Some(too_deep),
+        ),
+        (
+            "a 300 KB template",
+            "x".repeat(300_000),
+            "go",
+            Some("is 300000 bytes, over the limit of 262144 bytes for a template"),
+        ),
+        (
+            "an emoji in a field",
+            "{{ .Data.🔑 }}".into(),
+            "go",
+            Some("bad character U+1F511 '🔑'"),
+        ),
+        (
+            "a no-break space in an action",
+            "{{\u{a0}.Data }}".into(),
+            "go",
+            Some("unrecognized character in action: U+00A0"),
+        ),
+        (
+            "a Cyrillic key",
+            "{{ with secret \"kv/data/a\" }}{{ .Data.data.ключ }}{{ end }}".into(),
+            "go",
+            None,
+        ),
+        (
+            "a Cyrillic variable",
+            "{{ $ключ := 1 }}{{ $ключ }}".into(),
+            "go",
+            None,
+        ),
+    ];
+    for (label, template, engine, denial) in cases {
+        let body = annotated(&[
+            ("agent-inject-template-db", template.as_str()),
+            ("agent-inject-template-engine-db", engine),
+        ]);
+        let answer = review::review(&body, &defaults()).expect("a review is answered");
+        let a = answer.json();
+        match denial {
+            Some(problem) => {
+                assert_eq!(answer.outcome, Outcome::Denied, "{label}: {a}");
+                let message = a["response"]["status"]["message"].as_str().unwrap();
+                assert!(
+                    message.starts_with(&format!("{A}agent-inject-template-db"))
+                        && message.contains(problem)
+                        && !message.contains('\n'),
+                    "{label}: {message}"
+                );
+            }
+            None => check(label, &body, Want::Injected),
+        }
+    }
+}

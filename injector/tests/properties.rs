@@ -1,10 +1,18 @@
 //! Property tests of the review handler and the annotation parser: arbitrary bodies never panic,
-//! and arbitrary annotations on arbitrary pod shapes always get a valid AdmissionReview whose
-//! patch, if any, applies to the pod and yields a valid Pod.
+//! and annotated pods of arbitrary shapes, carrying nested Go and handlebars templates and a
+//! sprinkling of arbitrary annotations, always get a valid AdmissionReview whose patch, if any,
+//! applies to the pod, yields a valid Pod and carries the templates as written. The generators
+//! make most cases valid pods that get injected; the test counts them, so it cannot pass on
+//! cases that never reach the patch.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{Value, json};
+use sidekey_agent::AgentConfig;
 use sidekey_injector::config::Defaults;
 use sidekey_injector::review::{self, Outcome};
 
@@ -207,20 +215,181 @@ proptest! {
         let body = format!("{{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\",\"request\":{text}}}");
         let _ = review::review(body.as_bytes(), &defaults());
     }
+}
 
-    #[test]
-    fn every_answer_is_a_valid_review_and_every_patch_applies(
-        mut annotations in proptest::collection::vec(annotation(), 0..12),
-        spec in pod_shape(),
-        inject in any::<bool>(),
-        with_map in any::<bool>(),
-    ) {
-        if inject {
-            annotations.push(("vault.hashicorp.com/agent-inject".into(), "true".into()));
-            annotations.push(("vault.hashicorp.com/role".into(), "app".into()));
+/// A Go template nesting if/else, range, with and printf a few levels deep (what the template
+/// reads need not exist: rendering is the agent's, the injector only parses).
+fn go_template() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("{{ .Data.data.user }}".to_string()),
+        Just("{{ .Data.data.ключ }}".to_string()),
+        Just("{{ printf \"%s:%d\" .Data.user 5432 }}".to_string()),
+        Just("{{- \"trimmed\" -}}".to_string()),
+        Just("{{ index .Data \"dash-key\" | toJSON }}".to_string()),
+        "[a-z =:/\n]{0,8}",
+    ];
+    let body = leaf.prop_recursive(5, 48, 3, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!(
+                "{{{{ if .Data }}}}{a}{{{{ else if .Other }}}}{b}{{{{ end }}}}"
+            )),
+            inner.clone().prop_map(|a| format!(
+                "{{{{ range $k, $v := .Data.data }}}}{{{{ $k }}}}={{{{ $v }}}}{a}{{{{ end }}}}"
+            )),
+            inner
+                .clone()
+                .prop_map(|a| format!("{{{{ with secret \"secret/data/app\" }}}}{a}{{{{ end }}}}")),
+            inner
+                .clone()
+                .prop_map(|a| format!("{{{{ with $x := .Data }}}}{{{{ $x }}}}{a}{{{{ end }}}}")),
+            proptest::collection::vec(inner, 1..3).prop_map(|parts| parts.concat()),
+        ]
+    });
+    (body.clone(), proptest::option::of(body)).prop_map(|(main, define)| match define {
+        // `define` is top level only; the main text calls it.
+        Some(d) => {
+            format!("{{{{ define \"part\" }}}}{d}{{{{ end }}}}{main}{{{{ template \"part\" . }}}}")
         }
-        let body = review_body(annotations, spec, with_map);
-        let answer = review::review(&serde_json::to_vec(&body).unwrap(), &defaults()).expect("a well-formed review is answered");
+        None => main,
+    })
+}
+
+/// A handlebars template nesting if/else, each, with and unless.
+fn handlebars_template() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("{{data.user}}".to_string()),
+        Just("{{@key}}={{this}}".to_string()),
+        Just("{{toUpper data.user}}".to_string()),
+        "[a-z =:/\n]{0,8}",
+    ];
+    leaf.prop_recursive(5, 48, 3, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone())
+                .prop_map(|(a, b)| format!("{{{{#if data}}}}{a}{{{{else}}}}{b}{{{{/if}}}}")),
+            inner
+                .clone()
+                .prop_map(|a| format!("{{{{#each data}}}}{a}{{{{/each}}}}")),
+            inner
+                .clone()
+                .prop_map(|a| format!("{{{{#with data}}}}{a}{{{{/with}}}}")),
+            inner
+                .clone()
+                .prop_map(|a| format!("{{{{#unless data}}}}{a}{{{{/unless}}}}")),
+            proptest::collection::vec(inner, 1..3).prop_map(|parts| parts.concat()),
+        ]
+    })
+}
+
+/// One secret: its annotations and, when it has a template, the template's text.
+fn secret() -> impl Strategy<Value = (Vec<(String, String)>, Option<String>)> {
+    let name = proptest::sample::select(vec!["db", "api", "cfg", "tls-bundle", "app.env"]);
+    let template = prop_oneof![
+        2 => go_template().prop_map(|t| Some(("go", t))),
+        2 => handlebars_template().prop_map(|t| Some(("handlebars", t))),
+        1 => Just(None),
+    ];
+    let file = proptest::option::of(proptest::sample::select(vec!["out.txt", "sub/dir/file"]));
+    let perms = proptest::option::of(proptest::sample::select(vec!["0400", "0640", "644"]));
+    (name, template, file, perms).prop_map(|(name, template, file, perms)| {
+        let key = |suffix: &str| format!("vault.hashicorp.com/{suffix}-{name}");
+        let mut annotations = vec![(key("agent-inject-secret"), format!("secret/data/{name}"))];
+        let text = template.map(|(engine, text)| {
+            annotations.push((key("agent-inject-template"), text.clone()));
+            annotations.push((key("agent-inject-template-engine"), engine.to_string()));
+            text
+        });
+        if let Some(f) = file {
+            annotations.push((key("agent-inject-file"), format!("{name}-{f}")));
+        }
+        if let Some(p) = perms {
+            annotations.push((key("agent-inject-perms"), p.to_string()));
+        }
+        (annotations, text)
+    })
+}
+
+/// An annotated pod: inject, a role, one to three secrets, and now and then arbitrary
+/// annotations (which may make it a denial).
+fn annotated_pod() -> impl Strategy<Value = (BTreeMap<String, String>, Vec<String>, Value)> {
+    (
+        proptest::collection::vec(secret(), 1..4),
+        prop_oneof![9 => Just(Vec::new()), 1 => proptest::collection::vec(annotation(), 1..4)],
+        pod_shape(),
+    )
+        .prop_map(|(secrets, noise, spec)| {
+            let mut annotations = BTreeMap::from([
+                (
+                    "vault.hashicorp.com/agent-inject".to_string(),
+                    "true".to_string(),
+                ),
+                ("vault.hashicorp.com/role".to_string(), "app".to_string()),
+            ]);
+            let mut templates = Vec::new();
+            for (pairs, text) in secrets {
+                // A later secret of the same name replaces the earlier one.
+                let name = pairs[0].0.clone();
+                if annotations.contains_key(&name) {
+                    continue;
+                }
+                annotations.extend(pairs);
+                templates.extend(text);
+            }
+            annotations.extend(noise);
+            (annotations, templates, spec)
+        })
+}
+
+/// How deep the blocks of a generated template nest (both engines' block syntax).
+fn block_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for (i, _) in text.match_indices("{{") {
+        let tag = &text[i + 2..];
+        if ["#", " if ", " range ", " with ", " define "]
+            .iter()
+            .any(|o| tag.starts_with(o))
+        {
+            depth += 1;
+            deepest = deepest.max(depth);
+        } else if tag.starts_with('/') || tag.starts_with(" end ") {
+            depth = depth.saturating_sub(1);
+        }
+    }
+    deepest
+}
+
+/// The agent config an injected pod's agent containers carry.
+fn agent_configs(pod: &Pod) -> Vec<AgentConfig> {
+    let spec = pod.spec.as_ref().expect("a pod spec");
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.env.iter().flatten())
+        .filter(|e| e.name == "SIDEKEY_AGENT_CONFIG")
+        .map(|e| {
+            AgentConfig::from_env_value(e.value.as_deref().unwrap_or_default())
+                .expect("the agent config decodes")
+        })
+        .collect()
+}
+
+#[test]
+fn every_answer_is_a_valid_review_and_every_patch_applies() {
+    const CASES: u32 = 512;
+    // A fixed seed: the same cases on every run, so the counts below are stable.
+    let config = Config {
+        cases: CASES,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let injected = Cell::new(0u32);
+    let nested = Cell::new(0u32);
+    let result = runner.run(&annotated_pod(), |(annotations, templates, spec)| {
+        let pairs = annotations.into_iter().collect();
+        let body = review_body(pairs, spec, true);
+        let answer = review::review(&serde_json::to_vec(&body).unwrap(), &defaults())
+            .expect("a well-formed review is answered");
         let echoed: Value = serde_json::from_slice(&answer.body).unwrap();
         prop_assert_eq!(&echoed["response"]["uid"], "prop");
         prop_assert_eq!(&echoed["kind"], "AdmissionReview");
@@ -231,16 +400,54 @@ proptest! {
                 let mut pod = body["request"]["object"].clone();
                 json_patch::patch(&mut pod, &patch).expect("the patch applies");
                 let pod: Pod = serde_json::from_value(pod).expect("the patched pod is a valid Pod");
-                let status = pod.metadata.annotations.unwrap_or_default();
+                let status = pod.metadata.annotations.clone().unwrap_or_default();
                 prop_assert!(status.values().any(|v| v == "injected"));
+                // Every agent container carries every template exactly as annotated.
+                let configs = agent_configs(&pod);
+                prop_assert!(!configs.is_empty(), "an injected pod has an agent");
+                for config in &configs {
+                    let carried: Vec<&str> = config
+                        .templates
+                        .iter()
+                        .filter_map(|t| t.contents.as_deref())
+                        .collect();
+                    // An empty template means the default format, so it carries no text.
+                    for text in templates.iter().filter(|t| !t.is_empty()) {
+                        prop_assert!(
+                            carried.contains(&text.as_str()),
+                            "{text:?} not in {carried:?}"
+                        );
+                    }
+                }
+                injected.set(injected.get() + 1);
+                if templates.iter().any(|t| block_depth(t) >= 2) {
+                    nested.set(nested.get() + 1);
+                }
             }
             Outcome::Denied => {
                 prop_assert_eq!(&echoed["response"]["allowed"], false);
                 prop_assert!(echoed["response"].get("patch").is_none());
                 let message = echoed["response"]["status"]["message"].as_str().unwrap();
-                prop_assert!(!message.is_empty() && !message.contains('\n'), "one-line message: {message:?}");
+                prop_assert!(
+                    !message.is_empty() && !message.contains('\n'),
+                    "one-line message: {message:?}"
+                );
             }
             Outcome::Skipped => prop_assert!(echoed["response"].get("patch").is_none()),
         }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
+    let (injected, nested) = (injected.get(), nested.get());
+    eprintln!("{injected} of {CASES} cases injected, {nested} of them with blocks 2 or more deep");
+    assert!(
+        injected * 100 >= CASES * 80,
+        "only {injected} of {CASES} cases reached the patch"
+    );
+    assert!(
+        nested * 100 >= injected * 30,
+        "only {nested} of {injected} injected cases nest blocks 2 deep"
+    );
 }

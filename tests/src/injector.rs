@@ -1,8 +1,9 @@
 //! The built sidekey-injector, started over TLS on a free loopback port, and a client that sends
 //! it AdmissionReviews and applies the patches it returns exactly as the API server would.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -33,37 +34,68 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 pub struct Injector {
     pub port: u16,
     pub ca_pem: String,
+    container: String,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Injector {
     fn drop(&mut self) {
+        let _ = crate::podman::run(&["rm", "--force", "--time", "0", &self.container]);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 impl Injector {
-    /// Starts the injector with a generated certificate, pointed at `vault_address`, plus any
-    /// extra flags.
+    /// Starts the injector from its image, under podman, as the chart's Deployment runs it: its
+    /// serving certificate mounted read-only at /tls, the chart's security context (user 65532,
+    /// read-only root, no capabilities), pointed at `vault_address`, plus any extra flags. The
+    /// certificate is one the test generates for `localhost` (the chart's own certificates are
+    /// tested against the rendered webhook configuration in tests/tests/chart.rs).
     pub async fn start(vault_address: &str, agent_image: &str, extra: &[&str]) -> Result<Injector> {
         crate::install_crypto_provider();
+        let images = crate::podman::images()?;
         let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let tls = dir.path().join("tls");
+        std::fs::create_dir_all(&tls)?;
         let generated =
             sidekey_injector::tls::generate(&["localhost".to_string(), "127.0.0.1".to_string()])?;
-        let cert = dir.path().join("tls.crt");
-        let key = dir.path().join("tls.key");
-        std::fs::write(&cert, &generated.cert_pem)?;
-        std::fs::write(&key, &generated.key_pem)?;
+        std::fs::write(tls.join("tls.crt"), &generated.cert_pem)?;
+        std::fs::write(tls.join("tls.key"), &generated.key_pem)?;
+        for f in ["tls.crt", "tls.key"] {
+            // A Secret volume's default mode.
+            std::fs::set_permissions(tls.join(f), std::fs::Permissions::from_mode(0o644))?;
+        }
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("injector.log"))?;
-        let child = Command::new(binary("sidekey-injector")?)
+        let container = format!("sk{}-injector", crate::process::random_hex(4));
+        let child = crate::podman::podman()
+            .args(["run", "--rm", "--pull", "never", "--network", "host"])
+            .args(["--name", &container, "--label", "sidekey-test-pod"])
+            .args([
+                "--user",
+                "65532:65532",
+                "--read-only",
+                "--read-only-tmpfs=false",
+            ])
+            .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges"])
+            .args([
+                "--mount",
+                &format!(
+                    "type=bind,source={},destination=/tls,ro=true",
+                    tls.display()
+                ),
+            ])
+            .arg(&images.injector)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--tls-cert-file")
-            .arg(&cert)
-            .arg("--tls-key-file")
-            .arg(&key)
+            .args([
+                "--tls-cert-file",
+                "/tls/tls.crt",
+                "--tls-key-file",
+                "/tls/tls.key",
+            ])
             .args([
                 "--vault-address",
                 vault_address,
@@ -73,26 +105,34 @@ impl Injector {
                 "text",
             ])
             .args(extra)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("starting sidekey-injector")?;
-        let injector = Injector {
+            .context("starting the sidekey-injector image under podman")?;
+        let mut injector = Injector {
             port,
             ca_pem: generated.ca_pem,
+            container,
             child,
-            _dir: dir,
+            dir,
         };
         let client = injector.client()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = client.get(injector.url("/health/ready")).send().await
                 && r.status().is_success()
             {
                 return Ok(injector);
             }
+            if let Some(status) = injector.child.try_wait()? {
+                bail!("sidekey-injector exited ({status}): {}", injector.log());
+            }
             if Instant::now() > deadline {
-                bail!("sidekey-injector did not become ready on port {port}");
+                bail!(
+                    "sidekey-injector did not become ready on port {port}: {}",
+                    injector.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -100,7 +140,7 @@ impl Injector {
 
     /// What the injector logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("injector.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("injector.log")).unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -8,7 +8,9 @@
 
 pub mod injector;
 mod jwt;
+pub mod pki;
 pub mod pod;
+pub mod podman;
 mod process;
 mod setup;
 
@@ -32,7 +34,13 @@ pub const SA_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// A running stack. Dropping it stops the servers and removes their data.
 pub struct Stack {
+    /// The main TLS listener, `https://127.0.0.1:PORT` (certificate from [`pki::pki`]).
     pub addr: String,
+    /// A listener that requires a client certificate signed by the tests' CA.
+    pub mtls_port: u16,
+    /// A listener whose certificate names only [`pki::STORE_HOST`].
+    pub named_port: u16,
+    http: reqwest::Client,
     pub root_token: String,
     pub pg_port: u16,
     pub pg_password: String,
@@ -117,6 +125,9 @@ impl Stack {
         };
         Ok(Stack {
             addr: info.addr,
+            mtls_port: info.mtls_port,
+            named_port: info.named_port,
+            http: info.http,
             root_token: info.root_token,
             pg_port: info.pg_port,
             pg_password: info.pg_password,
@@ -148,7 +159,22 @@ impl Stack {
 
     /// Calls the OpenBao HTTP API with the root token; returns the decoded body (Null when empty).
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        setup::api(&self.addr, &self.root_token, method, path, body).await
+        setup::api(&self.http, &self.addr, &self.root_token, method, path, body).await
+    }
+
+    /// The CA file every store listener's certificate chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        pki::pki().expect("the test PKI").ca.clone()
+    }
+
+    /// The agent's `store` config for the main listener, trusting the tests' CA by file.
+    pub fn store_config(&self) -> Value {
+        self.store_config_at(&self.addr)
+    }
+
+    /// The same for another address that reaches the main listener (a forwarder, a proxy).
+    pub fn store_config_at(&self, address: &str) -> Value {
+        serde_json::json!({ "address": address, "ca_cert": self.ca_file() })
     }
 
     /// Writes a KV v2 secret under the `secret/` mount.

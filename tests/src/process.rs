@@ -27,6 +27,9 @@ pub(crate) enum Command {
 
 pub(crate) struct Info {
     pub addr: String,
+    pub mtls_port: u16,
+    pub named_port: u16,
+    pub http: reqwest::Client,
     pub root_token: String,
     pub pg_port: u16,
     pub pg_password: String,
@@ -142,20 +145,30 @@ fn start(tools: &Tools, dir: &Path, children: &mut Children) -> Result<Info> {
     wait_for_postgres(tools, pg_port, &pg_password)?;
 
     let root_token = format!("root-{}", random_hex(8));
-    let bao_port = free_port();
-    let addr = format!("http://127.0.0.1:{bao_port}");
-    children.bao = Some(start_bao(tools, dir, bao_port, &root_token)?);
+    let pki = crate::pki::pki()?;
+    let ports = Ports {
+        dev: free_port(),
+        main: free_port(),
+        mtls: free_port(),
+        named: free_port(),
+    };
+    let addr = format!("https://127.0.0.1:{}", ports.main);
+    children.bao = Some(start_bao(tools, dir, &ports, pki, &root_token)?);
+    let http = crate::setup::store_http(pki)?;
 
     let signer = JwtSigner::load_or_create(&crate::workspace_root().join(".stack"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let configured = runtime.block_on(async {
-        setup::wait_for_bao(&addr).await?;
-        setup::configure(&addr, &root_token, pg_port, &pg_password, &signer).await
+        setup::wait_for_bao(&http, &addr).await?;
+        setup::configure(&http, &addr, &root_token, pg_port, &pg_password, &signer).await
     })?;
     Ok(Info {
         addr,
+        mtls_port: ports.mtls,
+        named_port: ports.named,
+        http,
         root_token,
         pg_port,
         pg_password,
@@ -262,14 +275,53 @@ fn wait_for_postgres(tools: &Tools, port: u16, password: &str) -> Result<()> {
     }
 }
 
-fn start_bao(tools: &Tools, dir: &Path, port: u16, root_token: &str) -> Result<Child> {
+/// OpenBao's listeners: every one is TLS, as every production store is.
+struct Ports {
+    /// The dev listener (`-dev-tls`, its own throwaway CA): nothing talks to it.
+    dev: u16,
+    /// The tests' CA, certificate for 127.0.0.1, localhost and `pki::STORE_HOST`.
+    main: u16,
+    /// Like `main`, but a client certificate signed by the tests' CA is required.
+    mtls: u16,
+    /// A certificate for `pki::STORE_HOST` only: 127.0.0.1 verifies only with a TLS server name.
+    named: u16,
+}
+
+fn start_bao(
+    tools: &Tools,
+    dir: &Path,
+    ports: &Ports,
+    pki: &crate::pki::Pki,
+    root_token: &str,
+) -> Result<Child> {
     let log = fs::File::create(dir.join("bao.log"))?;
     let home = dir.join("bao-home");
+    let dev_tls = dir.join("bao-dev-tls");
     fs::create_dir_all(&home)?;
+    fs::create_dir_all(&dev_tls)?;
+    let listener = |port: u16, cert: &Path, key: &Path, require_client_cert: bool| {
+        format!(
+            "listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster}\"\n  tls_cert_file = \"{cert}\"\n  tls_key_file = \"{key}\"\n  tls_client_ca_file = \"{ca}\"\n  tls_require_and_verify_client_cert = {require_client_cert}\n}}\n",
+            cluster = free_port(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = pki.ca.display(),
+        )
+    };
+    let config = [
+        listener(ports.main, &pki.server_cert, &pki.server_key, false),
+        listener(ports.mtls, &pki.server_cert, &pki.server_key, true),
+        listener(ports.named, &pki.named_cert, &pki.named_key, false),
+    ]
+    .concat();
+    let config_path = dir.join("bao-listeners.hcl");
+    fs::write(&config_path, config)?;
     let mut cmd = std::process::Command::new(&tools.bao);
-    cmd.args(["server", "-dev", "-dev-no-store-token"])
+    cmd.args(["server", "-dev", "-dev-no-store-token", "-dev-tls"])
+        .arg(format!("-dev-tls-cert-dir={}", dev_tls.display()))
         .arg(format!("-dev-root-token-id={root_token}"))
-        .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+        .arg(format!("-dev-listen-address=127.0.0.1:{}", ports.dev))
+        .arg(format!("-config={}", config_path.display()))
         .env("HOME", &home)
         .env_remove("VAULT_ADDR")
         .env_remove("BAO_ADDR")

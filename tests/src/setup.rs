@@ -28,16 +28,23 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 path "sys/leases/lookup" { capabilities = ["update"] }
 "#;
 
+/// An HTTP client for the store that trusts only the tests' CA.
+pub(crate) fn store_http(pki: &crate::pki::Pki) -> Result<reqwest::Client> {
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem()?.as_bytes())?;
+    Ok(reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
 pub(crate) async fn api(
+    client: &reqwest::Client,
     addr: &str,
     token: &str,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> Result<Value> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
     let (method, url) = if method == "LIST" {
         (reqwest::Method::GET, format!("{addr}/v1/{path}?list=true"))
     } else {
@@ -67,13 +74,14 @@ pub(crate) async fn api(
     Ok(serde_json::from_str(&text)?)
 }
 
-pub(crate) async fn wait_for_bao(addr: &str) -> Result<()> {
+pub(crate) async fn wait_for_bao(client: &reqwest::Client, addr: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
     loop {
-        if let Ok(resp) = client.get(format!("{addr}/v1/sys/health")).send().await
+        if let Ok(resp) = client
+            .get(format!("{addr}/v1/sys/health"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
             && resp.status().is_success()
         {
             return Ok(());
@@ -86,6 +94,7 @@ pub(crate) async fn wait_for_bao(addr: &str) -> Result<()> {
 }
 
 pub(crate) async fn configure(
+    client: &reqwest::Client,
     addr: &str,
     root: &str,
     pg_port: u16,
@@ -93,7 +102,7 @@ pub(crate) async fn configure(
     signer: &JwtSigner,
 ) -> Result<Configured> {
     let call = |method: &'static str, path: String, body: Value| async move {
-        api(addr, root, method, &path, Some(body)).await
+        api(client, addr, root, method, &path, Some(body)).await
     };
 
     call(
@@ -217,6 +226,7 @@ pub(crate) async fn configure(
     )
     .await?;
     let role_id = api(
+        client,
         addr,
         root,
         "GET",

@@ -1,10 +1,16 @@
 //! The Helm chart: lint --strict and template for the default values and every TLS mode and major
-//! option; every rendered object deserializes into its k8s-openapi type; the webhook's service
-//! path and port meet the injector's route and listen flag; every injector env the chart sets is
-//! a real flag; values that break the schema are rejected.
+//! option; every rendered object deserializes into its k8s-openapi type and passes
+//! kubernetes-validate's strict schemas; the webhook's service path and port meet the injector's
+//! route and listen flag; every injector env the chart sets is a real flag; the chart's own
+//! certificates verify for the service name; images follow the chart's appVersion; values that
+//! break the schema are rejected. (The webhook called over TLS per tls.mode: chart_tls.rs.)
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
@@ -78,21 +84,20 @@ fn set_args(sets: &[&str]) -> Vec<String> {
 }
 
 fn template(sets: &[&str]) -> Vec<Value> {
-    let mut args = vec![
-        "template",
-        "sk",
-        "charts/sidekey",
-        "--namespace",
-        "sidekey",
-        "--api-versions",
-        VAP_API,
-    ];
+    template_with(sets, &["--api-versions", VAP_API])
+}
+
+/// `helm template` with `--set` values and extra flags; fails the test when helm fails.
+fn template_with(sets: &[&str], flags: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", "sk", "charts/sidekey", "--namespace", "sidekey"];
+    args.extend(flags);
     let extra = set_args(sets);
     args.extend(extra.iter().map(String::as_str));
     let out = helm(&args);
     assert!(
         out.status.success(),
-        "helm template {sets:?}: {}",
+        "helm template {sets:?} {flags:?} exited {}: {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
@@ -272,12 +277,24 @@ fn the_webhook_reaches_the_injector_route_and_port() {
             .map(|s| &s[9..])
             .unwrap_or("chart")
         {
-            "chart" => assert!(
-                hook["clientConfig"]["caBundle"]
-                    .as_str()
-                    .is_some_and(|b| b.len() > 100),
-                "{label}"
-            ),
+            "chart" => {
+                let secret = of_kind(&docs, "Secret")[0];
+                let pem = |v: &Value| B64.decode(v.as_str().unwrap()).unwrap();
+                assert_eq!(
+                    secret["metadata"]["name"],
+                    deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+                    "{label}: the injector mounts the chart's Secret"
+                );
+                let service_host = format!("{}.sidekey.svc", svc_ref["name"].as_str().unwrap());
+                verify_for_name(
+                    &pem(&hook["clientConfig"]["caBundle"]),
+                    &pem(&secret["data"]["tls.crt"]),
+                    &service_host,
+                )
+                .unwrap_or_else(|e| {
+                    panic!("{label}: the caBundle does not verify tls.crt for {service_host}: {e}")
+                });
+            }
             "secret" => assert_eq!(
                 hook["clientConfig"]["caBundle"], "LS0tLS1CRUdJTg==",
                 "{label}"
@@ -314,6 +331,10 @@ fn values_that_break_the_schema_are_rejected() {
         ("replicas: 0\n", "/replicas"),
         ("surprise: true\n", "surprise"),
         ("tls:\n  mode: secret\n", "allOf"),
+        (
+            "agent:\n  imageRepository: \"\"\n",
+            "/agent/imageRepository",
+        ),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let file = dir.path().join(format!("bad-{i}.yaml"));
@@ -344,6 +365,12 @@ fn notes_show_how_to_annotate_a_deployment() {
         "--namespace",
         "sidekey",
     ]);
+    assert!(
+        out.status.success(),
+        "helm install --dry-run exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("vault.hashicorp.com/agent-inject: \"true\""),
@@ -352,5 +379,190 @@ fn notes_show_how_to_annotate_a_deployment() {
     assert!(
         text.contains("{{data.username}}"),
         "the NOTES escape template braces: {text}"
+    );
+}
+
+/// Verifies `cert_pem` (leaf first, then any intermediates) against the roots in `ca_pem` for
+/// `host`, now, as a TLS client does.
+fn verify_for_name(ca_pem: &[u8], cert_pem: &[u8], host: &str) -> Result<(), rustls::Error> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(ca.expect("the caBundle is PEM"))?;
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .expect("a verifier over the caBundle");
+    let chain: Vec<CertificateDer> = CertificateDer::pem_slice_iter(cert_pem)
+        .map(|c| c.expect("tls.crt is PEM"))
+        .collect();
+    let name = ServerName::try_from(host.to_string()).expect("a DNS name");
+    verifier
+        .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+        .map(|_| ())
+}
+
+fn app_version() -> String {
+    let chart =
+        std::fs::read_to_string(workspace_root().join("charts/sidekey/Chart.yaml")).unwrap();
+    let chart: serde_yaml::Value = serde_yaml::from_str(&chart).unwrap();
+    chart["appVersion"].as_str().unwrap().to_string()
+}
+
+fn injector_env(docs: &[Value], name: &str) -> String {
+    let deployment = of_kind(docs, "Deployment")[0];
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name}"))["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn images_follow_the_charts_app_version() {
+    let version = app_version();
+    assert_eq!(
+        version,
+        env!("CARGO_PKG_VERSION"),
+        "the chart ships the workspace's version"
+    );
+    let agent_default = format!("ghcr.io/sidekey/sidekey-agent:{version}");
+    assert_eq!(
+        sidekey_injector::config::DEFAULT_IMAGE,
+        agent_default,
+        "the injector's own default agent image is the chart's"
+    );
+    let docs = template(&[]);
+    let container = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["image"],
+        format!("ghcr.io/sidekey/sidekey-injector:{version}")
+    );
+    // Images loaded into kind, k3s or containerd are used without a registry.
+    assert_eq!(container["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(
+        injector_env(&docs, "SIDEKEY_INJECTOR_AGENT_IMAGE"),
+        agent_default
+    );
+    for (sets, injector, agent) in [
+        (
+            vec!["agent.image=registry.example.com/agent:2.0"],
+            format!("ghcr.io/sidekey/sidekey-injector:{version}"),
+            "registry.example.com/agent:2.0".to_string(),
+        ),
+        (
+            vec!["agent.imageTag=0.2.0", "image.tag=0.2.0"],
+            "ghcr.io/sidekey/sidekey-injector:0.2.0".to_string(),
+            "ghcr.io/sidekey/sidekey-agent:0.2.0".to_string(),
+        ),
+        (
+            vec![
+                "agent.imageRepository=mirror.example.com/sidekey-agent",
+                "image.repository=mirror.example.com/sidekey-injector",
+            ],
+            format!("mirror.example.com/sidekey-injector:{version}"),
+            format!("mirror.example.com/sidekey-agent:{version}"),
+        ),
+    ] {
+        let docs = template(&sets);
+        let container =
+            &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["image"], injector.as_str(), "{sets:?}");
+        assert_eq!(
+            injector_env(&docs, "SIDEKEY_INJECTOR_AGENT_IMAGE"),
+            agent,
+            "{sets:?}"
+        );
+    }
+}
+
+/// Kinds kubernetes-validate has no schema for (cert-manager's CRDs): left out of its input. The
+/// rendered cert-manager objects are issued from, the way cert-manager does, in chart_tls.rs.
+const CRD_KINDS: [&str; 2] = ["Issuer", "Certificate"];
+
+/// kubernetes-validate --strict over the given renders against one Kubernetes version; fails
+/// unless every object is reported as passed.
+fn kubernetes_validate(renders: &[(String, Vec<Value>)], version: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut expected = 0;
+    for (i, (label, docs)) in renders.iter().enumerate() {
+        let built_in: Vec<&Value> = docs
+            .iter()
+            .filter(|d| !CRD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
+            .collect();
+        assert!(!built_in.is_empty(), "{label}: nothing to validate");
+        expected += built_in.len();
+        let text: String = built_in
+            .iter()
+            .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+            .collect();
+        let file = dir.path().join(format!("render-{i}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        files.push(file);
+    }
+    // The stack's copy when scripts/stack-install.sh put one there, else the one on PATH.
+    let stack_copy = workspace_root().join(".stack/bin/kubernetes-validate");
+    let program = if stack_copy.is_file() {
+        stack_copy
+    } else {
+        "kubernetes-validate".into()
+    };
+    let out = Command::new(&program)
+        .args(["--strict", "--kubernetes-version", version])
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): pip install kubernetes-validate",
+                program.display()
+            )
+        });
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kubernetes-validate {version} exited {}:\n{report}",
+        out.status
+    );
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert_eq!(
+        passed, expected,
+        "kubernetes-validate {version} passed {passed} of {expected} objects:\n{report}"
+    );
+}
+
+#[test]
+fn every_variant_passes_kubernetes_validate_strict() {
+    let renders: Vec<(String, Vec<Value>)> = variants()
+        .into_iter()
+        .map(|(label, sets)| (label.to_string(), template(&sets)))
+        .collect();
+    // 1.30: the first release with ValidatingAdmissionPolicy v1, which these renders include;
+    // 1.33: the API version the workspace's k8s-openapi types are built for.
+    for version in ["1.30.0", "1.33.0"] {
+        kubernetes_validate(&renders, version);
+    }
+    // The chart's kubeVersion floor, where the policy API is absent and not rendered.
+    let floor = template_with(&[], &[]);
+    assert!(of_kind(&floor, "ValidatingAdmissionPolicy").is_empty());
+    kubernetes_validate(
+        &[("defaults without the policy API".into(), floor)],
+        "1.25.0",
     );
 }

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use sidekey_tests::injector::binary;
 use sidekey_tests::{Stack, workspace_root};
 
 fn render(
@@ -21,7 +20,7 @@ fn render(
     std::fs::write(&token, stack.sa_token()).unwrap();
     let source = workspace_root().join("templates").join(name);
     let config = json!({
-        "store": { "address": stack.addr },
+        "store": stack.store_config(),
         "auth": { "type": "kubernetes", "role": "app", "token_path": token },
         "templates": [{ "name": file, "path": path, "source": source, "file": file }],
         "secrets_dir": dir.path().join("out"),
@@ -30,7 +29,7 @@ fn render(
     });
     let config_path = dir.path().join("agent.json");
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let out = Command::new(binary("sidekey-agent").unwrap())
+    let out = Command::new(sidekey_tests::podman::shipped_agent().unwrap())
         .args(["init", "--config"])
         .arg(&config_path)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use sidekey_tests::injector::binary;
 use sidekey_tests::{Stack, tools};
 
 struct Case {
@@ -165,6 +164,11 @@ fn cases() -> Vec<Case> {
             "writeToFile",
             r#"{{ writeToFile "WRITE_DIR/written.txt" "" "" "0640" "hello" }}[{{ writeToFile "WRITE_DIR/appended.txt" "" "" "0640" "append,newline" "line" }}{{ "more" | writeToFile "WRITE_DIR/appended.txt" "" "" "0640" "append" }}]"#,
         ),
+        // Go's lexer takes Unicode letters and digits in names (unicode.IsLetter/IsDigit).
+        case(
+            "Unicode names",
+            r#"{{ with secret "secret/data/gotpl/unicode" }}{{ .Data.data.ключ }} {{ .Data.data.日本語 }} {{ $ключ := .Data.data.ª٣ }}{{ $ключ }} {{ range $k, $значение := .Data.data }}{{ $k }}={{ $значение }};{{ end }}{{ end }}"#,
+        ),
         Case {
             name: "missing key without error",
             template: r#"{{ with secret "secret/data/gotpl/app" }}[{{ .Data.data.nope }}]{{ end }}"#,
@@ -196,6 +200,22 @@ fn failing() -> Vec<Case> {
             "json.Number is not a string",
             r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.port | toUpper }}{{ end }}"#,
         ),
+        case(
+            "an emoji in a name",
+            r#"{{ with secret "secret/data/gotpl/unicode" }}{{ .Data.data.🔑 }}{{ end }}"#,
+        ),
+        case(
+            "a no-break space in an action",
+            "{{\u{a0}with secret \"secret/data/gotpl/unicode\" }}{{ end }}",
+        ),
+        case(
+            "break outside range",
+            r#"{{ if true }}{{ break }}{{ end }}"#,
+        ),
+        case(
+            "a template defined twice",
+            r#"{{ define "d" }}a{{ end }}{{ define "d" }}b{{ end }}{{ template "d" }}"#,
+        ),
     ]
 }
 
@@ -215,6 +235,13 @@ async fn write_secrets(stack: &Stack) {
                 "enabled": true, "empty": "", "tags": ["a", "b"], "nested": { "k": "v", "n": 1 }, "dash-key": "d",
                 "multi": "line1\nline2", "unicode": "héllo ✓", "json": "{\"a\":1}", "b64": "aGVsbG8="
             }),
+        )
+        .await
+        .unwrap();
+    stack
+        .put_kv2(
+            "gotpl/unicode",
+            json!({ "ключ": "значение", "日本語": "はい", "ª٣": 3, "🔑": "emoji" }),
         )
         .await
         .unwrap();
@@ -240,7 +267,7 @@ fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
     let config = json!({
         "exit_after_auth": true,
         "pid_file": dir.join("bao.pid"),
-        "vault": { "address": stack.addr, "retry": { "num_retries": 1 } },
+        "vault": { "address": stack.addr, "ca_cert": stack.ca_file(), "retry": { "num_retries": 1 } },
         "auto_auth": {
             "method": { "type": "token_file", "config": { "token_file_path": token } },
             "sink": [{ "type": "file", "config": { "path": dir.join("sink") } }]
@@ -285,7 +312,7 @@ fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, 
     let token = dir.join("token");
     std::fs::write(&token, &stack.app_token).unwrap();
     let config = json!({
-        "store": { "address": stack.addr },
+        "store": stack.store_config(),
         "auth": { "type": "token", "token_file": token },
         "templates": [template],
         "secrets_dir": dir.join("sk-out"),
@@ -295,7 +322,7 @@ fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, 
     });
     let path = dir.join("sidekey.json");
     std::fs::write(&path, config.to_string()).unwrap();
-    let result = Command::new(binary("sidekey-agent").unwrap())
+    let result = Command::new(sidekey_tests::podman::shipped_agent().unwrap())
         .args(["init", "--config"])
         .arg(&path)
         .env("SIDEKEY_DIFF_ENV", "from-env")
@@ -435,6 +462,10 @@ async fn failing_templates_fail_in_both_with_a_clear_message() {
             "missing key with error-on-missing-key" => "key \"nope\"",
             "unknown function" => "function \"nosuchfunc\" not defined",
             "unterminated action" => "unclosed action",
+            "an emoji in a name" => "bad character U+1F511 '🔑'",
+            "a no-break space in an action" => "unrecognized character in action: U+00A0",
+            "break outside range" => "{{break}} outside {{range}}",
+            "a template defined twice" => "multiple definition of template \"d\"",
             "nil pointer" => "nil pointer evaluating interface {}.deeper",
             _ => "wrong type for value; expected string; got json.Number",
         };

@@ -1,13 +1,16 @@
-//! End to end: real OpenBao and PostgreSQL, the built injector over TLS, and the built agent.
-//! Each scenario sends a realistic pod (tests/fixtures/) through the injector, applies the patch,
-//! runs the mutated pod as a kubelet would (see `sidekey_tests::pod`), has an app process read
-//! /vault/secrets, then runs the preStop hook and SIGTERM and checks what is left in the store.
+//! End to end: real OpenBao (over TLS) and PostgreSQL, the injector and agent images as they ship.
+//! Each scenario sends a realistic pod (tests/fixtures/) through the injector (its image, under
+//! podman), applies the patch, runs the mutated pod's agent containers from the agent image under
+//! podman/runc as a kubelet would (see `sidekey_tests::pod` for what the runner does itself), has
+//! an app process read /vault/secrets, then runs the preStop hook and SIGTERM and checks what is
+//! left in the store.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use sidekey_tests::injector::Injector;
-use sidekey_tests::pod::{PodRun, files};
+use sidekey_tests::pod::{PodRun, SecretFiles, files};
+use sidekey_tests::podman::images;
 use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, workspace_root};
 
 fn fixture(name: &str, stack: &Stack) -> Value {
@@ -15,7 +18,14 @@ fn fixture(name: &str, stack: &Stack) -> Value {
     serde_json::from_str(&text.replace("PG_PORT", &stack.pg_port.to_string())).unwrap()
 }
 
+/// The secrets and database roles every scenario reads, written once per test binary (parallel
+/// writes of one role can fail in OpenBao's storage with "transaction commit failed").
 async fn setup(stack: &Stack) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| write_fixtures(stack)).await;
+}
+
+async fn write_fixtures(stack: &Stack) {
     stack
         .put_kv2(
             "e2e/shop",
@@ -49,8 +59,19 @@ async fn setup(stack: &Stack) {
     }
 }
 
+/// The injector as the chart runs it, with the store's CA as its default for every agent.
 async fn injector(stack: &Stack) -> Injector {
-    Injector::start(&stack.addr, "sidekey/agent:e2e", &["--revoke-grace", "0"])
+    injector_at(stack, &stack.addr, &["--revoke-grace", "0"]).await
+}
+
+async fn injector_at(stack: &Stack, address: &str, extra: &[&str]) -> Injector {
+    let ca = std::fs::read_to_string(stack.ca_file()).unwrap();
+    // The chart passes it as SIDEKEY_INJECTOR_VAULT_CACERT_BYTES; `=` keeps the PEM's leading
+    // dashes from reading as a flag.
+    let flag = format!("--vault-cacert-bytes={ca}");
+    let mut flags = vec![flag.as_str()];
+    flags.extend_from_slice(extra);
+    Injector::start(address, &images().unwrap().agent, &flags)
         .await
         .unwrap()
 }
@@ -238,13 +259,7 @@ async fn the_store_down_at_pod_start_is_waited_for() {
     setup(stack).await;
     // The pod's store address refuses connections until a forwarder to OpenBao starts on it.
     let port = sidekey_tests::free_port();
-    let injector = Injector::start(
-        &format!("http://127.0.0.1:{port}"),
-        "sidekey/agent:e2e",
-        &[],
-    )
-    .await
-    .unwrap();
+    let injector = injector_at(stack, &format!("https://127.0.0.1:{port}"), &[]).await;
     let pod = fixture("shop-kv2-default-and-custom-template.json", stack);
     let (mutated, _) = injector.mutate(&pod).await.unwrap();
     let mut run = PodRun::new(mutated, &token(stack, &pod)).unwrap();
@@ -254,7 +269,7 @@ async fn the_store_down_at_pod_start_is_waited_for() {
         !init.is_finished(),
         "init cannot finish while the store is unreachable"
     );
-    let target = stack.addr.trim_start_matches("http://").to_string();
+    let target = stack.addr.trim_start_matches("https://").to_string();
     let forwarder = sidekey_tests::forward(port, target).await.unwrap();
     let run = tokio::task::spawn_blocking(move || init.join().unwrap())
         .await
@@ -381,4 +396,222 @@ async fn no_secret_token_or_rendered_content_reaches_any_log() {
             secret.len()
         );
     }
+}
+
+/// A field of /proc/PID/status.
+fn proc_status(pid: u32, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// The options and filesystem type of the mount at `target` as the process sees it.
+fn mount_of(pid: u32, target: &str) -> (String, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    // The last entry for a mount point is the one on top.
+    text.lines()
+        .rev()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            (fields.get(4) == Some(&target)).then(|| {
+                let fstype = right.split(' ').next().unwrap_or_default().to_string();
+                (fields[5].to_string(), fstype)
+            })
+        })
+        .unwrap_or_else(|| panic!("{target} is not a mount point of pid {pid}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runtime_enforces_the_agent_security_context() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let injector = injector(stack).await;
+    let pod = fixture("shop-kv2-default-and-custom-template.json", stack);
+    let (mutated, _) = injector.mutate(&pod).await.unwrap();
+    let mut run = PodRun::new(mutated, &token(stack, &pod)).unwrap();
+    run.run_init_containers(no_app_init).unwrap();
+    run.start_sidecars().unwrap();
+
+    // What runc applied to the sidecar's PID 1, read from the host's /proc.
+    let pid = run.host_pid("sidekey-agent").unwrap();
+    assert_eq!(
+        proc_status(pid, "Uid").split_whitespace().next(),
+        Some("100"),
+        "runAsUser"
+    );
+    assert_eq!(
+        proc_status(pid, "Gid").split_whitespace().next(),
+        Some("1000"),
+        "runAsGroup"
+    );
+    for caps in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            proc_status(pid, caps),
+            "0000000000000000",
+            "{caps}: every capability dropped"
+        );
+    }
+    assert_eq!(
+        proc_status(pid, "NoNewPrivs"),
+        "1",
+        "allowPrivilegeEscalation: false"
+    );
+    assert_eq!(
+        proc_status(pid, "Seccomp"),
+        "2",
+        "a seccomp filter (RuntimeDefault)"
+    );
+    let (root_opts, _) = mount_of(pid, "/");
+    assert!(
+        root_opts.split(',').any(|o| o == "ro"),
+        "readOnlyRootFilesystem: {root_opts}"
+    );
+    // The secrets and the token state live in memory, never on the node's disk.
+    for path in ["/vault/secrets", "/home/sidekey"] {
+        let (opts, fstype) = mount_of(pid, path);
+        assert_eq!(fstype, "tmpfs", "{path} is a memory-backed emptyDir");
+        assert!(opts.split(',').any(|o| o == "rw"), "{path}: {opts}");
+    }
+    // The app side mounts the same memory volume read-only.
+    let out = run
+        .app_exec("app", "grep ' /vault/secrets ' /proc/self/mounts")
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(line.contains(" tmpfs ") && line.contains(" ro,"), "{line}");
+    let codes = run.stop().unwrap();
+    assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
+}
+
+/// The pod's Secret `vault-tls` as a user would create it: the store's CA and a client
+/// certificate, mounted by the injector at /vault/tls (`tls-secret`).
+fn tls_secret() -> std::collections::BTreeMap<String, SecretFiles> {
+    let pki = sidekey_tests::pki::pki().unwrap();
+    let files: SecretFiles = [
+        ("ca.crt", &pki.ca),
+        ("tls.crt", &pki.client_cert),
+        ("tls.key", &pki.client_key),
+    ]
+    .into_iter()
+    .map(|(name, path)| (name.to_string(), std::fs::read(path).unwrap()))
+    .collect();
+    [("vault-tls".to_string(), files)].into()
+}
+
+/// A KV pod whose store TLS comes from annotations only (no injector CA default).
+fn tls_pod(stack: &Stack, extra: &[(&str, &str)]) -> Value {
+    let mut pod = fixture("shop-kv2-default-and-custom-template.json", stack);
+    let annotations = pod["metadata"]["annotations"].as_object_mut().unwrap();
+    annotations.insert("vault.hashicorp.com/tls-secret".into(), "vault-tls".into());
+    annotations.insert(
+        "vault.hashicorp.com/ca-cert".into(),
+        "/vault/tls/ca.crt".into(),
+    );
+    for (k, v) in extra {
+        annotations.insert(format!("vault.hashicorp.com/{k}"), (*v).into());
+    }
+    pod
+}
+
+async fn render_with_annotations_only(stack: &Stack, address: &str, pod: Value) -> PodRun {
+    let injector = Injector::start(address, &images().unwrap().agent, &["--revoke-grace", "0"])
+        .await
+        .unwrap();
+    let (mutated, _) = injector.mutate(&pod).await.unwrap();
+    let mut run = PodRun::with_secrets(mutated, &token(stack, &pod), &tls_secret()).unwrap();
+    run.run_init_containers(no_app_init).unwrap();
+    run
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_reaches_a_store_that_requires_one_by_its_dns_name() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let host = sidekey_tests::pki::STORE_HOST;
+    let address = format!("https://{host}:{}", stack.mtls_port);
+    let mut pod = tls_pod(
+        stack,
+        &[
+            ("client-cert", "/vault/tls/tls.crt"),
+            ("client-key", "/vault/tls/tls.key"),
+        ],
+    );
+    // How the pod finds the store's name; a cluster's DNS does this for openbao.openbao.svc.
+    pod["spec"]["hostAliases"] = json!([{ "ip": "127.0.0.1", "hostnames": [host] }]);
+    let mut run = render_with_annotations_only(stack, &address, pod).await;
+    let rendered = files(&run.volume("sidekey-secrets"));
+    assert!(rendered["app.env"].contains("k-12345"), "{rendered:?}");
+    run.start_sidecars().unwrap();
+    let codes = run.stop().unwrap();
+    assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
+
+    // The same pod without the client certificate is refused by the store's TLS listener, and
+    // the init container says so in one line.
+    let mut bare = tls_pod(stack, &[]);
+    bare["spec"]["hostAliases"] = json!([{ "ip": "127.0.0.1", "hostnames": [host] }]);
+    let injector = Injector::start(
+        &address,
+        &images().unwrap().agent,
+        &["--agent-init-timeout", "3"],
+    )
+    .await
+    .unwrap();
+    let (mutated, _) = injector.mutate(&bare).await.unwrap();
+    let mut run = PodRun::with_secrets(mutated, &token(stack, &bare), &tls_secret()).unwrap();
+    let err = run
+        .run_init_containers(no_app_init)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("init container sidekey-agent-init failed"),
+        "{err}"
+    );
+    assert!(files(&run.volume("sidekey-secrets")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_server_name_verifies_a_store_certificate_issued_for_another_name() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    // The listener's certificate names only openbao.test; the pod dials 127.0.0.1.
+    let address = format!("https://127.0.0.1:{}", stack.named_port);
+    let pod = tls_pod(
+        stack,
+        &[("tls-server-name", sidekey_tests::pki::STORE_HOST)],
+    );
+    let run = render_with_annotations_only(stack, &address, pod).await;
+    let rendered = files(&run.volume("sidekey-secrets"));
+    assert!(rendered["app.env"].contains("k-12345"), "{rendered:?}");
+
+    // Without the server name the certificate does not verify: a clear error, no files.
+    let pod = tls_pod(stack, &[]);
+    let injector = Injector::start(
+        &address,
+        &images().unwrap().agent,
+        &["--agent-init-timeout", "3"],
+    )
+    .await
+    .unwrap();
+    let (mutated, _) = injector.mutate(&pod).await.unwrap();
+    let mut run = PodRun::with_secrets(mutated, &token(stack, &pod), &tls_secret()).unwrap();
+    let err = run
+        .run_init_containers(no_app_init)
+        .unwrap_err()
+        .to_string();
+    let last = run.log("sidekey-agent-init");
+    let last = last.lines().last().unwrap_or_default();
+    assert!(
+        err.contains("init container sidekey-agent-init failed"),
+        "{err}"
+    );
+    assert!(
+        last.contains(&address)
+            && last.contains("/vault/tls/ca.crt")
+            && last.contains("certificate"),
+        "the last line names the address, the CA file and the certificate problem: {last}"
+    );
+    assert!(files(&run.volume("sidekey-secrets")).is_empty());
 }

@@ -12,6 +12,7 @@ use handlebars::{
 };
 use serde_json::Value;
 
+use super::limits::{self, Limit, MAX_NESTING, MAX_TEXT_BYTES};
 use super::{Known, SecretKey, gofmt};
 
 /// What one pass produced: the text or the error, and the secrets the template asked for that
@@ -55,8 +56,21 @@ pub fn render(text: &str, root: &Value, known: Arc<Known>, strict: bool) -> Pass
     Pass { result, wanted }
 }
 
-/// Checks that a template parses, for validation before any secret is fetched.
-pub fn check_syntax(text: &str) -> Result<(), String> {
+/// Why a handlebars template is refused before any secret is fetched.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CheckError {
+    #[error("{0}")]
+    Syntax(String),
+    #[error(transparent)]
+    Limit(#[from] Limit),
+}
+
+/// Checks that a template parses, for validation before any secret is fetched. The size and
+/// nesting are checked first: the handlebars parser recurses once per nested block,
+/// subexpression or literal, without a bound of its own.
+pub fn check_syntax(text: &str) -> Result<(), CheckError> {
+    limits::check_size(text)?;
+    check_nesting(text)?;
     handlebars::Template::compile(text)
         .map(|_| ())
         .map_err(|e| {
@@ -66,11 +80,91 @@ pub fn check_syntax(text: &str) -> Result<(), String> {
                 Some((head, _)) => format!("{head} (an unclosed block or a stray brace?)"),
                 None => reason,
             };
-            match e.pos() {
+            CheckError::Syntax(match e.pos() {
                 Some((line, col)) => format!("line {line}, column {col}: {reason}"),
                 None => reason,
-            }
+            })
         })
+}
+
+/// Refuses nesting past `MAX_NESTING`: open blocks (`{{#…}}`, closed by `{{/…}}`) plus, inside
+/// one expression, open `(`, `[` and `{`. It over-counts rather than under-counts (a bracket
+/// in a string literal counts), so what passes is within the bound for the parser too.
+fn check_nesting(text: &str) -> Result<(), Limit> {
+    let bytes = text.as_bytes();
+    let too_deep = |at: usize| Limit::Nesting {
+        limit: MAX_NESTING,
+        line: bytes[..at].iter().filter(|b| **b == b'\n').count() + 1,
+    };
+    // Per open block, its `{{else if …}}` branches: the parser nests each one deeper.
+    let mut open_blocks: Vec<usize> = Vec::new();
+    let mut blocks = 0usize;
+    let mut i = 0;
+    while let Some(found) = find(bytes, i, b"{{") {
+        let mut j = found + 2;
+        while j < bytes.len() && matches!(bytes[j], b'{' | b'~') {
+            j += 1;
+        }
+        if bytes.get(j) == Some(&b'!') {
+            // A comment: `{{!-- … --}}` or `{{! … }}`; its text is not parsed.
+            let close: &[u8] = if bytes[j..].starts_with(b"!--") {
+                b"--}}"
+            } else {
+                b"}}"
+            };
+            match find(bytes, j, close) {
+                Some(end) => {
+                    i = end + close.len();
+                    continue;
+                }
+                None => return Ok(()),
+            }
+        }
+        let Some(end) = find(bytes, j, b"}}") else {
+            return Ok(());
+        };
+        let inner = text[j..end].trim_end_matches('~').trim();
+        let opens = inner.starts_with('#') || (inner.starts_with('^') && inner.len() > 1);
+        let chained = inner
+            .strip_prefix("else")
+            .is_some_and(|rest| rest.starts_with(char::is_whitespace));
+        if opens || (chained && !open_blocks.is_empty()) {
+            blocks += 1;
+            if blocks > MAX_NESTING {
+                return Err(too_deep(found));
+            }
+            match open_blocks.last_mut() {
+                Some(branches) if chained => *branches += 1,
+                _ => open_blocks.push(0),
+            }
+        } else if inner.starts_with('/') {
+            let branches = open_blocks.pop().unwrap_or(0);
+            blocks = blocks.saturating_sub(1 + branches);
+        }
+        let mut open = 0usize;
+        for (k, b) in bytes[j..end].iter().enumerate() {
+            match b {
+                b'(' | b'[' | b'{' => {
+                    open += 1;
+                    if blocks + open > MAX_NESTING {
+                        return Err(too_deep(j + k));
+                    }
+                }
+                b')' | b']' | b'}' => open = open.saturating_sub(1),
+                _ => {}
+            }
+        }
+        i = end + 2;
+    }
+    Ok(())
+}
+
+fn find(haystack: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    haystack
+        .get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| from + p)
 }
 
 fn describe(e: &RenderError) -> String {
@@ -255,9 +349,26 @@ fn contains(args: &[Value]) -> Result<Value, String> {
 
 /// `replaceAll text from to`.
 fn replace_all(args: &[Value]) -> Result<Value, String> {
-    Ok(str_arg(args, 0)?
-        .replace(&*str_arg(args, 1)?, &str_arg(args, 2)?)
-        .into())
+    let (text, from, to) = (str_arg(args, 0)?, str_arg(args, 1)?, str_arg(args, 2)?);
+    // The size before building: an empty `from` matches around every character.
+    let matches = if from.is_empty() {
+        text.chars().count() + 1
+    } else {
+        text.matches(&*from).count()
+    };
+    within_text_limit(matches.saturating_mul(to.len()).saturating_add(text.len()))?;
+    Ok(text.replace(&*from, &to).into())
+}
+
+/// Refuses to build a text larger than a rendering pass may build at all.
+fn within_text_limit(bytes: usize) -> Result<(), String> {
+    if bytes > MAX_TEXT_BYTES {
+        return Err(Limit::Text {
+            limit: MAX_TEXT_BYTES,
+        }
+        .to_string());
+    }
+    Ok(())
 }
 
 /// `split text separator` → a list.
@@ -277,12 +388,15 @@ fn join(args: &[Value]) -> Result<Value, String> {
         other => return Err(format!("argument 1 must be a list, got {}", kind(other))),
     };
     let sep = str_arg(args, 1)?;
-    Ok(items
-        .iter()
-        .map(scalar_text)
-        .collect::<Vec<_>>()
-        .join(&sep)
-        .into())
+    let parts: Vec<String> = items.iter().map(scalar_text).collect();
+    within_text_limit(
+        parts
+            .iter()
+            .map(String::len)
+            .sum::<usize>()
+            .saturating_add(sep.len().saturating_mul(parts.len())),
+    )?;
+    Ok(parts.join(&sep).into())
 }
 
 /// `default value fallback`: the fallback when value is null or an empty string.
@@ -344,6 +458,15 @@ mod tests {
         assert_eq!(call(default, json!(["y", "x"])).unwrap(), "y");
         assert_eq!(call(to_upper, json!([1])).unwrap(), "1");
         assert_eq!(call(replace_all, json!([5432, "54", "X"])).unwrap(), "X32");
+        let big = "y".repeat(100_000);
+        assert_eq!(
+            call(replace_all, json!([big, "", big])).unwrap_err(),
+            "builds more than the limit of 16777216 bytes of text"
+        );
+        assert_eq!(
+            call(join, json!([vec!["a"; 1000], big])).unwrap_err(),
+            "builds more than the limit of 16777216 bytes of text"
+        );
         assert!(
             call(to_upper, json!([["a"]]))
                 .unwrap_err()
@@ -400,6 +523,84 @@ mod tests {
         );
         let lax = render("[{{data.nope}}]", &root, Arc::new(Known::new()), false);
         assert_eq!(lax.result.unwrap(), "[]");
+    }
+
+    fn nested(open: &str, inner: &str, close: &str, depth: usize) -> String {
+        format!("{}{inner}{}", open.repeat(depth), close.repeat(depth))
+    }
+
+    #[test]
+    fn nesting_and_size_are_checked_before_the_parser_sees_the_text() {
+        let limit = |text: &str| match check_syntax(text) {
+            Err(CheckError::Limit(limit)) => limit,
+            other => panic!("{}: {other:?}", &text[..text.len().min(40)]),
+        };
+        let deep = Limit::Nesting {
+            limit: MAX_NESTING,
+            line: 1,
+        };
+        // The handlebars parser overflows a 2 MiB stack on 10,000 `else if` branches.
+        assert_eq!(
+            limit(&format!(
+                "{{{{#if a}}}}{}{{{{/if}}}}",
+                "{{else if b}}".repeat(10_000)
+            )),
+            deep
+        );
+        assert_eq!(limit(&nested("{{#if x}}", "y", "{{/if}}", 2000)), deep);
+        assert_eq!(
+            limit(&nested("{{~#each x~}}", "y", "{{~/each~}}", 2000)),
+            deep
+        );
+        assert_eq!(limit(&nested("{{^if x}}", "y", "{{/if}}", 2000)), deep);
+        assert_eq!(
+            limit(&format!("{{{{x {}}}}}", nested("(lookup ", "a", ")", 2000))),
+            deep
+        );
+        assert_eq!(
+            limit(&format!("{{{{x {}}}}}", nested("[", "1", "]", 2000))),
+            deep
+        );
+        assert_eq!(
+            limit(&format!("a\n{}", nested("{{#if x}}", "", "{{/if}}", 101))),
+            Limit::Nesting {
+                limit: MAX_NESTING,
+                line: 2
+            }
+        );
+        assert_eq!(
+            limit(&"x".repeat(limits::MAX_TEMPLATE_BYTES + 1)),
+            Limit::Size {
+                size: limits::MAX_TEMPLATE_BYTES + 1,
+                limit: limits::MAX_TEMPLATE_BYTES
+            }
+        );
+        // Closed blocks, plain `else` and `{{^}}`, and comments do not add up.
+        let siblings = "{{#if a}}x{{else}}y{{/if}}{{#each b}}{{^}}z{{/each}}".repeat(100);
+        assert_eq!(check_syntax(&siblings), Ok(()));
+        let commented = format!("{{{{!-- {} --}}}}ok", "{{#if x}}".repeat(500));
+        assert_eq!(check_syntax(&commented), Ok(()));
+        // Blocks and parentheses count together, as in the Go engine.
+        let text = nested("{{#if x}}", "{{lookup (lookup a b) c}}", "{{/if}}", 99);
+        assert_eq!(check_syntax(&text), Ok(()));
+        let text = nested("{{#if x}}", "{{lookup (lookup (a) b) c}}", "{{/if}}", 99);
+        assert!(matches!(check_syntax(&text), Err(CheckError::Limit(_))));
+    }
+
+    #[test]
+    fn the_deepest_allowed_template_parses_on_a_small_stack() {
+        let text = format!(
+            "{}{}",
+            nested("{{#if x}}", "{{x (a (b (c d)))}}", "{{/if}}", 96),
+            "{{#if a}}{{else if b}}{{/if}}".repeat(200)
+        );
+        let checked = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || check_syntax(&text))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(checked, Ok(()));
     }
 
     #[test]

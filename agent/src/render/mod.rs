@@ -5,6 +5,7 @@
 pub mod go;
 pub mod gofmt;
 mod hbs;
+pub mod limits;
 pub(crate) mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{DefaultFormat, Engine, TemplateConfig};
+pub use limits::Limit;
 
 /// One secret request: a read of `path`, or with parameters a write (for example a PKI issue).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -92,6 +94,10 @@ pub enum RenderError {
     Invalid { template: String, problem: String },
     #[error("template {template}: key {key} is missing and error-on-missing-key is set")]
     MissingKey { template: String, key: String },
+    /// The template went past one of the bounds in `limits` (its size or nesting when it is
+    /// prepared, its depth, steps or text when it renders); the message names the bound.
+    #[error("template {template} {limit}")]
+    Limit { template: String, limit: Limit },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,8 +188,13 @@ pub fn prepare(t: &TemplateConfig, source_text: Option<String>) -> Result<Prepar
         Engine::Go => {
             let left = t.left_delimiter.as_deref().unwrap_or("{{");
             let right = t.right_delimiter.as_deref().unwrap_or("}}");
-            let tree = go::compile(&text, left, right)
-                .map_err(|e| invalid(format!("does not parse: {e}")))?;
+            let tree = go::compile(&text, left, right).map_err(|e| match e {
+                go::ParseError::Limit(limit) => RenderError::Limit {
+                    template: t.name.clone(),
+                    limit,
+                },
+                syntax => invalid(format!("does not parse: {syntax}")),
+            })?;
             // A Go template names its secrets itself (`with secret "path"`), as in Vault Agent.
             (EngineKind::Go, Some(tree), None)
         }
@@ -193,7 +204,13 @@ pub fn prepare(t: &TemplateConfig, source_text: Option<String>) -> Result<Prepar
                     "custom delimiters apply to Go templates only, not handlebars".into(),
                 ));
             }
-            hbs::check_syntax(&text).map_err(|e| invalid(format!("does not parse: {e}")))?;
+            hbs::check_syntax(&text).map_err(|e| match e {
+                hbs::CheckError::Limit(limit) => RenderError::Limit {
+                    template: t.name.clone(),
+                    limit,
+                },
+                hbs::CheckError::Syntax(problem) => invalid(format!("does not parse: {problem}")),
+            })?;
             (EngineKind::Handlebars, None, root)
         }
     };
@@ -224,7 +241,12 @@ pub fn render(p: &Prepared, known: &Arc<Known>) -> Result<Outcome, RenderError> 
         }),
         EngineKind::Handlebars => render_handlebars(p, &root, known),
         EngineKind::Go => {
-            let tree = p.go.as_ref().expect("Go templates are parsed in prepare");
+            let Some(tree) = p.go.as_ref() else {
+                return Err(RenderError::Invalid {
+                    template: p.name.clone(),
+                    problem: "was not parsed before rendering".into(),
+                });
+            };
             let pass = go::render(tree, known, p.error_on_missing_key);
             if !pass.wanted.is_empty() {
                 return Ok(Outcome::Needs(dedup(pass.wanted)));
@@ -235,15 +257,15 @@ pub fn render(p: &Prepared, known: &Arc<Known>) -> Result<Outcome, RenderError> 
                     missing: Vec::new(),
                     writes: pass.writes,
                 }),
-                Err(problem) if problem.starts_with("map has no entry for key") => {
-                    Err(RenderError::MissingKey {
-                        template: p.name.clone(),
-                        key: problem
-                            .trim_start_matches("map has no entry for key ")
-                            .to_string(),
-                    })
-                }
-                Err(problem) => Err(RenderError::Invalid {
+                Err(go::ExecError::MissingKey { key, path }) => Err(RenderError::MissingKey {
+                    template: p.name.clone(),
+                    key: format!("{key:?} (at <{path}>)"),
+                }),
+                Err(go::ExecError::Limit(limit)) => Err(RenderError::Limit {
+                    template: p.name.clone(),
+                    limit,
+                }),
+                Err(go::ExecError::Failed(problem)) => Err(RenderError::Invalid {
                     template: p.name.clone(),
                     problem,
                 }),

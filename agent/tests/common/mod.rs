@@ -1,5 +1,6 @@
 //! Shared by the agent's integration tests: a pod-like sandbox (secrets and state folders,
-//! credential files) and the built agent binary.
+//! credential files) and the agent binary as it ships (built alone by scripts/images.sh, the
+//! file the agent image carries), never this workspace's build of it.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -9,7 +10,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sidekey_tests::Stack;
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_sidekey-agent");
+/// The shipped agent binary.
+pub fn agent() -> PathBuf {
+    sidekey_tests::podman::shipped_agent().expect("the shipped sidekey-agent")
+}
 
 /// A pod-like sandbox: a secrets folder, a state folder and credential files.
 pub struct Sandbox {
@@ -42,9 +46,11 @@ impl Sandbox {
         let token = self.file("sa-token", &stack.sa_token());
         json!({ "type": "kubernetes", "role": "app", "token_path": token })
     }
+    /// A config for the store at `address` (over TLS, trusting the tests' CA by file).
     pub fn config(&self, address: &str, auth: Value, templates: Value) -> Value {
+        let ca = sidekey_tests::pki::pki().unwrap().ca.clone();
         json!({
-            "store": { "address": address, "timeout_secs": 5 },
+            "store": { "address": address, "ca_cert": ca, "timeout_secs": 5 },
             "auth": auth,
             "templates": templates,
             "secrets_dir": self.secrets(),
@@ -55,7 +61,7 @@ impl Sandbox {
     }
     pub fn init(&self, config: &Value) -> Output {
         let path = self.file("config.json", &config.to_string());
-        Command::new(AGENT)
+        Command::new(agent())
             .args(["init", "--config"])
             .arg(path)
             .output()
@@ -86,7 +92,7 @@ impl Sandbox {
     /// Starts `sidekey-agent sidecar` and waits until its first render is done.
     pub fn start_sidecar(&self, config: &Value) -> Child {
         let path = self.config_path(config);
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = Command::new(agent());
         cmd.args(["sidecar", "--config"])
             .arg(path)
             .stdout(Stdio::null())
@@ -111,7 +117,7 @@ impl Sandbox {
         serde_json::from_slice(&std::fs::read(self.state().join("state.json")).unwrap()).unwrap()
     }
     pub fn revoke(&self, config: &Value) -> Output {
-        Command::new(AGENT)
+        Command::new(agent())
             .args(["revoke", "--grace", "0", "--config"])
             .arg(self.config_path(config))
             .output()

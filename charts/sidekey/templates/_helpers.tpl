@@ -37,6 +37,21 @@ app.kubernetes.io/component: injector
 {{- end -}}
 {{- end -}}
 
+{{/* The injector's image: the chart's appVersion unless image.tag is set. */}}
+{{- define "sidekey.injectorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The agent image the injector adds to pods: agent.image verbatim when set, else
+<agent.imageRepository>:<agent.imageTag or the chart's appVersion>. */}}
+{{- define "sidekey.agentImage" -}}
+{{- if .Values.agent.image -}}
+{{- .Values.agent.image -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.agent.imageRepository (.Values.agent.imageTag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "sidekey.webhookName" -}}
 {{- printf "%s-webhook" (include "sidekey.fullname" .) -}}
 {{- end -}}
@@ -53,8 +68,21 @@ app.kubernetes.io/component: injector
 {{- printf "%s.%s.svc" (include "sidekey.fullname" .) .Release.Namespace -}}
 {{- end -}}
 
-{{/* The chart-generated CA and serving certificate, reused across upgrades when the Secret exists. */}}
+{{/*
+The chart-generated CA and serving certificate as JSON ({"ca", "cert", "key"}), reused across
+upgrades when the Secret exists. tls.yaml (the Secret) and webhook.yaml (the caBundle) both include
+this, and genCA is random: the first include of a render stores its result in the render's root
+context, which every template of this chart shares, so both see the same CA.
+*/}}
 {{- define "sidekey.chartCerts" -}}
+{{- if not (hasKey . "sidekeyChartCerts") -}}
+{{- $_ := set . "sidekeyChartCerts" (include "sidekey.chartCertsOnce" .) -}}
+{{- end -}}
+{{- get . "sidekeyChartCerts" -}}
+{{- end -}}
+
+{{/* One generation (or lookup) of the chart certificates: include only through sidekey.chartCerts. */}}
+{{- define "sidekey.chartCertsOnce" -}}
 {{- $secretName := include "sidekey.tlsSecretName" . -}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace $secretName -}}
 {{- if and $existing $existing.data (index $existing.data "ca.crt") -}}

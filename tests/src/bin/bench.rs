@@ -1,7 +1,10 @@
 //! The benchmark harness behind `bench/run.sh`: every figure is measured for Sidekey and its
 //! reference in the same run, on the same stack, and written to bench/RESULTS.md with min,
 //! median and max over repeated runs. Requests to the store are counted by a small proxy in
-//! front of OpenBao that counts HTTP/1.1 request lines (`GET /v1/…`) on the way in.
+//! front of OpenBao that counts HTTP/1.1 request lines (`GET /v1/…`) on the way in. The store is
+//! TLS, as in production: the proxy terminates each agent's TLS with the store's own certificate
+//! (the tests' CA, which both agents trust) and opens its own TLS connection to OpenBao, so both
+//! agents pay for their handshakes as they would against a real store.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -94,24 +97,61 @@ fn stats(values: &[f64]) -> String {
     )
 }
 
-/// A TCP proxy to `target` that counts the HTTP requests passing through it.
+/// A TLS proxy to `target` that counts the HTTP requests passing through it.
 type Renewals = Arc<std::sync::Mutex<Vec<Instant>>>;
+
+/// The proxy's two TLS ends: a server with the store's certificate, a client trusting its CA.
+fn proxy_tls() -> Result<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = sidekey_tests::pki::pki()?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_file_iter(&pki.server_cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&pki.server_key)?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&pki.ca)? {
+        roots.add(ca?)?;
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((
+        tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        tokio_rustls::TlsConnector::from(Arc::new(client)),
+    ))
+}
 
 async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>, Renewals)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = format!("http://{}", listener.local_addr()?);
+    let addr = format!("https://{}", listener.local_addr()?);
+    let (acceptor, connector) = proxy_tls()?;
     let count = Arc::new(AtomicUsize::new(0));
     let renewals: Renewals = Arc::default();
     let (counter, renew_log) = (count.clone(), renewals.clone());
     tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
             let (target, counter, renew_log) = (target.clone(), counter.clone(), renew_log.clone());
+            let (acceptor, connector) = (acceptor.clone(), connector.clone());
             tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                let Ok(inbound) = acceptor.accept(inbound).await else {
                     return;
                 };
-                let (mut ri, mut wi) = inbound.into_split();
-                let (mut ro, mut wo) = outbound.into_split();
+                let Ok(tcp) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("an IP");
+                let Ok(outbound) = connector.connect(name, tcp).await else {
+                    return;
+                };
+                let (mut ri, mut wi) = tokio::io::split(inbound);
+                let (mut ro, mut wo) = tokio::io::split(outbound);
                 let up = async move {
                     let mut buf = vec![0u8; 16 * 1024];
                     loop {
@@ -155,6 +195,14 @@ async fn counting_proxy(target: String) -> Result<(String, Arc<AtomicUsize>, Ren
     Ok((addr, count, renewals))
 }
 
+/// The agent's store config for the proxy: TLS, trusting the tests' CA by file.
+fn b_store(proxy: &str) -> Value {
+    let ca = sidekey_tests::pki::pki()
+        .map(|p| p.ca.clone())
+        .unwrap_or_default();
+    json!({ "address": proxy, "ca_cert": ca })
+}
+
 struct Bench {
     stack: Stack,
     dir: tempfile::TempDir,
@@ -174,7 +222,7 @@ impl Bench {
             false => tempfile::tempdir()?,
         };
         let (proxy, requests, renewals) =
-            counting_proxy(stack.addr.trim_start_matches("http://").to_string()).await?;
+            counting_proxy(stack.addr.trim_start_matches("https://").to_string()).await?;
         for i in 1..=KV_SECRETS {
             stack.put_kv2(&format!("app/s{i:02}"), json!({ "user": format!("user{i}"), "password": format!("pw-{i}"), "port": 5400 + i })).await?;
         }
@@ -211,7 +259,7 @@ impl Bench {
             .collect();
         templates.push(json!({ "name": "db", "file": "db", "contents": "{{ with secret \"database/creds/bench\" }}{{ .Data.username }}:{{ .Data.password }}{{ end }}" }));
         let config = json!({
-            "store": { "address": self.proxy },
+            "store": b_store(&self.proxy),
             "auth": { "type": "approle", "role_id_file": self.path("role-id"), "secret_id_file": self.path("secret-id") },
             "templates": templates,
             "secrets_dir": self.path(&format!("{run}/sk-out")),
@@ -233,7 +281,7 @@ impl Bench {
         let config = json!({
             "exit_after_auth": exit_after_auth,
             "pid_file": self.path(&format!("{run}/bao.pid")),
-            "vault": { "address": self.proxy },
+            "vault": { "address": self.proxy, "ca_cert": sidekey_tests::pki::pki()?.ca },
             "auto_auth": {
                 "method": { "type": "approle", "config": { "role_id_file_path": self.path("role-id"), "secret_id_file_path": self.path("secret-id"), "remove_secret_id_file_after_reading": false } },
                 "sink": [{ "type": "file", "config": { "path": self.path(&format!("{run}/bao-sink")) } }]
@@ -248,7 +296,7 @@ impl Bench {
     }
 
     fn sidekey_cmd(&self, sub: &str, config: &Path) -> Result<Command> {
-        let mut c = Command::new(binary("sidekey-agent")?);
+        let mut c = Command::new(sidekey_tests::podman::shipped_agent()?);
         c.args([sub, "--config"]).arg(config);
         Ok(c)
     }
@@ -370,7 +418,7 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
     writeln!(
         out,
         "| binary size (MiB) | {:.1} | {:.1} | |",
-        size(binary("sidekey-agent")?),
+        size(sidekey_tests::podman::shipped_agent()?),
         size(std::fs::canonicalize(tools()?.bao)?)
     )?;
 
@@ -480,7 +528,7 @@ async fn scale_section(out: &mut String, n: usize, secs: u64) -> Result<()> {
         templates.push(json!({ "name": format!("f{i}"), "file": format!("f{i}"), "contents": format!("{{{{ with secret \"database/creds/scale-{i}\" }}}}{{{{ .Data.username }}}}{{{{ end }}}}") }));
     }
     let config = json!({
-        "store": { "address": b.proxy },
+        "store": b_store(&b.proxy),
         "auth": { "type": "approle", "role_id_file": b.path("role-id"), "secret_id_file": b.path("secret-id") },
         "templates": templates,
         "secrets_dir": b.path("scale/out"),

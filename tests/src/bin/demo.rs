@@ -1,5 +1,6 @@
-//! The local end-to-end demo (`./scripts/demo.sh`): a real OpenBao and PostgreSQL, the injector
-//! over TLS, and a sample Deployment's pod injected, run, renewed, stopped and cleaned up.
+//! The local end-to-end demo (`./scripts/demo.sh`): a real OpenBao (over TLS) and PostgreSQL, the
+//! injector and agent images as they ship (run under podman), and a sample Deployment's pod
+//! injected, run, renewed, stopped and cleaned up.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -19,11 +20,11 @@ async fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "the demo runs each container in its own mount namespace (unshare -m) and needs root"
+            "the demo runs the images under podman with runc and mounts tmpfs volumes: it needs root"
         );
     }
     let started = Instant::now();
-    step("Starting OpenBao (bao server -dev) and PostgreSQL on loopback");
+    step("Starting OpenBao (bao server -dev, TLS listeners) and PostgreSQL on loopback");
     let stack = Stack::start()?;
     println!(
         "OpenBao at {}, PostgreSQL on 127.0.0.1:{}",
@@ -51,11 +52,17 @@ async fn main() -> Result<()> {
         "wrote secret/shop/config (KV v2) and database role orders (dynamic PostgreSQL users, TTL 9 s)"
     );
 
-    step("Starting sidekey-injector over TLS");
+    step("Loading the images (target/images/*.tar, built by scripts/images.sh) into podman");
+    let images = sidekey_tests::podman::images()?;
+    println!("{} and {}", images.agent, images.injector);
+    step(
+        "Starting the sidekey-injector image over TLS, with the store's CA as the agents' default",
+    );
+    let ca = std::fs::read_to_string(stack.ca_file())?;
     let injector = Injector::start(
         &stack.addr,
-        "ghcr.io/sidekey/sidekey-agent:demo",
-        &["--revoke-grace", "1"],
+        &images.agent,
+        &["--revoke-grace", "1", &format!("--vault-cacert-bytes={ca}")],
     )
     .await?;
     println!("listening on https://127.0.0.1:{}", injector.port);
@@ -110,7 +117,9 @@ async fn main() -> Result<()> {
         );
     }
 
-    step("Running the pod: init container, then the sidecar (each in its own mount namespace)");
+    step(
+        "Running the pod: the init container, then the sidecar, from the agent image under podman/runc",
+    );
     let sa_token = stack.signer.service_account_token(
         APP_NAMESPACE,
         APP_SERVICE_ACCOUNT,
@@ -124,7 +133,7 @@ async fn main() -> Result<()> {
         Ok(())
     })?;
     println!(
-        "sidekey-agent-init rendered every file in {:.0} ms (process start to exit)",
+        "sidekey-agent-init rendered every file in {:.0} ms (container start to exit)",
         t.elapsed().as_secs_f64() * 1000.0
     );
     run.start_sidecars()?;

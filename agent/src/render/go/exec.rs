@@ -1,14 +1,51 @@
 //! Executing a parsed Go template the way Vault Agent (consul-template) does: secret data is
 //! `map[string]interface{}` with numbers as `json.Number` (a string type), printing follows Go's
-//! `fmt`, and `secret` returns a `*Secret` with `.Data`, `.LeaseID` and the rest.
+//! `fmt`, and `secret` returns a `*Secret` with `.Data`, `.LeaseID` and the rest. Rendering is
+//! bounded in depth, steps and text built (see `limits`), so no template loops or recurses
+//! without end.
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::Value as Json;
 
 use super::parse::{Arg, Cmd, Node, Pipe, Tree};
+use crate::render::limits::{Limit, MAX_RENDER_DEPTH, MAX_STEPS, MAX_TEXT_BYTES};
 use crate::render::{Known, SecretKey, gofmt};
+
+/// Why a rendering pass failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExecError {
+    /// Go's error for the failing action (a type mismatch, a nil pointer, a bad call…).
+    #[error("{0}")]
+    Failed(String),
+    /// A missing map key with error-on-missing-key set.
+    #[error("map has no entry for key {key:?} (at <{path}>)")]
+    MissingKey { key: String, path: String },
+    #[error(transparent)]
+    Limit(#[from] Limit),
+}
+
+impl From<String> for ExecError {
+    fn from(problem: String) -> ExecError {
+        ExecError::Failed(problem)
+    }
+}
+
+impl From<&str> for ExecError {
+    fn from(problem: &str) -> ExecError {
+        ExecError::Failed(problem.to_string())
+    }
+}
+
+/// A fetched secret as a template sees it: the API's JSON, and its `data` as a template value
+/// (converted once per pass, however often `.Data` is read).
+#[derive(Debug, PartialEq)]
+pub struct Secret {
+    pub json: Json,
+    pub data: Val,
+}
 
 /// A template value.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +63,7 @@ pub enum Val {
     List(Rc<Vec<Val>>),
     Map(Rc<BTreeMap<String, Val>>),
     /// A `*dependency.Secret`.
-    Secret(Rc<Json>),
+    Secret(Rc<Secret>),
 }
 
 impl Val {
@@ -60,7 +97,7 @@ impl Val {
                 .unwrap_or_else(|_| Json::String(n.clone())),
             Val::List(l) => Json::Array(l.iter().map(Val::to_json).collect()),
             Val::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
-            Val::Secret(s) => secret_struct_json(s),
+            Val::Secret(s) => secret_struct_json(&s.json),
         }
     }
 
@@ -143,6 +180,7 @@ pub fn print(v: &Val) -> String {
                 .join(" ")
         ),
         Val::Secret(s) => {
+            let s = &s.json;
             let data = gofmt::print_value(&s["data"]);
             format!(
                 "&{{{} {} {} {} {} {} <nil> <nil>}}",
@@ -195,8 +233,14 @@ pub struct Exec<'a> {
     /// Files `writeToFile` asked for: (path, perms, content, append).
     pub writes: Vec<(String, String, String, bool)>,
     vars: Vec<(String, Val)>,
-    defines: HashMap<String, Vec<Node>>,
+    defines: HashMap<String, Arc<Vec<Node>>>,
+    /// Secrets read so far in this pass, converted once.
+    secrets: HashMap<SecretKey, Val>,
+    /// Nested bodies and template calls open now.
     depth: usize,
+    steps: u64,
+    /// Bytes of text built so far: output and function results.
+    built: usize,
 }
 
 enum Flow {
@@ -205,7 +249,7 @@ enum Flow {
     Continue,
 }
 
-type R<T> = Result<T, String>;
+type R<T> = Result<T, ExecError>;
 
 impl<'a> Exec<'a> {
     pub fn new(known: &'a Known, missing_key_error: bool) -> Exec<'a> {
@@ -216,8 +260,63 @@ impl<'a> Exec<'a> {
             writes: Vec::new(),
             vars: Vec::new(),
             defines: HashMap::new(),
+            secrets: HashMap::new(),
             depth: 0,
+            steps: 0,
+            built: 0,
         }
+    }
+
+    /// One evaluation step, within `MAX_STEPS`.
+    fn step(&mut self) -> R<()> {
+        self.steps += 1;
+        if self.steps > MAX_STEPS {
+            return Err(Limit::Steps { limit: MAX_STEPS }.into());
+        }
+        Ok(())
+    }
+
+    /// Accounts for `bytes` more of built text, within `MAX_TEXT_BYTES`.
+    pub fn build(&mut self, bytes: usize) -> R<()> {
+        self.built = self.built.saturating_add(bytes);
+        if self.built > MAX_TEXT_BYTES {
+            return Err(Limit::Text {
+                limit: MAX_TEXT_BYTES,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Whether `bytes` more text still fits; checked before building large text at once.
+    pub fn room_for(&self, bytes: usize) -> R<()> {
+        if self.built.saturating_add(bytes) > MAX_TEXT_BYTES {
+            return Err(Limit::Text {
+                limit: MAX_TEXT_BYTES,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, out: &mut String, text: &str) -> R<()> {
+        self.build(text.len())?;
+        out.push_str(text);
+        Ok(())
+    }
+
+    /// Walks a nested body (a block's or a template's), within `MAX_RENDER_DEPTH`.
+    fn nested(&mut self, nodes: &[Node], dot: &Val, out: &mut String) -> R<Flow> {
+        if self.depth >= MAX_RENDER_DEPTH {
+            return Err(Limit::RenderDepth {
+                limit: MAX_RENDER_DEPTH,
+            }
+            .into());
+        }
+        self.depth += 1;
+        let flow = self.walk(nodes, dot, out);
+        self.depth -= 1;
+        flow
     }
 
     pub fn run(&mut self, tree: &Tree) -> R<String> {
@@ -230,13 +329,18 @@ impl<'a> Exec<'a> {
 
     fn walk(&mut self, nodes: &[Node], dot: &Val, out: &mut String) -> R<Flow> {
         for node in nodes {
-            match node {
-                Node::Text(t) => out.push_str(t),
+            self.step()?;
+            let flow = match node {
+                Node::Text(t) => {
+                    self.emit(out, t)?;
+                    Flow::Normal
+                }
                 Node::Action(pipe) => {
                     let v = self.pipe(pipe, dot)?;
                     if pipe.decl.is_empty() {
-                        out.push_str(&print_top(&v));
+                        self.emit(out, &print_top(&v))?;
                     }
+                    Flow::Normal
                 }
                 Node::If {
                     pipe,
@@ -245,15 +349,10 @@ impl<'a> Exec<'a> {
                 } => {
                     let mark = self.vars.len();
                     let cond = self.pipe(pipe, dot)?;
-                    let flow = if cond.truthy() {
-                        self.walk(then, dot, out)?
-                    } else {
-                        self.walk(otherwise, dot, out)?
-                    };
+                    let branch = if cond.truthy() { then } else { otherwise };
+                    let flow = self.nested(branch, dot, out)?;
                     self.vars.truncate(mark);
-                    if !matches!(flow, Flow::Normal) {
-                        return Ok(flow);
-                    }
+                    flow
                 }
                 Node::With {
                     pipe,
@@ -263,60 +362,20 @@ impl<'a> Exec<'a> {
                     let mark = self.vars.len();
                     let v = self.pipe(pipe, dot)?;
                     let flow = if v.truthy() {
-                        self.walk(body, &v, out)?
+                        self.nested(body, &v, out)?
                     } else {
-                        self.walk(otherwise, dot, out)?
+                        self.nested(otherwise, dot, out)?
                     };
                     self.vars.truncate(mark);
-                    if !matches!(flow, Flow::Normal) {
-                        return Ok(flow);
-                    }
+                    flow
                 }
                 Node::Range {
                     pipe,
                     body,
                     otherwise,
                 } => {
-                    let mark = self.vars.len();
-                    let mut inner = pipe.clone();
-                    let decl = std::mem::take(&mut inner.decl);
-                    let v = self.pipe(&inner, dot)?;
-                    let items: Vec<(Val, Val)> = match &v {
-                        Val::List(l) => l
-                            .iter()
-                            .enumerate()
-                            .map(|(i, x)| (Val::Int(i as i64), x.clone()))
-                            .collect(),
-                        Val::Map(m) => m
-                            .iter()
-                            .map(|(k, x)| (Val::Str(k.clone()), x.clone()))
-                            .collect(),
-                        Val::Int(n) => (0..*n).map(|i| (Val::Int(i), Val::Int(i))).collect(),
-                        Val::NoValue | Val::Nil => Vec::new(),
-                        other => {
-                            return Err(format!("range can't iterate over {}", print(other)));
-                        }
-                    };
-                    if items.is_empty() {
-                        self.walk(otherwise, dot, out)?;
-                    }
-                    for (k, x) in items {
-                        let inner_mark = self.vars.len();
-                        match decl.len() {
-                            1 => self.vars.push((decl[0].clone(), x.clone())),
-                            2 => {
-                                self.vars.push((decl[0].clone(), k));
-                                self.vars.push((decl[1].clone(), x.clone()));
-                            }
-                            _ => {}
-                        }
-                        let flow = self.walk(body, &x, out)?;
-                        self.vars.truncate(inner_mark);
-                        if matches!(flow, Flow::Break) {
-                            break;
-                        }
-                    }
-                    self.vars.truncate(mark);
+                    self.range(pipe, body, otherwise, dot, out)?;
+                    Flow::Normal
                 }
                 Node::Template { name, pipe } => {
                     let body = self
@@ -328,20 +387,78 @@ impl<'a> Exec<'a> {
                         Some(p) => self.pipe(p, dot)?,
                         None => Val::NoValue,
                     };
-                    self.depth += 1;
-                    if self.depth > 100 {
-                        return Err("exceeded maximum template depth (100)".into());
-                    }
                     let saved = std::mem::replace(&mut self.vars, vec![("$".into(), arg.clone())]);
-                    self.walk(&body, &arg, out)?;
+                    let flow = self.nested(&body, &arg, out);
                     self.vars = saved;
-                    self.depth -= 1;
+                    flow?;
+                    Flow::Normal
                 }
-                Node::Break => return Ok(Flow::Break),
-                Node::Continue => return Ok(Flow::Continue),
+                Node::Break => Flow::Break,
+                Node::Continue => Flow::Continue,
+            };
+            if !matches!(flow, Flow::Normal) {
+                return Ok(flow);
             }
         }
         Ok(Flow::Normal)
+    }
+
+    /// `range`: over a list, a map (in key order) or an integer, one element at a time.
+    fn range(
+        &mut self,
+        pipe: &Pipe,
+        body: &[Node],
+        otherwise: &[Node],
+        dot: &Val,
+        out: &mut String,
+    ) -> R<()> {
+        let mark = self.vars.len();
+        let mut inner = pipe.clone();
+        let decl = std::mem::take(&mut inner.decl);
+        let v = self.pipe(&inner, dot)?;
+        let len = match &v {
+            Val::List(l) => l.len(),
+            Val::Map(m) => m.len(),
+            Val::Int(n) => usize::try_from(*n).unwrap_or(0),
+            Val::NoValue | Val::Nil => 0,
+            other => {
+                return Err(format!("range can't iterate over {}", print(other)).into());
+            }
+        };
+        if len == 0 {
+            self.nested(otherwise, dot, out)?;
+        }
+        let mut keys = match &v {
+            Val::Map(m) => Some(m.iter()),
+            _ => None,
+        };
+        for i in 0..len {
+            self.step()?;
+            let (k, x) = match (&v, keys.as_mut()) {
+                (Val::List(l), _) => (Val::Int(i as i64), l[i].clone()),
+                (Val::Map(_), Some(entries)) => match entries.next() {
+                    Some((k, x)) => (Val::Str(k.clone()), x.clone()),
+                    None => break,
+                },
+                _ => (Val::Int(i as i64), Val::Int(i as i64)),
+            };
+            let inner_mark = self.vars.len();
+            match decl.len() {
+                1 => self.vars.push((decl[0].clone(), x.clone())),
+                2 => {
+                    self.vars.push((decl[0].clone(), k));
+                    self.vars.push((decl[1].clone(), x.clone()));
+                }
+                _ => {}
+            }
+            let flow = self.nested(body, &x, out)?;
+            self.vars.truncate(inner_mark);
+            if matches!(flow, Flow::Break) {
+                break;
+            }
+        }
+        self.vars.truncate(mark);
+        Ok(())
     }
 
     fn pipe(&mut self, pipe: &Pipe, dot: &Val) -> R<Val> {
@@ -354,7 +471,7 @@ impl<'a> Exec<'a> {
             if pipe.assign {
                 match self.vars.iter_mut().rev().find(|(n, _)| n == name) {
                     Some(slot) => slot.1 = v.clone(),
-                    None => return Err(format!("undefined variable: {name}")),
+                    None => return Err(format!("undefined variable: {name}").into()),
                 }
             } else {
                 self.vars.push((name.clone(), v.clone()));
@@ -364,7 +481,9 @@ impl<'a> Exec<'a> {
     }
 
     fn cmd(&mut self, cmd: &Cmd, dot: &Val, piped: Option<Val>) -> R<Val> {
-        let first = &cmd.args[0];
+        let Some(first) = cmd.args.first() else {
+            return Err("missing value for command".into());
+        };
         if let Arg::Ident(name) = first {
             let mut args = Vec::with_capacity(cmd.args.len());
             // and/or evaluate lazily, as in Go 1.18+.
@@ -373,9 +492,9 @@ impl<'a> Exec<'a> {
                 let all: Vec<&Arg> = cmd.args[1..].iter().collect();
                 let n = all.len() + usize::from(piped.is_some());
                 if n == 0 {
-                    return Err(format!(
-                        "wrong number of args for {name}: want at least 1 got 0"
-                    ));
+                    return Err(
+                        format!("wrong number of args for {name}: want at least 1 got 0").into(),
+                    );
                 }
                 for a in all {
                     last = self.arg(a, dot)?;
@@ -394,19 +513,10 @@ impl<'a> Exec<'a> {
             if let Some(p) = piped {
                 args.push(p);
             }
-            return super::funcs::call(self, name, args);
+            return self.call(name, args);
         }
-        if piped.is_some() {
-            return Err(format!(
-                "can't give argument to non-function {}",
-                describe(first)
-            ));
-        }
-        if cmd.args.len() > 1 {
-            return Err(format!(
-                "can't give argument to non-function {}",
-                describe(first)
-            ));
+        if piped.is_some() || cmd.args.len() > 1 {
+            return Err(format!("can't give argument to non-function {}", describe(first)).into());
         }
         self.arg(first, dot)
     }
@@ -429,7 +539,7 @@ impl<'a> Exec<'a> {
             Arg::Float(f) => Ok(Val::Float(*f)),
             Arg::Bool(b) => Ok(Val::Bool(*b)),
             Arg::Nil => Ok(Val::Nil),
-            Arg::Ident(name) => super::funcs::call(self, name, Vec::new()),
+            Arg::Ident(name) => self.call(name, Vec::new()),
             Arg::Sub(pipe, fields) => {
                 let v = self.pipe(pipe, dot)?;
                 self.fields(v, fields, "(...)")
@@ -437,32 +547,59 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// A function call, counted as a step; the text it returns counts as built.
+    fn call(&mut self, name: &str, args: Vec<Val>) -> R<Val> {
+        self.step()?;
+        let v = super::funcs::call(self, name, args)?;
+        if let Val::Str(s) = &v {
+            self.build(s.len())?;
+        }
+        Ok(v)
+    }
+
     fn fields(&mut self, mut v: Val, fields: &[String], start: &str) -> R<Val> {
         for (i, f) in fields.iter().enumerate() {
-            let path = format!(
-                "{start}{}",
-                fields[..=i]
-                    .iter()
-                    .map(|x| format!(".{x}"))
-                    .collect::<String>()
-            );
+            // `.Data.x` from a dot, `$v.x` from a variable.
+            let start = if start == "." { "" } else { start };
+            let path = || {
+                format!(
+                    "{start}{}",
+                    fields[..=i]
+                        .iter()
+                        .map(|x| format!(".{x}"))
+                        .collect::<String>()
+                )
+            };
             v = match &v {
                 Val::Map(m) => match m.get(f) {
                     Some(x) => x.clone(),
                     None if self.missing_key_error => {
-                        return Err(format!("map has no entry for key {f:?} (at <{path}>)"));
+                        return Err(ExecError::MissingKey {
+                            key: f.clone(),
+                            path: path(),
+                        });
                     }
                     None => Val::NoValue,
                 },
-                Val::Secret(s) => match f.as_str() {
-                    "Data" => Val::from_json(&s["data"]),
-                    "LeaseID" => Val::Str(s["lease_id"].as_str().unwrap_or_default().to_string()),
-                    "LeaseDuration" => Val::Int(s["lease_duration"].as_i64().unwrap_or(0)),
-                    "Renewable" => Val::Bool(s["renewable"].as_bool().unwrap_or(false)),
-                    "RequestID" => {
-                        Val::Str(s["request_id"].as_str().unwrap_or_default().to_string())
+                Val::Secret(secret) => match f.as_str() {
+                    "Data" => secret.data.clone(),
+                    "LeaseID" => Val::Str(
+                        secret.json["lease_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ),
+                    "LeaseDuration" => {
+                        Val::Int(secret.json["lease_duration"].as_i64().unwrap_or(0))
                     }
-                    "Warnings" => match &s["warnings"] {
+                    "Renewable" => Val::Bool(secret.json["renewable"].as_bool().unwrap_or(false)),
+                    "RequestID" => Val::Str(
+                        secret.json["request_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    ),
+                    "Warnings" => match &secret.json["warnings"] {
                         Json::Null => Val::List(Rc::new(Vec::new())),
                         w => Val::from_json(w),
                     },
@@ -470,19 +607,21 @@ impl<'a> Exec<'a> {
                     other => {
                         return Err(format!(
                             "can't evaluate field {other} in type *dependency.Secret"
-                        ));
+                        )
+                        .into());
                     }
                 },
                 Val::NoValue | Val::Nil => {
                     return Err(format!(
-                        "nil pointer evaluating interface {{}}.{f} (at <{path}>)"
-                    ));
+                        "nil pointer evaluating interface {{}}.{f} (at <{}>)",
+                        path()
+                    )
+                    .into());
                 }
                 other => {
-                    return Err(format!(
-                        "can't evaluate field {f} in type {}",
-                        other.type_name()
-                    ));
+                    return Err(
+                        format!("can't evaluate field {f} in type {}", other.type_name()).into(),
+                    );
                 }
             };
         }
@@ -491,12 +630,23 @@ impl<'a> Exec<'a> {
 
     /// The fetched secret for `key`, or a note that it is needed (and a nil secret meanwhile).
     pub fn secret(&mut self, key: SecretKey) -> Val {
+        if let Some(v) = self.secrets.get(&key) {
+            return v.clone();
+        }
         match self.known.get(&key) {
-            Some(s) => Val::Secret(Rc::new(s.clone())),
+            Some(json) => {
+                let v = Val::Secret(Rc::new(Secret {
+                    data: Val::from_json(&json["data"]),
+                    json: json.clone(),
+                }));
+                self.secrets.insert(key, v.clone());
+                v
+            }
             None => {
                 if !self.wanted.contains(&key) {
-                    self.wanted.push(key);
+                    self.wanted.push(key.clone());
                 }
+                self.secrets.insert(key, Val::NoValue);
                 Val::NoValue
             }
         }

@@ -7,7 +7,8 @@ use std::rc::Rc;
 
 use base64::Engine as _;
 
-use super::exec::{Exec, Val, format_float, print};
+use super::exec::{Exec, ExecError, Val, format_float, print};
+use crate::render::limits::{Limit, MAX_TEXT_BYTES};
 use crate::render::{SecretKey, gofmt, yaml};
 
 pub const NAMES: &[&str] = &[
@@ -59,7 +60,12 @@ pub fn known(name: &str) -> bool {
     NAMES.contains(&name)
 }
 
-type R = Result<Val, String>;
+type R = Result<Val, ExecError>;
+
+/// What a list of `n` strings of `bytes` in all counts as built text.
+fn list_size(n: usize, bytes: usize) -> usize {
+    n.saturating_mul(32).saturating_add(bytes)
+}
 
 fn want(name: &str, args: &[Val], n: usize) -> Result<(), String> {
     if args.len() != n {
@@ -71,9 +77,20 @@ fn want(name: &str, args: &[Val], n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Go's check of a variadic function's fixed parameters.
+fn at_least(name: &str, args: &[Val], n: usize) -> Result<(), String> {
+    if args.len() < n {
+        return Err(format!(
+            "wrong number of args for {name}: want at least {n} got {}",
+            args.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A `string` parameter: json.Number and other types are refused, as Go's call does.
 fn text(args: &[Val], i: usize) -> Result<&str, String> {
-    match &args[i] {
+    match args.get(i).unwrap_or(&Val::NoValue) {
         Val::Str(s) => Ok(s),
         Val::NoValue | Val::Nil => Err("invalid value; expected string".into()),
         other => Err(format!(
@@ -154,7 +171,9 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                         .ok_or_else(|| format!("error calling index: index out of range: {i}"))?,
                     (Val::NoValue | Val::Nil, _) => return Err("index of untyped nil".into()),
                     (other, _) => {
-                        return Err(format!("can't index item of type {}", other.type_name()));
+                        return Err(
+                            format!("can't index item of type {}", other.type_name()).into()
+                        );
                     }
                 };
             }
@@ -166,17 +185,23 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 Val::Str(s) | Val::Number(s) => Ok(Val::Int(s.len() as i64)),
                 Val::List(l) => Ok(Val::Int(l.len() as i64)),
                 Val::Map(m) => Ok(Val::Int(m.len() as i64)),
-                other => Err(format!("len of type {}", other.type_name())),
+                other => Err(format!("len of type {}", other.type_name()).into()),
             }
         }
-        "print" => Ok(Val::Str(sprint(&args))),
-        "println" => Ok(Val::Str(format!(
-            "{}\n",
-            args.iter().map(print).collect::<Vec<_>>().join(" ")
-        ))),
+        "print" | "println" => {
+            // Each operand is bounded already; together they may not be.
+            let parts: Vec<String> = args.iter().map(print).collect();
+            exec.room_for(parts.iter().map(|p| p.len() + 1).sum())?;
+            Ok(Val::Str(if name == "print" {
+                sprint(&args, &parts)
+            } else {
+                format!("{}\n", parts.join(" "))
+            }))
+        }
         "printf" => {
+            at_least(name, &args, 1)?;
             let format = text(&args, 0)?;
-            Ok(Val::Str(sprintf(format, &args[1..])))
+            Ok(Val::Str(sprintf(format, &args[1..])?))
         }
         "secret" => {
             if args.is_empty() {
@@ -190,6 +215,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             Ok(exec.secret(key))
         }
         "pkiCert" => {
+            at_least(name, &args, 1)?;
             let path = text(&args, 0)?.to_string();
             let key = SecretKey {
                 path,
@@ -197,7 +223,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             };
             Ok(match exec.secret(key) {
                 Val::Secret(s) => {
-                    let d = &s["data"];
+                    let d = &s.json["data"];
                     let str_of = |k: &str| Val::Str(d[k].as_str().unwrap_or_default().to_string());
                     let chain = d["ca_chain"]
                         .as_array()
@@ -223,7 +249,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             let key = SecretKey::list(text(&args, 0)?);
             Ok(match exec.secret(key) {
                 Val::Secret(s) => Val::List(Rc::new(
-                    s["data"]["keys"]
+                    s.json["data"]["keys"]
                         .as_array()
                         .map(|k| {
                             k.iter()
@@ -256,6 +282,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             }
             let v: serde_json::Value =
                 serde_json::from_str(s).map_err(|e| format!("parseJSON: {e}"))?;
+            exec.build(s.len())?;
             Ok(floats(Val::from_json(&v)))
         }
         "parseBool" => {
@@ -263,7 +290,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Bool(false)),
                 s => crate_parse_bool(s).map(Val::Bool).ok_or_else(|| {
-                    format!("parseBool: strconv.ParseBool: parsing {s:?}: invalid syntax")
+                    format!("parseBool: strconv.ParseBool: parsing {s:?}: invalid syntax").into()
                 }),
             }
         }
@@ -272,7 +299,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Int(0)),
                 s => s.parse::<i64>().map(Val::Int).map_err(|_| {
-                    format!("parseInt: strconv.ParseInt: parsing {s:?}: invalid syntax")
+                    format!("parseInt: strconv.ParseInt: parsing {s:?}: invalid syntax").into()
                 }),
             }
         }
@@ -281,7 +308,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Float(0.0)),
                 s => s.parse::<f64>().map(Val::Float).map_err(|_| {
-                    format!("parseFloat: strconv.ParseFloat: parsing {s:?}: invalid syntax")
+                    format!("parseFloat: strconv.ParseFloat: parsing {s:?}: invalid syntax").into()
                 }),
             }
         }
@@ -310,7 +337,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         "toLower" => one_text(name, &args, |s| Ok(s.to_lowercase())),
         "toUpper" => one_text(name, &args, |s| Ok(s.to_uppercase())),
         "trim" => two_text(name, &args, |cut, s| {
-            Ok(s.trim_matches(|c| cut.contains(c)).to_string())
+            // A sorted cutset: a long one must not make trimming quadratic.
+            let mut cut: Vec<char> = cut.chars().collect();
+            cut.sort_unstable();
+            Ok(s.trim_matches(|c| cut.binary_search(&c).is_ok())
+                .to_string())
         }),
         "trimPrefix" => two_text(name, &args, |p, s| {
             Ok(s.strip_prefix(p).unwrap_or(s).to_string())
@@ -320,9 +351,16 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         }),
         "replaceAll" => {
             want(name, &args, 3)?;
-            Ok(Val::Str(
-                text(&args, 2)?.replace(text(&args, 0)?, text(&args, 1)?),
-            ))
+            let (from, to, s) = (text(&args, 0)?, text(&args, 1)?, text(&args, 2)?);
+            // The result's size before building it: an empty `from` matches around every
+            // character, so a short template could otherwise ask for gigabytes.
+            let matches = if from.is_empty() {
+                s.chars().count() + 1
+            } else {
+                s.matches(from).count()
+            };
+            exec.room_for(matches.saturating_mul(to.len()).saturating_add(s.len()))?;
+            Ok(Val::Str(s.replace(from, to)))
         }
         "split" => {
             want(name, &args, 2)?;
@@ -330,8 +368,17 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             if s.is_empty() {
                 return Ok(Val::List(Rc::new(Vec::new())));
             }
+            let parts: Vec<&str> = if sep.is_empty() {
+                // Go's strings.Split with an empty separator: one element per character.
+                s.char_indices()
+                    .map(|(i, c)| &s[i..i + c.len_utf8()])
+                    .collect()
+            } else {
+                s.split(sep).collect()
+            };
+            exec.build(list_size(parts.len(), s.len()))?;
             Ok(Val::List(Rc::new(
-                s.split(sep).map(|p| Val::Str(p.to_string())).collect(),
+                parts.into_iter().map(|p| Val::Str(p.to_string())).collect(),
             )))
         }
         "join" => {
@@ -341,7 +388,8 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 return Err(format!(
                     "wrong type for value; expected []string; got {}",
                     args[1].type_name()
-                ));
+                )
+                .into());
             };
             let parts = items
                 .iter()
@@ -352,6 +400,13 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                     ),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            exec.room_for(
+                parts
+                    .iter()
+                    .map(|p| p.len())
+                    .sum::<usize>()
+                    .saturating_add(sep.len().saturating_mul(parts.len())),
+            )?;
             Ok(Val::Str(parts.join(sep)))
         }
         "contains" => {
@@ -364,15 +419,19 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 return Err(format!(
                     "wrong type for value; expected int; got {}",
                     args[0].type_name()
-                ));
+                )
+                .into());
             };
-            if n < 0 {
+            let Ok(n) = usize::try_from(n) else {
                 return Err("indent value must be a positive integer".into());
-            }
-            let prefix = " ".repeat(n as usize);
+            };
+            let s = text(&args, 1)?;
+            let lines = s.matches('\n').count() + 1;
+            exec.room_for(lines.saturating_mul(n).saturating_add(s.len()))?;
+            let prefix = " ".repeat(n);
             let mut out = String::new();
             let mut at_start = true;
-            for c in text(&args, 1)?.chars() {
+            for c in s.chars() {
                 if at_start && c != '\n' {
                     out.push_str(&prefix);
                 }
@@ -393,10 +452,12 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 1 => Err(format!(
                     "timestamp: layout {:?} is not supported (use no argument, \"unix\" or RFC 3339)",
                     text(&args, 0)?
-                )),
+                )
+                .into()),
                 n => Err(format!(
                     "timestamp: wrong number of arguments, expected 0 or 1, but got {n}"
-                )),
+                )
+                .into()),
             }
         }
         "writeToFile" => {
@@ -404,7 +465,8 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 return Err(format!(
                     "writeToFile: wrong number of arguments, expected 5 or 6, but got {}",
                     args.len()
-                ));
+                )
+                .into());
             }
             let path = text(&args, 0)?.to_string();
             let perms = text(&args, 3)?.to_string();
@@ -421,11 +483,12 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             } else {
                 content
             };
+            exec.build(content.len())?;
             exec.writes
                 .push((path, perms, content, flags.contains("append")));
             Ok(Val::Str(String::new()))
         }
-        other => Err(format!("function {other:?} not defined")),
+        other => Err(format!("function {other:?} not defined").into()),
     }
 }
 
@@ -448,12 +511,12 @@ fn decode(engine: &base64::engine::GeneralPurpose, s: &str, name: &str) -> Resul
 
 fn one_text(name: &str, args: &[Val], f: impl Fn(&str) -> Result<String, String>) -> R {
     want(name, args, 1)?;
-    f(text(args, 0)?).map(Val::Str)
+    Ok(f(text(args, 0)?).map(Val::Str)?)
 }
 
 fn two_text(name: &str, args: &[Val], f: impl Fn(&str, &str) -> Result<String, String>) -> R {
     want(name, args, 2)?;
-    f(text(args, 0)?, text(args, 1)?).map(Val::Str)
+    Ok(f(text(args, 0)?, text(args, 1)?).map(Val::Str)?)
 }
 
 /// JSON numbers parsed by `parseJSON` are float64 in Go.
@@ -520,15 +583,16 @@ fn compare(a: &Val, b: &Val) -> Result<std::cmp::Ordering, String> {
     })
 }
 
-/// `fmt.Sprint`: a space between operands when neither is a string.
-fn sprint(args: &[Val]) -> String {
+/// `fmt.Sprint` of `args`, printed already as `parts`: a space between operands when neither
+/// is a string.
+fn sprint(args: &[Val], parts: &[String]) -> String {
     let mut out = String::new();
-    for (i, a) in args.iter().enumerate() {
+    for (i, (a, part)) in args.iter().zip(parts).enumerate() {
         let is_str = |v: &Val| matches!(v, Val::Str(_) | Val::Number(_));
         if i > 0 && !is_str(a) && !is_str(&args[i - 1]) {
             out.push(' ');
         }
-        out.push_str(&print(a));
+        out.push_str(part);
     }
     out
 }
@@ -559,9 +623,25 @@ fn go_quote(s: &str) -> String {
     out
 }
 
+/// Go's `parsenum`: the number at `i`, or `None` when it grows past 1e6 (Go then takes the
+/// rest of the format as consumed, which ends in `%!(NOVERB)`).
+fn parse_num(chars: &[char], i: &mut usize) -> Option<Option<usize>> {
+    let start = *i;
+    let mut num: usize = 0;
+    while *i < chars.len() && chars[*i].is_ascii_digit() {
+        if num > 1_000_000 {
+            return None;
+        }
+        num = num * 10 + chars[*i].to_digit(10).map_or(0, |d| d as usize);
+        *i += 1;
+    }
+    Some((*i > start).then_some(num))
+}
+
 /// `fmt.Sprintf` for the verbs templates use: %s %v %d %q %t %f %e %g %x %X %%, with flags,
-/// width and precision; Go's `%!verb(type=value)` for mismatches, MISSING and EXTRA.
-pub fn sprintf(format: &str, args: &[Val]) -> String {
+/// width and precision; Go's `%!verb(type=value)` for mismatches, MISSING and EXTRA. Widths
+/// and precisions past 1e6 are Go's `%!(NOVERB)`; the result stays within `MAX_TEXT_BYTES`.
+pub fn sprintf(format: &str, args: &[Val]) -> Result<String, ExecError> {
     let mut out = String::new();
     let mut next = 0;
     let chars: Vec<char> = format.chars().collect();
@@ -583,32 +663,24 @@ pub fn sprintf(format: &str, args: &[Val]) -> String {
             }
             i += 1;
         }
-        let mut width = None;
-        let start = i;
-        while i < chars.len() && chars[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i > start {
-            width = chars[start..i]
-                .iter()
-                .collect::<String>()
-                .parse::<usize>()
-                .ok();
-        }
+        let Some(width) = parse_num(&chars, &mut i) else {
+            out.push_str("%!(NOVERB)");
+            break;
+        };
         let mut precision = None;
         if i < chars.len() && chars[i] == '.' {
             i += 1;
-            let start = i;
-            while i < chars.len() && chars[i].is_ascii_digit() {
-                i += 1;
+            let Some(p) = parse_num(&chars, &mut i) else {
+                out.push_str("%!(NOVERB)");
+                break;
+            };
+            precision = Some(p.unwrap_or(0));
+        }
+        if out.len() > MAX_TEXT_BYTES {
+            return Err(Limit::Text {
+                limit: MAX_TEXT_BYTES,
             }
-            precision = Some(
-                chars[start..i]
-                    .iter()
-                    .collect::<String>()
-                    .parse::<usize>()
-                    .unwrap_or(0),
-            );
+            .into());
         }
         let Some(&verb) = chars.get(i) else {
             out.push_str("%!(NOVERB)");
@@ -635,12 +707,12 @@ pub fn sprintf(format: &str, args: &[Val]) -> String {
                 items
                     .iter()
                     .map(|x| sprintf("%s", std::slice::from_ref(x)))
-                    .collect::<Vec<_>>()
+                    .collect::<Result<Vec<_>, _>>()?
                     .join(" ")
             ),
             ('q', Val::Str(s) | Val::Number(s)) => go_quote(s),
             ('d', Val::Int(n)) => {
-                let digits = n.abs().to_string();
+                let digits = n.unsigned_abs().to_string();
                 let sign = if *n < 0 {
                     "-"
                 } else if plus {
@@ -695,7 +767,13 @@ pub fn sprintf(format: &str, args: &[Val]) -> String {
             .collect();
         out.push_str(&format!("%!(EXTRA {})", extra.join(", ")));
     }
-    out
+    if out.len() > MAX_TEXT_BYTES {
+        return Err(Limit::Text {
+            limit: MAX_TEXT_BYTES,
+        }
+        .into());
+    }
+    Ok(out)
 }
 
 /// RFC 3339 in UTC, as Go's `time.Now().UTC().Format(time.RFC3339)`.
@@ -729,6 +807,10 @@ mod tests {
         Val::Str(x.into())
     }
 
+    fn sprintf(format: &str, args: &[Val]) -> String {
+        super::sprintf(format, args).unwrap()
+    }
+
     #[test]
     fn printf_matches_go() {
         assert_eq!(
@@ -757,6 +839,7 @@ mod tests {
 
     #[test]
     fn print_spacing_and_comparison() {
+        let sprint = |args: &[Val]| sprint(args, &args.iter().map(print).collect::<Vec<_>>());
         assert_eq!(
             sprint(&[Val::Number("42".into()), Val::Number("42".into())]),
             "4242"

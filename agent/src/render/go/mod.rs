@@ -7,7 +7,8 @@ pub mod parse;
 
 use std::sync::Arc;
 
-pub use parse::Tree;
+pub use exec::ExecError;
+pub use parse::{ParseError, Tree};
 
 use super::Known;
 use super::SecretKey;
@@ -16,14 +17,14 @@ use super::SecretKey;
 pub type FileWrite = (String, String, String, bool);
 
 /// Parses a template; unknown functions are errors that name them.
-pub fn compile(text: &str, left: &str, right: &str) -> Result<Arc<Tree>, String> {
+pub fn compile(text: &str, left: &str, right: &str) -> Result<Arc<Tree>, ParseError> {
     parse::parse(text, left, right, &funcs::known).map(Arc::new)
 }
 
 /// One pass over what is known: the output or the error, the secrets still needed, and the
 /// files `writeToFile` asked for.
 pub struct Pass {
-    pub result: Result<String, String>,
+    pub result: Result<String, ExecError>,
     pub wanted: Vec<SecretKey>,
     pub writes: Vec<FileWrite>,
 }
@@ -41,6 +42,8 @@ pub fn render(tree: &Tree, known: &Known, missing_key_error: bool) -> Pass {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::RenderError;
+    use crate::render::limits::{self, Limit};
     use serde_json::json;
 
     fn known() -> Known {
@@ -57,10 +60,10 @@ mod tests {
     }
 
     fn run(text: &str) -> Result<String, String> {
-        let tree = compile(text, "{{", "}}")?;
+        let tree = compile(text, "{{", "}}").map_err(|e| e.to_string())?;
         let pass = render(&tree, &known(), false);
         assert!(pass.wanted.is_empty(), "{:?}", pass.wanted);
-        pass.result
+        pass.result.map_err(|e| e.to_string())
     }
 
     #[test]
@@ -112,20 +115,13 @@ mod tests {
 
     #[test]
     fn errors_are_clear() {
+        let problem = |text: &str| compile(text, "{{", "}}").unwrap_err().to_string();
         assert_eq!(
-            compile("{{ nope }}", "{{", "}}").unwrap_err(),
+            problem("{{ nope }}"),
             "line 1: function \"nope\" not defined"
         );
-        assert!(
-            compile("{{ if .x }}", "{{", "}}")
-                .unwrap_err()
-                .contains("no {{end}}")
-        );
-        assert!(
-            compile("{{ .x ", "{{", "}}")
-                .unwrap_err()
-                .contains("unclosed action")
-        );
+        assert!(problem("{{ if .x }}").contains("no {{end}}"));
+        assert!(problem("{{ .x ").contains("unclosed action"));
         let err = run(r#"{{ with secret "secret/data/app" }}{{ .Data.nope.deeper }}{{ end }}"#)
             .unwrap_err();
         assert!(
@@ -146,12 +142,151 @@ mod tests {
         )
         .unwrap();
         let strict = render(&tree, &known(), true);
-        assert!(
-            strict
-                .result
-                .unwrap_err()
-                .starts_with("map has no entry for key \"nope\"")
+        assert_eq!(
+            strict.result.unwrap_err(),
+            ExecError::MissingKey {
+                key: "nope".into(),
+                path: ".Data.data.nope".into()
+            }
         );
+    }
+
+    fn limit_of(text: &str) -> Limit {
+        let tree = compile(text, "{{", "}}").unwrap();
+        match render(&tree, &known(), false).result {
+            Err(ExecError::Limit(limit)) => limit,
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rendering_is_bounded() {
+        // A template that calls itself stops at the depth bound, as do deep blocks around it.
+        let recursion = r#"{{ define "r" }}{{ template "r" . }}{{ end }}{{ template "r" . }}"#;
+        assert_eq!(
+            limit_of(recursion),
+            Limit::RenderDepth {
+                limit: limits::MAX_RENDER_DEPTH
+            }
+        );
+        let deep = format!(
+            "{{{{ define \"r\" }}}}{}{{{{ template \"r\" . }}}}{}{{{{ end }}}}{{{{ template \"r\" 1 }}}}",
+            "{{ if . }}".repeat(90),
+            "{{ end }}".repeat(90)
+        );
+        assert_eq!(
+            limit_of(&deep),
+            Limit::RenderDepth {
+                limit: limits::MAX_RENDER_DEPTH
+            }
+        );
+        assert_eq!(
+            limit_of("{{ range 2000000 }}{{ end }}"),
+            Limit::Steps {
+                limit: limits::MAX_STEPS
+            }
+        );
+        let text = Limit::Text {
+            limit: limits::MAX_TEXT_BYTES,
+        };
+        // Output, a function's result, or a result computed before it is built.
+        assert_eq!(
+            limit_of(r#"{{ range 20000 }}{{ printf "%1000s" "" }}{{ end }}"#),
+            text
+        );
+        assert_eq!(
+            limit_of(r#"{{ $a := printf "%100000s" "" }}{{ replaceAll "" $a $a }}"#),
+            text
+        );
+        assert_eq!(limit_of(r#"{{ indent 9223372036854775807 "a\nb" }}"#), text);
+        assert_eq!(
+            limit_of(
+                r#"{{ $a := printf "%01000000d" 0 }}{{ $b := split "" $a }}{{ $b := split "" $a }}"#
+            ),
+            text
+        );
+        let doubling = format!(
+            r#"{{{{ $x := "aaaaaaaaaaaaaaaa" }}}}{}"#,
+            "{{ $x = print $x $x }}".repeat(30)
+        );
+        assert_eq!(limit_of(&doubling), text);
+        let limit = RenderError::Limit {
+            template: "db".into(),
+            limit: limit_of(recursion),
+        };
+        assert_eq!(
+            limit.to_string(),
+            "template db renders deeper than the limit of 200 levels (nested blocks and template calls count together)"
+        );
+    }
+
+    #[test]
+    fn the_deepest_render_fits_a_small_stack() {
+        // Half of tokio's 2 MiB worker stack is enough even unoptimized (about 4 KiB a level
+        // in a debug build, which needs the most).
+        let kib = 1024;
+        let text = format!(
+            "{{{{ define \"r\" }}}}{}{{{{ template \"r\" . }}}}{}{{{{ end }}}}{{{{ template \"r\" (print 1) }}}}",
+            "{{ with (print (print (print .))) }}".repeat(2),
+            "{{ end }}".repeat(2)
+        );
+        let limit = std::thread::Builder::new()
+            .stack_size(kib * 1024)
+            .spawn(move || limit_of(&text))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(
+            limit,
+            Limit::RenderDepth {
+                limit: limits::MAX_RENDER_DEPTH
+            }
+        );
+    }
+
+    #[test]
+    fn go_semantics_at_the_edges() {
+        for (text, want) in [
+            (r#"{{ split "" "añb" }}"#, "[a ñ b]"),
+            (
+                r#"{{ printf "%d" -9223372036854775808 }}"#,
+                "-9223372036854775808",
+            ),
+            // Go gives up on a width or precision past 1e6, and the operand is then extra.
+            (
+                r#"{{ printf "%99999999d|" 1 }}"#,
+                "%!(NOVERB)%!(EXTRA int=1)",
+            ),
+            (
+                r#"{{ printf "%.99999999f|" 1.5 }}"#,
+                "%!(NOVERB)%!(EXTRA float64=1.5)",
+            ),
+            (r#"{{ printf "%3d|%-3d|" 1 2 }}"#, "  1|2  |"),
+            (r#"{{ trim "ab" "abcba" }}"#, "c"),
+            (
+                r#"{{ with secret "secret/data/app" }}{{ .Data.data.user }}{{ .Data.data.user }}{{ end }}"#,
+                "appapp",
+            ),
+        ] {
+            assert_eq!(run(text).unwrap(), want, "{text}");
+        }
+    }
+
+    /// Inputs the fuzzer found (`fuzz/fuzz_targets/go_template.rs`); each panicked once.
+    #[test]
+    fn fuzz_regressions() {
+        for (text, want) in [
+            (
+                "{{ printf }}",
+                "wrong number of args for printf: want at least 1 got 0",
+            ),
+            (
+                "{{ pkiCert }}",
+                "wrong number of args for pkiCert: want at least 1 got 0",
+            ),
+        ] {
+            assert_eq!(run(text).unwrap_err(), want, "{text}");
+        }
     }
 
     #[test]

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the two container images users install, from this checkout, without a registry or a
+# daemon: each binary is built on its own (never a workspace build, whose unified features differ
+# from what ships) as a static executable, then put in a FROM-scratch image with buildah.
+#
+#   ./scripts/images.sh            # -> target/images/sidekey-agent.tar, target/images/sidekey-injector.tar
+#
+# The archives are OCI image archives tagged as the chart's defaults
+# (ghcr.io/sidekey/<name>:<appVersion>), loadable with `podman load -i`, `docker load -i`,
+# `kind load image-archive` and `ctr images import`. Two builds of the same commit give the same
+# manifest digests (fixed timestamps, identical layers); the digests are printed at the end and
+# written to target/images/digests.txt.
+#
+# How the binaries are static: only the x86_64-unknown-linux-gnu target exists on these machines,
+# so they link glibc statically (-C target-feature=+crt-static). --target is passed so that the
+# flag applies to the binaries only, not to build scripts and proc macros. The agent needs no libc
+# name service: it resolves names through /etc/hosts and /etc/resolv.conf itself (see
+# agent/src/resolve.rs), so no NSS module has to exist in the image.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+say() { printf 'images: %s\n' "$*" >&2; }
+
+if ! command -v buildah >/dev/null 2>&1; then
+  say "buildah is not installed; install it with: apt-get install -y buildah   (Debian/Ubuntu; or run ./scripts/stack-install.sh as root)"
+  exit 1
+fi
+
+triple=x86_64-unknown-linux-gnu
+version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/sidekey/Chart.yaml)
+crate_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+if [ "$version" != "$crate_version" ]; then
+  say "charts/sidekey/Chart.yaml appVersion ($version) differs from the workspace version ($crate_version)"
+  exit 1
+fi
+revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+source_url=https://github.com/sidekey/sidekey
+registry=ghcr.io/sidekey
+out="$root/target/images"
+storage=(--storage-driver vfs)
+mkdir -p "$out"
+
+# Reproducible binaries: no absolute paths of this checkout or of the cargo home in them.
+export RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$root=/sidekey --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
+export SOURCE_DATE_EPOCH=0
+
+ca_bundle=/etc/ssl/certs/ca-certificates.crt
+[ -s "$ca_bundle" ] || { say "no CA bundle at $ca_bundle; install it with: apt-get install -y ca-certificates"; exit 1; }
+
+for name in sidekey-agent sidekey-injector; do
+  say "building $name alone (release, static)"
+  cargo build --release --locked -p "$name" --target "$triple" --bin "$name"
+  bin="target/$triple/release/$name"
+  if ! file_out=$(LC_ALL=C readelf -l "$bin" 2>/dev/null) || grep -q 'Requesting program interpreter' <<<"$file_out"; then
+    say "$bin is not a static executable"
+    exit 1
+  fi
+  ctx="$out/context-$name"
+  rm -rf "$ctx"
+  mkdir -p "$ctx"
+  cp "$bin" "$ctx/$name"
+  cp "$ca_bundle" "$ctx/ca-certificates.crt"
+  chmod 0755 "$ctx/$name"
+  chmod 0644 "$ctx/ca-certificates.crt"
+  touch -d @0 "$ctx/$name" "$ctx/ca-certificates.crt"
+  short=${name#sidekey-}
+  tag="$registry/$name:$version"
+  say "building image $tag"
+  buildah "${storage[@]}" bud --quiet --layers=false --timestamp 0 --identity-label=false \
+    --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "SOURCE=$source_url" \
+    -t "$tag" -f "images/$short.Containerfile" "$ctx" >/dev/null
+  rm -f "$out/$name.tar"
+  buildah "${storage[@]}" push --quiet "$tag" "oci-archive:$out/$name.tar:$tag"
+done
+
+: >"$out/digests.txt"
+for name in sidekey-agent sidekey-injector; do
+  digest=$(tar -xOf "$out/$name.tar" index.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["manifests"][0]["digest"])')
+  size=$(stat -c %s "$out/$name.tar")
+  printf '%s %s %s\n' "$registry/$name:$version" "$digest" "$size" | tee -a "$out/digests.txt"
+done
