@@ -274,8 +274,10 @@ async fn five_hundred_stalled_connections_do_not_hold_the_webhook() {
         answered += 1;
     }
     assert!(answered >= 5, "only {answered} good reviews in the window");
+    // Promptly: far inside the stall timeout a held server would make it wait (debug build,
+    // a new TLS connection each, on a machine other jobs share).
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(2),
         "a good review waited {slowest:?} behind the stalled connections"
     );
 
