@@ -353,3 +353,36 @@ impl Defaults {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_limits_come_from_the_flags_and_refuse_zero() {
+        let flags = Flags::try_parse_from([
+            "sidekey-injector",
+            "--tls-handshake-timeout",
+            "2s",
+            "--header-read-timeout",
+            "1m",
+            "--max-connections",
+            "10",
+        ])
+        .unwrap();
+        let limits = flags.limits();
+        assert_eq!(limits.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(limits.header_timeout, Duration::from_secs(60));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(limits.request_timeout, Duration::from_secs(30));
+        assert_eq!(limits.max_connections, 10);
+        for bad in [
+            ["--tls-handshake-timeout", "0s"],
+            ["--header-read-timeout", "soon"],
+            ["--max-connections", "0"],
+        ] {
+            let e = Flags::try_parse_from(["sidekey-injector", bad[0], bad[1]]).unwrap_err();
+            assert!(e.to_string().contains(bad[0]), "{e}");
+        }
+    }
+}

@@ -394,6 +394,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_the_certificate_its_key_and_the_data_swap_concern_the_watcher() {
+        let (cert, key) = (Path::new("/etc/tls/tls.crt"), Path::new("/etc/tls/tls.key"));
+        let watched = [cert, key];
+        for ours in ["/etc/tls/tls.crt", "/etc/tls/tls.key", "/etc/tls/..data"] {
+            assert!(concerns_certificate(Path::new(ours), &watched), "{ours}");
+        }
+        for other in [
+            "/etc/tls/injector.log",
+            "/etc/tls/..data_tmp",
+            "/etc/tls/..2026_12_01_10_00_00.1",
+            "/etc/tls/.tls.crt.swp",
+            "/elsewhere/tls.crt",
+            "/",
+        ] {
+            assert!(!concerns_certificate(Path::new(other), &watched), "{other}");
+        }
+    }
+
+    #[test]
     fn mismatched_key_is_refused() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let a = generate(&["a.svc".into()]).unwrap();
