@@ -407,13 +407,18 @@ pub fn parse(
     Ok(Decision::Inject(Box::new(request), warnings))
 }
 
+/// Unknown annotations warned about one by one; the API server keeps only about 4 KB of
+/// warnings, and a suggestion costs an edit distance against every known name.
+const MAX_UNKNOWN_WARNINGS: usize = 10;
+
 /// A key under an accepted prefix that no annotation has is a warning, with the known one it
 /// was probably meant to be.
 fn warn_unknown(look: &Lookup<'_>, warnings: &mut Vec<String>) {
-    for (suffix, (key, _)) in &look.by_suffix {
-        if known::is_known(suffix) {
-            continue;
-        }
+    let mut unknown = look
+        .by_suffix
+        .iter()
+        .filter(|(suffix, _)| !known::is_known(suffix));
+    for (suffix, (key, _)) in unknown.by_ref().take(MAX_UNKNOWN_WARNINGS) {
         let prefix = key.split_once('/').map_or(VAULT_PREFIX, |(p, _)| p);
         warnings.push(match known::closest(suffix) {
             Some(meant) => format!(
@@ -421,6 +426,12 @@ fn warn_unknown(look: &Lookup<'_>, warnings: &mut Vec<String>) {
             ),
             None => format!("annotation {key} is not a known annotation and is ignored"),
         });
+    }
+    let more = unknown.count();
+    if more > 0 {
+        warnings.push(format!(
+            "{more} more annotations are not known annotations and are ignored"
+        ));
     }
 }
 

@@ -306,6 +306,32 @@ fn misspelt_annotations_are_warnings_that_say_what_was_meant() {
 }
 
 #[test]
+fn thousands_of_unknown_annotations_are_summed_up_quickly() {
+    let keys: Vec<String> = (0..5_000)
+        .map(|i| format!("agent-inject-secrte-{i}"))
+        .collect();
+    let extra: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "kv/x")).collect();
+    let started = std::time::Instant::now();
+    let (_, warnings) = injected(&extra);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(warnings.len(), 11, "{warnings:?}");
+    assert_eq!(
+        warnings[0],
+        format!(
+            "annotation {P}/agent-inject-secrte-0 is not a known annotation and is ignored; did you mean {P}/agent-inject-secret-0?"
+        )
+    );
+    assert_eq!(
+        warnings[10],
+        "4990 more annotations are not known annotations and are ignored"
+    );
+}
+
+#[test]
 fn the_native_sidecar_default_yields_to_pre_populate_only() {
     let native = Defaults {
         native_sidecar: true,
