@@ -9,6 +9,7 @@ use std::fmt;
 use sidekey_agent::config::{DefaultFormat, Engine, check_relative_file, parse_mode};
 
 use crate::config::Defaults;
+use crate::known;
 
 pub const VAULT_PREFIX: &str = "vault.hashicorp.com";
 pub const OPENBAO_PREFIX: &str = "openbao.org";
@@ -302,31 +303,43 @@ pub fn parse_duration(text: &str) -> Option<u64> {
 
 /// A Kubernetes resource quantity ("250m", "64Mi", "1.5", "2e3").
 pub fn is_quantity(q: &str) -> bool {
-    let q = q.strip_prefix('+').unwrap_or(q);
-    let digits_end = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(digits_end);
-    if number.is_empty() || number == "." || number.matches('.').count() > 1 {
-        return false;
+    crate::quantity::parse(q).is_some()
+}
+
+/// The longest file name Linux file systems take (NAME_MAX), in bytes.
+const MAX_FILE_NAME: usize = 255;
+/// The longest path the agent can open (PATH_MAX, with its NUL).
+const MAX_PATH: usize = 4095;
+
+/// A rendered file's path: every component a file name the file system can hold, the whole a
+/// path the agent can open.
+fn check_path_lengths(file: &str, secrets_dir: &str) -> Result<(), String> {
+    if let Some(long) = file.split('/').find(|c| c.len() > MAX_FILE_NAME) {
+        return Err(format!(
+            "a path component is {} bytes ({}…); a file name can be at most {MAX_FILE_NAME}",
+            long.len(),
+            long.chars().take(16).collect::<String>()
+        ));
     }
-    const SUFFIXES: [&str; 16] = [
-        "", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
-    ];
-    if SUFFIXES.contains(&suffix) {
-        return true;
+    let total = secrets_dir.trim_end_matches('/').len() + 1 + file.len();
+    if total > MAX_PATH {
+        return Err(format!(
+            "the file's path under {secrets_dir} is {total} bytes; a path can be at most {MAX_PATH}"
+        ));
     }
-    // Decimal exponent: 1e3, 2E-2.
-    let exp = suffix
-        .strip_prefix(['e', 'E'])
-        .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e));
-    exp.is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit()))
+    Ok(())
 }
 
 /// A valid file name for a secret: what the key allows, minus what a file name cannot hold.
 fn check_secret_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the secret name after the dash is empty".into());
+    }
+    if name.len() > MAX_FILE_NAME {
+        return Err(format!(
+            "the secret name is {} bytes; a file name can be at most {MAX_FILE_NAME} (name the file with agent-inject-file-NAME)",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("{name:?} is not a valid file name"));
@@ -416,9 +429,39 @@ pub fn parse(
         return Ok(Decision::AlreadyInjected);
     }
     let mut warnings = Vec::new();
-    let secrets = parse_secrets(&look, defaults, &mut warnings)?;
-    let request = parse_request(&look, defaults, secrets, &mut warnings)?;
+    let secret_volume_path = secret_volume_path(&look)?;
+    let secrets = parse_secrets(&look, defaults, &secret_volume_path, &mut warnings)?;
+    let request = parse_request(&look, defaults, secrets, secret_volume_path, &mut warnings)?;
+    warn_unknown(&look, &mut warnings);
     Ok(Decision::Inject(Box::new(request), warnings))
+}
+
+/// Unknown annotations warned about one by one; the API server keeps only about 4 KB of
+/// warnings, and a suggestion costs an edit distance against every known name.
+const MAX_UNKNOWN_WARNINGS: usize = 10;
+
+/// A key under an accepted prefix that no annotation has is a warning, with the known one it
+/// was probably meant to be.
+fn warn_unknown(look: &Lookup<'_>, warnings: &mut Vec<String>) {
+    let mut unknown = look
+        .by_suffix
+        .iter()
+        .filter(|(suffix, _)| !known::is_known(suffix));
+    for (suffix, (key, _)) in unknown.by_ref().take(MAX_UNKNOWN_WARNINGS) {
+        let prefix = key.split_once('/').map_or(VAULT_PREFIX, |(p, _)| p);
+        warnings.push(match known::closest(suffix) {
+            Some(meant) => format!(
+                "annotation {key} is not a known annotation and is ignored; did you mean {prefix}/{meant}?"
+            ),
+            None => format!("annotation {key} is not a known annotation and is ignored"),
+        });
+    }
+    let more = unknown.count();
+    if more > 0 {
+        warnings.push(format!(
+            "{more} more annotations are not known annotations and are ignored"
+        ));
+    }
 }
 
 const SECRET_PREFIXES: [&str; 3] = [
@@ -451,9 +494,24 @@ fn defined_name(suffix: &str) -> Option<&str> {
     SECRET_PREFIXES.iter().find_map(|p| suffix.strip_prefix(p))
 }
 
+/// The folder the secrets are rendered into, in the agents and the app containers.
+fn secret_volume_path(look: &Lookup<'_>) -> Result<String, AnnotationError> {
+    let path = look
+        .nonempty("secret-volume-path")
+        .unwrap_or_else(|| "/vault/secrets".into());
+    if !path.starts_with('/') || path.split('/').any(|p| p == "..") {
+        return Err(look.error(
+            "secret-volume-path",
+            format!("{path:?} is not an absolute path"),
+        ));
+    }
+    Ok(path)
+}
+
 fn parse_secrets(
     look: &Lookup<'_>,
     defaults: &Defaults,
+    secrets_dir: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<SecretSpec>, AnnotationError> {
     let global_missing = look.bool_or("error-on-missing-key", defaults.error_on_missing_key)?;
@@ -503,10 +561,14 @@ fn parse_secrets(
         let file = match look.nonempty(&key_of("agent-inject-file-")) {
             Some(f) => {
                 check_relative_file(&f)
+                    .and_then(|()| check_path_lengths(&f, secrets_dir))
                     .map_err(|p| look.error(&key_of("agent-inject-file-"), p))?;
                 f
             }
-            None => name.clone(),
+            None => {
+                check_path_lengths(&name, secrets_dir).map_err(|p| look.error(&defining_key, p))?;
+                name.clone()
+            }
         };
         if let Some(other) = files.insert(file.clone(), raw.to_string()) {
             return Err(AnnotationError {
@@ -672,6 +734,140 @@ fn quantity(
     Ok(Some(value.to_string()))
 }
 
+/// One resource of the agent containers: its annotation, its injector flag and that flag's
+/// value, for the request and for the limit.
+pub(crate) struct ResourceKind {
+    pub(crate) what: &'static str,
+    pub(crate) request: Setting,
+    pub(crate) limit: Setting,
+}
+
+pub(crate) struct Setting {
+    pub(crate) annotation: &'static str,
+    pub(crate) flag: &'static str,
+    pub(crate) default: fn(&Defaults) -> &str,
+}
+
+pub(crate) const RESOURCE_KINDS: [ResourceKind; 3] = [
+    ResourceKind {
+        what: "CPU",
+        request: Setting {
+            annotation: "agent-requests-cpu",
+            flag: "--cpu-request",
+            default: |d| &d.cpu_request,
+        },
+        limit: Setting {
+            annotation: "agent-limits-cpu",
+            flag: "--cpu-limit",
+            default: |d| &d.cpu_limit,
+        },
+    },
+    ResourceKind {
+        what: "memory",
+        request: Setting {
+            annotation: "agent-requests-mem",
+            flag: "--memory-request",
+            default: |d| &d.memory_request,
+        },
+        limit: Setting {
+            annotation: "agent-limits-mem",
+            flag: "--memory-limit",
+            default: |d| &d.memory_limit,
+        },
+    },
+    ResourceKind {
+        what: "ephemeral-storage",
+        request: Setting {
+            annotation: "agent-requests-ephemeral",
+            flag: "--ephemeral-storage-request",
+            default: |d| &d.ephemeral_request,
+        },
+        limit: Setting {
+            annotation: "agent-limits-ephemeral",
+            flag: "--ephemeral-storage-limit",
+            default: |d| &d.ephemeral_limit,
+        },
+    },
+];
+
+/// The agent's requests and limits. A request above its limit is refused by the API server, so:
+/// both given by annotations, it is a denial naming both; a limit annotation below the
+/// injector's default request is a denial; a request annotation above the injector's default
+/// limit raises the limit to the request (vault-k8s users ask for more than Sidekey's defaults
+/// allow), with a warning.
+fn resources(
+    look: &Lookup<'_>,
+    defaults: &Defaults,
+    warnings: &mut Vec<String>,
+) -> Result<Resources, AnnotationError> {
+    let [cpu, memory, ephemeral] = &RESOURCE_KINDS;
+    let (cpu_request, cpu_limit) = request_and_limit(look, defaults, cpu, warnings)?;
+    let (memory_request, memory_limit) = request_and_limit(look, defaults, memory, warnings)?;
+    let (ephemeral_request, ephemeral_limit) =
+        request_and_limit(look, defaults, ephemeral, warnings)?;
+    Ok(Resources {
+        cpu_request,
+        memory_request,
+        ephemeral_request,
+        cpu_limit,
+        memory_limit,
+        ephemeral_limit,
+    })
+}
+
+type RequestAndLimit = (Option<String>, Option<String>);
+
+fn request_and_limit(
+    look: &Lookup<'_>,
+    defaults: &Defaults,
+    kind: &ResourceKind,
+    warnings: &mut Vec<String>,
+) -> Result<RequestAndLimit, AnnotationError> {
+    let (request_key, request_flag) = (kind.request.annotation, kind.request.flag);
+    let (limit_key, limit_flag) = (kind.limit.annotation, kind.limit.flag);
+    let request = quantity(look, request_key, (kind.request.default)(defaults))?;
+    let limit = quantity(look, limit_key, (kind.limit.default)(defaults))?;
+    let (Some(r), Some(l)) = (&request, &limit) else {
+        return Ok((request, limit));
+    };
+    let above = match (crate::quantity::parse(r), crate::quantity::parse(l)) {
+        (Some(r), Some(l)) => r > l,
+        _ => false,
+    };
+    if !above {
+        return Ok((request, limit));
+    }
+    let explicit = |key| look.get(key).is_some();
+    match (explicit(request_key), explicit(limit_key)) {
+        (true, true) => Err(look.error(
+            request_key,
+            format!(
+                "{r} is above annotation {}: {l}; a container's request cannot exceed its limit",
+                look.key_for(limit_key)
+            ),
+        )),
+        (false, true) => Err(look.error(
+            limit_key,
+            format!(
+                "{l} is below the agent's {} request of {r} (the injector's {request_flag}); raise the limit or set {request_key} too",
+                kind.what
+            ),
+        )),
+        (true, false) => {
+            warnings.push(format!(
+                "annotation {}: {r} is above the injector's default {what} limit of {l} ({limit_flag}); the agent's {what} limit is raised to {r} (set {limit_key} to choose another)",
+                look.key_for(request_key),
+                what = kind.what,
+            ));
+            Ok((request.clone(), request))
+        }
+        (false, false) => Err(AnnotationError {
+            key: None,
+            problem: format!("the injector's {request_flag} {r} is above its {limit_flag} {l}"),
+        }),
+    }
+}
+
 fn duration_secs(look: &Lookup<'_>, suffix: &str) -> Result<Option<u64>, AnnotationError> {
     match look.nonempty(suffix) {
         None => Ok(None),
@@ -702,6 +898,7 @@ fn parse_request(
     look: &Lookup<'_>,
     defaults: &Defaults,
     secrets: Vec<SecretSpec>,
+    secret_volume_path: String,
     warnings: &mut Vec<String>,
 ) -> Result<InjectionRequest, AnnotationError> {
     for (suffix, why) in UNSUPPORTED {
@@ -811,14 +1008,14 @@ fn parse_request(
     }
 
     let pre_populate_only = look.bool_or("agent-pre-populate-only", false)?;
-    let native_sidecar = look.bool_or("agent-native-sidecar", defaults.native_sidecar)?;
+    // The cluster default (--native-sidecar) yields to a pod that asks for the init container
+    // only; a pod that asks for both explicitly is contradicting itself.
+    let native_sidecar = match look.get("agent-native-sidecar") {
+        Some(_) => look.bool_or("agent-native-sidecar", false)?,
+        None => defaults.native_sidecar && !pre_populate_only,
+    };
     if native_sidecar && pre_populate_only {
-        let key = if look.get("agent-native-sidecar").is_some() {
-            "agent-native-sidecar"
-        } else {
-            "agent-pre-populate-only"
-        };
-        return Err(look.error(key, "agent-native-sidecar and agent-pre-populate-only cannot be combined: a Job wants only the init container"));
+        return Err(look.error("agent-native-sidecar", "agent-native-sidecar and agent-pre-populate-only cannot be combined: a Job wants only the init container"));
     }
     let revoke_on_shutdown =
         look.bool_or("agent-revoke-on-shutdown", defaults.revoke_on_shutdown)?;
@@ -873,16 +1070,6 @@ fn parse_request(
         "agent-set-security-context",
         defaults.set_security_context || run_as_set,
     )?;
-
-    let secret_volume_path = look
-        .nonempty("secret-volume-path")
-        .unwrap_or_else(|| "/vault/secrets".into());
-    if !secret_volume_path.starts_with('/') || secret_volume_path.split('/').any(|p| p == "..") {
-        return Err(look.error(
-            "secret-volume-path",
-            format!("{secret_volume_path:?} is not an absolute path"),
-        ));
-    }
 
     let default_format = match look.nonempty("agent-inject-default-template") {
         None => parse_format(&defaults.default_template).unwrap_or_default(),
@@ -983,18 +1170,7 @@ fn parse_request(
         containers,
         revoke_on_shutdown,
         revoke_grace,
-        resources: Resources {
-            cpu_request: quantity(look, "agent-requests-cpu", &defaults.cpu_request)?,
-            memory_request: quantity(look, "agent-requests-mem", &defaults.memory_request)?,
-            ephemeral_request: quantity(
-                look,
-                "agent-requests-ephemeral",
-                &defaults.ephemeral_request,
-            )?,
-            cpu_limit: quantity(look, "agent-limits-cpu", &defaults.cpu_limit)?,
-            memory_limit: quantity(look, "agent-limits-mem", &defaults.memory_limit)?,
-            ephemeral_limit: quantity(look, "agent-limits-ephemeral", &defaults.ephemeral_limit)?,
-        },
+        resources: resources(look, defaults, warnings)?,
         set_security_context,
         run_as_user,
         run_as_group,

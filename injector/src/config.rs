@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -57,8 +58,45 @@ pub struct Flags {
     /// Injector log format: json or text.
     #[arg(long, env = "SIDEKEY_INJECTOR_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
+    /// Time a client has to finish the TLS handshake (Go duration or seconds).
+    #[arg(long, env = "SIDEKEY_INJECTOR_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Time a new connection has to send its first request's headers.
+    #[arg(long, env = "SIDEKEY_INJECTOR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// A connection with no request for this long is closed.
+    #[arg(long, env = "SIDEKEY_INJECTOR_IDLE_TIMEOUT", default_value = "120s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Time a request has to arrive whole and be answered.
+    #[arg(long, env = "SIDEKEY_INJECTOR_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// Connections served at once; further ones wait until one ends.
+    #[arg(long, env = "SIDEKEY_INJECTOR_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     #[command(flatten)]
     pub defaults: Defaults,
+}
+
+impl Flags {
+    /// The server's bounds on clients, from the flags.
+    pub fn limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            handshake_timeout: self.tls_handshake_timeout,
+            header_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// A Go duration or whole seconds, longer than zero.
+fn duration(text: &str) -> Result<Duration, String> {
+    match crate::annotations::parse_duration(text) {
+        Some(0) => Err("must be longer than zero".into()),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+        None => Err(format!("{text:?} is not a duration (for example 10s, 1m)")),
+    }
 }
 
 /// The default of every annotation, set once for the cluster.
@@ -289,6 +327,9 @@ impl Defaults {
                 self.static_secret_render_interval
             ));
         }
+        if let Some(conflict) = self.resource_conflicts() {
+            return Err(conflict);
+        }
         if self.sa_token_expiration < 600 {
             return Err("--sa-token-expiration: must be at least 600 seconds".into());
         }
@@ -299,5 +340,54 @@ impl Defaults {
             ));
         }
         Ok(())
+    }
+}
+
+impl Defaults {
+    /// Each flag's request above its limit, as the message that names both flags.
+    fn resource_conflicts(&self) -> Option<String> {
+        crate::annotations::RESOURCE_KINDS.iter().find_map(|k| {
+            let (request, limit) = ((k.request.default)(self), (k.limit.default)(self));
+            let above = crate::quantity::parse(request)? > crate::quantity::parse(limit)?;
+            above.then(|| {
+                format!(
+                    "{} {request} is above {} {limit}: a container's request cannot exceed its limit",
+                    k.request.flag, k.limit.flag
+                )
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_limits_come_from_the_flags_and_refuse_zero() {
+        let flags = Flags::try_parse_from([
+            "sidekey-injector",
+            "--tls-handshake-timeout",
+            "2s",
+            "--header-read-timeout",
+            "1m",
+            "--max-connections",
+            "10",
+        ])
+        .unwrap();
+        let limits = flags.limits();
+        assert_eq!(limits.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(limits.header_timeout, Duration::from_secs(60));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(limits.request_timeout, Duration::from_secs(30));
+        assert_eq!(limits.max_connections, 10);
+        for bad in [
+            ["--tls-handshake-timeout", "0s"],
+            ["--header-read-timeout", "soon"],
+            ["--max-connections", "0"],
+        ] {
+            let e = Flags::try_parse_from(["sidekey-injector", bad[0], bad[1]]).unwrap_err();
+            assert!(e.to_string().contains(bad[0]), "{e}");
+        }
     }
 }

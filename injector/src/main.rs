@@ -16,8 +16,13 @@ fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let flags = Flags::parse();
     init_logging(&flags);
+    log_panics();
     flags.defaults.validate().map_err(anyhow::Error::msg)?;
+    // Reviews parse pod-supplied templates on the worker threads. The parsers bound their own
+    // depth; a larger stack than tokio's 2 MiB is headroom for that bound, and costs only
+    // address space until it is used.
     tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(8 * 1024 * 1024)
         .enable_all()
         .build()
         .context("starting the async runtime")?
@@ -39,11 +44,42 @@ fn init_logging(flags: &Flags) {
     };
 }
 
+/// A panic is logged as one event with where it happened; its message can quote a template the
+/// pod carries, so only its first line, shortened, is kept.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let first: String = message
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(120)
+            .collect();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, message = %first, "panic");
+    }));
+}
+
 async fn run(flags: Flags) -> Result<()> {
+    let metrics = Metrics::default();
     let (resolver, _watcher) = match (&flags.tls_cert_file, &flags.tls_key_file, &flags.tls_auto) {
         (Some(cert), Some(key), _) => {
             let resolver = tls::ReloadingResolver::new(tls::load_files(cert, key)?);
-            let watcher = tls::watch(cert.clone(), key.clone(), resolver.clone())?;
+            let watcher = tls::watch(
+                cert.clone(),
+                key.clone(),
+                resolver.clone(),
+                metrics.certificate_reloads.clone(),
+            )?;
             (resolver, Some(watcher))
         }
         (_, _, Some(mwc)) => {
@@ -74,17 +110,17 @@ async fn run(flags: Flags) -> Result<()> {
     let tls_config = Arc::new(tls::server_config(resolver)?);
     let state = Arc::new(AppState {
         defaults: flags.defaults.clone(),
-        metrics: Metrics::default(),
+        metrics,
         decisions: Default::default(),
     });
-    let listener = tokio::net::TcpListener::bind(flags.listen)
-        .await
-        .with_context(|| format!("listening on {}", flags.listen))?;
+    let listener =
+        server::bind(flags.listen).with_context(|| format!("listening on {}", flags.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "sidekey-injector serving HTTPS");
-    server::serve(
+    server::serve_with(
         listener,
         tls_config,
         server::router(state),
+        flags.limits(),
         shutdown_signal(),
     )
     .await;

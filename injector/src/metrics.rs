@@ -1,5 +1,5 @@
 //! Prometheus metrics of the webhook: reviews by outcome, review latency, injections and
-//! denials by namespace. Served as text on GET /metrics.
+//! denials by namespace, panicked reviews and certificate reloads. Served as text on GET /metrics.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +23,10 @@ pub struct Metrics {
     pub injections: Family<NamespaceLabel, Counter>,
     pub denials: Family<NamespaceLabel, Counter>,
     pub latency: Histogram,
+    /// Reviews whose decision panicked (each answered with a denial).
+    pub panics: Counter,
+    /// Times the serving certificate was reloaded from disk.
+    pub certificate_reloads: Counter,
 }
 
 impl Default for Metrics {
@@ -37,7 +41,7 @@ impl Default for Metrics {
         ));
         registry.register(
             "reviews",
-            "Admission reviews answered, by outcome (injected, skipped, denied, malformed)",
+            "Admission reviews answered, by outcome (injected, skipped, denied, malformed, panicked)",
             reviews.clone(),
         );
         registry.register(
@@ -55,8 +59,22 @@ impl Default for Metrics {
             "Time to decide one review",
             latency.clone(),
         );
+        let panics = Counter::default();
+        registry.register(
+            "review_panics",
+            "Reviews whose decision panicked, each answered with a denial (a bug: please report it)",
+            panics.clone(),
+        );
+        let certificate_reloads = Counter::default();
+        registry.register(
+            "certificate_reloads",
+            "Times the serving certificate was reloaded after its files changed",
+            certificate_reloads.clone(),
+        );
         Metrics {
             registry,
+            panics,
+            certificate_reloads,
             reviews,
             injections,
             denials,

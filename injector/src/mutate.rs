@@ -20,7 +20,7 @@ use sidekey_agent::config::{
     TemplateConfig,
 };
 
-use crate::annotations::{AnnotationError, AuthType, InjectionRequest};
+use crate::annotations::{AnnotationError, AuthType, InjectionRequest, VAULT_PREFIX};
 pub use crate::pod::Section;
 use crate::pod::{ContainerView, PodView};
 
@@ -178,7 +178,58 @@ pub fn config_env(req: &InjectionRequest) -> Result<String, AnnotationError> {
         key: None,
         problem: format!("the generated agent config is invalid: {e}"),
     })?;
-    Ok(config.to_env_value())
+    let env = config.to_env_value();
+    check_env_size(req, env.len())?;
+    Ok(env)
+}
+
+/// Linux refuses to exec a program with an environment string ("NAME=value" and its NUL)
+/// longer than this (MAX_ARG_STRLEN), so neither agent container could start.
+pub const MAX_ARG_STRLEN: usize = 131_072;
+/// Room kept below that for what an `agent-json-patch` or a later field adds.
+const ENV_HEADROOM: usize = 8 * 1024;
+/// The longest `SIDEKEY_AGENT_CONFIG` value admitted.
+pub const MAX_CONFIG_ENV: usize = MAX_ARG_STRLEN - ENV_HEADROOM - CONFIG_ENV.len() - 2;
+
+fn check_env_size(req: &InjectionRequest, len: usize) -> Result<(), AnnotationError> {
+    if len <= MAX_CONFIG_ENV {
+        return Ok(());
+    }
+    let prefix = req.status_key.split('/').next().unwrap_or(VAULT_PREFIX);
+    let mut sizes: Vec<(usize, String)> = req
+        .secrets
+        .iter()
+        .flat_map(|s| {
+            [
+                ("agent-inject-template-", &s.template),
+                ("agent-inject-command-", &s.command),
+                ("agent-inject-secret-", &s.path),
+            ]
+            .into_iter()
+            .filter_map(|(family, value)| {
+                let n = value.as_ref()?.len();
+                Some((n, format!("{prefix}/{family}{}", s.raw_name)))
+            })
+        })
+        .collect();
+    sizes.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    let biggest: Vec<String> = sizes
+        .iter()
+        .take(3)
+        .map(|(n, key)| format!("{key} ({n} bytes)"))
+        .collect();
+    let blame = if biggest.is_empty() {
+        String::new()
+    } else {
+        format!("; the biggest annotations: {}", biggest.join(", "))
+    };
+    Err(AnnotationError {
+        key: None,
+        problem: format!(
+            "the agent config would be {len} bytes in {CONFIG_ENV}, {} bytes over the {MAX_CONFIG_ENV}-byte limit (Linux's {MAX_ARG_STRLEN}-byte limit on one environment string, less headroom), so the agent could not start{blame}",
+            len - MAX_CONFIG_ENV
+        ),
+    })
 }
 
 /// Decides everything the pod gains, from what the pod already has. `config_env` is

@@ -244,6 +244,41 @@ fn decide(
     ))
 }
 
+/// The denial sent when deciding a review panicked: the review's uid and apiVersion when they
+/// can be read, so the API server takes it as the answer to its request.
+pub fn panic_answer(body: &[u8]) -> Vec<u8> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Header {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        request: Option<Uid>,
+    }
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Uid {
+        uid: String,
+    }
+    let header: Header = serde_json::from_slice(body).unwrap_or_default();
+    let api_version = match header.api_version.as_str() {
+        v @ ("admission.k8s.io/v1" | "admission.k8s.io/v1beta1") => v,
+        _ => "admission.k8s.io/v1",
+    };
+    let uid = header.request.map(|r| r.uid).unwrap_or_default();
+    encode(
+        api_version,
+        &uid,
+        Response {
+            allowed: false,
+            message: Some(
+                "internal error in the Sidekey injector while reviewing this pod (a bug, counted in sidekey_injector_review_panics_total); the pod was not changed".into(),
+            ),
+            patch: None,
+            warnings: Vec::new(),
+        },
+    )
+}
+
 #[derive(Serialize)]
 struct StatusOut {
     status: &'static str,

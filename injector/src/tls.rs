@@ -2,8 +2,9 @@
 //! place when the files change on disk, and auto-TLS (a generated CA and serving certificate).
 //!
 //! Kubernetes updates a mounted Secret by swapping a `..data` symlink, so the *folders* of the
-//! files are watched, not the files; `Access` events are ignored (reading the files on reload
-//! would otherwise trigger another reload, forever).
+//! files are watched, not the files, and only events on the files themselves or on `..data`
+//! count: anything else written there (a log file) would otherwise reload the certificate
+//! forever. `Access` events are ignored (reading the files on reload is one).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,18 +118,38 @@ pub fn server_config(resolver: Arc<ReloadingResolver>) -> Result<ServerConfig, T
     Ok(config)
 }
 
-/// Watches the folders of `cert` and `key` and swaps the served certificate when they change.
-/// A reload that fails keeps the previous certificate. The watcher lives as long as the handle.
+/// Whether a change to `path` can change the served certificate: the certificate or key file
+/// itself, or the kubelet's `..data` symlink through which a Secret volume's files point.
+/// Anything else written in the folder (a log, an editor's swap file) is not.
+fn concerns_certificate(path: &Path, watched: &[&Path]) -> bool {
+    let Some(name) = path.file_name() else {
+        return false;
+    };
+    name == "..data"
+        || watched
+            .iter()
+            .any(|w| w.file_name() == Some(name) && w.parent() == path.parent())
+}
+
+/// Watches the folders of `cert` and `key` and swaps the served certificate when the files
+/// change (or the kubelet swaps `..data`), counting each reload in `reloads`. A reload that
+/// fails keeps the previous certificate. The watcher lives as long as the handle.
 pub fn watch(
     cert: PathBuf,
     key: PathBuf,
     resolver: Arc<ReloadingResolver>,
+    reloads: prometheus_client::metrics::counter::Counter,
 ) -> Result<notify::RecommendedWatcher, TlsError> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let watched = [absolute(&cert), absolute(&key)];
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !matches!(event.kind, EventKind::Access(_))
-        {
+        let Ok(event) = event else { return };
+        let ours = !matches!(event.kind, EventKind::Access(_))
+            && event.paths.iter().any(|p| {
+                concerns_certificate(&absolute(p), &[watched[0].as_path(), watched[1].as_path()])
+            });
+        if ours {
             let _ = tx.send(());
         }
     })
@@ -160,6 +181,7 @@ pub fn watch(
             match load_files(&cert, &key) {
                 Ok(k) => {
                     resolver.replace(k);
+                    reloads.inc();
                     tracing::info!(cert = %cert.display(), "serving certificate reloaded");
                 }
                 Err(e) => {
@@ -369,6 +391,25 @@ pub(crate) mod tests {
         }
         assert!(verify(&g.ca_pem, &key, "evil.example", now).is_err());
         assert!(generate(&[]).is_err());
+    }
+
+    #[test]
+    fn only_the_certificate_its_key_and_the_data_swap_concern_the_watcher() {
+        let (cert, key) = (Path::new("/etc/tls/tls.crt"), Path::new("/etc/tls/tls.key"));
+        let watched = [cert, key];
+        for ours in ["/etc/tls/tls.crt", "/etc/tls/tls.key", "/etc/tls/..data"] {
+            assert!(concerns_certificate(Path::new(ours), &watched), "{ours}");
+        }
+        for other in [
+            "/etc/tls/injector.log",
+            "/etc/tls/..data_tmp",
+            "/etc/tls/..2026_12_01_10_00_00.1",
+            "/etc/tls/.tls.crt.swp",
+            "/elsewhere/tls.crt",
+            "/",
+        ] {
+            assert!(!concerns_certificate(Path::new(other), &watched), "{other}");
+        }
     }
 
     #[test]

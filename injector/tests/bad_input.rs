@@ -91,7 +91,8 @@ const A: &str = "annotation vault.hashicorp.com/";
 
 #[test]
 fn thirty_plus_bad_inputs_get_exact_answers() {
-    let big = "x".repeat(300_000);
+    // Large, and still within what one environment string can carry once base64-encoded.
+    let big = "x".repeat(60_000);
     let cases: Vec<(&str, Vec<u8>, Want)> = vec![
         (
             "empty body",

@@ -1,6 +1,6 @@
 //! The built sidekey-injector over real HTTPS: reviews, health, metrics, body limits, and a
 //! certificate replaced on disk (the way the kubelet updates a mounted Secret) served to new
-//! connections without a restart.
+//! connections without a restart, while other files written next to it are not a reload.
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -241,6 +241,70 @@ async fn a_replaced_certificate_is_served_to_new_connections() {
             .await
             .is_err(),
         "the old certificate is still served"
+    );
+}
+
+async fn reloads(server: &Server, ca_pem: &str) -> String {
+    let metrics = client_for(ca_pem)
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("sidekey_injector_certificate_reloads_total"))
+        .unwrap_or_else(|| panic!("no reload counter in\n{metrics}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn other_files_in_the_certificate_folder_do_not_reload_it() {
+    let first = generate(&["localhost".into()]).unwrap();
+    let server = start(&first).await;
+    // A log written next to the certificate, an editor's temporary file renamed into place,
+    // a file removed: none of them is the certificate, the key or `..data`.
+    let log = server.certs.join("injector.log");
+    for i in 0..25 {
+        std::fs::write(&log, format!("line {i}\n").repeat(i + 1)).unwrap();
+        let tmp = server.certs.join(format!(".notes.swp{i}"));
+        std::fs::write(&tmp, "x").unwrap();
+        std::fs::rename(&tmp, server.certs.join("notes.txt")).unwrap();
+        if i % 5 == 4 {
+            std::fs::remove_file(server.certs.join("notes.txt")).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // Past the watcher's 200 ms debounce.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        reloads(&server, &first.ca_pem).await,
+        "sidekey_injector_certificate_reloads_total 0"
+    );
+
+    // The kubelet's update: a new timestamped folder, then `..data` swapped to it.
+    let second = generate(&["localhost".into()]).unwrap();
+    publish(&server.certs, "2026_12_01_10_00_00.1", &second);
+    let new_client = client_for(&second.ca_pem);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !new_client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 204)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        reloads(&server, &second.ca_pem).await,
+        "sidekey_injector_certificate_reloads_total 1"
     );
 }
 

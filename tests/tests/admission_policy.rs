@@ -37,7 +37,11 @@ fn rendered(sets: &[&str]) -> Vec<Value> {
 }
 
 fn policy() -> Value {
-    rendered(&[])
+    policy_with(&[])
+}
+
+fn policy_with(sets: &[&str]) -> Value {
+    rendered(sets)
         .into_iter()
         .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
         .expect("the chart installs the policy by default")
@@ -158,6 +162,71 @@ fn annotated_pods_are_admitted_only_once_injected() {
             );
         }
     }
+}
+
+/// With a custom injector.annotationPrefix the injector writes the status under that prefix
+/// (and reads agent-inject under it as well as the two it always accepts): the policy must
+/// look there too, or it denies every pod the injector handled.
+#[test]
+fn a_custom_annotation_prefix_is_followed() {
+    let custom = policy_with(&["injector.annotationPrefix=secrets.corp.example"]);
+    let cases = [
+        (
+            "custom prefix, injected",
+            json!({ "secrets.corp.example/agent-inject": "true", "secrets.corp.example/agent-inject-status": "injected" }),
+            true,
+        ),
+        (
+            "vault prefix asked, status written under the custom prefix",
+            json!({ "vault.hashicorp.com/agent-inject": "true", "secrets.corp.example/agent-inject-status": "injected" }),
+            true,
+        ),
+        (
+            "openbao prefix asked, status written under the custom prefix",
+            json!({ "openbao.org/agent-inject": "1", "secrets.corp.example/agent-inject-status": "injected" }),
+            true,
+        ),
+        (
+            "custom prefix, not injected",
+            json!({ "secrets.corp.example/agent-inject": "true" }),
+            false,
+        ),
+        (
+            "custom prefix, status update",
+            json!({ "secrets.corp.example/agent-inject": "t", "secrets.corp.example/agent-inject-status": "update" }),
+            false,
+        ),
+        (
+            "vault prefix, not injected",
+            json!({ "vault.hashicorp.com/agent-inject": "true" }),
+            false,
+        ),
+        (
+            "custom prefix, agent-inject false",
+            json!({ "secrets.corp.example/agent-inject": "false" }),
+            true,
+        ),
+        (
+            "another prefix is not ours",
+            json!({ "other.example/agent-inject": "true" }),
+            true,
+        ),
+    ];
+    for (label, annotations, admitted) in cases {
+        let (ok, message) = evaluate(&custom, &pod(Some(annotations)));
+        assert_eq!(ok, admitted, "{label}: {message:?}");
+    }
+    // The default prefixes alone would have denied the injected pod: the test can tell.
+    let (ok, _) = evaluate(
+        &policy(),
+        &pod(Some(
+            json!({ "vault.hashicorp.com/agent-inject": "true", "secrets.corp.example/agent-inject-status": "injected" }),
+        )),
+    );
+    assert!(
+        !ok,
+        "without the custom prefix the policy does not see the status"
+    );
 }
 
 #[test]
