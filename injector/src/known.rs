@@ -37,6 +37,7 @@ pub const NAMES: &[&str] = &[
     "agent-requests-mem",
     "agent-revoke-grace",
     "agent-revoke-on-shutdown",
+    "agent-revoke-sidecar",
     "agent-run-as-group",
     "agent-run-as-same-user",
     "agent-run-as-user",
