@@ -552,15 +552,25 @@ async fn a_client_certificate_reaches_a_store_that_requires_one_by_its_dns_name(
     // the init container says so in one line.
     let mut bare = tls_pod(stack, &[]);
     bare["spec"]["hostAliases"] = json!([{ "ip": "127.0.0.1", "hostnames": [host] }]);
+    let last = init_fails(stack, &address, bare).await;
+    assert!(
+        last.contains(&address) && last.contains("failed TLS verification"),
+        "the last line names the address and the TLS refusal: {last}"
+    );
+}
+
+/// Runs `pod` against `address` with a short init timeout; the init container must fail and
+/// render nothing. Returns the last line it logged (what `kubectl describe` shows).
+async fn init_fails(stack: &Stack, address: &str, pod: Value) -> String {
     let injector = Injector::start(
-        &address,
+        address,
         &images().unwrap().agent,
         &["--agent-init-timeout", "3"],
     )
     .await
     .unwrap();
-    let (mutated, _) = injector.mutate(&bare).await.unwrap();
-    let mut run = PodRun::with_secrets(mutated, &token(stack, &bare), &tls_secret()).unwrap();
+    let (mutated, _) = injector.mutate(&pod).await.unwrap();
+    let mut run = PodRun::with_secrets(mutated, &token(stack, &pod), &tls_secret()).unwrap();
     let err = run
         .run_init_containers(no_app_init)
         .unwrap_err()
@@ -570,6 +580,8 @@ async fn a_client_certificate_reaches_a_store_that_requires_one_by_its_dns_name(
         "{err}"
     );
     assert!(files(&run.volume("sidekey-secrets")).is_empty());
+    let log = run.log("sidekey-agent-init");
+    log.lines().last().unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -587,31 +599,11 @@ async fn tls_server_name_verifies_a_store_certificate_issued_for_another_name() 
     assert!(rendered["app.env"].contains("k-12345"), "{rendered:?}");
 
     // Without the server name the certificate does not verify: a clear error, no files.
-    let pod = tls_pod(stack, &[]);
-    let injector = Injector::start(
-        &address,
-        &images().unwrap().agent,
-        &["--agent-init-timeout", "3"],
-    )
-    .await
-    .unwrap();
-    let (mutated, _) = injector.mutate(&pod).await.unwrap();
-    let mut run = PodRun::with_secrets(mutated, &token(stack, &pod), &tls_secret()).unwrap();
-    let err = run
-        .run_init_containers(no_app_init)
-        .unwrap_err()
-        .to_string();
-    let last = run.log("sidekey-agent-init");
-    let last = last.lines().last().unwrap_or_default();
-    assert!(
-        err.contains("init container sidekey-agent-init failed"),
-        "{err}"
-    );
+    let last = init_fails(stack, &address, tls_pod(stack, &[])).await;
     assert!(
         last.contains(&address)
             && last.contains("/vault/tls/ca.crt")
             && last.contains("certificate"),
         "the last line names the address, the CA file and the certificate problem: {last}"
     );
-    assert!(files(&run.volume("sidekey-secrets")).is_empty());
 }
