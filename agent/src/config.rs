@@ -220,6 +220,11 @@ pub struct LifecycleConfig {
     /// Native-sidecar mode: the sidecar also does the first render (there is no init container).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub native_sidecar: bool,
+    /// `init` shortens its token's TTL to this many seconds once the files are rendered: a
+    /// pre-populate-only pod with nothing left to revoke at its end then leaves a token (and,
+    /// with it, every lease the token created) that dies soon instead of at the role's TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ttl_cap_secs: Option<u64>,
 }
 
 impl Default for LifecycleConfig {
@@ -232,6 +237,7 @@ impl Default for LifecycleConfig {
             min_backoff_ms: default_min_backoff_ms(),
             max_backoff_ms: default_max_backoff_ms(),
             native_sidecar: false,
+            token_ttl_cap_secs: None,
         }
     }
 }

@@ -117,7 +117,10 @@ pub async fn render_and_save(config: &AgentConfig, out_dir: &Path) -> Result<Sta
         first_render(config, &client, &templates, out_dir)
     })
     .await?;
-    let state = state_of(&session, &fetcher);
+    let mut state = state_of(&session, &fetcher);
+    if let Some(cap) = config.lifecycle.token_ttl_cap_secs {
+        state.token_ttl_secs = cap_token_ttl(&client, &session, cap).await;
+    }
     state::save(&config.state_dir, &state)?;
     tracing::info!(
         files = templates.len(),
@@ -126,6 +129,28 @@ pub async fn render_and_save(config: &AgentConfig, out_dir: &Path) -> Result<Sta
         "all files rendered; state saved"
     );
     Ok(state)
+}
+
+/// Shortens the session's token to `cap` seconds (renewing with a smaller increment sets the
+/// TTL to it), when the token is ours and lives longer. Returns the token's TTL afterwards. A
+/// failure keeps the files: the pod works, its token just lives to the role's TTL.
+async fn cap_token_ttl(client: &StoreClient, session: &Session, cap: u64) -> u64 {
+    if !session.owned || session.ttl_secs <= cap {
+        return session.ttl_secs;
+    }
+    match client.renew_self(&session.token, Some(cap)).await {
+        Ok(auth) => {
+            tracing::info!(
+                ttl_secs = auth.lease_duration,
+                "token TTL capped (no container revokes it at pod stop)"
+            );
+            auth.lease_duration
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not cap the token TTL; it lives to the role's TTL");
+            session.ttl_secs
+        }
+    }
 }
 
 /// One attempt: log in and render every template. On failure the attempt's token is revoked.

@@ -90,6 +90,8 @@ pub struct InjectionRequest {
     pub native_sidecar: bool,
     /// A pre-populate-only pod's revoke-only native sidecar (`sidekey-agent guard`).
     pub revoke_sidecar: bool,
+    /// The init token's TTL cap, for pre-populate-only pods with nothing to revoke at their end.
+    pub init_token_ttl_cap: Option<u64>,
     /// Names of the app containers that get the secrets volume (None: all).
     pub containers: Option<Vec<String>>,
     pub revoke_on_shutdown: bool,
@@ -255,7 +257,7 @@ fn revoke_sidecar(
             .map(|(k, _)| k.to_string())
             .unwrap_or_else(|| "agent-pre-populate-only".into());
         warnings.push(format!(
-            "annotation {key}: this cluster has no native sidecars (Kubernetes 1.29+), so nothing revokes the init container's token and leases when the pod stops; they live until their TTL"
+            "annotation {key}: this cluster has no native sidecars (Kubernetes 1.29+), so nothing revokes the init container's token and leases when the pod stops; the token's TTL is capped (agent-pre-populate-token-ttl) and its leases die with it"
         ));
         return Ok(false);
     }
@@ -1026,6 +1028,20 @@ fn parse_request(
         revoke_on_shutdown,
         warnings,
     )?;
+    let init_token_ttl_cap = if pre_populate_only && revoke_on_shutdown && !revoke_sidecar {
+        let text = look
+            .nonempty("agent-pre-populate-token-ttl")
+            .unwrap_or_else(|| defaults.pre_populate_token_ttl.clone());
+        let secs = parse_duration(&text).filter(|s| *s > 0).ok_or_else(|| {
+            look.error(
+                "agent-pre-populate-token-ttl",
+                format!("{text:?} is not a duration such as \"30m\" or \"3600\""),
+            )
+        })?;
+        Some(secs)
+    } else {
+        None
+    };
     let pre_populate = look.bool_or("agent-pre-populate", true)?;
     if !pre_populate && pre_populate_only {
         return Err(look.error(
@@ -1167,6 +1183,7 @@ fn parse_request(
         init_first: look.bool_or("agent-init-first", false)?,
         native_sidecar,
         revoke_sidecar,
+        init_token_ttl_cap,
         containers,
         revoke_on_shutdown,
         revoke_grace,

@@ -233,6 +233,14 @@ pub struct Defaults {
     /// their init container obtained is revoked when the pod stops.
     #[arg(long = "native-sidecars-available", env = "SIDEKEY_INJECTOR_NATIVE_SIDECARS_AVAILABLE", default_value_t = false, action = clap::ArgAction::Set)]
     pub native_sidecars_available: bool,
+    /// The init token's TTL cap for pre-populate-only pods that get no revoke-only sidecar
+    /// (annotation `agent-pre-populate-token-ttl` overrides it): their leases die with the token.
+    #[arg(
+        long = "pre-populate-token-ttl",
+        env = "SIDEKEY_INJECTOR_PRE_POPULATE_TOKEN_TTL",
+        default_value = "1h"
+    )]
+    pub pre_populate_token_ttl: String,
     /// Default format of a secret without a template: map or json.
     #[arg(
         long = "default-template",

@@ -31,6 +31,7 @@ pub const NAMES: &[&str] = &[
     "agent-native-sidecar",
     "agent-pre-populate",
     "agent-pre-populate-only",
+    "agent-pre-populate-token-ttl",
     "agent-request-namespace",
     "agent-requests-cpu",
     "agent-requests-ephemeral",

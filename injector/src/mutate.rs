@@ -158,6 +158,7 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
                 .unwrap_or(lifecycle_defaults.max_backoff_ms)
                 .max(req.min_backoff_ms.unwrap_or(0)),
             native_sidecar: req.native_sidecar,
+            token_ttl_cap_secs: req.init_token_ttl_cap,
         },
         log: LogConfig {
             level: req.log_level.clone(),

@@ -267,6 +267,51 @@ async fn no_token_lease_or_database_user_outlives_a_pre_populate_only_pod() {
     let (mutated, _) = old_cluster.mutate(&pod).await.unwrap();
     assert_eq!(init_container_names(&mutated), ["sidekey-agent-init"]);
 
+    // There, the init token's TTL is capped, so the pod's leftovers die soon: the token expires at
+    // the cap and takes its lease and database user with it (the role's lease TTL is 10 minutes,
+    // so nothing else removes them).
+    let before = inventory(&stack).await;
+    let mut pod = fixture("ledger-deployment-pre-populate-only.json");
+    pod["metadata"]["annotations"]["vault.hashicorp.com/agent-pre-populate-token-ttl"] =
+        "4s".into();
+    let (mutated, _) = old_cluster.mutate(&pod).await.unwrap();
+    let mut run = PodRun::new(mutated, &sa_token(&stack, &pod)).unwrap();
+    run.run_init_containers(|_, n| panic!("unexpected app init container {n}"))
+        .unwrap();
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(run.volume("sidekey-home").join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let looked_up = stack
+        .api(
+            "POST",
+            "auth/token/lookup-accessor",
+            Some(json!({ "accessor": state["accessor"] })),
+        )
+        .await
+        .unwrap();
+    let ttl = looked_up["data"]["ttl"].as_u64().unwrap();
+    assert!(
+        ttl <= 4,
+        "the init token's TTL is capped at 4 s, not {ttl} s"
+    );
+    assert_eq!(
+        left_behind(&before, &inventory(&stack).await).leases.len(),
+        1
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = left_behind(&before, &inventory(&stack).await);
+        if left == nothing() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 s after a 4 s token, still left: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
     // An explicit opt-out gets no revoke-only sidecar either.
     let mut pod = fixture("ledger-deployment-pre-populate-only.json");
     pod["metadata"]["annotations"]["vault.hashicorp.com/agent-revoke-sidecar"] = "false".into();
