@@ -549,6 +549,16 @@ impl PodRun {
     /// after them, in reverse order of start. Returns each container's exit code (None when it
     /// had to be killed).
     pub fn stop(&mut self) -> Result<Vec<(String, Option<i32>)>> {
+        self.stop_with(true)
+    }
+
+    /// Stops the pod as a kubelet does when a container's preStop hook does not run (the hook
+    /// timed out, or the container was being restarted): SIGTERM alone.
+    pub fn stop_without_prestop(&mut self) -> Result<Vec<(String, Option<i32>)>> {
+        self.stop_with(false)
+    }
+
+    fn stop_with(&mut self, prestop: bool) -> Result<Vec<(String, Option<i32>)>> {
         let grace = Duration::from_secs(
             self.pod["spec"]["terminationGracePeriodSeconds"]
                 .as_u64()
@@ -566,7 +576,10 @@ impl PodRun {
                     .container(&r.name)
                     .context("a running container not in the pod")?;
                 let hook = strings(&c["lifecycle"]["preStop"]["exec"]["command"]);
-                if !hook.is_empty() && !self.exec(&r.name, &hook, &format!("{}-prestop", r.name))? {
+                if prestop
+                    && !hook.is_empty()
+                    && !self.exec(&r.name, &hook, &format!("{}-prestop", r.name))?
+                {
                     bail!(
                         "the preStop hook of {} failed; log:\n{}",
                         r.name,

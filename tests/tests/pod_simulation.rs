@@ -47,7 +47,7 @@ async fn write_fixtures(stack: &Stack) {
         .await
         .unwrap();
     let role = stack.api("GET", "database/roles/e2e", None).await.unwrap()["data"].clone();
-    for copy in ["e2e-native", "e2e-hygiene"] {
+    for copy in ["e2e-native", "e2e-hygiene", "e2e-no-prestop"] {
         stack
             .api(
                 "POST",
@@ -606,4 +606,48 @@ async fn tls_server_name_verifies_a_store_certificate_issued_for_another_name() 
             && last.contains("certificate"),
         "the last line names the address, the CA file and the certificate problem: {last}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_classic_sidecar_whose_prestop_did_not_run_revokes_on_sigterm() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let injector = injector(stack).await;
+    let mut pod = fixture("orders-dynamic-database-credentials.json", stack);
+    // A role of its own: other tests count the e2e role's leases.
+    pod["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-secret-db"] =
+        "database/creds/e2e-no-prestop".into();
+    let (mutated, _) = injector.mutate(&pod).await.unwrap();
+    assert!(
+        !mutated["spec"]["containers"][1]["lifecycle"]["preStop"].is_null(),
+        "the sidecar has a preStop hook, which this stop skips"
+    );
+    let mut run = PodRun::new(mutated, &token(stack, &pod)).unwrap();
+    run.run_init_containers(no_app_init).unwrap();
+    run.start_sidecars().unwrap();
+    let uri = std::fs::read_to_string(run.volume("sidekey-secrets").join("db")).unwrap();
+    let user = uri
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(stack.pg_role_exists(&user).unwrap());
+    let accessor = state_accessor(&run);
+    let codes = run.stop_without_prestop().unwrap();
+    assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
+    assert!(
+        !stack.pg_role_exists(&user).unwrap(),
+        "SIGTERM alone revoked the database user"
+    );
+    assert!(
+        stack
+            .leases("database/creds/e2e-no-prestop")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_token_gone(stack, &accessor).await;
 }
