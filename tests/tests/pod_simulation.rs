@@ -87,16 +87,21 @@ fn no_app_init(_: &PodRun, name: &str) -> anyhow::Result<()> {
     panic!("unexpected app init container {name}")
 }
 
+/// `pod` through the injector, its init containers run and its sidecars started.
+async fn running(stack: &Stack, pod: &Value) -> PodRun {
+    let (mutated, _) = injector(stack).await.mutate(pod).await.unwrap();
+    let mut run = PodRun::new(mutated, &token(stack, pod)).unwrap();
+    run.run_init_containers(no_app_init).unwrap();
+    run.start_sidecars().unwrap();
+    run
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kv2_with_the_default_and_a_custom_template() {
     let stack = Stack::shared();
     setup(stack).await;
-    let injector = injector(stack).await;
     let pod = fixture("shop-kv2-default-and-custom-template.json", stack);
-    let (mutated, _) = injector.mutate(&pod).await.unwrap();
-    let mut run = PodRun::new(mutated, &token(stack, &pod)).unwrap();
-    run.run_init_containers(no_app_init).unwrap();
-    run.start_sidecars().unwrap();
+    let mut run = running(stack, &pod).await;
 
     let out = run.app_exec("app", "cat /vault/secrets/app.env; echo ---; cat /vault/secrets/config; touch /vault/secrets/x 2>&1 || echo read-only").unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -429,12 +434,8 @@ fn mount_of(pid: u32, target: &str) -> (String, String) {
 async fn the_runtime_enforces_the_agent_security_context() {
     let stack = Stack::shared();
     setup(stack).await;
-    let injector = injector(stack).await;
     let pod = fixture("shop-kv2-default-and-custom-template.json", stack);
-    let (mutated, _) = injector.mutate(&pod).await.unwrap();
-    let mut run = PodRun::new(mutated, &token(stack, &pod)).unwrap();
-    run.run_init_containers(no_app_init).unwrap();
-    run.start_sidecars().unwrap();
+    let mut run = running(stack, &pod).await;
 
     // What runc applied to the sidecar's PID 1, read from the host's /proc.
     let pid = run.host_pid("sidekey-agent").unwrap();
