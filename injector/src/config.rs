@@ -296,9 +296,21 @@ pub struct Defaults {
 }
 
 impl Default for Defaults {
+    /// The defaults the flags declare, whatever `SIDEKEY_INJECTOR_*` variables the environment
+    /// holds (those are for the server's own start-up, not for code that asks for the defaults).
     fn default() -> Self {
-        Flags::parse_from(["sidekey-injector"]).defaults
+        use clap::FromArgMatches;
+        let matches = flags_without_env().get_matches_from(["sidekey-injector"]);
+        Flags::from_arg_matches(&matches)
+            .expect("every flag has a valid default")
+            .defaults
     }
+}
+
+/// The flags' definitions with their environment variables removed.
+fn flags_without_env() -> clap::Command {
+    use clap::CommandFactory;
+    Flags::command().mut_args(|arg| arg.env(None))
 }
 
 impl Defaults {
@@ -397,5 +409,31 @@ mod tests {
             let e = Flags::try_parse_from(["sidekey-injector", bad[0], bad[1]]).unwrap_err();
             assert!(e.to_string().contains(bad[0]), "{e}");
         }
+    }
+
+    #[test]
+    fn the_defaults_ignore_the_environment() {
+        use clap::CommandFactory;
+        // The server reads SIDEKEY_INJECTOR_* (that is how the chart configures it)...
+        let read_from_env = Flags::command()
+            .get_arguments()
+            .filter(|a| a.get_env().is_some())
+            .count();
+        assert!(
+            read_from_env > 20,
+            "only {read_from_env} flags read the environment"
+        );
+        // ...but `Defaults::default()` parses without any, so a variable set in the shell
+        // that runs the tests cannot change what a test sees.
+        let leaking: Vec<_> = flags_without_env()
+            .get_arguments()
+            .filter(|a| a.get_env().is_some())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(
+            leaking.is_empty(),
+            "still read from the environment: {leaking:?}"
+        );
+        assert!(Defaults::default().validate().is_ok());
     }
 }
