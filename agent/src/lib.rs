@@ -10,6 +10,7 @@ pub mod cycle;
 pub mod fetch;
 pub mod lifecycle;
 pub mod log;
+pub mod memory;
 pub mod render;
 pub mod run;
 pub mod sink;

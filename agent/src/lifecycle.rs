@@ -800,6 +800,12 @@ pub async fn guard(config: &AgentConfig) -> Result<(), RunError> {
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     spawn_signal_listener(tx);
     tracing::info!("holding the init container's token and leases until the pod stops");
+    // Let the signal task register its handlers, then drop the start-up code's pages: nothing
+    // but the wait runs until the pod stops.
+    tokio::task::yield_now().await;
+    if let Err(e) = crate::memory::release_code_pages() {
+        tracing::debug!(error = %e, "cannot page out start-up code");
+    }
     while let Some(event) = events.recv().await {
         if matches!(event, Event::Stop) {
             break;

@@ -316,28 +316,73 @@ impl Bench {
     }
 }
 
-/// RSS (kB) and CPU ticks of a running process, from /proc.
-fn proc_sample(pid: u32) -> (u64, u64) {
+/// One reading of a running process, from /proc.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Resident set (kB): private memory plus the binary's mapped pages.
+    rss: u64,
+    /// Anonymous resident memory (kB): what the process holds that no other process shares.
+    anon: u64,
+    /// User + system CPU, in clock ticks.
+    ticks: u64,
+    /// Whether SIGTERM has a handler (the process is ready to be stopped gracefully).
+    catches_term: bool,
+}
+
+fn proc_sample(pid: u32) -> Sample {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let kb = |name: &str| {
+        field(name)
+            .and_then(|v| v.trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let catches_term = field("SigCgt:")
+        .and_then(|m| u64::from_str_radix(m, 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = fields
-        .get(11)
-        .and_then(|u| u.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0);
-    (rss, ticks)
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Sample {
+        rss: kb("VmRSS:"),
+        anon: kb("RssAnon:"),
+        ticks: tick(11) + tick(12),
+        catches_term,
+    }
+}
+
+/// Waits until a freshly started process handles SIGTERM (its signal handlers are installed).
+async fn until_it_catches_sigterm(child: &std::process::Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proc_sample(child.id()).catches_term {
+        if Instant::now() > deadline {
+            bail!("process {} never installed its SIGTERM handler", child.id());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// SIGTERM, as the kubelet stops a container, then the exit status.
+fn terminate(child: &mut std::process::Child) -> Result<std::process::ExitStatus> {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    Ok(child.wait()?)
 }
 
 async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
@@ -422,19 +467,19 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
         size(std::fs::canonicalize(tools()?.bao)?)
     )?;
 
-    // Long-running: RSS and CPU over an idle period after the first render.
+    // Long-running: RSS and CPU over an idle period after the first render. The revoke-only
+    // guard of a pre-populate-only pod idles beside them (bao agent has no such mode).
     let sk_config = b.sidekey_config("idle-sk")?;
     run_measured(&mut b.sidekey_cmd("init", &sk_config)?)?;
-    let mut sk = b
-        .sidekey_cmd("sidecar", &sk_config)?
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut bao = b
-        .bao_cmd(&b.bao_config("idle-bao", false)?)?
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let guard_config = b.sidekey_config("idle-guard")?;
+    run_measured(&mut b.sidekey_cmd("init", &guard_config)?)?;
+    let quiet = |mut c: Command| {
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    let mut sk = quiet(b.sidekey_cmd("sidecar", &sk_config)?).spawn()?;
+    let mut guard = quiet(b.sidekey_cmd("guard", &guard_config)?).spawn()?;
+    let mut bao = quiet(b.bao_cmd(&b.bao_config("idle-bao", false)?)?).spawn()?;
     let ready = |p: &Path| {
         std::fs::read_dir(p)
             .map(|d| d.count() >= 11)
@@ -446,29 +491,50 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (sk0, bao0) = (proc_sample(sk.id()), proc_sample(bao.id()));
+    until_it_catches_sigterm(&guard).await?;
+    let sample = || [sk.id(), guard.id(), bao.id()].map(proc_sample);
+    let [sk0, guard0, bao0] = sample();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let (sk1, bao1) = (proc_sample(sk.id()), proc_sample(bao.id()));
-    let tick_ms = 1000.0 / 100.0;
+    let [sk1, guard1, bao1] = sample();
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    let cpu_ms = |a: Sample, b: Sample| (b.ticks - a.ticks) as f64 * 1000.0 / 100.0;
     writeln!(
         out,
         "| RSS after {idle_secs} s idle, long-running (MiB) | {:.1} | {:.1} | |",
-        sk1.0 as f64 / 1024.0,
-        bao1.0 as f64 / 1024.0
+        mib(sk1.rss),
+        mib(bao1.rss)
     )?;
     writeln!(
         out,
         "| CPU during {idle_secs} s idle (ms, /proc ticks) | {:.0} | {:.0} | |",
-        (sk1.1 - sk0.1) as f64 * tick_ms,
-        (bao1.1 - bao0.1) as f64 * tick_ms
+        cpu_ms(sk0, sk1),
+        cpu_ms(bao0, bao1)
     )?;
-    // SAFETY: signalling our own children.
-    unsafe {
-        libc::kill(sk.id() as i32, libc::SIGTERM);
-        libc::kill(bao.id() as i32, libc::SIGTERM);
+    let guard_status = terminate(&mut guard)?;
+    terminate(&mut sk)?;
+    terminate(&mut bao)?;
+    if !guard_status.success() {
+        bail!("the guard failed to revoke on SIGTERM: {guard_status}");
     }
-    let _ = sk.wait();
-    let _ = bao.wait();
+
+    // A pre-populate-only Job, 20 times: the init container, the revoke-only native sidecar
+    // while the Job's app runs, and the kubelet's SIGTERM to that sidecar once the app exits.
+    let leases_before = b.stack.leases("database/creds/bench").await?.len();
+    let tokens_before = b.count_tokens().await?;
+    for i in 0..20 {
+        let config = b.sidekey_config(&format!("job-sk{i}"))?;
+        run_measured(&mut b.sidekey_cmd("init", &config)?)?;
+        let mut job_guard = quiet(b.sidekey_cmd("guard", &config)?).spawn()?;
+        until_it_catches_sigterm(&job_guard).await?;
+        let status = terminate(&mut job_guard)?;
+        if !status.success() {
+            bail!("the guard of Job run {i} failed: {status}");
+        }
+    }
+    let jobs_left = (
+        b.stack.leases("database/creds/bench").await?.len() - leases_before,
+        b.count_tokens().await? - tokens_before,
+    );
 
     // Leases and tokens left after 20 pod starts and stops.
     let leases_before = b.stack.leases("database/creds/bench").await?.len();
@@ -501,6 +567,27 @@ async fn agent_section(out: &mut String, idle_secs: u64) -> Result<()> {
         out,
         "| tokens left after 20 pod starts and stops | {} | {} | 0 |",
         ours_left.1, theirs_left.1
+    )?;
+    writeln!(
+        out,
+        "| leases left after 20 pre-populate-only Job runs (init + revoke-only guard; bao: init only, as vault-k8s runs it) | {} | {} | 0 |",
+        jobs_left.0, theirs_left.0
+    )?;
+    writeln!(
+        out,
+        "| tokens left after 20 pre-populate-only Job runs | {} | {} | 0 |",
+        jobs_left.1, theirs_left.1
+    )?;
+    writeln!(
+        out,
+        "| revoke-only guard: RSS after {idle_secs} s idle (MiB) | {:.1} (private {:.1}) | no such mode | < 2 |",
+        mib(guard1.rss),
+        mib(guard1.anon)
+    )?;
+    writeln!(
+        out,
+        "| revoke-only guard: CPU during {idle_secs} s idle (ms) | {:.0} | no such mode | 0 |",
+        cpu_ms(guard0, guard1)
     )?;
     writeln!(
         out,
@@ -552,7 +639,7 @@ async fn scale_section(out: &mut String, n: usize, secs: u64) -> Result<()> {
     let mut peak_rss = 0;
     while t0.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        peak_rss = peak_rss.max(proc_sample(sidecar.id()).0);
+        peak_rss = peak_rss.max(proc_sample(sidecar.id()).rss);
     }
     let renewals: Vec<Instant> = b.renewals.lock().unwrap().clone();
     // SAFETY: signalling our own child.
