@@ -3,37 +3,19 @@
 //! against annotated, injected and plain pods the way the API server evaluates it.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use cel_interpreter::{Context, Program, Value as Cel};
 use serde_json::{Value, json};
-use sidekey_tests::{tools, workspace_root};
+use sidekey_tests::chart;
 
 fn rendered(sets: &[&str]) -> Vec<Value> {
-    let mut cmd = Command::new(tools().unwrap().helm);
-    cmd.args(["template", "sk", "charts/sidekey", "--namespace", "sidekey"])
-        .args([
-            "--api-versions",
-            "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
-        ])
-        .current_dir(workspace_root());
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| {
-            serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
-                .unwrap()
-        })
-        .filter(|v| !v.is_null())
-        .collect()
+    chart::render(
+        "sk",
+        "sidekey",
+        sets,
+        &["--api-versions", chart::VAP_API],
+        None,
+    )
 }
 
 fn policy() -> Value {
@@ -272,14 +254,17 @@ fn a_value_turns_it_off_and_old_clusters_do_not_get_it() {
             .iter()
             .any(|d| d["kind"] == "ValidatingAdmissionPolicy")
     );
-    let out = Command::new(tools().unwrap().helm)
-        .args(["template", "sk", "charts/sidekey"])
-        .current_dir(workspace_root())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let without_the_api = chart::render("sk", "sidekey", &[], &[], None);
     assert!(
-        !text.contains("kind: ValidatingAdmissionPolicy"),
+        without_the_api
+            .iter()
+            .any(|d| d["kind"] == "MutatingWebhookConfiguration"),
+        "the chart rendered without the v1 API"
+    );
+    assert!(
+        !without_the_api
+            .iter()
+            .any(|d| d["kind"] == "ValidatingAdmissionPolicy"),
         "without the v1 API the policy is left out"
     );
 }

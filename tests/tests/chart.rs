@@ -21,9 +21,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde_json::Value;
 use sidekey_tests::injector::binary;
-use sidekey_tests::{tools, workspace_root};
+use sidekey_tests::workspace_root;
 
-const VAP_API: &str = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy";
+use sidekey_tests::chart::{self, VAP_API, app_version};
 
 /// Option sets the chart is tested with: (label, --set arguments).
 fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
@@ -70,11 +70,7 @@ fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 fn helm(args: &[&str]) -> std::process::Output {
-    Command::new(tools().unwrap().helm)
-        .args(args)
-        .current_dir(workspace_root())
-        .output()
-        .unwrap()
+    chart::helm(args, None)
 }
 
 fn set_args(sets: &[&str]) -> Vec<String> {
@@ -89,30 +85,65 @@ fn template(sets: &[&str]) -> Vec<Value> {
 
 /// `helm template` with `--set` values and extra flags; fails the test when helm fails.
 fn template_with(sets: &[&str], flags: &[&str]) -> Vec<Value> {
-    let mut args = vec!["template", "sk", "charts/sidekey", "--namespace", "sidekey"];
-    args.extend(flags);
-    let extra = set_args(sets);
-    args.extend(extra.iter().map(String::as_str));
-    let out = helm(&args);
-    assert!(
-        out.status.success(),
-        "helm template {sets:?} {flags:?} exited {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|doc| {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-            (!v.is_null()).then(|| serde_json::to_value(v).unwrap())
-        })
-        .collect()
+    chart::render("sk", "sidekey", sets, flags, None)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(doc: &Value) {
-    if let Err(e) = serde_json::from_value::<T>(doc.clone()) {
-        panic!("{} {}: {e}", doc["kind"], doc["metadata"]["name"]);
+/// The object read as its typed Kubernetes kind, and nothing lost on the way: serde ignores
+/// fields a type does not have, so a misspelt field would otherwise pass. Written back, the
+/// typed object must equal what helm rendered.
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) {
+    let what = format!("{} {}", doc["kind"], doc["metadata"]["name"]);
+    let object: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let written = serde_json::to_value(&object).unwrap();
+    let dropped = missing_in(doc, &written, String::new());
+    assert!(
+        dropped.is_empty(),
+        "{what}: fields its kind does not have (misspelt?): {dropped:?}"
+    );
+}
+
+/// Paths of `rendered` that `typed` does not have (nulls and empty objects aside, which a typed
+/// object writes back as absent).
+fn missing_in(rendered: &Value, typed: &Value, at: String) -> Vec<String> {
+    match (rendered, typed) {
+        (Value::Object(r), Value::Object(t)) => r
+            .iter()
+            .flat_map(|(k, v)| match t.get(k) {
+                Some(tv) => missing_in(v, tv, format!("{at}.{k}")),
+                None if v.is_null() || v == &serde_json::json!({}) => vec![],
+                None => vec![format!("{at}.{k}")],
+            })
+            .collect(),
+        (Value::Array(r), Value::Array(t)) => r
+            .iter()
+            .zip(t)
+            .enumerate()
+            .flat_map(|(i, (rv, tv))| missing_in(rv, tv, format!("{at}[{i}]")))
+            .collect(),
+        _ => vec![],
     }
+}
+
+#[test]
+fn a_misspelt_field_is_caught_by_the_typed_check() {
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "sk" },
+        "automountServiceAccountToken": false, "automountServiceAccountTokn": true,
+    });
+    let caught =
+        std::panic::catch_unwind(|| typed::<k8s_openapi::api::core::v1::ServiceAccount>(&doc));
+    assert!(
+        caught.is_err(),
+        "a field ServiceAccount does not have was let through"
+    );
+    assert_eq!(
+        missing_in(
+            &doc,
+            &serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sk"}, "automountServiceAccountToken": false}),
+            String::new()
+        ),
+        vec![".automountServiceAccountTokn".to_string()],
+    );
 }
 
 fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -407,13 +438,6 @@ fn verify_for_name(ca_pem: &[u8], cert_pem: &[u8], host: &str) -> Result<(), rus
         .map(|_| ())
 }
 
-fn app_version() -> String {
-    let chart =
-        std::fs::read_to_string(workspace_root().join("charts/sidekey/Chart.yaml")).unwrap();
-    let chart: serde_yaml::Value = serde_yaml::from_str(&chart).unwrap();
-    chart["appVersion"].as_str().unwrap().to_string()
-}
-
 fn injector_env(docs: &[Value], name: &str) -> String {
     let deployment = of_kind(docs, "Deployment")[0];
     deployment["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -502,10 +526,7 @@ fn kubernetes_validate(renders: &[(String, Vec<Value>)], version: &str) {
             .collect();
         assert!(!built_in.is_empty(), "{label}: nothing to validate");
         expected += built_in.len();
-        let text: String = built_in
-            .iter()
-            .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
-            .collect();
+        let text = chart::to_yaml_stream(built_in.iter().copied());
         let file = dir.path().join(format!("render-{i}.yaml"));
         std::fs::write(&file, text).unwrap();
         files.push(file);

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,12 +26,12 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
+use sidekey_tests::chart::{self, VAP_API, app_version};
 use sidekey_tests::injector::review_of;
-use sidekey_tests::{free_port, install_crypto_provider, tools, workspace_root};
+use sidekey_tests::{free_port, install_crypto_provider, workspace_root};
 
 const RELEASE: &str = "sk";
 const NAMESPACE: &str = "sidekey";
-const VAP_API: &str = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy";
 /// Where cert-manager looks for the Secrets of ClusterIssuers (its `--cluster-resource-namespace`).
 const CLUSTER_RESOURCE_NAMESPACE: &str = "cert-manager";
 
@@ -61,46 +61,12 @@ fn render(sets: &[String], flags: &[&str]) -> Rendered {
 
 /// `render`, talking to the cluster the kubeconfig names when one is given.
 fn render_in(sets: &[String], flags: &[&str], kubeconfig: Option<&std::path::Path>) -> Rendered {
-    let mut cmd = Command::new(tools().unwrap().helm);
-    if let Some(config) = kubeconfig {
-        cmd.env("KUBECONFIG", config);
-    }
-    cmd.args([
-        "template",
-        RELEASE,
-        "charts/sidekey",
-        "--namespace",
-        NAMESPACE,
-    ])
-    .args(["--api-versions", VAP_API])
-    .args(flags)
-    .current_dir(workspace_root());
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "helm template {sets:?} {flags:?} exited {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    Rendered(
-        serde_yaml::Deserializer::from_str(&text)
-            .filter_map(|doc| {
-                let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-                (!v.is_null()).then(|| serde_json::to_value(v).unwrap())
-            })
-            .collect(),
-    )
-}
-
-fn app_version() -> String {
-    let chart =
-        std::fs::read_to_string(workspace_root().join("charts/sidekey/Chart.yaml")).unwrap();
-    let chart: serde_yaml::Value = serde_yaml::from_str(&chart).unwrap();
-    chart["appVersion"].as_str().unwrap().to_string()
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let flags: Vec<&str> = ["--api-versions", VAP_API]
+        .into_iter()
+        .chain(flags.iter().copied())
+        .collect();
+    Rendered(chart::render(RELEASE, NAMESPACE, &sets, &flags, kubeconfig))
 }
 
 /// Where the API server sends reviews, read from the webhook configuration's `clientConfig`.
