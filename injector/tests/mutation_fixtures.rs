@@ -678,9 +678,25 @@ fn denied_pods_get_a_message_naming_the_annotation() {
 
 #[test]
 fn every_fixture_is_exercised() {
+    // Each fixture must be named by a test of this file that asserts on its answer; the
+    // remembered-decisions test below reads them all but asserts only that both paths agree.
+    let this_file = include_str!("mutation_fixtures.rs");
+    let own = this_file
+        .find("fn every_fixture_is_exercised")
+        .expect("this test is in this file");
+    let end = own + this_file[own..].find("\n}\n").expect("the test's end");
+    let others = format!("{}{}", &this_file[..own], &this_file[end..]);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let count = std::fs::read_dir(dir).unwrap().count();
-    assert!(count >= 27, "fixtures went missing: {count}");
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.len() >= 27, "fixtures went missing: {names:?}");
+    let unused: Vec<&String> = names
+        .iter()
+        .filter(|n| !others.contains(&format!("\"{n}\"")))
+        .collect();
+    assert!(unused.is_empty(), "fixtures no test asserts on: {unused:?}");
 }
 
 /// The server remembers what each annotation set decides; for every fixture, an answer from
