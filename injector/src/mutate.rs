@@ -233,6 +233,14 @@ fn check_env_size(req: &InjectionRequest, len: usize) -> Result<(), AnnotationEr
     })
 }
 
+/// Whether a container is one of ours: it runs `sidekey-agent` (init, sidecar or guard).
+fn is_agent_container(c: &crate::pod::ContainerView) -> bool {
+    c.command
+        .as_ref()
+        .and_then(|cmd| cmd.first())
+        .is_some_and(|program| program == "sidekey-agent")
+}
+
 /// Decides everything the pod gains, from what the pod already has. `config_env` is
 /// `config_env(req)`.
 pub fn build(
@@ -247,6 +255,22 @@ pub fn build(
             key: None,
             problem: "the pod has no containers".into(),
         });
+    }
+    let earlier: Vec<&str> = [Section::InitContainers, Section::Containers]
+        .iter()
+        .flat_map(|s| view.containers(*s))
+        .filter(|c| is_agent_container(c))
+        .map(|c| c.name.as_str())
+        .collect();
+    if !earlier.is_empty() {
+        return Err(annotation_error(
+            req,
+            "agent-inject-status",
+            format!(
+                "the pod already has the agent containers of an earlier injection ({}); remove them and their volumes to inject again, or keep agent-inject-status: injected",
+                earlier.join(", ")
+            ),
+        ));
     }
     let targets: Vec<usize> = match &req.containers {
         None => (0..app_names.len()).collect(),

@@ -90,6 +90,9 @@ pub struct Named {
 pub struct ContainerView {
     #[serde(default)]
     pub name: String,
+    /// The entrypoint override, as far as telling our own agent containers apart needs it.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
     /// `None` when the container has no `volumeMounts` array.
     #[serde(default)]
     pub volume_mounts: Option<Vec<VolumeMount>>,

@@ -57,7 +57,11 @@ struct Injected {
 }
 
 fn answer(name: &str) -> (Value, Outcome) {
-    let pod = load(name);
+    answer_for(name, &load(name))
+}
+
+/// The answer for `pod` (a fixture changed by the test), `name` saying which in messages.
+fn answer_for(name: &str, pod: &Value) -> (Value, Outcome) {
     let body = serde_json::to_vec(&review_of(&pod)).unwrap();
     let answer = review::review(&body, &defaults()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (outcome, answer) = (answer.outcome, answer.json());
@@ -71,7 +75,12 @@ fn answer(name: &str) -> (Value, Outcome) {
 }
 
 fn inject(name: &str) -> Injected {
-    let (body, outcome) = answer(name);
+    inject_pod(name, load(name))
+}
+
+/// `inject` for a fixture the test changed first.
+fn inject_pod(name: &str, pod: Value) -> Injected {
+    let (body, outcome) = answer_for(name, &pod);
     assert_eq!(outcome, Outcome::Injected, "{name}: {body}");
     assert_eq!(body["response"]["allowed"], true);
     assert_eq!(body["response"]["patchType"], "JSONPatch");
@@ -82,7 +91,7 @@ fn inject(name: &str) -> Injected {
         .decode(encoded)
         .unwrap();
     let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-    let mut doc = load(name);
+    let mut doc = pod;
     json_patch::patch(&mut doc, &patch)
         .unwrap_or_else(|e| panic!("{name}: patch does not apply: {e}"));
     let pod: Pod =
@@ -727,4 +736,93 @@ fn remembered_decisions_answer_exactly_as_fresh_ones() {
         }
     }
     assert!(!decisions.is_empty());
+}
+
+/// A fixture with more annotations.
+fn annotated(name: &str, extra: &[(&str, &str)]) -> Value {
+    let mut pod = load(name);
+    for (k, v) in extra {
+        pod["metadata"]["annotations"][format!("vault.hashicorp.com/{k}")] = json!(v);
+    }
+    pod
+}
+
+#[test]
+fn copy_volume_mounts_gives_the_agents_the_containers_mounts_but_its_service_account() {
+    let mut pod = annotated(
+        "deployment-pod-kv2.json",
+        &[("agent-copy-volume-mounts", "app")],
+    );
+    pod["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "app-config", "configMap": { "name": "app-config" } }));
+    pod["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "app-config", "mountPath": "/etc/app", "readOnly": true }));
+    let Injected { pod, .. } = inject_pod("copy-volume-mounts", pod);
+    let agents: Vec<&Container> = init_containers(&pod)
+        .iter()
+        .chain(containers(&pod))
+        .filter(|c| is_agent(c))
+        .collect();
+    assert_eq!(agents.len(), 2, "init container and sidecar");
+    for agent in agents {
+        let copied =
+            mount_of(agent, "/etc/app").unwrap_or_else(|| panic!("{} lacks /etc/app", agent.name));
+        assert_eq!(
+            (copied.name.as_str(), copied.read_only),
+            ("app-config", Some(true))
+        );
+        assert!(
+            mount_of(agent, "/var/run/secrets/kubernetes.io/serviceaccount").is_none(),
+            "{}: the app's service-account mount is not copied",
+            agent.name
+        );
+    }
+
+    let (body, outcome) = answer_for(
+        "copy from nobody",
+        &annotated(
+            "deployment-pod-kv2.json",
+            &[("agent-copy-volume-mounts", "ap")],
+        ),
+    );
+    assert_eq!(outcome, Outcome::Denied);
+    assert_eq!(
+        body["response"]["status"]["message"],
+        "annotation vault.hashicorp.com/agent-copy-volume-mounts: the pod has no container named \"ap\""
+    );
+}
+
+#[test]
+fn init_first_puts_the_native_sidecar_before_the_apps_init_containers() {
+    let pod = annotated("native-sidecar.json", &[("agent-init-first", "true")]);
+    let Injected { pod, .. } = inject_pod("native sidecar, init first", pod);
+    assert_eq!(names(init_containers(&pod)), ["sidekey-agent", "migrate"]);
+    assert_eq!(
+        init_containers(&pod)[0].restart_policy.as_deref(),
+        Some("Always")
+    );
+    assert!(
+        app_has_secrets(&pod, "migrate", "/vault/secrets"),
+        "the app's init container starts after the sidecar is ready, so it gets the secrets"
+    );
+}
+
+#[test]
+fn a_pod_carrying_an_earlier_injection_is_not_injected_twice() {
+    let once = inject("deployment-pod-kv2.json").pod;
+    let mut again = serde_json::to_value(&once).unwrap();
+    again["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"] = json!("update");
+    let (body, outcome) = answer_for("injected, then status update", &again);
+    assert_eq!(outcome, Outcome::Denied, "{body}");
+    assert_eq!(
+        body["response"]["status"]["message"],
+        "annotation vault.hashicorp.com/agent-inject-status: the pod already has the agent containers of an earlier injection (sidekey-agent-init, sidekey-agent); remove them and their volumes to inject again, or keep agent-inject-status: injected"
+    );
+    // As it came out of the first injection, the pod is left alone.
+    let (body, outcome) = answer_for("injected", &serde_json::to_value(&once).unwrap());
+    assert_eq!(outcome, Outcome::Skipped, "{body}");
 }
