@@ -62,7 +62,7 @@ fn answer(name: &str) -> (Value, Outcome) {
 
 /// The answer for `pod` (a fixture changed by the test), `name` saying which in messages.
 fn answer_for(name: &str, pod: &Value) -> (Value, Outcome) {
-    let body = serde_json::to_vec(&review_of(&pod)).unwrap();
+    let body = serde_json::to_vec(&review_of(pod)).unwrap();
     let answer = review::review(&body, &defaults()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (outcome, answer) = (answer.outcome, answer.json());
     assert_eq!(
