@@ -5,11 +5,13 @@
 use std::process::Command;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sidekey_injector::config::Defaults;
 use sidekey_injector::review::{self, Outcome};
 
-const P: &str = "vault.hashicorp.com";
+mod common;
+
+const P: &str = common::PREFIX;
 
 fn defaults() -> Defaults {
     Defaults {
@@ -19,31 +21,7 @@ fn defaults() -> Defaults {
 }
 
 fn body(extra: &[(&str, &str)]) -> Vec<u8> {
-    let mut a = serde_json::Map::new();
-    for (k, v) in [
-        ("agent-inject", "true"),
-        ("role", "app"),
-        ("agent-inject-secret-db", "database/creds/app"),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        a.insert(format!("{P}/{k}"), Value::String(v.to_string()));
-    }
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "u-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "namespace": "shop", "operation": "CREATE", "userInfo": {},
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": { "name": "p", "namespace": "shop", "annotations": a },
-                "spec": { "containers": [{ "name": "app", "image": "x" }] }
-            }
-        }
-    }))
-    .unwrap()
+    common::annotated_body("u-1", extra)
 }
 
 /// The denial's message, failing the test if the pod was not denied.

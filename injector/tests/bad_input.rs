@@ -2,9 +2,12 @@
 //! denial naming the annotation for what a pod asked wrongly, and an untouched admission for
 //! what is not ours to inject. Never a panic, never a patch that does not apply.
 
+use common::pod;
 use serde_json::{Value, json};
 use sidekey_injector::config::Defaults;
 use sidekey_injector::review::{self, Outcome};
+
+mod common;
 
 fn defaults() -> Defaults {
     Defaults {
@@ -13,43 +16,14 @@ fn defaults() -> Defaults {
     }
 }
 
-fn pod(annotations: Value) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "p", "namespace": "shop", "annotations": annotations },
-        "spec": { "containers": [{ "name": "app", "image": "x" }] }
-    })
-}
-
 fn review_with(object: Value, tweak: impl FnOnce(&mut Value)) -> Vec<u8> {
-    let mut r = json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "u-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "namespace": "shop", "operation": "CREATE", "userInfo": {}, "object": object
-        }
-    });
+    let mut r = common::review("u-1", object);
     tweak(&mut r);
     serde_json::to_vec(&r).unwrap()
 }
 
 fn annotated(extra: &[(&str, &str)]) -> Vec<u8> {
-    let mut a = serde_json::Map::new();
-    for (k, v) in [
-        ("agent-inject", "true"),
-        ("role", "app"),
-        ("agent-inject-secret-db", "database/creds/app"),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        a.insert(
-            format!("vault.hashicorp.com/{k}"),
-            Value::String(v.to_string()),
-        );
-    }
-    review_with(pod(Value::Object(a)), |_| {})
+    common::annotated_body("u-1", extra)
 }
 
 enum Want {

@@ -13,6 +13,9 @@ use sidekey_injector::review::{self, Answer, MalformedReview};
 use sidekey_injector::server::{self, AppState, Decide};
 use sidekey_injector::tls;
 
+mod common;
+use common::review_body;
+
 struct Running {
     url: String,
     client: reqwest::Client,
@@ -80,32 +83,8 @@ impl Running {
     }
 }
 
-fn review_body(uid: &str, annotations: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": uid, "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "namespace": "shop", "operation": "CREATE", "userInfo": {},
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": { "name": "p", "namespace": "shop", "annotations": annotations },
-                "spec": { "containers": [{ "name": "app", "image": "x" }] }
-            }
-        }
-    }))
-    .unwrap()
-}
-
 fn good(uid: &str) -> Vec<u8> {
-    review_body(
-        uid,
-        json!({
-            "vault.hashicorp.com/agent-inject": "true",
-            "vault.hashicorp.com/role": "app",
-            "vault.hashicorp.com/agent-inject-secret-db": "database/creds/app"
-        }),
-    )
+    common::annotated_body(uid, &[])
 }
 
 /// The real decision, except that a review whose role is "explode" panics inside it.

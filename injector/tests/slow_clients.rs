@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject as _;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+mod common;
 
 const INJECTOR: &str = env!("CARGO_BIN_EXE_sidekey-injector");
 /// The handshake and header timeouts the server runs with here.
@@ -184,24 +185,7 @@ async fn stall(
 }
 
 fn good_review() -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "good", "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "namespace": "shop", "operation": "CREATE", "userInfo": {},
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": { "name": "p", "namespace": "shop", "annotations": {
-                    "vault.hashicorp.com/agent-inject": "true",
-                    "vault.hashicorp.com/role": "app",
-                    "vault.hashicorp.com/agent-inject-secret-db": "database/creds/app"
-                } },
-                "spec": { "containers": [{ "name": "app", "image": "x" }] }
-            }
-        }
-    }))
-    .unwrap()
+    common::annotated_body("good", &[])
 }
 
 /// Posts a good review on a new connection; returns how long the answer took.
