@@ -77,27 +77,20 @@ fn load_or_create(dir: &Path) -> Result<Pki> {
         .keep();
     let draft = paths(&tmp);
     let ca_key = tmp.join("ca.key");
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        s(&ca_key)?,
-        "-out",
-        s(&draft.ca)?,
-        "-days",
-        "3650",
-        "-subj",
+    new_key_and(
+        &ca_key,
+        &draft.ca,
         "/CN=Sidekey test store CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ])?;
+        &[
+            "-x509",
+            "-days",
+            "3650",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )?;
     let sans_server = format!("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{STORE_HOST}");
     let sans_named = format!("subjectAltName=DNS:{STORE_HOST}");
     issue(
@@ -139,10 +132,10 @@ fn load_or_create(dir: &Path) -> Result<Pki> {
     Ok(pki)
 }
 
-fn issue(dir: &Path, cert: &Path, key: &Path, cn: &str, sans: &str, usage: &str) -> Result<()> {
-    let csr = dir.join("req.csr");
-    let ext = dir.join("ext.cnf");
-    openssl(&[
+/// A new P-256 key in `key` and, in `out`, its certificate request (or, with `-x509` among
+/// `extra`, its self-signed certificate) for `subject`.
+fn new_key_and(key: &Path, out: &Path, subject: &str, extra: &[&str]) -> Result<()> {
+    let mut args = vec![
         "req",
         "-newkey",
         "ec",
@@ -152,10 +145,18 @@ fn issue(dir: &Path, cert: &Path, key: &Path, cn: &str, sans: &str, usage: &str)
         "-keyout",
         s(key)?,
         "-out",
-        s(&csr)?,
+        s(out)?,
         "-subj",
-        &format!("/CN={cn}"),
-    ])?;
+        subject,
+    ];
+    args.extend(extra);
+    openssl(&args)
+}
+
+fn issue(dir: &Path, cert: &Path, key: &Path, cn: &str, sans: &str, usage: &str) -> Result<()> {
+    let csr = dir.join("req.csr");
+    let ext = dir.join("ext.cnf");
+    new_key_and(key, &csr, &format!("/CN={cn}"), &[])?;
     std::fs::write(
         &ext,
         format!(
@@ -199,4 +200,59 @@ fn openssl(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PKI made from scratch: the server certificate verifies against the CA for each of its
+    /// names, the name-only one carries no IP, the client certificate is for client auth.
+    #[test]
+    fn a_new_pki_verifies_under_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = load_or_create(&dir.path().join("pki")).unwrap();
+        let verify = |cert: &Path, purpose: &str, name: &[&str]| {
+            let out = Command::new("openssl")
+                .args([
+                    "verify",
+                    "-CAfile",
+                    s(&pki.ca).unwrap(),
+                    "-purpose",
+                    purpose,
+                ])
+                .args(name)
+                .arg(cert)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        for name in [
+            ["-verify_ip", "127.0.0.1"],
+            ["-verify_hostname", STORE_HOST],
+        ] {
+            let (ok, err) = verify(&pki.server_cert, "sslserver", &name);
+            assert!(ok, "server certificate for {name:?}: {err}");
+        }
+        assert!(
+            verify(
+                &pki.named_cert,
+                "sslserver",
+                &["-verify_hostname", STORE_HOST]
+            )
+            .0
+        );
+        assert!(
+            !verify(&pki.named_cert, "sslserver", &["-verify_ip", "127.0.0.1"]).0,
+            "the name-only certificate must not verify for an IP"
+        );
+        assert!(verify(&pki.client_cert, "sslclient", &[]).0);
+        assert!(
+            !verify(&pki.client_cert, "sslserver", &[]).0,
+            "the client certificate is not a server certificate"
+        );
+    }
 }
