@@ -87,3 +87,17 @@ pub fn app_version() -> String {
         .expect("Chart.yaml has an appVersion")
         .to_string()
 }
+
+/// The value of environment variable `name` in a rendered container; fails the test when the
+/// container does not set it.
+pub fn env_value(container: &Value, name: &str) -> String {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("the container sets no {name}"))["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no literal value"))
+        .to_string()
+}

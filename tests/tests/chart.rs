@@ -440,15 +440,10 @@ fn verify_for_name(ca_pem: &[u8], cert_pem: &[u8], host: &str) -> Result<(), rus
 
 fn injector_env(docs: &[Value], name: &str) -> String {
     let deployment = of_kind(docs, "Deployment")[0];
-    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no {name}"))["value"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    chart::env_value(
+        &deployment["spec"]["template"]["spec"]["containers"][0],
+        name,
+    )
 }
 
 #[test]

@@ -1101,17 +1101,7 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
     );
     let patched = api.object(&format!("{MWC_PATH}/{mwc_name}"));
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let env_value = |name: &str| {
-        container["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["name"] == name)
-            .unwrap_or_else(|| panic!("no {name}"))["value"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let env_value = |name: &str| chart::env_value(container, name);
     assert_eq!(env_value("SIDEKEY_INJECTOR_TLS_AUTO"), mwc_name);
     let shared = api.object(&format!(
         "/api/v1/namespaces/{NAMESPACE}/secrets/{}",
