@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod lifecycle;
 pub mod log;
 pub mod render;
+pub mod revoke;
 pub mod run;
 pub mod sink;
 pub mod state;

@@ -15,11 +15,12 @@ use tokio::time::Instant;
 
 use crate::auth::{self, Session};
 use crate::backoff::Backoff;
-use crate::client::{StoreClient, Token};
+use crate::client::StoreClient;
 use crate::config::AgentConfig;
 use crate::cycle::{self, Template};
 use crate::fetch::Fetcher;
 use crate::render::SecretKey;
+use crate::revoke::{self, Replaced};
 use crate::run::{self, RunError, backoff, retry_until, state_of};
 use crate::state::{self, State};
 
@@ -44,12 +45,6 @@ pub enum Duty {
     RefreshStatic,
     /// Revoke something replaced earlier, once the overlap is over.
     Revoke(usize),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Retired {
-    Lease(String),
-    Token(Token),
 }
 
 /// What the store granted for a lease: its id, the seconds it has left, the increment asked
@@ -80,7 +75,7 @@ pub struct Schedule {
     leases: BTreeMap<SecretKey, LeaseClock>,
     statics: Option<Instant>,
     static_attempt: u32,
-    retired: Vec<Option<(Instant, Retired)>>,
+    retired: Vec<Option<(Instant, Replaced)>>,
 }
 
 impl Schedule {
@@ -196,11 +191,11 @@ impl Schedule {
         self.statics = at;
     }
 
-    pub fn retire(&mut self, at: Instant, what: Retired) {
+    pub fn retire(&mut self, at: Instant, what: Replaced) {
         self.retired.push(Some((at, what)));
     }
 
-    pub fn take_retired(&mut self, index: usize) -> Option<Retired> {
+    pub fn take_retired(&mut self, index: usize) -> Option<Replaced> {
         self.retired
             .get_mut(index)
             .and_then(Option::take)
@@ -208,7 +203,7 @@ impl Schedule {
     }
 
     /// Everything retired but not yet revoked (revoked at shutdown).
-    pub fn drain_retired(&mut self) -> Vec<Retired> {
+    pub fn drain_retired(&mut self) -> Vec<Replaced> {
         self.retired.drain(..).flatten().map(|(_, r)| r).collect()
     }
 }
@@ -243,9 +238,23 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
     spawn_signal_listener(events_tx.clone());
     let _watchers = watch_files(config, events_tx);
 
-    let mut sidecar = match adopt(config, &client).await? {
-        Some(sidecar) => sidecar,
-        None => first_render(config, client, templates.clone()).await?,
+    let started = async {
+        match adopt(config, &client).await? {
+            Some(sidecar) => Ok(sidecar),
+            None => first_render(config, client.clone(), templates.clone()).await,
+        }
+    };
+    let mut sidecar = tokio::select! {
+        started = started => started?,
+        // Stopped before the first render: what the init container saved is revoked as the
+        // preStop hook would (a login of our own in flight dies at its TTL).
+        stop = stop_requested(&mut events, &config.state_dir) => {
+            return match stop {
+                Interrupt::Revoked => Ok(()),
+                _ if !config.lifecycle.revoke_on_shutdown => Ok(()),
+                _ => run::revoke(config, Duration::ZERO).await.map(|_| ()),
+            };
+        }
     };
     sidecar.templates = templates;
     std::fs::write(config.state_dir.join(READY_FILE), b"")
@@ -254,35 +263,98 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
 
     loop {
         let next = sidecar.schedule.next();
-        let sleep = async {
-            match &next {
-                Some((at, _)) => tokio::time::sleep_until(*at).await,
-                None => std::future::pending().await,
+        let mut credential_changed = false;
+        // The duty runs until it is done or a stop interrupts it: an interrupted request is
+        // dropped, never waited for.
+        let interrupt = {
+            let work = async {
+                match next {
+                    Some((at, duty)) => {
+                        tokio::time::sleep_until(at).await;
+                        sidecar.perform(duty).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    () = &mut work => break None,
+                    event = events.recv() => match classify(event, &config.state_dir) {
+                        Some(Interrupt::Credential) => credential_changed = true,
+                        Some(stop) => break Some(stop),
+                        None => {}
+                    },
+                }
             }
         };
-        tokio::select! {
-            _ = sleep => {
-                let (_, duty) = next.expect("a deadline was due");
-                sidecar.perform(duty).await;
+        match interrupt {
+            None if credential_changed => sidecar.check_token().await,
+            None | Some(Interrupt::Credential) => {}
+            Some(Interrupt::Stop) => return sidecar.stop().await,
+            Some(Interrupt::Revoked) => {
+                // Exiting here would kill the preStop hook's own process with the container
+                // (the kubelet then reports the hook as failed); the kubelet sends SIGTERM as
+                // soon as the hook returns.
+                tracing::info!(
+                    "the state was revoked (preStop); renewing nothing more, waiting for SIGTERM"
+                );
+                wait_for_stop(&mut events).await;
+                return Ok(());
             }
-            event = events.recv() => match event {
-                Some(Event::Stop) | None => return sidecar.stop().await,
-                Some(Event::StateChanged) => {
-                    if state_revoked(&config.state_dir) {
-                        // Exiting here would kill the preStop hook's own process with the
-                        // container (the kubelet then reports the hook as failed); the kubelet
-                        // sends SIGTERM as soon as the hook returns.
-                        tracing::info!("the state was revoked (preStop); renewing nothing more, waiting for SIGTERM");
-                        while let Some(event) = events.recv().await {
-                            if matches!(event, Event::Stop) {
-                                break;
-                            }
-                        }
-                        return Ok(());
-                    }
-                }
-                Some(Event::CredentialChanged) => sidecar.check_token().await,
-            },
+            Some(Interrupt::Stopping) => {
+                tracing::warn!(
+                    "the preStop revocation left something; renewing nothing more, revoking again on SIGTERM"
+                );
+                wait_for_stop(&mut events).await;
+                return sidecar.stop().await;
+            }
+        }
+    }
+}
+
+/// What an outside event means for the work in hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    /// SIGTERM: revoke and exit.
+    Stop,
+    /// The preStop hook revoked everything.
+    Revoked,
+    /// The preStop hook could not revoke everything.
+    Stopping,
+    /// The credential file rotated (not an interruption: checked after the work in hand).
+    Credential,
+}
+
+fn classify(event: Option<Event>, state_dir: &Path) -> Option<Interrupt> {
+    match event {
+        Some(Event::Stop) | None => Some(Interrupt::Stop),
+        Some(Event::CredentialChanged) => Some(Interrupt::Credential),
+        Some(Event::StateChanged) => match state::load(state_dir) {
+            Ok(Some(s)) if s.revoked => Some(Interrupt::Revoked),
+            Ok(Some(s)) if s.stopping => Some(Interrupt::Stopping),
+            _ => None,
+        },
+    }
+}
+
+/// Waits for the first event that stops the work in hand.
+async fn stop_requested(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    state_dir: &Path,
+) -> Interrupt {
+    loop {
+        match classify(events.recv().await, state_dir) {
+            None | Some(Interrupt::Credential) => {}
+            Some(stop) => return stop,
+        }
+    }
+}
+
+async fn wait_for_stop(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    while let Some(event) = events.recv().await {
+        if matches!(event, Event::Stop) {
+            break;
         }
     }
 }
@@ -461,8 +533,8 @@ impl Sidecar<'_> {
     fn save(&self) {
         let mut state = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
-        if state_revoked(&self.config.state_dir) {
-            return; // Never overwrite a revocation recorded by the preStop hook.
+        if matches!(state::load(&self.config.state_dir), Ok(Some(s)) if s.revoked || s.stopping) {
+            return; // Never overwrite what the preStop hook recorded.
         }
         if let Err(e) = state::save(&self.config.state_dir, &state) {
             tracing::warn!(error = %e, "could not save the agent state");
@@ -570,7 +642,7 @@ impl Sidecar<'_> {
         let overlap = longest_overlap.min(Duration::from_secs(60));
         if old.owned && old.token != self.session.token {
             self.schedule
-                .retire(now + overlap, Retired::Token(old.token));
+                .retire(now + overlap, Replaced::Token(old.token));
         }
         self.save();
     }
@@ -674,7 +746,7 @@ impl Sidecar<'_> {
                 if let Some(old) = old.filter(|o| !o.lease_id.is_empty()) {
                     let overlap = Duration::from_secs(old.lease_duration).mul_f64(0.75);
                     self.schedule
-                        .retire(now + overlap, Retired::Lease(old.lease_id));
+                        .retire(now + overlap, Replaced::Lease(old.lease_id));
                 }
                 self.save();
             }
@@ -740,10 +812,10 @@ impl Sidecar<'_> {
         }
     }
 
-    async fn revoke_retired(&mut self, retired: Retired) {
+    async fn revoke_retired(&mut self, retired: Replaced) {
         let result = match &retired {
-            Retired::Lease(id) => self.client.revoke_lease(&self.session.token, id).await,
-            Retired::Token(token) => self.client.revoke_self(token).await,
+            Replaced::Lease(id) => self.client.revoke_lease(&self.session.token, id).await,
+            Replaced::Token(token) => self.client.revoke_self(token).await,
         };
         match result {
             Ok(()) => tracing::info!(what = retired_kind(&retired), "revoked what was replaced"),
@@ -763,7 +835,10 @@ impl Sidecar<'_> {
         }
     }
 
+    /// SIGTERM: revoke everything held, the replaced leases and tokens included, within
+    /// [`revoke::BUDGET`]; fails, leaving the state unrevoked, when something is left.
     async fn stop(mut self) -> Result<(), RunError> {
+        let deadline = Instant::now() + revoke::BUDGET;
         if state_revoked(&self.config.state_dir) {
             tracing::info!("stopping; the preStop hook already revoked everything");
             return Ok(());
@@ -772,23 +847,24 @@ impl Sidecar<'_> {
             tracing::info!("stopping; revoke-on-shutdown is off, leases expire at their TTL");
             return Ok(());
         }
-        for retired in self.schedule.drain_retired() {
-            self.revoke_retired(retired).await;
-        }
         let state: State = state_of(&self.session, &self.fetcher);
-        run::revoke_state(&self.client, &state).await;
+        let replaced = self.schedule.drain_retired();
+        let report = revoke::revoke_held(&self.client, &state, replaced, deadline).await;
+        if !report.is_complete() {
+            return Err(RunError::Revocation(report));
+        }
         let mut done = state;
         done.revoked = true;
         state::save(&self.config.state_dir, &done)?;
-        tracing::info!("stopped after revoking every lease and the token");
+        tracing::info!(%report, "stopped after revoking everything");
         Ok(())
     }
 }
 
-fn retired_kind(r: &Retired) -> &'static str {
+fn retired_kind(r: &Replaced) -> &'static str {
     match r {
-        Retired::Lease(_) => "lease",
-        Retired::Token(_) => "token",
+        Replaced::Lease(_) => "lease",
+        Replaced::Token(_) => "token",
     }
 }
 
@@ -800,17 +876,9 @@ pub async fn guard(config: &AgentConfig) -> Result<(), RunError> {
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     spawn_signal_listener(tx);
     tracing::info!("holding the init container's token and leases until the pod stops");
-    while let Some(event) = events.recv().await {
-        if matches!(event, Event::Stop) {
-            break;
-        }
-    }
-    let revoked = crate::run::revoke(config, Duration::ZERO).await?;
-    tracing::info!(
-        leases = revoked.leases,
-        token = revoked.token,
-        "pod stopped; revoked"
-    );
+    wait_for_stop(&mut events).await;
+    let report = run::revoke(config, Duration::ZERO).await?;
+    tracing::info!(%report, "pod stopped");
     Ok(())
 }
 
@@ -987,12 +1055,12 @@ mod tests {
             s.next(),
             Some((now + Duration::from_secs(300), Duty::RefreshStatic))
         );
-        s.retire(now + Duration::from_secs(40), Retired::Lease("old".into()));
+        s.retire(now + Duration::from_secs(40), Replaced::Lease("old".into()));
         assert_eq!(
             s.next(),
             Some((now + Duration::from_secs(40), Duty::Revoke(0)))
         );
-        assert_eq!(s.take_retired(0), Some(Retired::Lease("old".into())));
+        assert_eq!(s.take_retired(0), Some(Replaced::Lease("old".into())));
         assert_eq!(s.take_retired(0), None);
     }
 

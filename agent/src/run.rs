@@ -11,6 +11,7 @@ use crate::client::{ClientError, StoreClient};
 use crate::config::{AgentConfig, ConfigError};
 use crate::cycle::{self, CycleError, Template};
 use crate::fetch::Fetcher;
+use crate::revoke::{self, Revocation};
 use crate::state::{self, HeldSecret, State, StateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,9 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("gave up after {secs}s of retrying; last error: {last}")]
     Timeout { secs: u64, last: Box<RunError> },
+    /// A revocation that left something alive (the report says what).
+    #[error("{0}")]
+    Revocation(Revocation),
 }
 
 impl RunError {
@@ -43,7 +47,7 @@ impl RunError {
     /// 4: a secret or template problem; 5: local files (state, secrets folder).
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Timeout { .. } => 1,
+            RunError::Timeout { .. } | RunError::Revocation(_) => 1,
             RunError::Config(_) => 2,
             RunError::Client(e) if e.is_transient() => 1,
             RunError::Client(_) => 2,
@@ -172,7 +176,8 @@ pub async fn first_render(
             }
         } else {
             let state = state_of(&session, &fetcher);
-            revoke_state(client, &state).await;
+            let deadline = tokio::time::Instant::now() + revoke::BUDGET;
+            revoke::revoke_held(client, &state, Vec::new(), deadline).await;
         }
         return Err(err.into());
     }
@@ -200,60 +205,38 @@ pub fn state_of(session: &Session, fetcher: &Fetcher) -> State {
         token_renewed_at: now,
         secrets,
         revoked: false,
+        stopping: false,
         token_owned: session.owned,
     }
 }
 
-/// What `revoke` did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Revoked {
-    pub leases: usize,
-    pub token: bool,
-}
-
-/// `revoke`: after `grace`, revoke every lease of the saved state and then its token, and mark
-/// the state revoked so a running sidecar stops renewing.
-pub async fn revoke(config: &AgentConfig, grace: Duration) -> Result<Revoked, RunError> {
+/// `revoke`: after `grace`, revoke every lease of the saved state and then its token, within
+/// [`revoke::BUDGET`]. When everything is gone the state is marked revoked, so a running sidecar
+/// stops renewing and skips its own revocation; when something is left, the state is marked
+/// stopping instead (the sidecar renews nothing more and tries again on SIGTERM) and the command
+/// fails, so the kubelet records a failed preStop hook.
+pub async fn revoke(config: &AgentConfig, grace: Duration) -> Result<Revocation, RunError> {
     tokio::time::sleep(grace).await;
+    let deadline = tokio::time::Instant::now() + revoke::BUDGET;
     let Some(mut state) = state::load(&config.state_dir)? else {
         tracing::info!("no saved state: nothing to revoke");
-        return Ok(Revoked::default());
+        return Ok(Revocation::nothing());
     };
     if state.revoked {
         tracing::info!("already revoked");
-        return Ok(Revoked::default());
+        return Ok(Revocation::nothing());
     }
     let client = StoreClient::new(&config.store, backoff(config))?;
-    let revoked = revoke_state(&client, &state).await;
-    state.revoked = true;
+    let report = revoke::revoke_held(&client, &state, Vec::new(), deadline).await;
+    if report.is_complete() {
+        state.revoked = true;
+    } else {
+        state.stopping = true;
+    }
     state::save(&config.state_dir, &state)?;
-    Ok(revoked)
-}
-
-/// Revokes the leases of `state`, then its token. Failures are logged, not fatal: the token's
-/// revocation also takes every lease it created.
-pub async fn revoke_state(client: &StoreClient, state: &State) -> Revoked {
-    let mut revoked = Revoked::default();
-    for lease in state.lease_ids() {
-        match client.revoke_lease(&state.token, lease).await {
-            Ok(()) => revoked.leases += 1,
-            Err(e) => tracing::warn!(lease, error = %e, "could not revoke lease"),
-        }
+    if report.is_complete() {
+        Ok(report)
+    } else {
+        Err(RunError::Revocation(report))
     }
-    if !state.token_owned {
-        tracing::info!(
-            leases = revoked.leases,
-            "revoked; the token was handed to the agent and is left alone"
-        );
-        return revoked;
-    }
-    match client.revoke_self(&state.token).await {
-        Ok(()) => revoked.token = true,
-        Err(e) if e.status() == Some(403) => {
-            tracing::info!("token already revoked or expired");
-        }
-        Err(e) => tracing::warn!(error = %e, "could not revoke the token"),
-    }
-    tracing::info!(leases = revoked.leases, token = revoked.token, "revoked");
-    revoked
 }

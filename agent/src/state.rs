@@ -33,6 +33,10 @@ pub struct State {
     /// Set once `revoke` has revoked everything; a sidecar that sees it stops renewing.
     #[serde(default)]
     pub revoked: bool,
+    /// Set by a `revoke` (preStop) that could not revoke everything: a running sidecar stops
+    /// renewing and fetching, and its SIGTERM path tries the revocation again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
     /// False for a token handed to the agent (token auth): its leases are revoked, the token not.
     #[serde(default = "owned_by_default")]
     pub token_owned: bool,
@@ -122,6 +126,7 @@ mod tests {
                 renewed_at: 1,
             }],
             revoked: false,
+            stopping: false,
             token_owned: true,
         };
         save(dir.path(), &state).unwrap();
