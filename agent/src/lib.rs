@@ -14,6 +14,7 @@ pub mod render;
 pub mod revoke;
 pub mod run;
 pub mod sink;
+pub mod start;
 pub mod state;
 mod tls;
 

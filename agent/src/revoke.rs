@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::client::{ClientError, StoreClient, Token};
-use crate::state::State;
+use crate::config::AgentConfig;
+use crate::start::{RunError, backoff};
+use crate::state::{self, State};
 
 /// How long a revocation may take: the preStop hook's after its grace, the sidecar's after
 /// SIGTERM. Kubernetes allows 30 s in all by default; with the default 5 s grace, a hook that
@@ -166,6 +168,32 @@ pub async fn revoke_held(
         "revocation done"
     );
     report
+}
+
+/// Revokes what the state folder's state holds. When everything is gone the state is marked
+/// revoked, so a running sidecar stops renewing and skips its own revocation; when something is
+/// left, it is marked stopping instead (the sidecar renews nothing more and tries again on
+/// SIGTERM) and the report comes back as the error.
+pub async fn revoke_saved(config: &AgentConfig, deadline: Instant) -> Result<Revocation, RunError> {
+    let Some(mut state) = state::load(&config.state_dir)? else {
+        tracing::info!("no saved state: nothing to revoke");
+        return Ok(Revocation::nothing());
+    };
+    if state.revoked {
+        tracing::info!("already revoked");
+        return Ok(Revocation::nothing());
+    }
+    let client = StoreClient::new(&config.store, backoff(config))?;
+    let report = revoke_held(&client, &state, Vec::new(), deadline).await;
+    let complete = report.is_complete();
+    state.revoked = complete;
+    state.stopping = !complete;
+    state::save(&config.state_dir, &state)?;
+    if complete {
+        Ok(report)
+    } else {
+        Err(RunError::Revocation(report))
+    }
 }
 
 async fn revoke_token(client: &StoreClient, token: &Token) -> TokenFate {
