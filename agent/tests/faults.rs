@@ -7,18 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use sidekey_tests::Stack;
-
-fn db_template(role: &str) -> Value {
-    json!([{ "name": "db", "path": format!("database/creds/{role}"), "file": "db", "contents": "{{data.username}} {{data.password}}" }])
-}
-
-fn creds(sb: &Sandbox) -> (String, String) {
-    let text = sb.read("db");
-    let (u, p) = text.split_once(' ').unwrap();
-    (u.to_string(), p.to_string())
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_revoked_from_outside_is_replaced() {

@@ -8,23 +8,8 @@ use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use sidekey_tests::Stack;
-
-fn db_template(role: &str) -> Value {
-    json!([{
-        "name": "db",
-        "path": format!("database/creds/{role}"),
-        "file": "db",
-        "contents": "{{data.username}} {{data.password}}",
-    }])
-}
-
-fn creds(sb: &Sandbox) -> (String, String) {
-    let text = sb.read("db");
-    let (u, p) = text.split_once(' ').unwrap();
-    (u.to_string(), p.to_string())
-}
 
 async fn lease_ttl(stack: &Stack, lease: &str) -> Option<i64> {
     let v = stack

@@ -10,22 +10,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sidekey_tests::Stack;
 use sidekey_tests::stall::StallingProxy;
 
 /// The kubelet's default termination grace period: a pod's containers and hooks are killed
 /// once it has passed, whatever they are doing.
 const KUBELET_GRACE: Duration = Duration::from_secs(30);
-
-fn db_template(role: &str) -> Value {
-    json!([{
-        "name": "db",
-        "path": format!("database/creds/{role}"),
-        "file": "db",
-        "contents": "{{data.username}} {{data.password}}",
-    }])
-}
 
 /// A sidecar whose store is reached through `proxy`, with the default 30 s request timeout (the
 /// one a stalled request used to wait out, three times over with retries).
@@ -42,27 +33,6 @@ async fn sidecar_behind(
     sb.init_ok(&config);
     let sidecar = sb.start_sidecar(&config);
     (sb, config, sidecar)
-}
-
-fn sigterm(child: &std::process::Child) {
-    // SAFETY: signalling a child we spawned.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the sidecar did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Everything the pod held is gone: no lease of the role, no database user, no token.

@@ -256,10 +256,15 @@ async fn start<'a>(
     templates: Vec<Template>,
     token: watch::Sender<Option<Token>>,
 ) -> Result<(Held<'a>, Machine), RunError> {
-    let now_policy = policy(config);
-    if let Some((session, fetcher, grant, leases)) = adopt(config, &client).await? {
-        token.send_replace(Some(session.token.clone()));
-        let machine = Machine::new(Instant::now(), now_policy, Jitter::random(), grant, leases);
+    let begin = |client, templates, session: Session, fetcher, grant: TokenGrant, leases| {
+        token.send_replace(Some(Token::clone(&session.token)));
+        let machine = Machine::new(
+            Instant::now(),
+            policy(config),
+            Jitter::random(),
+            grant,
+            leases,
+        );
         let held = Held {
             config,
             client,
@@ -267,9 +272,12 @@ async fn start<'a>(
             session,
             fetcher,
             token_asked: grant.asked,
-            token,
+            token: token.clone(),
         };
-        return Ok((held, machine));
+        (held, machine)
+    };
+    if let Some((session, fetcher, grant, leases)) = adopt(config, &client).await? {
+        return Ok(begin(client, templates, session, fetcher, grant, leases));
     }
     // No usable init state (native sidecar, pre-populate off, or an expired token).
     let limit = Duration::from_secs(config.lifecycle.init_timeout_secs);
@@ -277,23 +285,13 @@ async fn start<'a>(
         start::first_render(config, &client, &templates, &config.secrets_dir)
     })
     .await?;
-    token.send_replace(Some(session.token.clone()));
     let grant = TokenGrant {
         ttl: session.ttl_secs,
         asked: session.ttl_secs,
         renewable: session.renewable,
     };
     let leases = leases_of(&fetcher);
-    let machine = Machine::new(Instant::now(), now_policy, Jitter::random(), grant, leases);
-    let held = Held {
-        config,
-        client,
-        templates,
-        session,
-        fetcher,
-        token_asked: grant.asked,
-        token,
-    };
+    let (held, machine) = begin(client, templates, session, fetcher, grant, leases);
     held.save();
     Ok((held, machine))
 }
