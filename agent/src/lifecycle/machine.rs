@@ -198,7 +198,9 @@ impl Machine {
         leases: Vec<(SecretKey, Granted)>,
     ) -> Machine {
         let mut schedule = Schedule::default();
-        schedule.token_granted(now, token.ttl, token.asked, token.renewable, jitter.draw());
+        // An adopted token has aged: what it has left is not a capped grant.
+        let planned = token.asked.min(token.ttl.max(1));
+        schedule.token_granted(now, token.ttl, planned, token.renewable, jitter.draw());
         schedule.leases_replaced(now, leases, &mut jitter);
         schedule.statics_at(Some(now + policy.static_interval));
         Machine {

@@ -166,6 +166,18 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     wait_exit(child, Duration::from_secs(20))
 }
 
+/// Where in `log` a lease renewal attempt first failed and was retried, if one did.
+pub fn failed_renewal(log: &str) -> Option<usize> {
+    let mut at = 0;
+    for line in log.split_inclusive('\n') {
+        if line.contains("sys/leases/renew") && line.contains("retrying a store request") {
+            return Some(at);
+        }
+        at += line.len();
+    }
+    None
+}
+
 /// A database secret rendered as "USERNAME PASSWORD" into the file `db`.
 pub fn db_template(role: &str) -> Value {
     json!([{

@@ -526,3 +526,23 @@ async fn every_event_in_every_phase_keeps_the_invariants() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_adopted_token_that_aged_is_renewed_not_replaced() {
+    // Saved with 6 s, 5 s left at adoption: renewed (asking 6 s), not taken for a capped grant.
+    let mut m = Machine::new(
+        Instant::now(),
+        policy(true),
+        Jitter::seeded(5),
+        TokenGrant {
+            ttl: 5,
+            asked: 6,
+            renewable: true,
+        },
+        vec![],
+    );
+    assert_eq!(
+        tick(&mut m).await,
+        [Action::Perform(Task::RenewToken { increment: Some(6) })]
+    );
+}
