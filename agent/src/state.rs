@@ -1,6 +1,9 @@
-//! The agent's persisted state in the state folder: the token, its accessor and TTL, and every
-//! secret it holds with its lease. The init container writes it; the sidecar adopts it and
-//! `revoke` reads it. The file is mode 0600 on the agent-only in-memory volume.
+//! The agent's persisted state in the state folder: the token, its accessor and TTL, every secret
+//! it holds as the store returned it (data included) with its lease, and the preStop hook's
+//! record. The init container writes it; the sidecar adopts it (the data lets it render the same
+//! files without fetching dynamic secrets again, which would create second credentials) and
+//! `revoke` reads it. The file is mode 0600 on the agent-only in-memory volume; the README's
+//! security model lists what it holds.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

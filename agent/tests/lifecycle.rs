@@ -49,7 +49,8 @@ async fn leases_are_renewed_then_replaced_at_the_max_ttl() {
         "renewal must not change the credentials"
     );
 
-    // Past the max TTL: new credentials in the file, and the old user is gone.
+    // Past the max TTL: new credentials in the file, and the old user is gone (here it could
+    // have expired with its lease; the overlap test below shows the agent revokes it first).
     wait_for(Duration::from_secs(30), "new credentials", || {
         creds(&sb).0 != user1
     });
@@ -495,4 +496,55 @@ async fn with_token_auth_the_leases_are_revoked_and_the_token_kept() {
         "the handed token is never revoked"
     );
     assert_eq!(sb.state_json()["revoked"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_service_account_token_is_checked_not_a_new_login() {
+    let stack = Stack::shared();
+    db_role(stack, "rotate-sa", "1m", "10m").await;
+    let sb = Sandbox::new();
+    let config = sb.config(
+        &stack.addr,
+        sb.kubernetes_auth(stack),
+        db_template("rotate-sa"),
+    );
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    let (user, _) = creds(&sb);
+
+    // The kubelet writes a fresh token: the current one is still good, so nothing changes.
+    sb.file("sa-token", &stack.sa_token());
+    wait_for(Duration::from_secs(10), "the token check", || {
+        sb.sidecar_log().contains("token checked alive=Some(true)")
+    });
+    assert_eq!(
+        sb.state_json()["accessor"],
+        accessor.as_str(),
+        "no new login"
+    );
+    assert_eq!(creds(&sb).0, user, "same credentials");
+
+    // The token is revoked from outside, then the file rotates again: a new login at once,
+    // with the new file, and new credentials under the new token.
+    stack
+        .api(
+            "POST",
+            "auth/token/revoke-accessor",
+            Some(json!({ "accessor": accessor })),
+        )
+        .await
+        .unwrap();
+    sb.file("sa-token", &stack.sa_token());
+    wait_for(Duration::from_secs(15), "a new login", || {
+        sb.state_json()["accessor"] != accessor.as_str()
+    });
+    assert!(sb.sidecar_log().contains("logged in again"));
+    wait_for(Duration::from_secs(15), "new credentials", || {
+        creds(&sb).0 != user
+    });
+    let new_accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    assert!(terminate(&mut sidecar).success());
+    assert!(db_leases(stack, "rotate-sa").await.is_empty());
+    assert!(!stack.token_alive(&new_accessor).await);
 }
