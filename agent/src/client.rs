@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::StoreConfig;
@@ -59,6 +60,13 @@ pub enum ClientError {
         path: String,
         detail: String,
     },
+    /// A request made while shutting down found no time left before the deadline.
+    #[error("{method} {path}: no time left before the shutdown deadline; last error: {last}")]
+    Deadline {
+        method: String,
+        path: String,
+        last: String,
+    },
     #[error("TLS set-up for the secret store: {0}")]
     Tls(#[from] TlsError),
     #[error("HTTP client set-up: {0}")]
@@ -70,7 +78,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             // A store mid-way through a certificate rotation heals; retry until the deadline.
-            ClientError::Unreachable { .. } | ClientError::Certificate { .. } => true,
+            ClientError::Unreachable { .. }
+            | ClientError::Certificate { .. }
+            | ClientError::Deadline { .. } => true,
             ClientError::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
@@ -144,7 +154,15 @@ pub struct StoreClient {
     max_retries: u32,
     backoff: Backoff,
     requests: Arc<AtomicU64>,
+    /// Set on a client used while shutting down: every request ends by then.
+    deadline: Option<Instant>,
 }
+
+/// The longest one attempt may take while shutting down: a stalled connection is given up
+/// quickly and the request tried again on a fresh one, until the deadline.
+pub const SHUTDOWN_ATTEMPT: Duration = Duration::from_secs(2);
+/// The longest wait between two attempts while shutting down.
+const SHUTDOWN_RETRY: Duration = Duration::from_millis(250);
 
 impl StoreClient {
     pub fn new(store: &StoreConfig, backoff: Backoff) -> Result<StoreClient, ClientError> {
@@ -166,7 +184,18 @@ impl StoreClient {
             max_retries: store.max_retries,
             backoff,
             requests: Arc::new(AtomicU64::new(0)),
+            deadline: None,
         })
+    }
+
+    /// A client whose every request ends by `deadline`: each attempt gets at most
+    /// [`SHUTDOWN_ATTEMPT`] (less when less is left), and transient failures are retried quickly
+    /// for as long as time is left, however many that takes.
+    pub fn until(&self, deadline: Instant) -> StoreClient {
+        StoreClient {
+            deadline: Some(deadline),
+            ..self.clone()
+        }
     }
 
     pub fn address(&self) -> &str {
@@ -187,6 +216,9 @@ impl StoreClient {
         token: Option<&Token>,
         body: Option<&Value>,
     ) -> Result<Option<Value>, ClientError> {
+        if let Some(deadline) = self.deadline {
+            return self.call_until(deadline, &method, path, token, body).await;
+        }
         let mut attempt = 0;
         loop {
             match self.call_once(&method, path, token, body).await {
@@ -198,6 +230,41 @@ impl StoreClient {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// `call` bounded by a deadline (see [`StoreClient::until`]).
+    async fn call_until(
+        &self,
+        deadline: Instant,
+        method: &Method,
+        path: &str,
+        token: Option<&Token>,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, ClientError> {
+        let mut attempt = 0;
+        let mut last = String::from("no attempt was made");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Deadline {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    last,
+                });
+            }
+            let limit = left.min(SHUTDOWN_ATTEMPT);
+            let outcome =
+                tokio::time::timeout(limit, self.call_once(method, path, token, body)).await;
+            match outcome {
+                Ok(Err(e)) if e.is_transient() => last = e.to_string(),
+                Ok(done) => return done,
+                Err(_) => last = format!("no answer within {} ms", limit.as_millis()),
+            }
+            let wait = self.backoff.delay_random(attempt).min(SHUTDOWN_RETRY);
+            tracing::debug!(path, attempt, error = %last, "retrying a store request before the shutdown deadline");
+            tokio::time::sleep_until(deadline.min(Instant::now() + wait)).await;
+            attempt += 1;
         }
     }
 

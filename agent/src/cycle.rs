@@ -35,7 +35,7 @@ pub enum CycleError {
 
 impl CycleError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, CycleError::Fetch(e) if e.transient)
+        matches!(self, CycleError::Fetch(e) if e.is_transient())
     }
 }
 

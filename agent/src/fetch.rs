@@ -11,26 +11,39 @@ use crate::render::{Known, SecretKey};
 /// How many secrets are fetched at once on the first render.
 const FETCH_CONCURRENCY: usize = 16;
 
+/// A secret that could not be fetched: which, and the store client's error (its status, whether
+/// it may pass).
 #[derive(Debug, thiserror::Error)]
-#[error("secret {key}: {detail}")]
+#[error("secret {key}: {}", describe(.source))]
 pub struct FetchError {
     pub key: String,
-    pub detail: String,
-    pub transient: bool,
+    #[source]
+    pub source: ClientError,
+}
+
+fn describe(e: &ClientError) -> String {
+    match e.status() {
+        Some(404) => "does not exist (404 from the secret store)".to_string(),
+        Some(403) => format!("permission denied (403 from the secret store): {e}"),
+        _ => e.to_string(),
+    }
 }
 
 impl FetchError {
-    fn new(key: &SecretKey, e: &ClientError) -> FetchError {
-        let detail = match e.status() {
-            Some(404) => "does not exist (404 from the secret store)".to_string(),
-            Some(403) => format!("permission denied (403 from the secret store): {e}"),
-            _ => e.to_string(),
-        };
+    fn new(key: &SecretKey, e: ClientError) -> FetchError {
         FetchError {
             key: key.to_string(),
-            detail,
-            transient: e.is_transient(),
+            source: e,
         }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.source.is_transient()
+    }
+
+    /// The store's HTTP status, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        self.source.status()
     }
 }
 
@@ -134,14 +147,14 @@ async fn fetch_one(
         return client
             .list(token, &key.path)
             .await
-            .map_err(|e| FetchError::new(key, &e));
+            .map_err(|e| FetchError::new(key, e));
     }
     if key.is_write() {
         let params = serde_json::to_value(&key.params).expect("params serialize");
         return client
             .write(token, &key.path, &params)
             .await
-            .map_err(|e| FetchError::new(key, &e));
+            .map_err(|e| FetchError::new(key, e));
     }
     match client.read(token, &key.path).await {
         Ok(secret) => Ok(secret),
@@ -151,11 +164,11 @@ async fn fetch_one(
                 Some(rewritten) => client
                     .read(token, &rewritten)
                     .await
-                    .map_err(|e| FetchError::new(key, &e)),
-                None => Err(FetchError::new(key, &e)),
+                    .map_err(|e| FetchError::new(key, e)),
+                None => Err(FetchError::new(key, e)),
             }
         }
-        Err(e) => Err(FetchError::new(key, &e)),
+        Err(e) => Err(FetchError::new(key, e)),
     }
 }
 

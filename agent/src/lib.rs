@@ -12,8 +12,10 @@ pub mod lifecycle;
 pub mod log;
 pub mod memory;
 pub mod render;
+pub mod revoke;
 pub mod run;
 pub mod sink;
+pub mod start;
 pub mod state;
 mod tls;
 

@@ -203,18 +203,66 @@ mod tests {
         assert!(!outside.path().join("x").exists());
     }
 
+    /// A folder the agent cannot write to: for root, who ignores permissions, a read-only
+    /// tmpfs (remounted read-only over the old file); for anyone else, mode 0555.
+    struct ReadOnly {
+        dir: tempfile::TempDir,
+        mounted: bool,
+    }
+
+    impl ReadOnly {
+        fn holding(file: &str, contents: &[u8]) -> ReadOnly {
+            let dir = tempfile::tempdir().unwrap();
+            let root = unsafe { libc::geteuid() } == 0;
+            let mount = |opts: &str| {
+                let status = std::process::Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+                    .arg(dir.path())
+                    .status()
+                    .expect("running mount");
+                assert!(status.success(), "mount -o {opts} failed ({status})");
+            };
+            if root {
+                mount("size=64k");
+            }
+            assert!(write_if_changed(dir.path(), file, contents, 0o644).unwrap());
+            if root {
+                mount("remount,ro");
+            } else {
+                fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o555)).unwrap();
+            }
+            ReadOnly { dir, mounted: root }
+        }
+    }
+
+    impl Drop for ReadOnly {
+        fn drop(&mut self) {
+            if self.mounted {
+                let _ = std::process::Command::new("umount")
+                    .arg(self.dir.path())
+                    .status();
+            } else {
+                let _ = fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755));
+            }
+        }
+    }
+
     #[test]
     fn a_read_only_folder_is_an_error_and_the_old_file_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(write_if_changed(dir.path(), "f", b"old", 0o644).unwrap());
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o555)).unwrap();
-        let result = write_if_changed(dir.path(), "f", b"new", 0o644);
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        // Root ignores folder permissions; then the write simply succeeds.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(result.is_err());
-            assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"old");
-        }
+        let ro = ReadOnly::holding("f", b"old");
+        let err = write_if_changed(ro.dir.path(), "f", b"new", 0o644).unwrap_err();
+        assert!(matches!(err, SinkError::Io { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&ro.dir.path().display().to_string()),
+            "{err}"
+        );
+        assert_eq!(fs::read(ro.dir.path().join("f")).unwrap(), b"old");
+        let names: Vec<_> = fs::read_dir(ro.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f"], "no temporary file is left");
     }
 
     #[tokio::test]

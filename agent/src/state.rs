@@ -1,6 +1,9 @@
-//! The agent's persisted state in the state folder: the token, its accessor and TTL, and every
-//! secret it holds with its lease. The init container writes it; the sidecar adopts it and
-//! `revoke` reads it. The file is mode 0600 on the agent-only in-memory volume.
+//! The agent's persisted state in the state folder: the token, its accessor and TTL, every secret
+//! it holds as the store returned it (data included) with its lease, and the preStop hook's
+//! record. The init container writes it; the sidecar adopts it (the data lets it render the same
+//! files without fetching dynamic secrets again, which would create second credentials) and
+//! `revoke` reads it. The file is mode 0600 on the agent-only in-memory volume; the README's
+//! security model lists what it holds.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -33,6 +36,10 @@ pub struct State {
     /// Set once `revoke` has revoked everything; a sidecar that sees it stops renewing.
     #[serde(default)]
     pub revoked: bool,
+    /// Set by a `revoke` (preStop) that could not revoke everything: a running sidecar stops
+    /// renewing and fetching, and its SIGTERM path tries the revocation again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
     /// False for a token handed to the agent (token auth): its leases are revoked, the token not.
     #[serde(default = "owned_by_default")]
     pub token_owned: bool,
@@ -122,6 +129,7 @@ mod tests {
                 renewed_at: 1,
             }],
             revoked: false,
+            stopping: false,
             token_owned: true,
         };
         save(dir.path(), &state).unwrap();

@@ -11,21 +11,6 @@ use common::*;
 use serde_json::{Value, json};
 use sidekey_tests::Stack;
 
-fn db_template(role: &str) -> Value {
-    json!([{
-        "name": "db",
-        "path": format!("database/creds/{role}"),
-        "file": "db",
-        "contents": "{{data.username}} {{data.password}}",
-    }])
-}
-
-fn creds(sb: &Sandbox) -> (String, String) {
-    let text = sb.read("db");
-    let (u, p) = text.split_once(' ').unwrap();
-    (u.to_string(), p.to_string())
-}
-
 async fn lease_ttl(stack: &Stack, lease: &str) -> Option<i64> {
     let v = stack
         .api(
@@ -64,7 +49,8 @@ async fn leases_are_renewed_then_replaced_at_the_max_ttl() {
         "renewal must not change the credentials"
     );
 
-    // Past the max TTL: new credentials in the file, and the old user is gone.
+    // Past the max TTL: new credentials in the file, and the old user is gone (here it could
+    // have expired with its lease; the overlap test below shows the agent revokes it first).
     wait_for(Duration::from_secs(30), "new credentials", || {
         creds(&sb).0 != user1
     });
@@ -145,16 +131,16 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
     };
     assert_eq!(runs(), 1, "the first render runs the command");
     let mut sidecar = sb.start_sidecar(&config);
-    let mtime = std::fs::metadata(sb.secrets().join("kv"))
-        .unwrap()
-        .mtime_nsec();
+    let stamp = || {
+        let meta = std::fs::metadata(sb.secrets().join("kv")).unwrap();
+        (meta.ino(), meta.modified().unwrap())
+    };
+    let before = stamp();
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(
-        std::fs::metadata(sb.secrets().join("kv"))
-            .unwrap()
-            .mtime_nsec(),
-        mtime,
-        "unchanged secret, untouched file"
+        stamp(),
+        before,
+        "unchanged secret, untouched file (same inode, same mtime)"
     );
     assert_eq!(runs(), 1, "no change, no command");
 
@@ -186,7 +172,12 @@ async fn a_store_outage_keeps_the_files_and_the_agent_recovers() {
     let (user, _) = creds(&sb);
 
     stack.pause_bao().unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before_outage = sb.sidecar_log().len();
+    // The outage lasts until a renewal (due 2-4 s after the start) has failed and is retried;
+    // only lines written since the outage began count.
+    wait_for(Duration::from_secs(20), "a failed renewal attempt", || {
+        failed_renewal(&sb.sidecar_log()[before_outage..]).is_some()
+    });
     assert_eq!(
         creds(&sb).0,
         user,
@@ -194,11 +185,18 @@ async fn a_store_outage_keeps_the_files_and_the_agent_recovers() {
     );
     stack.resume_bao().unwrap();
 
-    // The lease lapsed during the outage; the agent notices and fetches new credentials.
-    wait_for(Duration::from_secs(30), "recovery", || {
-        let log = sb.sidecar_log();
-        log.contains("lease renewed") || log.contains("fetched a new secret")
-    });
+    // After the failure, the lease is renewed, or replaced when it lapsed meanwhile.
+    wait_for(
+        Duration::from_secs(30),
+        "recovery after the failed renewal",
+        || {
+            let log = sb.sidecar_log()[before_outage..].to_string();
+            failed_renewal(&log).is_some_and(|failed| {
+                let after = &log[failed..];
+                after.contains("lease renewed") || after.contains("fetched a new secret")
+            })
+        },
+    );
     wait_for(Duration::from_secs(20), "working credentials", || {
         let (u, p) = creds(&sb);
         stack.psql_as(&u, &p, "select 1").is_ok()
@@ -217,6 +215,11 @@ async fn prestop_revoke_and_sigterm_leave_nothing_behind() {
         let mut sidecar = sb.start_sidecar(&config);
         let (user, _) = creds(&sb);
         let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+        assert!(
+            stack.token_alive(&accessor).await,
+            "the pod's token is alive to begin with"
+        );
+        assert_eq!(db_leases(stack, "stop").await.len(), 1);
         if via_prestop {
             let out = sb.revoke(&config);
             assert!(out.status.success(), "{}", stderr(&out));
@@ -261,7 +264,12 @@ async fn twenty_pod_lifecycles_leave_zero_leases() {
         let config = sb.config(&stack.addr, sb.kubernetes_auth(stack), db_template("many"));
         sb.init_ok(&config);
         let mut sidecar = sb.start_sidecar(&config);
-        accessors.push(sb.state_json()["accessor"].as_str().unwrap().to_string());
+        let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+        assert!(
+            stack.token_alive(&accessor).await,
+            "pod {i}'s token is alive"
+        );
+        accessors.push(accessor);
         // Half the pods stop through the preStop hook, half by SIGTERM alone.
         if i % 2 == 0 {
             assert!(sb.revoke(&config).status.success());
@@ -307,4 +315,236 @@ async fn a_native_sidecar_renders_first_and_reports_ready() {
     assert_eq!(sb.read("n"), "v");
     assert!(ready());
     assert!(terminate(&mut sidecar).success());
+}
+
+/// The token's view in the store: whether it was ever renewed, and its TTL.
+async fn token_record(stack: &Stack, accessor: &str) -> Value {
+    stack
+        .api(
+            "POST",
+            "auth/token/lookup-accessor",
+            Some(json!({ "accessor": accessor })),
+        )
+        .await
+        .unwrap()["data"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_lived_token_is_kept_alive_with_renew_self() {
+    let stack = Stack::shared();
+    // A role of its own whose tokens live 6 s unless renewed.
+    stack
+        .api(
+            "POST",
+            "auth/kubernetes/role/short-token",
+            Some(json!({
+                "role_type": "jwt",
+                "user_claim": "sub",
+                "bound_audiences": [sidekey_tests::SA_AUDIENCE],
+                "bound_claims": {
+                    "/kubernetes.io/namespace": sidekey_tests::APP_NAMESPACE,
+                    "/kubernetes.io/serviceaccount/name": sidekey_tests::APP_SERVICE_ACCOUNT,
+                },
+                "token_policies": ["app"],
+                "token_ttl": "6s",
+                "token_max_ttl": "10m",
+            })),
+        )
+        .await
+        .unwrap();
+    stack
+        .put_kv2("lifecycle/renew-self", json!({ "k": "v" }))
+        .await
+        .unwrap();
+    let sb = Sandbox::new();
+    let mut auth = sb.kubernetes_auth(stack);
+    auth["role"] = "short-token".into();
+    let templates = json!([{ "name": "k", "path": "secret/data/lifecycle/renew-self", "file": "k", "contents": "{{data.data.k}}" }]);
+    let config = sb.config(&stack.addr, auth, templates);
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    assert!(
+        token_record(stack, &accessor).await["last_renewal_time"].is_null(),
+        "not renewed yet"
+    );
+    // Past two of its 6 s lifetimes, the same token is alive, renewed by the store's own record.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    assert!(
+        stack.token_alive(&accessor).await,
+        "the token did not outlive its TTL; log:\n{}",
+        sb.sidecar_log()
+    );
+    let record = token_record(stack, &accessor).await;
+    assert!(!record["last_renewal_time"].is_null(), "{record}");
+    assert!(record["ttl"].as_i64().unwrap() > 0, "{record}");
+    assert_eq!(sb.state_json()["accessor"], accessor, "no new login");
+    assert!(terminate(&mut sidecar).success());
+    assert!(!stack.token_alive(&accessor).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_lease_is_revoked_after_the_overlap_before_it_expires() {
+    let stack = Stack::shared();
+    // 30 s leases that cannot outlive 40 s: the first renewal (10-20 s) or the next is granted
+    // less than asked, and the lease is replaced while it has several seconds left.
+    db_role(stack, "overlap", "30s", "40s").await;
+    let sb = Sandbox::new();
+    let config = sb.config(
+        &stack.addr,
+        sb.kubernetes_auth(stack),
+        db_template("overlap"),
+    );
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    let (user1, _) = creds(&sb);
+    let lease1 = db_leases(stack, "overlap").await;
+    assert_eq!(lease1.len(), 1);
+    wait_for(Duration::from_secs(45), "new credentials", || {
+        creds(&sb).0 != user1
+    });
+    // The old lease is still alive for the overlap, and the store says when it would expire.
+    let left = lease_ttl(stack, &lease1[0])
+        .await
+        .expect("the old lease is kept for the overlap");
+    let expires = std::time::Instant::now() + Duration::from_secs(left as u64);
+    assert!(
+        stack.pg_role_exists(&user1).unwrap(),
+        "the old user stays for the overlap"
+    );
+    while stack.pg_role_exists(&user1).unwrap() {
+        assert!(
+            std::time::Instant::now() < expires,
+            "the old user lasted to its expiry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Gone a quarter of its time before the store would have expired it: revoked by the agent.
+    let early = expires.saturating_duration_since(std::time::Instant::now());
+    assert!(
+        early >= Duration::from_secs(1),
+        "the old user went {early:?} before expiry; log:\n{}",
+        sb.sidecar_log()
+    );
+    assert!(
+        lease_ttl(stack, &lease1[0]).await.is_none(),
+        "the old lease is gone"
+    );
+    assert!(terminate(&mut sidecar).success());
+    assert!(db_leases(stack, "overlap").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_revoke_on_shutdown_off_sigterm_leaves_the_lease_and_token() {
+    let stack = Stack::shared();
+    db_role(stack, "keep", "1m", "10m").await;
+    let sb = Sandbox::new();
+    let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), db_template("keep"));
+    config["lifecycle"]["revoke_on_shutdown"] = false.into();
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    let (user, _) = creds(&sb);
+    let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    let leases = db_leases(stack, "keep").await;
+    assert_eq!(leases.len(), 1);
+    assert!(terminate(&mut sidecar).success());
+    assert_eq!(
+        db_leases(stack, "keep").await,
+        leases,
+        "the lease expires at its TTL"
+    );
+    assert!(stack.pg_role_exists(&user).unwrap());
+    assert!(
+        stack.token_alive(&accessor).await,
+        "the token expires at its TTL"
+    );
+    assert_eq!(sb.state_json()["revoked"], false);
+    // Cleaned up by hand, as the store would at the TTLs.
+    stack
+        .api(
+            "PUT",
+            "sys/leases/revoke",
+            Some(json!({ "lease_id": leases[0] })),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_token_auth_the_leases_are_revoked_and_the_token_kept() {
+    let stack = Stack::shared();
+    db_role(stack, "handed", "1m", "10m").await;
+    let sb = Sandbox::new();
+    let token_file = sb.file("token", &stack.app_token);
+    let auth = json!({ "type": "token", "token_file": token_file });
+    let config = sb.config(&stack.addr, auth, db_template("handed"));
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    let (user, _) = creds(&sb);
+    let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    assert_eq!(db_leases(stack, "handed").await.len(), 1);
+    assert!(stack.token_alive(&accessor).await);
+    assert!(terminate(&mut sidecar).success());
+    assert!(
+        db_leases(stack, "handed").await.is_empty(),
+        "the lease the agent created is revoked"
+    );
+    assert!(!stack.pg_role_exists(&user).unwrap());
+    assert!(
+        stack.token_alive(&accessor).await,
+        "the handed token is never revoked"
+    );
+    assert_eq!(sb.state_json()["revoked"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_service_account_token_is_checked_not_a_new_login() {
+    let stack = Stack::shared();
+    db_role(stack, "rotate-sa", "1m", "10m").await;
+    let sb = Sandbox::new();
+    let config = sb.config(
+        &stack.addr,
+        sb.kubernetes_auth(stack),
+        db_template("rotate-sa"),
+    );
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    let (user, _) = creds(&sb);
+
+    // The kubelet writes a fresh token: the current one is still good, so nothing changes.
+    sb.file("sa-token", &stack.sa_token());
+    wait_for(Duration::from_secs(10), "the token check", || {
+        sb.sidecar_log().contains("token checked alive=Some(true)")
+    });
+    assert_eq!(
+        sb.state_json()["accessor"],
+        accessor.as_str(),
+        "no new login"
+    );
+    assert_eq!(creds(&sb).0, user, "same credentials");
+
+    // The token is revoked from outside, then the file rotates again: a new login at once,
+    // with the new file, and new credentials under the new token.
+    stack
+        .api(
+            "POST",
+            "auth/token/revoke-accessor",
+            Some(json!({ "accessor": accessor })),
+        )
+        .await
+        .unwrap();
+    sb.file("sa-token", &stack.sa_token());
+    wait_for(Duration::from_secs(15), "a new login", || {
+        sb.state_json()["accessor"] != accessor.as_str()
+    });
+    assert!(sb.sidecar_log().contains("logged in again"));
+    wait_for(Duration::from_secs(15), "new credentials", || {
+        creds(&sb).0 != user
+    });
+    let new_accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    assert!(terminate(&mut sidecar).success());
+    assert!(db_leases(stack, "rotate-sa").await.is_empty());
+    assert!(!stack.token_alive(&new_accessor).await);
 }

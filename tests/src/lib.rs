@@ -14,6 +14,7 @@ pub mod pod;
 pub mod podman;
 mod process;
 mod setup;
+pub mod stall;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -216,15 +217,26 @@ impl Stack {
         }
     }
 
-    /// Whether the token with this accessor is still valid.
+    /// Whether the token with this accessor is still valid: true when the store finds it, false
+    /// when it answers that there is no such token; any other failure (the store unreachable, a
+    /// refused root token) panics rather than pass for a dead token.
     pub async fn token_alive(&self, accessor: &str) -> bool {
-        self.api(
-            "POST",
-            "auth/token/lookup-accessor",
-            Some(serde_json::json!({ "accessor": accessor })),
-        )
-        .await
-        .is_ok()
+        let resp = self
+            .http
+            .post(format!("{}/v1/auth/token/lookup-accessor", self.addr))
+            .header("X-Vault-Token", &self.root_token)
+            .json(&serde_json::json!({ "accessor": accessor }))
+            .send()
+            .await
+            .expect("asking the store about a token");
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        match status.as_u16() {
+            200 => true,
+            // OpenBao's answer for an accessor it does not know (revoked or expired).
+            400 if body.contains("invalid accessor") => false,
+            _ => panic!("token lookup by accessor answered {status}: {body}"),
+        }
     }
 
     /// Runs SQL as the PostgreSQL superuser; returns psql's unaligned, tuples-only output.

@@ -137,23 +137,62 @@ pub fn die_with_test(cmd: &mut Command) {
     }
 }
 
-/// Sends SIGTERM and waits for the exit status.
-pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+/// Sends SIGTERM (the kubelet's stop).
+pub fn sigterm(child: &Child) {
     // SAFETY: signalling a child we spawned.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
+}
+
+/// Waits for the child's exit status, killing it and failing the test after `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the sidecar did not exit after SIGTERM");
+            panic!("the sidecar did not exit within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Sends SIGTERM and waits for the exit status.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    sigterm(child);
+    wait_exit(child, Duration::from_secs(20))
+}
+
+/// Where in `log` a lease renewal attempt first failed and was retried, if one did.
+pub fn failed_renewal(log: &str) -> Option<usize> {
+    let mut at = 0;
+    for line in log.split_inclusive('\n') {
+        if line.contains("sys/leases/renew") && line.contains("retrying a store request") {
+            return Some(at);
+        }
+        at += line.len();
+    }
+    None
+}
+
+/// A database secret rendered as "USERNAME PASSWORD" into the file `db`.
+pub fn db_template(role: &str) -> Value {
+    json!([{
+        "name": "db",
+        "path": format!("database/creds/{role}"),
+        "file": "db",
+        "contents": "{{data.username}} {{data.password}}",
+    }])
+}
+
+/// The username and password `db_template` rendered.
+pub fn creds(sb: &Sandbox) -> (String, String) {
+    let text = sb.read("db");
+    let (u, p) = text.split_once(' ').unwrap();
+    (u.to_string(), p.to_string())
 }
 
 /// Polls `check` every 100 ms until it holds, failing the test after `limit`.

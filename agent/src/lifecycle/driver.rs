@@ -1,0 +1,618 @@
+//! The sidecar's driver: owns the store client, the session, the fetched secrets and the one
+//! task in flight; feeds the [`Machine`] its events (deadlines, outcomes, [`Inputs`]) and turns
+//! its actions into requests, renders and saves. A task is a future polled here, never spawned:
+//! cancelling it drops it, and every path out (SIGTERM, the preStop hook's record, a
+//! [`Control`] sender) goes through the machine's one stop.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::auth::{self, Session};
+use crate::client::{ClientError, StoreClient, Token};
+use crate::config::AgentConfig;
+use crate::cycle::{self, Template};
+use crate::fetch::{FetchError, Fetcher};
+use crate::render::SecretKey;
+use crate::revoke::{self, Replaced};
+use crate::start::{self, RunError, backoff, retry_until, state_of};
+use crate::state::{self, State};
+
+use super::READY_FILE;
+use super::inputs::{Control, Input, Inputs};
+use super::machine::{Action, Event, Failure, Machine, Outcome, Policy, Task, TokenGrant};
+use super::schedule::{Granted, Jitter};
+
+/// The sidecar before it runs: [`Sidecar::control`] and [`Sidecar::token`] are how other
+/// tasks reach it.
+pub struct Sidecar<'a> {
+    config: &'a AgentConfig,
+    inputs: Inputs,
+    token: watch::Sender<Option<Token>>,
+}
+
+impl<'a> Sidecar<'a> {
+    pub fn new(config: &'a AgentConfig) -> Sidecar<'a> {
+        Sidecar {
+            config,
+            inputs: Inputs::for_sidecar(config),
+            token: watch::Sender::new(None),
+        }
+    }
+
+    /// Stops the sidecar (send [`Input::Stop`]) exactly as SIGTERM does.
+    pub fn control(&self) -> Control {
+        self.inputs.control()
+    }
+
+    /// The sidecar's token, from its first login or adoption on, changed whenever it logs in
+    /// again: the one place a token change is seen.
+    pub fn token(&self) -> watch::Receiver<Option<Token>> {
+        self.token.subscribe()
+    }
+
+    /// Runs until stopped: SIGTERM (or a [`Control`] stop) revokes everything and exits; after
+    /// the preStop hook revoked everything, SIGTERM just exits.
+    pub async fn run(mut self) -> Result<(), RunError> {
+        let config = self.config;
+        let templates = cycle::prepare_all(config)?;
+        let client = StoreClient::new(&config.store, backoff(config))?;
+        for dir in [&config.state_dir, &config.secrets_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| state_error(dir, e))?;
+        }
+        let started = tokio::select! {
+            started = start(config, client, templates, self.token.clone()) => started?,
+            // Stopped before the first render: what the init container saved is revoked as the
+            // preStop hook would (a login of our own in flight dies at its TTL).
+            stop = stopped_early(&mut self.inputs, &config.state_dir) => return stop_early(config, stop).await,
+        };
+        let (mut held, machine) = started;
+        std::fs::write(config.state_dir.join(READY_FILE), b"")
+            .map_err(|e| state_error(&config.state_dir, e))?;
+        tracing::info!(leases = machine.lease_count(), "sidecar running");
+        drive(&mut held, machine, &mut self.inputs).await
+    }
+}
+
+/// The state file's record, as an event (`None`: nothing the sidecar acts on).
+fn recorded(state_dir: &Path) -> Option<Event> {
+    match state::load(state_dir) {
+        Ok(Some(s)) if s.revoked => Some(Event::PreStopRevoked),
+        Ok(Some(s)) if s.stopping => Some(Event::PreStopIncomplete),
+        _ => None,
+    }
+}
+
+fn event_of(input: Input, state_dir: &Path) -> Option<Event> {
+    match input {
+        Input::Stop => Some(Event::Stop),
+        Input::CredentialChanged => Some(Event::CredentialRotated),
+        Input::StateChanged => recorded(state_dir),
+    }
+}
+
+async fn stopped_early(inputs: &mut Inputs, state_dir: &Path) -> Event {
+    loop {
+        if let Some(e @ (Event::Stop | Event::PreStopRevoked)) =
+            event_of(inputs.next().await, state_dir)
+        {
+            return e;
+        }
+    }
+}
+
+async fn stop_early(config: &AgentConfig, stop: Event) -> Result<(), RunError> {
+    if stop == Event::PreStopRevoked || !config.lifecycle.revoke_on_shutdown {
+        return Ok(());
+    }
+    let deadline = Instant::now() + revoke::BUDGET;
+    revoke::revoke_saved(config, deadline).await.map(|_| ())
+}
+
+/// The loop: wait for a deadline or an input; run each action; while a task runs, inputs still
+/// reach the machine, which may cancel it.
+async fn drive(
+    held: &mut Held<'_>,
+    mut machine: Machine,
+    inputs: &mut Inputs,
+) -> Result<(), RunError> {
+    let state_dir = held.config.state_dir.clone();
+    let mut queue: VecDeque<Action> = VecDeque::new();
+    loop {
+        let Some(action) = queue.pop_front() else {
+            let wake = machine.next_wake();
+            let event = tokio::select! {
+                () = sleep_until(wake) => Some(Event::Tick),
+                input = inputs.next() => event_of(input, &state_dir),
+            };
+            if let Some(event) = event {
+                queue.extend(machine.step(event, Instant::now()));
+            }
+            continue;
+        };
+        match action {
+            Action::Perform(task) => {
+                let outcome = {
+                    let work = held.perform(task);
+                    tokio::pin!(work);
+                    loop {
+                        tokio::select! {
+                            outcome = &mut work => break Some(outcome),
+                            input = inputs.next() => {
+                                let Some(event) = event_of(input, &state_dir) else { continue };
+                                let actions = machine.step(event, Instant::now());
+                                let cancelled = actions.first() == Some(&Action::Cancel);
+                                queue.extend(actions.into_iter().filter(|a| a != &Action::Cancel));
+                                if cancelled {
+                                    tracing::info!("the task in flight is cancelled");
+                                    break None;
+                                }
+                            }
+                        }
+                    }
+                };
+                if let Some(outcome) = outcome {
+                    queue.extend(machine.step(Event::Done(outcome), Instant::now()));
+                }
+            }
+            // Nothing is in flight outside `Perform`.
+            Action::Cancel => {}
+            Action::Hold { revoked: true } => {
+                // Exiting here would kill the preStop hook's own process with the container
+                // (the kubelet then reports the hook as failed); the kubelet sends SIGTERM as
+                // soon as the hook returns.
+                tracing::info!(
+                    "the state was revoked (preStop); renewing nothing more, waiting for SIGTERM"
+                );
+            }
+            Action::Hold { revoked: false } => {
+                tracing::warn!(
+                    "the preStop revocation left something; renewing nothing more, revoking again on SIGTERM"
+                );
+            }
+            Action::Shutdown { revoke, replaced } => {
+                held.token_asked = machine.token_asked();
+                return held.shutdown(revoke, replaced).await;
+            }
+            Action::Exit => {
+                tracing::info!("stopping; the preStop hook already revoked everything");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn state_error(dir: &Path, e: std::io::Error) -> RunError {
+    RunError::State(state::StateError::File {
+        path: dir.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+fn policy(config: &AgentConfig) -> Policy {
+    Policy {
+        backoff: backoff(config),
+        static_interval: Duration::from_secs(config.lifecycle.static_secret_render_interval_secs),
+        revoke_on_shutdown: config.lifecycle.revoke_on_shutdown,
+    }
+}
+
+/// What a failed request means for deciding.
+fn failure_of(e: &ClientError) -> Failure {
+    if e.is_transient() {
+        Failure::Transient
+    } else if e.status() == Some(403) {
+        Failure::Denied
+    } else {
+        Failure::Refused
+    }
+}
+
+fn fetch_failure(e: &FetchError) -> Failure {
+    failure_of(&e.source)
+}
+
+/// The leased secrets `fetcher` holds, as just obtained.
+fn leases_of(fetcher: &Fetcher) -> Vec<(SecretKey, Granted)> {
+    fetcher
+        .secrets()
+        .iter()
+        .filter(|(_, s)| !s.lease_id.is_empty())
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                Granted::new(s.lease_id.clone(), s.lease_duration, s.renewable),
+            )
+        })
+        .collect()
+}
+
+/// Everything the driver holds for its I/O.
+struct Held<'a> {
+    config: &'a AgentConfig,
+    client: StoreClient,
+    templates: Vec<Template>,
+    session: Session,
+    fetcher: Fetcher,
+    /// The increment asked at each token renewal, recorded in the state.
+    token_asked: u64,
+    token: watch::Sender<Option<Token>>,
+}
+
+/// Adopts the init container's state, or does the init container's work here.
+async fn start<'a>(
+    config: &'a AgentConfig,
+    client: StoreClient,
+    templates: Vec<Template>,
+    token: watch::Sender<Option<Token>>,
+) -> Result<(Held<'a>, Machine), RunError> {
+    let begin = |client, templates, session: Session, fetcher, grant: TokenGrant, leases| {
+        token.send_replace(Some(Token::clone(&session.token)));
+        let machine = Machine::new(
+            Instant::now(),
+            policy(config),
+            Jitter::random(),
+            grant,
+            leases,
+        );
+        let held = Held {
+            config,
+            client,
+            templates,
+            session,
+            fetcher,
+            token_asked: grant.asked,
+            token: token.clone(),
+        };
+        (held, machine)
+    };
+    if let Some((session, fetcher, grant, leases)) = adopt(config, &client).await? {
+        return Ok(begin(client, templates, session, fetcher, grant, leases));
+    }
+    // No usable init state (native sidecar, pre-populate off, or an expired token).
+    let limit = Duration::from_secs(config.lifecycle.init_timeout_secs);
+    let (session, fetcher) = retry_until(limit, backoff(config), "first render", || {
+        start::first_render(config, &client, &templates, &config.secrets_dir)
+    })
+    .await?;
+    let grant = TokenGrant {
+        ttl: session.ttl_secs,
+        asked: session.ttl_secs,
+        renewable: session.renewable,
+    };
+    let leases = leases_of(&fetcher);
+    let (held, machine) = begin(client, templates, session, fetcher, grant, leases);
+    held.save();
+    Ok((held, machine))
+}
+
+type Adopted = (Session, Fetcher, TokenGrant, Vec<(SecretKey, Granted)>);
+
+/// Takes over the init container's state when its token is still valid.
+async fn adopt(config: &AgentConfig, client: &StoreClient) -> Result<Option<Adopted>, RunError> {
+    let saved = match state::load(&config.state_dir) {
+        Ok(Some(s)) if !s.revoked => s,
+        Ok(_) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable state file; logging in afresh");
+            return Ok(None);
+        }
+    };
+    // An outage must not make us log in afresh and orphan the init container's token: retry
+    // transient errors; only a token the store rejects means starting over.
+    let limit = Duration::from_secs(config.lifecycle.init_timeout_secs);
+    let lookup = retry_until(limit, backoff(config), "token lookup", || async {
+        match client.lookup_self(&saved.token).await {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if e.is_transient() => Err(RunError::Client(e)),
+            Err(e) => {
+                tracing::info!(error = %e, "the init container's token is no longer valid; logging in afresh");
+                Ok(None)
+            }
+        }
+    })
+    .await?;
+    let Some(info) = lookup else { return Ok(None) };
+    let session = Session {
+        token: saved.token.clone(),
+        accessor: saved.accessor.clone(),
+        ttl_secs: info.ttl,
+        renewable: info.renewable,
+        owned: saved.token_owned,
+    };
+    let mut fetcher = Fetcher::new(client.clone(), saved.token.clone());
+    let mut leases = Vec::new();
+    let unix_now = state::now_secs();
+    for held in &saved.secrets {
+        fetcher.adopt(held.key.clone(), held.secret.clone());
+        if !held.secret.lease_id.is_empty() {
+            let age = unix_now.saturating_sub(held.renewed_at);
+            let left = held.secret.lease_duration.saturating_sub(age);
+            let grant = Granted::new(held.secret.lease_id.clone(), left, held.secret.renewable);
+            leases.push((held.key.clone(), grant));
+        }
+    }
+    let grant = TokenGrant {
+        ttl: info.ttl,
+        asked: saved.token_ttl_secs.max(info.ttl),
+        renewable: info.renewable,
+    };
+    tracing::info!(accessor = %saved.accessor, leases = leases.len(), "adopted the init container's token and leases");
+    Ok(Some((session, fetcher, grant, leases)))
+}
+
+impl Held<'_> {
+    /// Saves what `revoke` and a restarted sidecar need. Renewals do not save (with a thousand
+    /// leases that would rewrite a large file many times a second); rotations, logins and
+    /// changed static secrets do. What the preStop hook recorded is never overwritten.
+    fn save(&self) {
+        if recorded(&self.config.state_dir).is_some() {
+            return;
+        }
+        let mut state = state_of(&self.session, &self.fetcher);
+        state.token_ttl_secs = self.token_asked;
+        if let Err(e) = state::save(&self.config.state_dir, &state) {
+            tracing::warn!(error = %e, "could not save the agent state");
+        }
+    }
+
+    async fn render(&mut self) {
+        let results =
+            cycle::render_all(&self.templates, &mut self.fetcher, &self.config.secrets_dir).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "some templates could not be rendered; their previous files are kept"
+            );
+        }
+    }
+
+    async fn perform(&mut self, task: Task) -> Outcome {
+        tracing::debug!(?task, "due");
+        match task {
+            Task::RenewToken { increment } => self.renew_token(increment).await,
+            Task::Login => self.relogin().await,
+            Task::RenewLease {
+                key,
+                lease_id,
+                increment,
+            } => self.renew_lease(key, &lease_id, increment).await,
+            Task::Rotate { key } => self.rotate(key).await,
+            Task::RefreshStatics => self.refresh_static().await,
+            Task::CheckToken => self.check_token().await,
+            Task::Revoke(replaced) => self.revoke_replaced(replaced).await,
+        }
+    }
+
+    async fn renew_token(&mut self, increment: Option<u64>) -> Outcome {
+        match self.client.renew_self(&self.session.token, increment).await {
+            Ok(auth) => {
+                self.session.ttl_secs = auth.lease_duration;
+                self.session.renewable = auth.renewable;
+                tracing::info!(ttl_secs = auth.lease_duration, "token renewed");
+                Outcome::TokenRenewed {
+                    ttl: auth.lease_duration,
+                    renewable: auth.renewable,
+                }
+            }
+            Err(e) => {
+                let failure = failure_of(&e);
+                match failure {
+                    Failure::Transient => {
+                        tracing::warn!(error = %e, "token renewal failed; will retry")
+                    }
+                    _ => {
+                        tracing::warn!(error = %e, "the store refused to renew the token; logging in again")
+                    }
+                }
+                Outcome::Failed(failure)
+            }
+        }
+    }
+
+    /// A new login: every leased secret is fetched again under the new token (leases die with
+    /// the token that created them) and the files are re-rendered; the machine keeps the old
+    /// token for an overlap so the app can move to the new credentials.
+    async fn relogin(&mut self) -> Outcome {
+        if recorded(&self.config.state_dir).is_some() {
+            // The preStop hook ran; its record reaches the machine as an event.
+            tracing::info!("the preStop hook ran; not logging in again");
+            return Outcome::Failed(Failure::Transient);
+        }
+        let session = match auth::login(&self.client, &self.config.auth).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "login failed; will retry");
+                return Outcome::Failed(Failure::Transient);
+            }
+        };
+        tracing::info!(accessor = %session.accessor, "logged in again");
+        let old = std::mem::replace(&mut self.session, session);
+        self.token_asked = self.session.ttl_secs;
+        self.token.send_replace(Some(self.session.token.clone()));
+        let mut fresh = Fetcher::new(self.client.clone(), self.session.token.clone());
+        for (key, secret) in self.fetcher.secrets() {
+            if secret.lease_id.is_empty() {
+                fresh.adopt(key.clone(), secret.clone());
+            } else if let Err(e) = fresh.fetch(key).await {
+                tracing::warn!(error = %e, "could not fetch a secret under the new token; it is fetched at the next render");
+            }
+        }
+        self.fetcher = fresh;
+        self.render().await;
+        self.save();
+        Outcome::LoggedIn {
+            ttl: self.session.ttl_secs,
+            renewable: self.session.renewable,
+            leases: leases_of(&self.fetcher),
+            replaced: (old.owned && old.token != self.session.token).then_some(old.token),
+        }
+    }
+
+    async fn renew_lease(
+        &mut self,
+        key: SecretKey,
+        lease_id: &str,
+        increment: Option<u64>,
+    ) -> Outcome {
+        match self
+            .client
+            .renew_lease(&self.session.token, lease_id, increment)
+            .await
+        {
+            Ok(grant) => {
+                let capped = increment.is_some_and(|asked| grant.lease_duration < asked);
+                tracing::info!(secret = %key, ttl_secs = grant.lease_duration, capped, "lease renewed");
+                if let Some(mut renewed) = self.fetcher.secrets().get(&key).cloned() {
+                    renewed.lease_duration = grant.lease_duration;
+                    self.fetcher.adopt(key.clone(), renewed);
+                }
+                Outcome::LeaseRenewed {
+                    key,
+                    ttl: grant.lease_duration,
+                    renewable: grant.renewable,
+                }
+            }
+            Err(e) => {
+                let failure = failure_of(&e);
+                match failure {
+                    Failure::Transient => {
+                        tracing::warn!(secret = %key, error = %e, "lease renewal failed; will retry")
+                    }
+                    _ => {
+                        tracing::warn!(secret = %key, error = %e, "the store refused to renew the lease; fetching a new secret")
+                    }
+                }
+                Outcome::Failed(failure)
+            }
+        }
+    }
+
+    async fn rotate(&mut self, key: SecretKey) -> Outcome {
+        let old = self.fetcher.secrets().get(&key).cloned();
+        match self.fetcher.fetch_fresh(&key).await {
+            Ok(secret) => {
+                tracing::info!(secret = %key, "fetched a new secret in place of one that cannot be renewed further");
+                let new = (!secret.lease_id.is_empty()).then(|| {
+                    Granted::new(
+                        secret.lease_id.clone(),
+                        secret.lease_duration,
+                        secret.renewable,
+                    )
+                });
+                self.fetcher.adopt(key.clone(), secret);
+                self.render().await;
+                self.save();
+                Outcome::Rotated {
+                    key,
+                    new,
+                    old: old
+                        .filter(|o| !o.lease_id.is_empty())
+                        .map(|o| (o.lease_id, o.lease_duration)),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(secret = %key, error = %e, "could not fetch a new secret; the current file is kept");
+                Outcome::Failed(fetch_failure(&e))
+            }
+        }
+    }
+
+    /// Re-reads every secret without a lease (KV); files change only if their content did.
+    async fn refresh_static(&mut self) -> Outcome {
+        let keys: Vec<SecretKey> = self
+            .fetcher
+            .secrets()
+            .iter()
+            .filter(|(_, s)| s.lease_id.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut changed = false;
+        for key in keys {
+            match self.fetcher.fetch_fresh(&key).await {
+                Ok(secret) => {
+                    if self.fetcher.secrets().get(&key) != Some(&secret) {
+                        changed = true;
+                        self.fetcher.adopt(key, secret);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "static secret refresh failed; the current files are kept");
+                    return Outcome::Failed(fetch_failure(&e));
+                }
+            }
+        }
+        if changed {
+            self.render().await;
+            self.save();
+        }
+        Outcome::StaticsRefreshed
+    }
+
+    /// Whether the store still knows the token: after a refusal, or a rotated credential file
+    /// (nothing to do while the token is fine; the next login reads the new file).
+    async fn check_token(&mut self) -> Outcome {
+        let alive = match self.client.lookup_self(&self.session.token).await {
+            Ok(_) => Some(true),
+            Err(e) if e.status() == Some(403) => Some(false),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not check the token");
+                None
+            }
+        };
+        tracing::debug!(?alive, "token checked");
+        Outcome::TokenChecked { alive }
+    }
+
+    async fn revoke_replaced(&mut self, replaced: Replaced) -> Outcome {
+        let (what, result) = match &replaced {
+            Replaced::Lease(id) => (
+                "lease",
+                self.client.revoke_lease(&self.session.token, id).await,
+            ),
+            Replaced::Token(token) => ("token", self.client.revoke_self(token).await),
+        };
+        match result {
+            Ok(()) => tracing::info!(what, "revoked what was replaced"),
+            Err(e) => {
+                tracing::info!(what, error = %e, "could not revoke what was replaced; it expires at its TTL")
+            }
+        }
+        Outcome::ReplacedRevoked
+    }
+
+    /// Revokes everything held, the replaced leases and tokens included, within
+    /// [`revoke::BUDGET`]; fails, leaving the state unrevoked, when something is left.
+    async fn shutdown(&self, revoke: bool, replaced: Vec<Replaced>) -> Result<(), RunError> {
+        let deadline = Instant::now() + revoke::BUDGET;
+        if !revoke {
+            tracing::info!("stopping; revoke-on-shutdown is off, leases expire at their TTL");
+            return Ok(());
+        }
+        if recorded(&self.config.state_dir) == Some(Event::PreStopRevoked) {
+            tracing::info!("stopping; the preStop hook already revoked everything");
+            return Ok(());
+        }
+        let mut state: State = state_of(&self.session, &self.fetcher);
+        state.token_ttl_secs = self.token_asked;
+        let report = revoke::revoke_held(&self.client, &state, replaced, deadline).await;
+        if !report.is_complete() {
+            return Err(RunError::Revocation(report));
+        }
+        state.revoked = true;
+        state::save(&self.config.state_dir, &state)?;
+        tracing::info!(%report, "stopped after revoking everything");
+        Ok(())
+    }
+}
