@@ -19,6 +19,7 @@ use crate::client::{StoreClient, Token};
 use crate::config::AgentConfig;
 use crate::cycle::{self, Template};
 use crate::fetch::Fetcher;
+use crate::listener::{self, Listener};
 use crate::render::SecretKey;
 use crate::run::{self, RunError, backoff, retry_until, state_of};
 use crate::state::{self, State};
@@ -241,6 +242,7 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
         .map_err(|e| state_error(&config.secrets_dir, e))?;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     spawn_signal_listener(events_tx.clone());
+    let quit = events_tx.clone();
     let _watchers = watch_files(config, events_tx);
 
     let mut sidecar = match adopt(config, &client).await? {
@@ -248,11 +250,30 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
         None => first_render(config, client, templates.clone()).await?,
     };
     sidecar.templates = templates;
+    // The local API (quit, proxy, lease cache) when the pod asked for it; quit is a stop.
+    let mut listener = match &config.listener {
+        Some(l) => Some(
+            Listener::start(
+                l,
+                sidecar.client.clone(),
+                &sidecar.session.token,
+                backoff(config),
+                move || {
+                    let _ = quit.send(Event::Stop);
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     std::fs::write(config.state_dir.join(READY_FILE), b"")
         .map_err(|e| state_error(&config.state_dir, e))?;
     tracing::info!(leases = sidecar.schedule.leases.len(), "sidecar running");
 
     loop {
+        if let Some(l) = &listener {
+            l.set_token(&sidecar.session.token);
+        }
         let next = sidecar.schedule.next();
         let sleep = async {
             match &next {
@@ -265,10 +286,25 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
                 let (_, duty) = next.expect("a deadline was due");
                 sidecar.perform(duty).await;
             }
+            _ = listener::due(listener.as_ref()) => {
+                if let Some(l) = &listener {
+                    l.renew_due().await;
+                }
+            }
             event = events.recv() => match event {
-                Some(Event::Stop) | None => return sidecar.stop().await,
+                Some(Event::Stop) | None => {
+                    if let Some(l) = listener.take() {
+                        let revoke = config.lifecycle.revoke_on_shutdown;
+                        l.shut_down(revoke && !state_revoked(&config.state_dir)).await;
+                    }
+                    return sidecar.stop().await;
+                }
                 Some(Event::StateChanged) => {
                     if state_revoked(&config.state_dir) {
+                        // What the proxy obtained is not in the state file: revoked here.
+                        if let Some(l) = listener.take() {
+                            l.shut_down(true).await;
+                        }
                         // Exiting here would kill the preStop hook's own process with the
                         // container (the kubelet then reports the hook as failed); the kubelet
                         // sends SIGTERM as soon as the hook returns.
@@ -310,6 +346,10 @@ async fn adopt<'a>(
     let saved = match state::load(&config.state_dir) {
         Ok(Some(s)) if !s.revoked => s,
         Ok(_) => return Ok(None),
+        Err(e) if config.listener.as_ref().is_some_and(|l| l.exit_on_err) => {
+            // agent-cache-exit-on-err: the hand-off is Sidekey's persistent cache.
+            return Err(e.into());
+        }
         Err(e) => {
             tracing::warn!(error = %e, "ignoring an unreadable state file; logging in afresh");
             return Ok(None);
