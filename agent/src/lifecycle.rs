@@ -293,9 +293,9 @@ pub async fn sidecar(config: &AgentConfig) -> Result<(), RunError> {
             }
             event = events.recv() => match event {
                 Some(Event::Stop) | None => {
+                    // The cache is not in the state file: a preStop revocation left it.
                     if let Some(l) = listener.take() {
-                        let revoke = config.lifecycle.revoke_on_shutdown;
-                        l.shut_down(revoke && !state_revoked(&config.state_dir)).await;
+                        l.shut_down(config.lifecycle.revoke_on_shutdown).await;
                     }
                     return sidecar.stop().await;
                 }

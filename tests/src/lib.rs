@@ -308,17 +308,20 @@ pub fn install_crypto_provider() {
 }
 
 /// Forwards TCP connections from `127.0.0.1:port` to `target` (host:port) until the task is
-/// aborted: a store address that can be made to refuse connections and come back.
+/// aborted: a store address that can be made to refuse connections and come back. Aborting it
+/// also closes the connections it forwards (a client's pooled connection must not outlive it).
 pub async fn forward(port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     Ok(tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
         while let Ok((mut inbound, _)) = listener.accept().await {
             let target = target.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
             });
+            while connections.try_join_next().is_some() {}
         }
     }))
 }
