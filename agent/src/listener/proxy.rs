@@ -122,14 +122,13 @@ fn no_body(req: &Request<Incoming>) -> bool {
 /// token was answered with a lease or token before.
 pub async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<reqwest::Body> {
     let agent_token = shared.token.borrow().clone();
+    let own = upstream_token(AutoAuthToken::False, req.headers(), &agent_token);
     let token = upstream_token(
         shared.config.use_auto_auth_token,
         req.headers(),
         &agent_token,
     );
-    let agent_token_used = token.as_ref() == Some(&agent_token)
-        && upstream_token(AutoAuthToken::False, req.headers(), &agent_token).as_ref()
-            != Some(&agent_token);
+    let agent_token_used = token.is_some() && token != own;
     let namespace = shared.client.namespace().map(str::to_string);
     let headers = upstream_headers(
         req.headers(),
