@@ -195,6 +195,20 @@ impl Stack {
             .map(|_| ())
     }
 
+    /// Creates (or replaces) a database role on the `pg` connection whose users are plain
+    /// logins, with the given lease TTLs ("10m", "1h").
+    pub async fn database_role(&self, name: &str, default_ttl: &str, max_ttl: &str) -> Result<()> {
+        let body = serde_json::json!({
+            "db_name": "pg",
+            "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+            "default_ttl": default_ttl,
+            "max_ttl": max_ttl,
+        });
+        self.api("POST", &format!("database/roles/{name}"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
     /// Every lease id currently held under `prefix` (for example `database/creds/app`).
     pub async fn leases(&self, prefix: &str) -> Result<Vec<String>> {
         let listed = self

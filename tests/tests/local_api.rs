@@ -39,19 +39,7 @@ async fn setup(stack: &Stack) {
             .await
             .unwrap();
         for role in [PROXY_ROLE, QUIT_ROLE] {
-            stack
-                .api(
-                    "POST",
-                    &format!("database/roles/{role}"),
-                    Some(json!({
-                        "db_name": "pg",
-                        "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
-                        "default_ttl": "10m",
-                        "max_ttl": "1h",
-                    })),
-                )
-                .await
-                .unwrap();
+            stack.database_role(role, "10m", "1h").await.unwrap();
         }
     })
     .await;
@@ -90,6 +78,14 @@ impl Answer {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
+}
+
+/// The string at `pointer` in `v`.
+fn text(v: &Value, pointer: &str) -> String {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {pointer} in {v}"))
+        .to_string()
 }
 
 /// Runs curl in the app container `container` (its own process, the pod's network) with
@@ -179,7 +175,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     run.run_init_containers(no_app_init).unwrap();
     run.start_sidecars().unwrap();
     wait_for_log(&run, "sidekey-agent", "listening");
-    let agent_accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    let agent_accessor = text(&state(&run), "/accessor");
 
     // A KV secret, with no token of the app's own: the agent's is added.
     let kv = curl(&run, "app", "\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
@@ -205,7 +201,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     let second = curl(&run, "app", &db_url);
     assert_eq!(second.status, 200);
     let (f, s) = (first.json(), second.json());
-    let lease = f["lease_id"].as_str().unwrap().to_string();
+    let lease = text(&f, "/lease_id");
     assert!(
         lease.starts_with(&format!("database/creds/{PROXY_ROLE}/")),
         "{lease}"
@@ -219,8 +215,8 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         second.headers.get("x-cache").map(String::as_str),
         Some("HIT")
     );
-    let user = f["data"]["username"].as_str().unwrap().to_string();
-    let password = f["data"]["password"].as_str().unwrap().to_string();
+    let user = text(&f, "/data/username");
+    let password = text(&f, "/data/password");
     assert_eq!(
         stack
             .psql_as(&user, &password, "select current_user")
@@ -244,14 +240,8 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     let logged_in = curl(&run, "app", &login);
     assert_eq!(logged_in.status, 200, "{logged_in:?}");
     let again = curl(&run, "app", &login);
-    let app_token = logged_in.json()["auth"]["client_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let app_accessor = logged_in.json()["auth"]["accessor"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let app_token = text(&logged_in.json(), "/auth/client_token");
+    let app_accessor = text(&logged_in.json(), "/auth/accessor");
     assert_eq!(again.json()["auth"]["client_token"], app_token.as_str());
     let with_own = curl(
         &run,
@@ -259,12 +249,9 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         &format!("-H 'X-Vault-Token: {app_token}' {db_url}"),
     );
     assert_eq!(with_own.status, 200, "{with_own:?}");
-    let own_lease = with_own.json()["lease_id"].as_str().unwrap().to_string();
+    let own_lease = text(&with_own.json(), "/lease_id");
     assert_ne!(own_lease, lease, "another token, another request");
-    let own_user = with_own.json()["data"]["username"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let own_user = text(&with_own.json(), "/data/username");
 
     // The counters show the proxied requests and the cache hits.
     let metrics = curl(&run, "app", "\"$VAULT_ADDR/agent/v1/metrics\"");
@@ -287,12 +274,10 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     assert_eq!(cleared.status, 200, "{cleared:?}");
     let third = curl(&run, "app", &db_url);
     assert_eq!(third.headers.get("x-cache"), None);
-    let third_lease = third.json()["lease_id"].as_str().unwrap().to_string();
+    let third_lease = text(&third.json(), "/lease_id");
     assert_ne!(third_lease, lease, "cleared: a new lease");
-    let third_user = third.json()["data"]["username"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let third_user = text(&third.json(), "/data/username");
+    let third_password = text(&third.json(), "/data/password");
     let bad_clear = curl(
         &run,
         "app",
@@ -351,7 +336,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         "PROXY-KEY-93d1",
         password.as_str(),
         app_token.as_str(),
-        third.json()["data"]["password"].as_str().unwrap(),
+        third_password.as_str(),
     ] {
         assert!(
             !log.contains(secret),
@@ -372,26 +357,27 @@ async fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
     run.run_init_containers(no_app_init).unwrap();
     run.start_sidecars().unwrap();
     wait_for_log(&run, "sidekey-agent", "listening");
-    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    let accessor = text(&state(&run), "/accessor");
     let leases = stack
         .leases(&format!("database/creds/{QUIT_ROLE}"))
         .await
         .unwrap();
     assert_eq!(leases.len(), 1);
 
-    // The Job's work: it uses its database credentials.
-    let out = run
-        .app_exec(
-            "export",
-            "psql \"$(cat /vault/secrets/db)\" -Atc 'select current_user'",
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The Job's work: it logs in to PostgreSQL with the credentials in its file.
+    let uri = std::fs::read_to_string(run.volume("sidekey-secrets").join("db")).unwrap();
+    let (user, password) = uri
+        .strip_prefix("postgresql://")
+        .and_then(|rest| rest.split_once('@'))
+        .and_then(|(creds, _)| creds.split_once(':'))
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .unwrap_or_else(|| panic!("not a database URI: {uri}"));
+    assert_eq!(
+        stack
+            .psql_as(&user, &password, "select current_user")
+            .unwrap(),
+        user
     );
-    let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
     // Only POST quits; then the sidecar revokes and exits 0, so the Job can complete.
     let get = curl(&run, "export", "\"$VAULT_AGENT_ADDR/agent/v1/quit\"");

@@ -387,6 +387,13 @@ mod tests {
         }
     }
 
+    /// Caches a GET of `path` sent with `token`; returns its key.
+    fn put(c: &mut LeaseCache, now: Instant, path: &str, token: &str, grant: Grant) -> CacheKey {
+        let k = key("GET", path, None, b"", Some(token));
+        assert!(c.insert(now, k, path, Some(Token::new(token)), stored(), grant, 0.5));
+        k
+    }
+
     fn lease(id: &str, ttl: u64, renewable: bool) -> Grant {
         Grant {
             held: Held::Lease(id.into()),
@@ -397,7 +404,6 @@ mod tests {
 
     #[test]
     fn the_key_covers_every_part_of_the_request_and_the_token() {
-        let base = key("GET", "/v1/database/creds/app", None, b"", Some("t1"));
         assert_eq!(
             base,
             key("GET", "/v1/database/creds/app", None, b"", Some("t1"))
@@ -487,8 +493,8 @@ mod tests {
     async fn leases_renew_until_the_store_stops_extending_them_then_leave_the_cache() {
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut c = LeaseCache::default();
-        let k = key("GET", "/v1/database/creds/app", None, b"", Some("t"));
         let t0 = Instant::now();
+        let k = key("GET", "/v1/database/creds/app", None, b"", Some("t"));
         assert!(c.insert(
             t0,
             k,
@@ -542,33 +548,25 @@ mod tests {
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut c = LeaseCache::default();
         let now = Instant::now();
-        let a = key("GET", "/v1/database/creds/a", None, b"", Some("t"));
-        let b = key("GET", "/v1/database/creds/b", None, b"", Some("t"));
-        let tok = key("POST", "/v1/auth/token/create", None, b"{}", Some("t"));
-        c.insert(
+        let a = put(
+            &mut c,
             now,
-            a,
             "/v1/database/creds/a",
-            Some(Token::new("t")),
-            stored(),
+            "t",
             lease("la", 60, true),
-            0.5,
         );
-        c.insert(
+        let b = put(
+            &mut c,
             now,
-            b,
             "/v1/database/creds/b",
-            Some(Token::new("t")),
-            stored(),
+            "t",
             lease("lb", 60, false),
-            0.5,
         );
-        c.insert(
+        put(
+            &mut c,
             now,
-            tok,
             "/v1/auth/token/create",
-            Some(Token::new("t")),
-            stored(),
+            "t",
             Grant {
                 held: Held::Token {
                     token: Token::new("child"),
@@ -577,7 +575,6 @@ mod tests {
                 ttl: 0,
                 renewable: false,
             },
-            0.5,
         );
         assert_eq!(c.len(), 3);
         // A lease that cannot be renewed is evicted when it runs out, never renewed.
@@ -606,25 +603,19 @@ mod tests {
     async fn a_revocation_through_the_proxy_forgets_what_it_revoked() {
         let mut c = LeaseCache::default();
         let now = Instant::now();
-        let a = key("GET", "/v1/database/creds/a", None, b"", Some("app"));
-        let b = key("GET", "/v1/database/creds/a", None, b"", Some("other"));
-        c.insert(
+        let a = put(
+            &mut c,
             now,
-            a,
             "/v1/database/creds/a",
-            Some(Token::new("app")),
-            stored(),
+            "app",
             lease("la", 60, true),
-            0.5,
         );
-        c.insert(
+        let b = put(
+            &mut c,
             now,
-            b,
             "/v1/database/creds/a",
-            Some(Token::new("other")),
-            stored(),
+            "other",
             lease("lb", 60, true),
-            0.5,
         );
         c.revoked(&Clear::Lease("la".into()));
         assert!(c.get(&a, now).is_none() && c.get(&b, now).is_some());

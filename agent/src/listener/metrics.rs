@@ -4,84 +4,85 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Debug, Default)]
-pub struct Metrics {
-    proxy_success: AtomicU64,
-    proxy_client_error: AtomicU64,
-    proxy_error: AtomicU64,
-    cache_hit: AtomicU64,
-    cache_miss: AtomicU64,
-    renewals: AtomicU64,
+/// Each counter's name and help text, in the order of `Counter`.
+const COUNTERS: [(&str, &str); 6] = [
+    (
+        "vault_agent_proxy_success",
+        "Proxied requests the store answered (2xx, 3xx).",
+    ),
+    (
+        "vault_agent_proxy_client_error",
+        "Proxied requests the store refused (4xx).",
+    ),
+    (
+        "vault_agent_proxy_error",
+        "Proxied requests that failed (5xx, store unreachable).",
+    ),
+    (
+        "vault_agent_cache_hit",
+        "Requests answered from the lease cache.",
+    ),
+    (
+        "vault_agent_cache_miss",
+        "Cacheable requests not found in the lease cache.",
+    ),
+    (
+        "sidekey_agent_cache_renewals",
+        "Renewals of the cache's leases and tokens.",
+    ),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    ProxySuccess,
+    ProxyClientError,
+    ProxyError,
+    CacheHit,
+    CacheMiss,
+    Renewals,
 }
 
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counts: [AtomicU64; COUNTERS.len()],
 }
 
 impl Metrics {
+    fn bump(&self, c: Counter) {
+        self.counts[c as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The store answered a forwarded request with `status`.
     pub fn proxy_answered(&self, status: u16) {
-        match status {
-            400..=499 => bump(&self.proxy_client_error),
-            500.. => bump(&self.proxy_error),
-            _ => bump(&self.proxy_success),
-        }
+        self.bump(match status {
+            400..=499 => Counter::ProxyClientError,
+            500.. => Counter::ProxyError,
+            _ => Counter::ProxySuccess,
+        });
     }
 
     /// A forwarded request got no answer (the store is unreachable).
     pub fn proxy_error(&self) {
-        bump(&self.proxy_error);
+        self.bump(Counter::ProxyError);
     }
 
     pub fn cache_hit(&self) {
-        bump(&self.cache_hit);
+        self.bump(Counter::CacheHit);
     }
 
     pub fn cache_miss(&self) {
-        bump(&self.cache_miss);
+        self.bump(Counter::CacheMiss);
     }
 
     pub fn renewed(&self) {
-        bump(&self.renewals);
+        self.bump(Counter::Renewals);
     }
 
     /// The Prometheus text exposition of every counter, and the cache's size.
     pub fn render(&self, cache_entries: usize) -> String {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let counters = [
-            (
-                "vault_agent_proxy_success",
-                "Requests the store answered (2xx, 3xx) through the proxy, cache misses only.",
-                get(&self.proxy_success),
-            ),
-            (
-                "vault_agent_proxy_client_error",
-                "Requests the store refused (4xx) through the proxy.",
-                get(&self.proxy_client_error),
-            ),
-            (
-                "vault_agent_proxy_error",
-                "Requests through the proxy that failed at the store (5xx) or could not reach it.",
-                get(&self.proxy_error),
-            ),
-            (
-                "vault_agent_cache_hit",
-                "Requests answered from the lease cache.",
-                get(&self.cache_hit),
-            ),
-            (
-                "vault_agent_cache_miss",
-                "Cacheable requests that were not in the lease cache.",
-                get(&self.cache_miss),
-            ),
-            (
-                "sidekey_agent_cache_renewals",
-                "Leases and tokens of the cache renewed.",
-                get(&self.renewals),
-            ),
-        ];
         let mut out = String::new();
-        for (name, help, value) in counters {
+        for ((name, help), count) in COUNTERS.iter().zip(&self.counts) {
+            let value = count.load(Ordering::Relaxed);
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             ));
