@@ -157,6 +157,14 @@ impl Stack {
             .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, "app-pod", 3600)
     }
 
+    /// The service-account token the kubelet projects into `pod` (a pod of the app role's
+    /// namespace and service account).
+    pub fn pod_sa_token(&self, pod: &Value) -> String {
+        let name = pod["metadata"]["name"].as_str().unwrap_or("pod");
+        self.signer
+            .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, name, 3600)
+    }
+
     /// Calls the OpenBao HTTP API with the root token; returns the decoded body (Null when empty).
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         setup::api(&self.http, &self.addr, &self.root_token, method, path, body).await

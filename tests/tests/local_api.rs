@@ -16,9 +16,7 @@ use serde_json::{Value, json};
 use sidekey_tests::injector::Injector;
 use sidekey_tests::pod::PodRun;
 use sidekey_tests::podman::images;
-use sidekey_tests::{
-    APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, forward, free_port, workspace_root,
-};
+use sidekey_tests::{Stack, forward, free_port, workspace_root};
 
 const PROXY_ROLE: &str = "e2e-proxy";
 const QUIT_ROLE: &str = "e2e-quit";
@@ -51,15 +49,6 @@ async fn injector_at(stack: &Stack, address: &str) -> Injector {
     Injector::start(address, &images().unwrap().agent, &[flag.as_str()])
         .await
         .unwrap()
-}
-
-fn sa_token(stack: &Stack, pod: &Value) -> String {
-    stack.signer.service_account_token(
-        APP_NAMESPACE,
-        APP_SERVICE_ACCOUNT,
-        pod["metadata"]["name"].as_str().unwrap(),
-        3600,
-    )
 }
 
 fn no_app_init(_: &PodRun, name: &str) -> anyhow::Result<()> {
@@ -131,6 +120,37 @@ fn wait_for_log(run: &PodRun, container: &str, what: &str) {
     }
 }
 
+/// Asserts that no lease of `role`, none of `users` and no token of `accessors` is left.
+async fn assert_nothing_left(
+    stack: &Stack,
+    role: &str,
+    users: &[&str],
+    accessors: &[&str],
+    log: &str,
+) {
+    let leases = stack
+        .leases(&format!("database/creds/{role}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        leases,
+        Vec::<String>::new(),
+        "leases outlived the pod; log:\n{log}"
+    );
+    for u in users {
+        assert!(
+            !stack.pg_role_exists(u).unwrap(),
+            "database user {u} outlived the pod"
+        );
+    }
+    for a in accessors {
+        assert!(
+            !stack.token_alive(a).await,
+            "token {a} outlived the pod; log:\n{log}"
+        );
+    }
+}
+
 fn state(run: &PodRun) -> Value {
     serde_json::from_slice(&std::fs::read(run.volume("sidekey-home").join("state.json")).unwrap())
         .unwrap()
@@ -138,20 +158,17 @@ fn state(run: &PodRun) -> Value {
 
 /// The agent config a container of the mutated pod carries.
 fn agent_config(pod: &Value, list: &str, name: &str) -> Value {
-    let c = pod["spec"][list]
+    let value = pod["spec"][list]
         .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap();
-    let env = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == name)
+        .flat_map(|c| c["env"].as_array().into_iter().flatten())
         .find(|e| e["name"] == "SIDEKEY_AGENT_CONFIG")
-        .unwrap();
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("{name} carries no agent config"));
     let json = base64::engine::general_purpose::STANDARD
-        .decode(env["value"].as_str().unwrap())
+        .decode(value)
         .unwrap();
     serde_json::from_slice(&json).unwrap()
 }
@@ -171,7 +188,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         agent_config(&mutated, "containers", "sidekey-agent")["listener"],
         json!({ "port": port, "use_auto_auth_token": "true" })
     );
-    let mut run = PodRun::new(mutated, &sa_token(stack, &pod)).unwrap();
+    let mut run = PodRun::new(mutated, &stack.pod_sa_token(&pod)).unwrap();
     run.run_init_containers(no_app_init).unwrap();
     run.start_sidecars().unwrap();
     wait_for_log(&run, "sidekey-agent", "listening");
@@ -235,7 +252,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     // cached too (the same login, the same token), and its lease is the app token's.
     let login = format!(
         "-X POST -d '{}' \"$VAULT_ADDR/v1/auth/kubernetes/login\"",
-        json!({ "role": "app", "jwt": sa_token(stack, &pod) })
+        json!({ "role": "app", "jwt": stack.pod_sa_token(&pod) })
     );
     let logged_in = curl(&run, "app", &login);
     assert_eq!(logged_in.status, 200, "{logged_in:?}");
@@ -311,25 +328,15 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     forwarder.abort();
     assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
     let log = run.log("sidekey-agent");
-    assert!(
-        stack
-            .leases(&format!("database/creds/{PROXY_ROLE}"))
-            .await
-            .unwrap()
-            .is_empty(),
-        "leases obtained through the proxy outlived the pod; log:\n{log}"
-    );
-    for u in [&user, &own_user, &third_user] {
-        assert!(
-            !stack.pg_role_exists(u).unwrap(),
-            "database user {u} outlived the pod"
-        );
-    }
-    assert!(
-        !stack.token_alive(&app_accessor).await,
-        "the token the app created through the proxy outlived the pod; log:\n{log}"
-    );
-    assert!(!stack.token_alive(&agent_accessor).await);
+    // The app's token, created through the proxy, is revoked too.
+    assert_nothing_left(
+        stack,
+        PROXY_ROLE,
+        &[&user, &own_user, &third_user],
+        &[&app_accessor, &agent_accessor],
+        &log,
+    )
+    .await;
 
     // Nothing that passed through the proxy reached the log (debug level).
     for secret in [
@@ -353,7 +360,7 @@ async fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
     let port = free_port();
     let pod = fixture("export-job-enable-quit.json", stack, port);
     let (mutated, _) = injector.mutate(&pod).await.unwrap();
-    let mut run = PodRun::new(mutated, &sa_token(stack, &pod)).unwrap();
+    let mut run = PodRun::new(mutated, &stack.pod_sa_token(&pod)).unwrap();
     run.run_init_containers(no_app_init).unwrap();
     run.start_sidecars().unwrap();
     wait_for_log(&run, "sidekey-agent", "listening");
@@ -402,23 +409,8 @@ async fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
     // The kubelet finds every container exited; the sidecar's exit code is 0.
     let codes = run.stop().unwrap();
     assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
-    assert!(
-        stack
-            .leases(&format!("database/creds/{QUIT_ROLE}"))
-            .await
-            .unwrap()
-            .is_empty(),
-        "{}",
-        run.log("sidekey-agent")
-    );
-    assert!(
-        !stack.pg_role_exists(&user).unwrap(),
-        "{user} outlived the Job"
-    );
-    assert!(
-        !stack.token_alive(&accessor).await,
-        "the token outlived the Job"
-    );
+    let log = run.log("sidekey-agent");
+    assert_nothing_left(stack, QUIT_ROLE, &[&user], &[&accessor], &log).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -387,10 +387,19 @@ mod tests {
         }
     }
 
-    /// Caches a GET of `path` sent with `token`; returns its key.
-    fn put(c: &mut LeaseCache, now: Instant, path: &str, token: &str, grant: Grant) -> CacheKey {
+    /// Caches a GET of `path` sent with `token` now; returns its key.
+    fn put(c: &mut LeaseCache, path: &str, token: &str, grant: Grant) -> CacheKey {
         let k = key("GET", path, None, b"", Some(token));
-        assert!(c.insert(now, k, path, Some(Token::new(token)), stored(), grant, 0.5));
+        let kept = c.insert(
+            Instant::now(),
+            k,
+            path,
+            Some(Token::new(token)),
+            stored(),
+            grant,
+            0.5,
+        );
+        assert!(kept);
         k
     }
 
@@ -404,6 +413,7 @@ mod tests {
 
     #[test]
     fn the_key_covers_every_part_of_the_request_and_the_token() {
+        let base = key("GET", "/v1/database/creds/app", None, b"", Some("t1"));
         assert_eq!(
             base,
             key("GET", "/v1/database/creds/app", None, b"", Some("t1"))
@@ -548,23 +558,10 @@ mod tests {
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut c = LeaseCache::default();
         let now = Instant::now();
-        let a = put(
-            &mut c,
-            now,
-            "/v1/database/creds/a",
-            "t",
-            lease("la", 60, true),
-        );
-        let b = put(
-            &mut c,
-            now,
-            "/v1/database/creds/b",
-            "t",
-            lease("lb", 60, false),
-        );
+        let a = put(&mut c, "/v1/db/a", "t", lease("la", 60, true));
+        let b = put(&mut c, "/v1/db/b", "t", lease("lb", 60, false));
         put(
             &mut c,
-            now,
             "/v1/auth/token/create",
             "t",
             Grant {
@@ -581,7 +578,7 @@ mod tests {
         assert_eq!(c.next_due(), Some(now + Duration::from_secs(39)));
         c.renewal_failed(now, &a, false, backoff);
         assert!(c.get(&a, now).is_none(), "refused: evicted");
-        assert_eq!(c.clear(&Clear::RequestPath("/v1/database/".into())), 1);
+        assert_eq!(c.clear(&Clear::RequestPath("/v1/db/".into())), 1);
         assert_eq!(c.clear(&Clear::TokenAccessor("nope".into())), 0);
         assert_eq!(c.len(), 1);
         let held: Vec<Held> = c.drain().into_iter().map(|(h, _)| h).collect();
@@ -603,20 +600,8 @@ mod tests {
     async fn a_revocation_through_the_proxy_forgets_what_it_revoked() {
         let mut c = LeaseCache::default();
         let now = Instant::now();
-        let a = put(
-            &mut c,
-            now,
-            "/v1/database/creds/a",
-            "app",
-            lease("la", 60, true),
-        );
-        let b = put(
-            &mut c,
-            now,
-            "/v1/database/creds/a",
-            "other",
-            lease("lb", 60, true),
-        );
+        let a = put(&mut c, "/v1/db/a", "app", lease("la", 60, true));
+        let b = put(&mut c, "/v1/db/a", "other", lease("lb", 60, true));
         c.revoked(&Clear::Lease("la".into()));
         assert!(c.get(&a, now).is_none() && c.get(&b, now).is_some());
         c.revoked(&Clear::Token("other".into()));
