@@ -127,6 +127,15 @@ pub struct Stored {
     pub body: Bytes,
 }
 
+/// A response worth caching, with the request's path and the token it was sent with.
+#[derive(Debug, Clone)]
+pub struct Obtained {
+    pub path: String,
+    pub token: Option<Token>,
+    pub stored: Stored,
+    pub grant: Grant,
+}
+
 /// What to do when an entry is due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -213,24 +222,21 @@ impl LeaseCache {
     }
 
     /// Keeps a response; returns false when the cache is full (the response is still served).
-    pub fn insert(
-        &mut self,
-        now: Instant,
-        key: CacheKey,
-        path: &str,
-        token: Option<Token>,
-        stored: Stored,
-        grant: Grant,
-        jitter: f64,
-    ) -> bool {
+    pub fn insert(&mut self, now: Instant, key: CacheKey, got: Obtained, jitter: f64) -> bool {
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&key) {
             return false;
         }
+        let Obtained {
+            path,
+            token,
+            stored,
+            grant,
+        } = got;
         let mut entry = Entry {
             stored,
             held: grant.held,
             token,
-            path: path.to_string(),
+            path,
             created: now,
             asked: grant.ttl,
             due: None,
@@ -387,19 +393,19 @@ mod tests {
         }
     }
 
+    fn obtained(path: &str, token: &str, grant: Grant) -> Obtained {
+        Obtained {
+            path: path.into(),
+            token: Some(Token::new(token)),
+            stored: stored(),
+            grant,
+        }
+    }
+
     /// Caches a GET of `path` sent with `token` now; returns its key.
     fn put(c: &mut LeaseCache, path: &str, token: &str, grant: Grant) -> CacheKey {
         let k = key("GET", path, None, b"", Some(token));
-        let kept = c.insert(
-            Instant::now(),
-            k,
-            path,
-            Some(Token::new(token)),
-            stored(),
-            grant,
-            0.5,
-        );
-        assert!(kept);
+        assert!(c.insert(Instant::now(), k, obtained(path, token, grant), 0.5));
         k
     }
 
@@ -505,15 +511,8 @@ mod tests {
         let mut c = LeaseCache::default();
         let t0 = Instant::now();
         let k = key("GET", "/v1/database/creds/app", None, b"", Some("t"));
-        assert!(c.insert(
-            t0,
-            k,
-            "/v1/database/creds/app",
-            Some(Token::new("t")),
-            stored(),
-            lease("l1", 60, true),
-            0.0
-        ));
+        let got = obtained("/v1/database/creds/app", "t", lease("l1", 60, true));
+        assert!(c.insert(t0, k, got, 0.0));
         assert_eq!(c.next_due(), Some(t0 + Duration::from_secs(36)));
         assert!(c.take_due(t0 + Duration::from_secs(35)).is_empty());
         tokio::time::advance(Duration::from_secs(36)).await;
@@ -559,7 +558,7 @@ mod tests {
         let mut c = LeaseCache::default();
         let now = Instant::now();
         let a = put(&mut c, "/v1/db/a", "t", lease("la", 60, true));
-        let b = put(&mut c, "/v1/db/b", "t", lease("lb", 60, false));
+        put(&mut c, "/v1/db/b", "t", lease("lb", 60, false));
         put(
             &mut c,
             "/v1/auth/token/create",

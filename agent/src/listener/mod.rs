@@ -29,7 +29,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use self::cache::{Action, CacheKey, Clear, Grant, Held, LeaseCache, Stored};
+use self::cache::{Action, CacheKey, Clear, Held, LeaseCache, Obtained};
 use self::metrics::Metrics;
 use crate::backoff::Backoff;
 use crate::client::{StoreClient, Token};
@@ -86,20 +86,14 @@ impl Shared {
         }
     }
 
-    fn keep(&self, key: CacheKey, path: &str, token: Option<Token>, stored: Stored, grant: Grant) {
-        let kind = match grant.held {
+    fn keep(&self, key: CacheKey, got: Obtained) {
+        let kind = match got.grant.held {
             Held::Lease(_) => "lease",
             Held::Token { .. } => "token",
         };
-        let kept = self.lock().insert(
-            Instant::now(),
-            key,
-            path,
-            token,
-            stored,
-            grant,
-            rand::random(),
-        );
+        let path = got.path.clone();
+        let path = path.as_str();
+        let kept = self.lock().insert(Instant::now(), key, got, rand::random());
         if kept {
             tracing::info!(path, kind, "cached a {kind} obtained through the proxy");
             self.changed.notify_waiters();

@@ -242,7 +242,16 @@ async fn keep_if_leased(
     };
     let answer = response_of(&stored, None);
     if let Some(grant) = cache::grant_of(stored.status, &stored.body) {
-        shared.keep(key, path, token, stored, grant);
+        let path = path.to_string();
+        shared.keep(
+            key,
+            cache::Obtained {
+                path,
+                token,
+                stored,
+                grant,
+            },
+        );
     }
     answer
 }
