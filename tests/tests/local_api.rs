@@ -245,7 +245,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
             .leases(&format!("database/creds/{PROXY_ROLE}"))
             .await
             .unwrap(),
-        [lease.clone()]
+        std::slice::from_ref(&lease)
     );
 
     // The app logs in through the proxy itself and reads with its own token: the login is
