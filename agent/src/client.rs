@@ -202,6 +202,37 @@ impl StoreClient {
         &self.addr
     }
 
+    /// The store's namespace, when the config names one.
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    /// A request for `path_and_query` (`/v1/...` as the app wrote it) over this client's TLS
+    /// set-up and connection pool, with nothing added: the listener's API proxy forwards
+    /// requests through it. Counted with the agent's own requests.
+    pub fn forward(&self, method: Method, path_and_query: &str) -> reqwest::RequestBuilder {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.http
+            .request(method, format!("{}{path_and_query}", self.addr))
+    }
+
+    /// What a failed forwarded request means, as the agent's own calls report it.
+    pub fn transport_error(&self, e: &reqwest::Error) -> ClientError {
+        let detail = describe_transport_error(e);
+        if is_tls_failure(e) {
+            ClientError::Certificate {
+                addr: self.addr.clone(),
+                trust: self.trust.clone(),
+                detail,
+            }
+        } else {
+            ClientError::Unreachable {
+                addr: self.addr.clone(),
+                detail,
+            }
+        }
+    }
+
     /// How many HTTP requests this client (and its clones) sent, retries included.
     pub fn requests_sent(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -509,25 +540,6 @@ fn tidy(message: &str) -> String {
     }
 }
 
-/// reqwest's `Display` hides the cause ("error sending request"); walk the source chain.
-impl StoreClient {
-    fn transport_error(&self, e: &reqwest::Error) -> ClientError {
-        let detail = describe_transport_error(e);
-        if is_tls_failure(e) {
-            ClientError::Certificate {
-                addr: self.addr.clone(),
-                trust: self.trust.clone(),
-                detail,
-            }
-        } else {
-            ClientError::Unreachable {
-                addr: self.addr.clone(),
-                detail,
-            }
-        }
-    }
-}
-
 /// Whether a transport error is rustls refusing a certificate (the store's, or ours). The
 /// rustls error sits inside io::Errors (hyper-rustls wraps tokio-rustls's io::Error in another),
 /// whose `source()` skips the error they wrap, so those are opened with `get_ref`.
@@ -555,6 +567,7 @@ fn is_tls_failure(e: &reqwest::Error) -> bool {
     false
 }
 
+/// reqwest's `Display` hides the cause ("error sending request"); walk the source chain.
 fn describe_transport_error(e: &reqwest::Error) -> String {
     let mut parts = Vec::new();
     if e.is_timeout() {

@@ -53,6 +53,47 @@ pub struct AgentConfig {
     pub lifecycle: LifecycleConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The sidecar's local API on 127.0.0.1 (agent-cache-enable, agent-enable-quit); none when
+    /// the pod asked for neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerConfig>,
+}
+
+/// The port Vault Agent's listener takes in vault-k8s pods.
+pub const DEFAULT_LISTENER_PORT: u16 = 8200;
+
+/// Which token the API proxy sends upstream (Vault Agent's `cache.use_auto_auth_token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoAuthToken {
+    /// The request's own token, or none.
+    #[default]
+    False,
+    /// The agent's token when the request carries none.
+    True,
+    /// Always the agent's token, in place of the request's.
+    Force,
+}
+
+/// The listener on 127.0.0.1: the API proxy with its lease cache, `/agent/v1/cache-clear`,
+/// `/agent/v1/metrics`, and `/agent/v1/quit` when enabled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "default_listener_port")]
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_quit: bool,
+    #[serde(default)]
+    pub use_auto_auth_token: AutoAuthToken,
+    /// Exit with an error when the init container's state cannot be taken over, rather than
+    /// logging in afresh (Vault Agent's `cache.persist.exit_on_err`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit_on_err: bool,
+}
+
+fn default_listener_port() -> u16 {
+    DEFAULT_LISTENER_PORT
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -503,6 +544,9 @@ impl AgentConfig {
                 "lifecycle.static_secret_render_interval_secs",
                 "must be at least 1",
             ));
+        }
+        if self.listener.as_ref().is_some_and(|l| l.port == 0) {
+            return Err(invalid("listener.port", "must be between 1 and 65535"));
         }
         Ok(())
     }

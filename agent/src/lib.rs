@@ -9,6 +9,7 @@ pub mod config;
 pub mod cycle;
 pub mod fetch;
 pub mod lifecycle;
+pub mod listener;
 pub mod log;
 pub mod memory;
 pub mod render;

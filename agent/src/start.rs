@@ -26,6 +26,8 @@ pub enum RunError {
     Cycle(#[from] CycleError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Listener(#[from] crate::listener::ListenerError),
     #[error("gave up after {secs}s of retrying; last error: {last}")]
     Timeout { secs: u64, last: Box<RunError> },
     /// A revocation that left something alive (the report says what).
@@ -44,7 +46,8 @@ impl RunError {
     }
 
     /// 1: the store could not be reached in time; 2: bad config; 3: login refused;
-    /// 4: a secret or template problem; 5: local files (state, secrets folder).
+    /// 4: a secret or template problem; 5: local resources (state, secrets folder, the
+    /// listener's port).
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Timeout { .. } | RunError::Revocation(_) => 1,
@@ -53,7 +56,7 @@ impl RunError {
             RunError::Client(_) => 2,
             RunError::Auth(e) if e.is_transient() => 1,
             RunError::Auth(_) => 3,
-            RunError::Cycle(CycleError::Sink(_)) | RunError::State(_) => 5,
+            RunError::Cycle(CycleError::Sink(_)) | RunError::State(_) | RunError::Listener(_) => 5,
             RunError::Cycle(e) if e.is_transient() => 1,
             RunError::Cycle(_) => 4,
         }

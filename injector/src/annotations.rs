@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use sidekey_agent::config::{DefaultFormat, Engine, check_relative_file, parse_mode};
+use sidekey_agent::config::{
+    AutoAuthToken, DEFAULT_LISTENER_PORT, DefaultFormat, Engine, ListenerConfig,
+    check_relative_file, parse_mode,
+};
 
 use crate::config::Defaults;
 use crate::known;
@@ -126,6 +129,8 @@ pub struct InjectionRequest {
     pub sa_token_audience: Option<String>,
     pub sa_token_expiration: i64,
     pub init_timeout_secs: u64,
+    /// The sidecar's local API (agent-cache-enable, agent-enable-quit), if asked for.
+    pub listener: Option<ListenerConfig>,
 }
 
 /// The result of reading a pod's annotations.
@@ -264,6 +269,76 @@ fn revoke_sidecar(
     Ok(true)
 }
 
+const LISTENER_ANNOTATIONS: [&str; 3] = [
+    "agent-cache-listener-port",
+    "agent-cache-use-auto-auth-token",
+    "agent-cache-exit-on-err",
+];
+
+/// The sidecar's listener, as vault-k8s configures Vault Agent's: `agent-cache-enable` gives
+/// the proxy with its lease cache (the agent's token added per
+/// `agent-cache-use-auto-auth-token`, "true" by default); `agent-enable-quit` alone gives the
+/// quit endpoint and a proxy that adds no token (vault-k8s's empty cache block). A pod that asks
+/// for neither gets no listener; a pre-populate-only pod has no sidecar to listen in.
+fn listener(
+    look: &Lookup,
+    pre_populate_only: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Option<ListenerConfig>, AnnotationError> {
+    let cache = look.bool_or("agent-cache-enable", false)?;
+    let enable_quit = look.bool_or("agent-enable-quit", false)?;
+    let port = match look.nonempty("agent-cache-listener-port") {
+        None => DEFAULT_LISTENER_PORT,
+        Some(v) => v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+            look.error(
+                "agent-cache-listener-port",
+                format!("{v:?} is not a TCP port (1-65535)"),
+            )
+        })?,
+    };
+    let use_auto_auth_token = match look.nonempty("agent-cache-use-auto-auth-token") {
+        _ if !cache => AutoAuthToken::False,
+        None => AutoAuthToken::True,
+        Some(v) if v.eq_ignore_ascii_case("force") => AutoAuthToken::Force,
+        Some(v) => match parse_bool(&v) {
+            Some(true) => AutoAuthToken::True,
+            Some(false) => AutoAuthToken::False,
+            None => {
+                return Err(look.error(
+                    "agent-cache-use-auto-auth-token",
+                    format!("{v:?} is not true, false or force"),
+                ));
+            }
+        },
+    };
+    let exit_on_err = look.bool_or("agent-cache-exit-on-err", false)?;
+    let asked = cache || enable_quit;
+    if pre_populate_only && asked {
+        for suffix in ["agent-cache-enable", "agent-enable-quit"] {
+            if let Some((key, _)) = look.get(suffix) {
+                warnings.push(format!("annotation {key} is ignored: a pre-populate-only pod has no sidecar to serve the listener"));
+            }
+        }
+        return Ok(None);
+    }
+    if !asked {
+        for suffix in LISTENER_ANNOTATIONS {
+            if let Some((key, _)) = look.get(suffix) {
+                warnings.push(format!(
+                    "annotation {key} is ignored without agent-cache-enable or agent-enable-quit"
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    Ok(Some(ListenerConfig {
+        port,
+        enable_quit,
+        use_auto_auth_token,
+        exit_on_err,
+    }))
+}
+
 /// A duration as Vault takes it: whole seconds ("300") or a Go duration ("5m", "1h30m", "1.5s").
 /// Returns whole seconds, rounded up.
 pub fn parse_duration(text: &str) -> Option<u64> {
@@ -357,23 +432,6 @@ fn check_secret_name(name: &str) -> Result<(), String> {
 
 /// Annotations we accept for compatibility but that change nothing in Sidekey, with why.
 const NOT_NEEDED: &[(&str, &str)] = &[
-    (
-        "agent-cache-enable",
-        "the sidecar adopts the init container's token and leases without a cache",
-    ),
-    (
-        "agent-cache-use-auto-auth-token",
-        "Sidekey has no agent cache listener",
-    ),
-    (
-        "agent-cache-listener-port",
-        "Sidekey has no agent cache listener",
-    ),
-    ("agent-cache-exit-on-err", "Sidekey has no agent cache"),
-    (
-        "agent-enable-quit",
-        "use agent-pre-populate-only or agent-native-sidecar for Jobs",
-    ),
     (
         "template-config-exit-on-retry-failure",
         "the init container always exits non-zero after its timeout",
@@ -1042,6 +1100,7 @@ fn parse_request(
     } else {
         None
     };
+    let listener = listener(look, pre_populate_only, warnings)?;
     let pre_populate = look.bool_or("agent-pre-populate", true)?;
     if !pre_populate && pre_populate_only {
         return Err(look.error(
@@ -1222,6 +1281,7 @@ fn parse_request(
         sa_token_audience: Some(defaults.sa_token_audience.clone()).filter(|a| !a.is_empty()),
         sa_token_expiration: defaults.sa_token_expiration,
         init_timeout_secs: defaults.agent_init_timeout,
+        listener,
     })
     .and_then(|r| check_client_pair(look, r))
 }
@@ -1558,13 +1618,13 @@ mod tests {
     #[test]
     fn warnings_for_accepted_but_inert_annotations() {
         let (_, w) = request(&with(&[
-            ("agent-cache-enable", "true"),
+            ("agent-cache-listener-port", "8300"),
             ("agent-telemetry-prometheus-retention-time", "30s"),
             ("agent-inject-perms-typo", "0400"),
         ]));
         assert_eq!(w.len(), 3, "{w:?}");
         for expected in [
-            "annotation vault.hashicorp.com/agent-cache-enable is ignored",
+            "annotation vault.hashicorp.com/agent-cache-listener-port is ignored without agent-cache-enable or agent-enable-quit",
             "annotation vault.hashicorp.com/agent-telemetry-prometheus-retention-time is ignored",
             "annotation vault.hashicorp.com/agent-inject-perms-typo refers to a secret that no agent-inject-secret-NAME annotation defines",
         ] {
@@ -1573,6 +1633,62 @@ mod tests {
                 "missing {expected:?} in {w:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_listener_is_there_only_when_asked_for() {
+        let (r, w) = request(&with(&[]));
+        assert_eq!(r.listener, None, "a pod that did not ask gets no listener");
+        assert!(w.is_empty(), "{w:?}");
+        let (r, _) = request(&with(&[("agent-cache-enable", "true")]));
+        assert_eq!(
+            r.listener,
+            Some(ListenerConfig {
+                port: 8200,
+                enable_quit: false,
+                use_auto_auth_token: AutoAuthToken::True,
+                exit_on_err: false,
+            })
+        );
+        let (r, _) = request(&with(&[
+            ("agent-cache-enable", "true"),
+            ("agent-cache-listener-port", "8300"),
+            ("agent-cache-use-auto-auth-token", "force"),
+            ("agent-cache-exit-on-err", "true"),
+            ("agent-enable-quit", "true"),
+        ]));
+        let l = r.listener.unwrap();
+        assert_eq!((l.port, l.enable_quit, l.exit_on_err), (8300, true, true));
+        assert_eq!(l.use_auto_auth_token, AutoAuthToken::Force);
+        // Quit alone: vault-k8s's empty cache block, a proxy that adds no token.
+        let (r, _) = request(&with(&[("agent-enable-quit", "true")]));
+        let l = r.listener.unwrap();
+        assert!(l.enable_quit);
+        assert_eq!(l.use_auto_auth_token, AutoAuthToken::False);
+        let (r, w) = request(&with(&[
+            ("agent-enable-quit", "true"),
+            ("agent-pre-populate-only", "true"),
+        ]));
+        assert_eq!(r.listener, None);
+        assert!(
+            w.iter()
+                .any(|w| w.contains("agent-enable-quit is ignored: a pre-populate-only pod")),
+            "{w:?}"
+        );
+        assert_eq!(
+            error(&with(&[
+                ("agent-cache-enable", "true"),
+                ("agent-cache-listener-port", "99999")
+            ])),
+            "annotation vault.hashicorp.com/agent-cache-listener-port: \"99999\" is not a TCP port (1-65535)"
+        );
+        assert_eq!(
+            error(&with(&[
+                ("agent-cache-enable", "true"),
+                ("agent-cache-use-auto-auth-token", "always")
+            ])),
+            "annotation vault.hashicorp.com/agent-cache-use-auto-auth-token: \"always\" is not true, false or force"
+        );
     }
 
     #[test]

@@ -160,6 +160,7 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
             native_sidecar: req.native_sidecar,
             token_ttl_cap_secs: req.init_token_ttl_cap,
         },
+        listener: req.listener.clone(),
         log: LogConfig {
             level: req.log_level.clone(),
             format: if req.log_format == "text" {

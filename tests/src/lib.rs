@@ -159,6 +159,14 @@ impl Stack {
             .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, "app-pod", 3600)
     }
 
+    /// The service-account token the kubelet projects into `pod` (a pod of the app role's
+    /// namespace and service account).
+    pub fn pod_sa_token(&self, pod: &Value) -> String {
+        let name = pod["metadata"]["name"].as_str().unwrap_or("pod");
+        self.signer
+            .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, name, 3600)
+    }
+
     /// Calls the OpenBao HTTP API with the root token; returns the decoded body (Null when empty).
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         setup::api(&self.http, &self.addr, &self.root_token, method, path, body).await
@@ -193,6 +201,20 @@ impl Stack {
     /// Writes a KV v1 secret under the `kv/` mount.
     pub async fn put_kv1(&self, path: &str, data: Value) -> Result<()> {
         self.api("POST", &format!("kv/{path}"), Some(data))
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates (or replaces) a database role on the `pg` connection whose users are plain
+    /// logins, with the given lease TTLs ("10m", "1h").
+    pub async fn database_role(&self, name: &str, default_ttl: &str, max_ttl: &str) -> Result<()> {
+        let body = serde_json::json!({
+            "db_name": "pg",
+            "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+            "default_ttl": default_ttl,
+            "max_ttl": max_ttl,
+        });
+        self.api("POST", &format!("database/roles/{name}"), Some(body))
             .await
             .map(|_| ())
     }
@@ -321,17 +343,20 @@ pub fn install_crypto_provider() {
 }
 
 /// Forwards TCP connections from `127.0.0.1:port` to `target` (host:port) until the task is
-/// aborted: a store address that can be made to refuse connections and come back.
+/// aborted: a store address that can be made to refuse connections and come back. Aborting it
+/// also closes the connections it forwards (a client's pooled connection must not outlive it).
 pub async fn forward(port: u16, target: String) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     Ok(tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
         while let Ok((mut inbound, _)) = listener.accept().await {
             let target = target.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
             });
+            while connections.try_join_next().is_some() {}
         }
     }))
 }

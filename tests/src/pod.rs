@@ -571,13 +571,16 @@ impl PodRun {
         let mut codes = Vec::new();
         for mut group in [regular, native] {
             let deadline = Instant::now() + grace;
-            for r in &group {
+            for r in &mut group {
                 let c = self
                     .container(&r.name)
                     .context("a running container not in the pod")?;
                 let hook = strings(&c["lifecycle"]["preStop"]["exec"]["command"]);
+                // A container that already exited (a sidecar told to quit) runs no hook, as in
+                // a pod.
                 if prestop
                     && !hook.is_empty()
+                    && r.child.try_wait()?.is_none()
                     && !self.exec(&r.name, &hook, &format!("{}-prestop", r.name))?
                 {
                     bail!(

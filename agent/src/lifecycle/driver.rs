@@ -16,6 +16,7 @@ use crate::client::{ClientError, StoreClient, Token};
 use crate::config::AgentConfig;
 use crate::cycle::{self, Template};
 use crate::fetch::{FetchError, Fetcher};
+use crate::listener::{self, Listener};
 use crate::render::SecretKey;
 use crate::revoke::{self, Replaced};
 use crate::start::{self, RunError, backoff, retry_until, state_of};
@@ -70,10 +71,22 @@ impl<'a> Sidecar<'a> {
             stop = stopped_early(&mut self.inputs, &config.state_dir) => return stop_early(config, stop).await,
         };
         let (mut held, machine) = started;
+        // The local API (quit, proxy, lease cache) when the pod asked for it; quit is a stop.
+        let listener = match &config.listener {
+            Some(l) => {
+                let control = self.inputs.control();
+                let quit = move || {
+                    let _ = control.send(Input::Stop);
+                };
+                let client = held.client.clone();
+                Some(Listener::start(l, client, &held.session.token, backoff(config), quit).await?)
+            }
+            None => None,
+        };
         std::fs::write(config.state_dir.join(READY_FILE), b"")
             .map_err(|e| state_error(&config.state_dir, e))?;
         tracing::info!(leases = machine.lease_count(), "sidecar running");
-        drive(&mut held, machine, &mut self.inputs).await
+        drive(&mut held, machine, &mut self.inputs, listener).await
     }
 }
 
@@ -118,15 +131,28 @@ async fn drive(
     held: &mut Held<'_>,
     mut machine: Machine,
     inputs: &mut Inputs,
+    mut listener: Option<Listener>,
 ) -> Result<(), RunError> {
     let state_dir = held.config.state_dir.clone();
     let mut queue: VecDeque<Action> = VecDeque::new();
     loop {
+        if let Some(l) = &listener {
+            l.set_token(&held.session.token);
+        }
         let Some(action) = queue.pop_front() else {
             let wake = machine.next_wake();
             let event = tokio::select! {
                 () = sleep_until(wake) => Some(Event::Tick),
                 input = inputs.next() => event_of(input, &state_dir),
+                // The proxy's cached leases: renewed here, given up for any input that comes
+                // meanwhile (a stop must not wait for them).
+                () = listener::due(listener.as_ref()) => match &listener {
+                    Some(l) => tokio::select! {
+                        () = l.renew_due() => None,
+                        input = inputs.next() => event_of(input, &state_dir),
+                    },
+                    None => None,
+                },
             };
             if let Some(event) = event {
                 queue.extend(machine.step(event, Instant::now()));
@@ -161,6 +187,10 @@ async fn drive(
             // Nothing is in flight outside `Perform`.
             Action::Cancel => {}
             Action::Hold { revoked: true } => {
+                // What the proxy obtained is not in the state file the hook revoked from.
+                if let Some(l) = listener.take() {
+                    l.shut_down(true, Instant::now() + revoke::BUDGET).await;
+                }
                 // Exiting here would kill the preStop hook's own process with the container
                 // (the kubelet then reports the hook as failed); the kubelet sends SIGTERM as
                 // soon as the hook returns.
@@ -175,6 +205,11 @@ async fn drive(
             }
             Action::Shutdown { revoke, replaced } => {
                 held.token_asked = machine.token_asked();
+                // The cache's leases first: revoking the agent's token takes with it those
+                // obtained with it, and their revocation needs a token.
+                if let Some(l) = listener.take() {
+                    l.shut_down(revoke, Instant::now() + revoke::BUDGET).await;
+                }
                 return held.shutdown(revoke, replaced).await;
             }
             Action::Exit => {
@@ -303,6 +338,10 @@ async fn adopt(config: &AgentConfig, client: &StoreClient) -> Result<Option<Adop
     let saved = match state::load(&config.state_dir) {
         Ok(Some(s)) if !s.revoked => s,
         Ok(_) => return Ok(None),
+        Err(e) if config.listener.as_ref().is_some_and(|l| l.exit_on_err) => {
+            // agent-cache-exit-on-err: the hand-off is Sidekey's persistent cache.
+            return Err(e.into());
+        }
         Err(e) => {
             tracing::warn!(error = %e, "ignoring an unreadable state file; logging in afresh");
             return Ok(None);

@@ -845,6 +845,144 @@ fn injector_section(out: &mut String, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// Median and 99th percentile of `samples` (ms).
+fn median_p99(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+/// Times `n` sequential GETs of `url` on one keep-alive connection (after a warm-up), in ms.
+async fn time_gets(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    n: usize,
+) -> Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + 20 {
+        let mut req = client.get(url);
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        let t0 = Instant::now();
+        let resp = req.send().await?;
+        let status = resp.status();
+        resp.bytes().await?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}");
+        }
+        if i >= 20 {
+            samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(samples)
+}
+
+/// The sidecar's local API: what a request through the proxy costs over one sent to the store
+/// directly (both over keep-alive connections; the proxy's upstream is the agent's TLS pool),
+/// a cache hit, and the sidecar's RSS with the listener on.
+async fn proxy_section(out: &mut String, n: usize) -> Result<()> {
+    let b = Bench::new().await?;
+    let port = free_port();
+    let config = json!({
+        "store": { "address": b.stack.addr, "ca_cert": sidekey_tests::pki::pki()?.ca },
+        "auth": { "type": "approle", "role_id_file": b.path("role-id"), "secret_id_file": b.path("secret-id") },
+        "templates": [{ "name": "s01", "file": "s01", "path": "secret/data/app/s01" }],
+        "secrets_dir": b.path("proxy/out"),
+        "state_dir": b.path("proxy/state"),
+        "log": { "level": "warn", "format": "json" },
+        "listener": { "port": port, "use_auto_auth_token": "true" },
+    });
+    let path = b.path("proxy.json");
+    std::fs::create_dir_all(b.path("proxy"))?;
+    std::fs::write(&path, config.to_string())?;
+    let mut sidecar = b
+        .sidekey_cmd("sidecar", &path)?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the sidecar's listener never came up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let idle_rss = proc_sample(sidecar.id()).rss;
+    let ca = reqwest::Certificate::from_pem(sidekey_tests::pki::pki()?.ca_pem()?.as_bytes())?;
+    let direct_client = reqwest::Client::builder().tls_certs_only([ca]).build()?;
+    let proxy_client = reqwest::Client::builder().build()?;
+    let kv = "/v1/secret/data/app/s01";
+    let mut direct = time_gets(
+        &direct_client,
+        &format!("{}{kv}", b.stack.addr),
+        Some(&b.stack.root_token),
+        n,
+    )
+    .await?;
+    let mut proxied = time_gets(
+        &proxy_client,
+        &format!("http://127.0.0.1:{port}{kv}"),
+        None,
+        n,
+    )
+    .await?;
+    let db = format!("http://127.0.0.1:{port}/v1/database/creds/bench");
+    let mut hits = time_gets(&proxy_client, &db, None, n).await?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", sidecar.id())).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap_or(0) as f64
+            / 1024.0
+    };
+    let (rss, hwm) = (field("VmRSS:"), field("VmHWM:"));
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(sidecar.id() as i32, libc::SIGTERM);
+    }
+    let _ = sidecar.wait();
+    let (dm, dp) = median_p99(&mut direct);
+    let (pm, pp) = median_p99(&mut proxied);
+    let (hm, hp) = median_p99(&mut hits);
+    writeln!(out, "## The sidecar's local API\n")?;
+    writeln!(
+        out,
+        "One sidekey-agent sidecar with `listener` on (API proxy and lease cache, the agent's token added), {n} sequential GETs of a KV v2 secret over one keep-alive connection, sent to the store directly (HTTPS, root token) and through the proxy (plain HTTP on loopback, no token; the proxy's upstream is the agent's own TLS connection pool). Cache hits: the same database credential read {n} times (one lease).\n"
+    )?;
+    writeln!(out, "| figure | median (ms) | p99 (ms) |\n|---|---|---|")?;
+    writeln!(out, "| KV read, direct | {dm:.3} | {dp:.3} |")?;
+    writeln!(out, "| KV read, through the proxy | {pm:.3} | {pp:.3} |")?;
+    writeln!(out, "| proxy overhead | {:.3} | {:.3} |", pm - dm, pp - dp)?;
+    writeln!(
+        out,
+        "| database credential, cache hit | {hm:.3} | {hp:.3} |\n"
+    )?;
+    writeln!(
+        out,
+        "| sidecar RSS with the listener (MiB) | value |\n|---|---|"
+    )?;
+    writeln!(
+        out,
+        "| idle, listener up | {:.1} |",
+        idle_rss as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "| after {} proxied requests | {rss:.1} |",
+        3 * (n + 20)
+    )?;
+    writeln!(out, "| peak (VmHWM) | {hwm:.1} |\n")?;
+    Ok(())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -868,7 +1006,7 @@ fn machine() -> String {
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only agent|scale|injector` runs one section and prints it without touching the report.
+    // `--only agent|scale|injector|proxy` runs one section and prints it without touching the report.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -895,6 +1033,9 @@ async fn main() -> Result<()> {
     }
     if wanted("injector") {
         injector_section(&mut out, secs)?;
+    }
+    if wanted("proxy") {
+        proxy_section(&mut out, if quick { 200 } else { 2000 }).await?;
     }
     if only.is_some() {
         println!("{out}");
