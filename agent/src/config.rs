@@ -53,6 +53,21 @@ pub struct AgentConfig {
     pub lifecycle: LifecycleConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Files the token is written to after every login, as Vault Agent's file sinks
+    /// (`agent-inject-token` asks for one at `<secrets folder>/token`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_sinks: Vec<TokenSink>,
+}
+
+/// A file the agent's current token is written to (Vault Agent's `sink "file"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSink {
+    /// Absolute path of the file.
+    pub path: PathBuf,
+    /// Octal file mode; Vault Agent's file sink default is 0640.
+    #[serde(default = "default_sink_perms")]
+    pub perms: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +128,15 @@ pub enum AuthConfig {
     },
     /// A ready token read from a file.
     Token { token_file: PathBuf },
+    /// TLS certificate auth: POST auth/<mount_path>/login over a connection that presents the
+    /// store client certificate (`store.client_cert` / `store.client_key`).
+    Cert {
+        #[serde(default = "default_cert_mount")]
+        mount_path: String,
+        /// The certificate role to log in with; without it the store tries every role.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
 }
 
 impl AuthConfig {
@@ -122,6 +146,7 @@ impl AuthConfig {
             AuthConfig::Jwt { .. } => "jwt",
             AuthConfig::Approle { .. } => "approle",
             AuthConfig::Token { .. } => "token",
+            AuthConfig::Cert { .. } => "cert",
         }
     }
 
@@ -133,6 +158,8 @@ impl AuthConfig {
             }
             AuthConfig::Approle { secret_id_file, .. } => Some(secret_id_file),
             AuthConfig::Token { token_file } => Some(token_file),
+            // The client certificate is read once, when the client is built.
+            AuthConfig::Cert { .. } => None,
         }
     }
 }
@@ -176,6 +203,10 @@ pub struct TemplateConfig {
     pub format: DefaultFormat,
     /// File name relative to the secrets folder; may contain sub-folders, never `..`.
     pub file: String,
+    /// The folder `file` is rendered into when it is not the secrets folder: an absolute path
+    /// (`secret-volume-path-NAME`, a volume of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
     /// Octal file mode, for example "0640".
     #[serde(default = "default_perms")]
     pub perms: String,
@@ -291,6 +322,12 @@ fn default_jwt_mount() -> String {
 fn default_approle_mount() -> String {
     "auth/approle".into()
 }
+fn default_cert_mount() -> String {
+    "auth/cert".into()
+}
+fn default_sink_perms() -> String {
+    "0640".into()
+}
 pub fn default_sa_token_path() -> PathBuf {
     PathBuf::from("/var/run/secrets/sidekey/serviceaccount/token")
 }
@@ -327,6 +364,26 @@ pub fn parse_mode(text: &str) -> Option<u32> {
         return None;
     }
     u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
+/// An absolute folder without `..` (a template's own folder).
+fn check_absolute_dir(dir: &Path) -> Result<(), String> {
+    if !dir.is_absolute() {
+        return Err(format!("{} is not an absolute path", dir.display()));
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{} contains \"..\"", dir.display()));
+    }
+    Ok(())
+}
+
+/// An absolute file path without `..` (a token sink).
+fn check_absolute_file(path: &Path) -> Result<(), String> {
+    check_absolute_dir(path)?;
+    if path.file_name().is_none() || path.to_string_lossy().ends_with('/') {
+        return Err(format!("{} names a folder, not a file", path.display()));
+    }
+    Ok(())
 }
 
 /// Checks that `file` is a relative path that stays inside the folder it is joined to: no
@@ -437,7 +494,26 @@ impl AgentConfig {
                 check_mount("auth.mount_path", mount_path)?;
             }
             AuthConfig::Approle { mount_path, .. } => check_mount("auth.mount_path", mount_path)?,
+            AuthConfig::Cert { mount_path, .. } => {
+                check_mount("auth.mount_path", mount_path)?;
+                if self.store.client_cert.is_none() {
+                    return Err(invalid(
+                        "auth.type",
+                        "cert auth needs store.client_cert and store.client_key",
+                    ));
+                }
+            }
             AuthConfig::Token { .. } => {}
+        }
+        for (i, sink) in self.token_sinks.iter().enumerate() {
+            let field = format!("token_sinks[{i}]");
+            check_absolute_file(&sink.path).map_err(|p| invalid(format!("{field}.path"), p))?;
+            if parse_mode(&sink.perms).is_none() {
+                return Err(invalid(
+                    format!("{field}.perms"),
+                    format!("{:?} is not an octal file mode", sink.perms),
+                ));
+            }
         }
         let mut files = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
@@ -453,7 +529,11 @@ impl AgentConfig {
                 ));
             }
             check_relative_file(&t.file).map_err(|p| invalid(field("file"), p))?;
-            if !files.insert(t.file.as_str()) {
+            if let Some(dir) = &t.dir {
+                check_absolute_dir(dir).map_err(|p| invalid(field("dir"), p))?;
+            }
+            let dir = t.dir.as_deref().unwrap_or(&self.secrets_dir);
+            if !files.insert(dir.join(&t.file)) {
                 return Err(invalid(
                     field("file"),
                     format!("{:?} is rendered by two templates", t.file),
@@ -611,6 +691,52 @@ mod tests {
         );
         assert!(
             error_of(|v| v["store"]["client_cert"] = "/c.pem".into()).contains("store.client_cert")
+        );
+    }
+
+    #[test]
+    fn token_sinks_template_folders_and_cert_auth() {
+        let mut v = minimal();
+        v["token_sinks"] = serde_json::json!([{ "path": "/vault/secrets/token" }]);
+        v["templates"][0]["dir"] = "/etc/app".into();
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.token_sinks[0].perms, "0640", "Vault Agent's file sink mode");
+        assert_eq!(c.templates[0].dir.as_deref(), Some(Path::new("/etc/app")));
+        // The same file name in two folders is two files.
+        let mut two = v.clone();
+        let mut other = two["templates"][0].clone();
+        other["name"] = "other".into();
+        other.as_object_mut().unwrap().remove("dir");
+        two["templates"].as_array_mut().unwrap().push(other);
+        assert!(parse(two).is_ok());
+        assert!(
+            error_of(|v| v["token_sinks"] = serde_json::json!([{ "path": "token" }]))
+                .contains("token_sinks[0].path: token is not an absolute path")
+        );
+        assert!(
+            error_of(|v| v["token_sinks"] =
+                serde_json::json!([{ "path": "/t", "perms": "0999" }]))
+            .contains("token_sinks[0].perms")
+        );
+        assert!(
+            error_of(|v| v["templates"][0]["dir"] = "/a/../b".into())
+                .contains("templates[0].dir")
+        );
+        assert!(
+            error_of(|v| v["auth"] = serde_json::json!({ "type": "cert" }))
+                .contains("cert auth needs store.client_cert")
+        );
+        let mut cert = minimal();
+        cert["auth"] = serde_json::json!({ "type": "cert", "name": "web" });
+        cert["store"]["client_cert"] = "/vault/tls/tls.crt".into();
+        cert["store"]["client_key"] = "/vault/tls/tls.key".into();
+        let c = parse(cert).unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Cert {
+                mount_path: "auth/cert".into(),
+                name: Some("web".into())
+            }
         );
     }
 

@@ -330,6 +330,7 @@ async fn adopt<'a>(
     })
     .await?;
     let Some(info) = lookup else { return Ok(None) };
+    crate::sink::write_token(&config.token_sinks, &saved.token);
     let now = Instant::now();
     let session = Session {
         token: saved.token.clone(),
@@ -548,6 +549,7 @@ impl Sidecar<'_> {
         };
         tracing::info!(accessor = %session.accessor, "logged in again");
         let old = std::mem::replace(&mut self.session, session);
+        crate::sink::write_token(&self.config.token_sinks, &self.session.token);
         self.token_asked = self.session.ttl_secs;
         let mut fresh = Fetcher::new(self.client.clone(), self.session.token.clone());
         let mut longest_overlap = Duration::from_secs(5);

@@ -265,7 +265,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
                 ("agent-inject-file-other", "db"),
             ]),
             Want::Denied(
-                "annotation vault.hashicorp.com/agent-inject-secret-other: renders to \"db\", which secret \"db\" also renders to",
+                "annotation vault.hashicorp.com/agent-inject-secret-other: renders to /vault/secrets/db, which secret \"db\" also renders to",
             ),
         ),
         (
@@ -279,7 +279,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
             "unknown auth type",
             annotated(&[("auth-type", "ldap")]),
             Want::Denied(
-                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (kubernetes, jwt, approle, token)",
+                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (supported: kubernetes, jwt, approle, token (or token_file), cert)",
             ),
         ),
         (

@@ -13,6 +13,7 @@ pub mod pod;
 pub mod podman;
 mod process;
 mod setup;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
