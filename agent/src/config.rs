@@ -27,6 +27,8 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
     #[error("no agent config: set {CONFIG_ENV} or pass --config FILE")]
     Missing,
+    #[error(transparent)]
+    Hcl(#[from] crate::hcl_config::HclError),
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -57,6 +59,11 @@ pub struct AgentConfig {
     /// (`agent-inject-token` asks for one at `<secrets folder>/token`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_sinks: Vec<TokenSink>,
+    /// `agent-configmap`: the folder of the pod's Vault Agent HCL configs (`/vault/configs`).
+    /// `init` reads `config-init.hcl` from it, the other commands `config.hcl`, over this
+    /// config (see `hcl`); the login and the templates then come from that file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_agent_config_dir: Option<PathBuf>,
 }
 
 /// A file the agent's current token is written to (Vault Agent's `sink "file"`).
@@ -356,6 +363,45 @@ fn default_log_level() -> String {
     "info".into()
 }
 
+/// A duration as Vault takes it: whole seconds ("300") or a Go duration ("5m", "1h30m", "1.5s").
+/// Returns whole seconds, rounded up.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Some(secs);
+    }
+    let mut total_ns: f64 = 0.0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total_ns += number * scale;
+        rest = &rest[unit_len..];
+    }
+    Some((total_ns / 1e9).ceil() as u64)
+}
+
 /// Parses an octal file mode such as "0640" or "640"; only permission bits are allowed.
 pub fn parse_mode(text: &str) -> Option<u32> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
@@ -437,6 +483,17 @@ impl AgentConfig {
         AgentConfig::from_json(&json)
     }
 
+    /// With `vault_agent_config_dir` set, reads `file` from it over this config (the HCL's
+    /// errors name the file and line) and checks the result; otherwise returns it as it is.
+    pub fn with_vault_agent_config(self, file: &str) -> Result<AgentConfig, ConfigError> {
+        let Some(dir) = self.vault_agent_config_dir.clone() else {
+            return Ok(self);
+        };
+        let config = crate::hcl_config::overlay_file(self, &dir.join(file))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Decodes the value of `SIDEKEY_AGENT_CONFIG` (base64 of the JSON, surrounding space allowed).
     pub fn from_env_value(encoded: &str) -> Result<AgentConfig, ConfigError> {
         let json = base64::engine::general_purpose::STANDARD
@@ -479,6 +536,8 @@ impl AgentConfig {
             return Err(invalid("store.timeout_secs", "must be at least 1"));
         }
         match &self.auth {
+            // The login comes from the Vault Agent config, checked once it is read.
+            _ if self.vault_agent_config_dir.is_some() => {}
             AuthConfig::Kubernetes {
                 role, mount_path, ..
             }
@@ -700,7 +759,10 @@ mod tests {
         v["token_sinks"] = serde_json::json!([{ "path": "/vault/secrets/token" }]);
         v["templates"][0]["dir"] = "/etc/app".into();
         let c = parse(v.clone()).unwrap();
-        assert_eq!(c.token_sinks[0].perms, "0640", "Vault Agent's file sink mode");
+        assert_eq!(
+            c.token_sinks[0].perms, "0640",
+            "Vault Agent's file sink mode"
+        );
         assert_eq!(c.templates[0].dir.as_deref(), Some(Path::new("/etc/app")));
         // The same file name in two folders is two files.
         let mut two = v.clone();
@@ -714,13 +776,11 @@ mod tests {
                 .contains("token_sinks[0].path: token is not an absolute path")
         );
         assert!(
-            error_of(|v| v["token_sinks"] =
-                serde_json::json!([{ "path": "/t", "perms": "0999" }]))
-            .contains("token_sinks[0].perms")
+            error_of(|v| v["token_sinks"] = serde_json::json!([{ "path": "/t", "perms": "0999" }]))
+                .contains("token_sinks[0].perms")
         );
         assert!(
-            error_of(|v| v["templates"][0]["dir"] = "/a/../b".into())
-                .contains("templates[0].dir")
+            error_of(|v| v["templates"][0]["dir"] = "/a/../b".into()).contains("templates[0].dir")
         );
         assert!(
             error_of(|v| v["auth"] = serde_json::json!({ "type": "cert" }))

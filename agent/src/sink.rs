@@ -129,7 +129,10 @@ pub fn write_file(
 /// is logged and the others are still written: the app may be reading any of them.
 pub fn write_token(sinks: &[TokenSink], token: &Token) {
     for sink in sinks {
-        let written = match (sink.path.parent(), sink.path.file_name().and_then(|n| n.to_str())) {
+        let written = match (
+            sink.path.parent(),
+            sink.path.file_name().and_then(|n| n.to_str()),
+        ) {
             (Some(dir), Some(name)) => {
                 let mode = crate::config::parse_mode(&sink.perms).unwrap_or(0o640);
                 fs::create_dir_all(dir)
@@ -264,7 +267,11 @@ mod tests {
         }
         let ino = fs::metadata(&sinks[0].path).unwrap().ino();
         write_token(&sinks, &Token::new("s.first"));
-        assert_eq!(fs::metadata(&sinks[0].path).unwrap().ino(), ino, "same token, same file");
+        assert_eq!(
+            fs::metadata(&sinks[0].path).unwrap().ino(),
+            ino,
+            "same token, same file"
+        );
         write_token(&sinks, &Token::new("s.second"));
         assert_eq!(fs::read_to_string(&sinks[0].path).unwrap(), "s.second");
         assert_eq!(fs::read_to_string(&sinks[1].path).unwrap(), "s.second");

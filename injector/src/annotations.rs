@@ -112,6 +112,8 @@ pub struct InjectionRequest {
     pub secret_volume_path: String,
     /// `agent-inject-token`: the agent's token is written to `<secret_volume_path>/token`.
     pub inject_token: bool,
+    /// `agent-configmap`: the ConfigMap holding the pod's Vault Agent HCL configs.
+    pub configmap: Option<String>,
     pub default_format: DefaultFormat,
     pub static_secret_render_interval_secs: u64,
     pub min_backoff_ms: Option<u64>,
@@ -274,44 +276,7 @@ fn revoke_sidecar(
     Ok(true)
 }
 
-/// A duration as Vault takes it: whole seconds ("300") or a Go duration ("5m", "1h30m", "1.5s").
-/// Returns whole seconds, rounded up.
-pub fn parse_duration(text: &str) -> Option<u64> {
-    let t = text.trim();
-    if t.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = t.parse::<u64>() {
-        return Some(secs);
-    }
-    let mut total_ns: f64 = 0.0;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let number: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total_ns += number * scale;
-        rest = &rest[unit_len..];
-    }
-    Some((total_ns / 1e9).ceil() as u64)
-}
+pub use sidekey_agent::config::parse_duration;
 
 /// A Kubernetes resource quantity ("250m", "64Mi", "1.5", "2e3").
 pub fn is_quantity(q: &str) -> bool {
@@ -416,13 +381,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ),
     ("agent-request-namespace", "the request's namespace is used"),
 ];
-
-/// Annotations that would change what the pod gets in ways Sidekey does not do; denied so the
-/// pod does not start without what it expects.
-const UNSUPPORTED: &[(&str, &str)] = &[(
-    "agent-configmap",
-    "Sidekey generates the agent config from annotations; a Vault Agent HCL config cannot be used",
-)];
 
 /// Reads the pod's annotations. `namespace` is the request's namespace.
 pub fn parse(
@@ -590,7 +548,8 @@ fn parse_secrets(
         let volume_path = match look.nonempty(&key_of("secret-volume-path-")) {
             None => None,
             Some(p) => {
-                let p = check_folder(&p).map_err(|e| look.error(&key_of("secret-volume-path-"), e))?;
+                let p =
+                    check_folder(&p).map_err(|e| look.error(&key_of("secret-volume-path-"), e))?;
                 (p != secrets_dir).then_some(p)
             }
         };
@@ -669,7 +628,7 @@ fn parse_secrets(
         check_template(look, &spec)?;
         specs.push(spec);
     }
-    if specs.is_empty() {
+    if specs.is_empty() && look.get("agent-configmap").is_none() {
         warnings.push("agent-inject is true but no agent-inject-secret-NAME annotation names a secret; the agent will render nothing".into());
     }
     // Per-secret annotations whose NAME defines no secret are almost always typos.
@@ -941,9 +900,15 @@ fn parse_request(
     secret_volume_path: String,
     warnings: &mut Vec<String>,
 ) -> Result<InjectionRequest, AnnotationError> {
-    for (suffix, why) in UNSUPPORTED {
-        if look.get(suffix).is_some() {
-            return Err(look.error(suffix, format!("not supported: {why}")));
+    let configmap = look.nonempty("agent-configmap");
+    if configmap.is_some() {
+        let mut defined: Vec<String> = secrets
+            .iter()
+            .map(|s| look.key_for(&format!("agent-inject-secret-{}", s.raw_name)))
+            .collect();
+        defined.sort();
+        for key in defined {
+            warnings.push(format!("annotation {key} is ignored: with agent-configmap the files to render are the template stanzas of the ConfigMap's Vault Agent config"));
         }
     }
     for (suffix, why) in NOT_NEEDED {
@@ -990,7 +955,11 @@ fn parse_request(
     let role = look
         .nonempty("role")
         .or_else(|| auth_config.get("role").cloned());
-    if matches!(auth_type, AuthType::Kubernetes | AuthType::Jwt) && role.is_none() {
+    // With agent-configmap the login comes from the Vault Agent config (as in vault-k8s).
+    if matches!(auth_type, AuthType::Kubernetes | AuthType::Jwt)
+        && role.is_none()
+        && configmap.is_none()
+    {
         return Err(look.error(
             "role",
             format!("is required for {auth_type_text} auth: name the role the pod logs in with"),
@@ -1207,6 +1176,11 @@ fn parse_request(
     }
 
     let inject_token = inject_token(look, &secrets)?;
+    let secrets = if configmap.is_some() {
+        Vec::new()
+    } else {
+        secrets
+    };
     let (client_cert, client_key) = client_pair(look, &auth_type, &auth_config)?;
     Ok(InjectionRequest {
         status_key: format!("{}/agent-inject-status", look.status_prefix),
@@ -1236,6 +1210,7 @@ fn parse_request(
         run_as_same_user: look.bool_or("agent-run-as-same-user", defaults.run_as_same_user)?,
         secret_volume_path,
         inject_token,
+        configmap,
         default_format,
         static_secret_render_interval_secs,
         min_backoff_ms,
@@ -1597,10 +1572,6 @@ mod tests {
                 "annotation vault.hashicorp.com/agent-inject-secret-bad name: \"bad name\" is not a valid file name",
             ),
             (
-                &[("agent-configmap", "cm")],
-                "annotation vault.hashicorp.com/agent-configmap: not supported",
-            ),
-            (
                 &[("agent-json-patch", "{\"op\":1}")],
                 "annotation vault.hashicorp.com/agent-json-patch: is not a JSON patch",
             ),
@@ -1700,7 +1671,11 @@ mod tests {
             ("client-key", "/vault/tls/tls.key"),
         ]));
         assert_eq!(
-            (r.auth_type, r.auth_path.as_str(), r.auth_config["name"].as_str()),
+            (
+                r.auth_type,
+                r.auth_path.as_str(),
+                r.auth_config["name"].as_str()
+            ),
             (AuthType::Cert, "auth/cert", "web")
         );
         assert_eq!(r.client_cert.as_deref(), Some("/vault/tls/tls.crt"));
@@ -1731,6 +1706,26 @@ mod tests {
     }
 
     #[test]
+    fn agent_configmap_takes_the_login_and_the_templates_from_the_config_map() {
+        let (r, w) = request(&[
+            ("agent-inject", "true"),
+            ("agent-configmap", "orders-agent-config"),
+            ("agent-inject-secret-db", "database/creds/app"),
+        ]);
+        assert_eq!(r.configmap.as_deref(), Some("orders-agent-config"));
+        assert!(
+            r.secrets.is_empty(),
+            "no role needed, no annotation templates"
+        );
+        assert_eq!(
+            w,
+            [
+                "annotation vault.hashicorp.com/agent-inject-secret-db is ignored: with agent-configmap the files to render are the template stanzas of the ConfigMap's Vault Agent config"
+            ]
+        );
+    }
+
+    #[test]
     fn per_secret_volume_paths_and_the_token_file() {
         let (r, _) = request(&with(&[
             ("agent-inject-secret-cfg", "secret/data/app"),
@@ -1748,7 +1743,11 @@ mod tests {
                 .clone()
         };
         assert_eq!(path("cfg").as_deref(), Some("/etc/app"));
-        assert_eq!(path("same"), None, "the global folder is no folder of its own");
+        assert_eq!(
+            path("same"),
+            None,
+            "the global folder is no folder of its own"
+        );
         assert_eq!(path("db"), None);
         assert!(r.inject_token);
         // Same file name, two folders: two files.

@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
@@ -33,6 +33,9 @@ pub const HOME_PATH: &str = "/home/sidekey";
 pub const TOKEN_DIR: &str = "/var/run/secrets/sidekey/serviceaccount";
 pub const TLS_PATH: &str = "/vault/tls";
 pub const EXTRA_PATH: &str = "/vault/custom";
+/// Where the `agent-configmap` ConfigMap is mounted, as vault-k8s mounts it.
+pub const CONFIG_VOLUME: &str = "sidekey-config";
+pub const CONFIG_PATH: &str = "/vault/configs";
 pub const INIT_NAME: &str = "sidekey-agent-init";
 pub const SIDECAR_NAME: &str = "sidekey-agent";
 pub const AGENT_BINARY: &str = "sidekey-agent";
@@ -185,6 +188,7 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
             },
         },
         token_sinks,
+        vault_agent_config_dir: req.configmap.as_ref().map(|_| CONFIG_PATH.into()),
     }
 }
 
@@ -307,6 +311,7 @@ pub fn build(
     let token_volume = needs_token.then(|| volume(TOKEN_VOLUME));
     let tls_volume = req.tls_secret.as_ref().map(|_| volume(TLS_VOLUME));
     let extra_volume = req.extra_secret.as_ref().map(|_| volume(EXTRA_VOLUME));
+    let config_volume = req.configmap.as_ref().map(|_| volume(CONFIG_VOLUME));
 
     let memory = || EmptyDirVolumeSource {
         medium: Some("Memory".into()),
@@ -354,6 +359,16 @@ pub fn build(
                 ..Volume::default()
             });
         }
+    }
+    if let (Some(name), Some(config_map)) = (&config_volume, &req.configmap) {
+        volumes.push(Volume {
+            name: name.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
     }
 
     // The secrets volumes in the app containers (and app init containers), read-only; a
@@ -423,6 +438,7 @@ pub fn build(
         (token_volume, TOKEN_DIR),
         (tls_volume, TLS_PATH),
         (extra_volume, EXTRA_PATH),
+        (config_volume, CONFIG_PATH),
     ] {
         if let Some(name) = volume {
             agent_mounts.push(VolumeMount {
@@ -538,7 +554,10 @@ fn secrets_folders(
     volume: &mut dyn FnMut(&str) -> String,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<SecretsFolder>, AnnotationError> {
-    let mut wanted = vec![(req.secret_volume_path.clone(), "secret-volume-path".to_string())];
+    let mut wanted = vec![(
+        req.secret_volume_path.clone(),
+        "secret-volume-path".to_string(),
+    )];
     for s in &req.secrets {
         if let Some(path) = &s.volume_path
             && !wanted.iter().any(|(w, _)| w == path)
@@ -561,7 +580,9 @@ fn secrets_folders(
             annotation_error(
                 req,
                 &suffix,
-                format!("{problem}; mount it elsewhere, make it an emptyDir (the agent then renders into it), or set this annotation to another folder"),
+                format!(
+                    "{problem}; mount it elsewhere, make it an emptyDir (the agent then renders into it), or set this annotation to another folder"
+                ),
             )
         };
         let folder = match mounted.len() {
@@ -578,7 +599,11 @@ fn secrets_folders(
             }
             1 => {
                 let (name, container) = mounted.into_iter().next().expect("one volume");
-                let declared = view.volumes().into_iter().flatten().find(|v| v.name == name);
+                let declared = view
+                    .volumes()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v.name == name);
                 let Some(empty_dir) = declared.and_then(|v| v.empty_dir.as_ref()) else {
                     return Err(refuse(format!(
                         "container {container:?} mounts volume {name:?} at {path}, where the agent renders secrets, and it is not an emptyDir"

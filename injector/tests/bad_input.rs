@@ -398,13 +398,6 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
             ),
         ),
         (
-            "configmap mode",
-            annotated(&[("agent-configmap", "my-config")]),
-            Want::Denied(
-                "annotation vault.hashicorp.com/agent-configmap: not supported: Sidekey generates the agent config from annotations; a Vault Agent HCL config cannot be used",
-            ),
-        ),
-        (
             "a JSON patch that is not one",
             annotated(&[("agent-json-patch", "{\"op\":\"add\"}")]),
             Want::Denied(

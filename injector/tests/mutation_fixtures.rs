@@ -637,11 +637,20 @@ fn per_secret_volume_paths_and_the_token_sink() {
         assert!(app_has_secrets(&pod, c, "/etc/billing/tls"), "{c}");
     }
     let app = find(containers(&pod), "billing").unwrap();
-    assert_eq!(mount_of(app, "/etc/billing/db").unwrap().name, "sidekey-secrets-custom-0");
-    assert_eq!(mount_of(app, "/etc/billing/tls").unwrap().name, "sidekey-secrets-custom-1");
+    assert_eq!(
+        mount_of(app, "/etc/billing/db").unwrap().name,
+        "sidekey-secrets-custom-0"
+    );
+    assert_eq!(
+        mount_of(app, "/etc/billing/tls").unwrap().name,
+        "sidekey-secrets-custom-1"
+    );
     for name in ["sidekey-secrets-custom-0", "sidekey-secrets-custom-1"] {
         let v = volume(&pod, name);
-        assert_eq!(v.empty_dir.as_ref().unwrap().medium.as_deref(), Some("Memory"));
+        assert_eq!(
+            v.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
     }
     let agents: Vec<&Container> = init_containers(&pod)
         .iter()
@@ -670,7 +679,10 @@ fn per_secret_volume_paths_and_the_token_sink() {
             ])
         );
         assert_eq!(config.token_sinks.len(), 1);
-        assert_eq!(config.token_sinks[0].path.to_str(), Some("/vault/secrets/token"));
+        assert_eq!(
+            config.token_sinks[0].path.to_str(),
+            Some("/vault/secrets/token")
+        );
         assert_eq!(config.token_sinks[0].perms, "0640");
     }
 }
@@ -696,9 +708,19 @@ fn the_apps_own_empty_dir_at_the_secrets_path_is_used() {
     assert_eq!(at_path, ["vault-secrets"], "the app keeps its one mount");
     let proxy = find(containers(&pod), "sidecar-proxy").unwrap();
     let m = mount_of(proxy, "/vault/secrets").unwrap();
-    assert_eq!((m.name.as_str(), m.read_only), ("vault-secrets", Some(true)));
-    for agent in init_containers(&pod).iter().chain(containers(&pod)).filter(|c| is_agent(c)) {
-        assert_eq!(mount_of(agent, "/vault/secrets").unwrap().name, "vault-secrets");
+    assert_eq!(
+        (m.name.as_str(), m.read_only),
+        ("vault-secrets", Some(true))
+    );
+    for agent in init_containers(&pod)
+        .iter()
+        .chain(containers(&pod))
+        .filter(|c| is_agent(c))
+    {
+        assert_eq!(
+            mount_of(agent, "/vault/secrets").unwrap().name,
+            "vault-secrets"
+        );
     }
     assert!(warnings.is_empty(), "{warnings:?}");
 
@@ -732,6 +754,47 @@ fn cert_auth_uses_the_client_certificate() {
     assert!(
         !volumes.iter().any(|v| v.name == "sidekey-token"),
         "cert auth needs no service-account token"
+    );
+}
+
+/// `agent-configmap`: the ConfigMap at /vault/configs in both agents, read-only, as vault-k8s
+/// mounts it; the agents read their Vault Agent HCL from it; annotation resources still apply.
+#[test]
+fn agent_configmap_mounts_the_config_map_for_the_agents() {
+    let Injected { pod, .. } = inject("agent-configmap-vault-agent-hcl.json");
+    let v = volume(&pod, "sidekey-config");
+    assert_eq!(
+        v.config_map.as_ref().unwrap().name,
+        "orders-vault-agent-config"
+    );
+    let agents: Vec<&Container> = init_containers(&pod)
+        .iter()
+        .chain(containers(&pod))
+        .filter(|c| is_agent(c))
+        .collect();
+    assert_eq!(agents.len(), 2);
+    for agent in agents {
+        let m = mount_of(agent, "/vault/configs").unwrap();
+        assert_eq!(
+            (m.name.as_str(), m.read_only),
+            ("sidekey-config", Some(true))
+        );
+        let config = agent_config(agent);
+        assert_eq!(
+            config
+                .vault_agent_config_dir
+                .as_deref()
+                .and_then(|p| p.to_str()),
+            Some("/vault/configs")
+        );
+        assert!(config.templates.is_empty());
+        let limits = agent.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["memory"].0, "128Mi");
+    }
+    let app = find(containers(&pod), "orders").unwrap();
+    assert!(
+        mount_of(app, "/vault/configs").is_none(),
+        "the app does not see the agent config"
     );
 }
 
@@ -802,7 +865,7 @@ fn denied_pods_get_a_message_naming_the_annotation() {
 fn every_fixture_is_exercised() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let count = std::fs::read_dir(dir).unwrap().count();
-    assert!(count >= 32, "fixtures went missing: {count}");
+    assert!(count >= 33, "fixtures went missing: {count}");
 }
 
 /// The server remembers what each annotation set decides; for every fixture, an answer from

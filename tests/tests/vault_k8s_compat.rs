@@ -1,0 +1,584 @@
+//! Drop-in for vault-k8s manifests, end to end: pods annotated the way the Vault Agent Injector's
+//! users annotate them (tests/fixtures/), through the injector image, run by the pod runner with
+//! the agent image against the real TLS OpenBao (and PostgreSQL for database secrets), with the
+//! mutated pod checked by kubernetes-validate as the API server would check it:
+//! `agent-inject-token`, `secret-volume-path-NAME`, an app's own emptyDir at /vault/secrets,
+//! `auth-type: cert`, and OpenBao namespaces (the `namespace` annotation, namespace-prefixed auth
+//! paths, nested namespaces and secret paths that reach into a child namespace).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sidekey_tests::injector::Injector;
+use sidekey_tests::pod::{PodRun, SecretFiles};
+use sidekey_tests::podman::images;
+use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, validate, workspace_root};
+
+/// The namespaces the namespace scenarios log in to (OpenBao 2.x namespaces).
+const ORG: &str = "us-west-org";
+const TEAM: &str = "us-west-org/team-a";
+
+fn fixture(name: &str, stack: &Stack) -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("tests/fixtures").join(name)).unwrap();
+    serde_json::from_str(&text.replace("PG_PORT", &stack.pg_port.to_string())).unwrap()
+}
+
+/// What every scenario reads, written once per test binary.
+async fn setup(stack: &Stack) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| write_fixtures(stack)).await;
+}
+
+async fn write_fixtures(stack: &Stack) {
+    for (path, data) in [
+        ("compat/billing", json!({ "stripe_key": "sk_test_4eC39Hq" })),
+        ("compat/catalog", json!({ "region": "eu-west-1" })),
+        (
+            "compat/search",
+            json!({ "index": "products", "replicas": 2 }),
+        ),
+        ("compat/orders", json!({ "queue": "orders-v2" })),
+        (
+            "compat/gateway",
+            json!({ "upstream": "https://api.internal" }),
+        ),
+    ] {
+        stack.put_kv2(path, data).await.unwrap();
+    }
+    stack
+        .api(
+            "POST",
+            "database/roles/compat-catalog",
+            Some(json!({
+                "db_name": "pg",
+                "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                "default_ttl": "1h",
+                "max_ttl": "2h",
+            })),
+        )
+        .await
+        .unwrap();
+    // The app role with a token that reaches its max TTL in seconds: the sidecar logs in again.
+    let mut short = stack
+        .api("GET", "auth/kubernetes/role/app", None)
+        .await
+        .unwrap()["data"]
+        .clone();
+    short["token_ttl"] = json!(4);
+    short["token_max_ttl"] = json!(12);
+    stack
+        .api("POST", "auth/kubernetes/role/short-login", Some(short))
+        .await
+        .unwrap();
+    // OpenBao's cert auth method, trusting the tests' CA for the client certificate's name.
+    stack
+        .api("POST", "sys/auth/cert", Some(json!({ "type": "cert" })))
+        .await
+        .unwrap();
+    stack
+        .api(
+            "POST",
+            "auth/cert/certs/gateway",
+            Some(json!({
+                "certificate": std::fs::read_to_string(stack.ca_file()).unwrap(),
+                "allowed_common_names": ["sidekey-test-client"],
+                "token_policies": ["app"],
+                "token_ttl": "10m",
+            })),
+        )
+        .await
+        .unwrap();
+    namespaces(stack).await;
+}
+
+/// `us-west-org` and `us-west-org/team-a`, each with the kubernetes login (the jwt stand-in),
+/// the app policy and a KV v2 secret; `us-west-org` also with the database engine, and a
+/// policy that reaches into team-a's KV by path.
+async fn namespaces(stack: &Stack) {
+    stack
+        .api("POST", &format!("sys/namespaces/{ORG}"), Some(json!({})))
+        .await
+        .unwrap();
+    stack
+        .api(
+            "POST",
+            &format!("{ORG}/sys/namespaces/team-a"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
+    let config = stack
+        .api("GET", "auth/kubernetes/config", None)
+        .await
+        .unwrap()["data"]
+        .clone();
+    let role = stack
+        .api("GET", "auth/kubernetes/role/app", None)
+        .await
+        .unwrap()["data"]
+        .clone();
+    for (ns, owner) in [(ORG, "org-inventory"), (TEAM, "team-a-pricing")] {
+        let policy = r#"
+path "secret/data/*" { capabilities = ["read"] }
+path "team-a/secret/data/*" { capabilities = ["read"] }
+path "database/creds/*" { capabilities = ["read"] }
+path "sys/leases/renew" { capabilities = ["update"] }
+path "sys/leases/revoke" { capabilities = ["update"] }
+"#;
+        let calls = [
+            ("sys/policies/acl/app", json!({ "policy": policy })),
+            (
+                "sys/mounts/secret",
+                json!({ "type": "kv", "options": { "version": "2" } }),
+            ),
+            ("sys/auth/kubernetes", json!({ "type": "jwt" })),
+            ("auth/kubernetes/config", config.clone()),
+            ("auth/kubernetes/role/app", role.clone()),
+            (
+                "secret/data/inventory",
+                json!({ "data": { "owner": owner, "namespace": ns } }),
+            ),
+        ];
+        for (path, body) in calls {
+            stack
+                .api("POST", &format!("{ns}/{path}"), Some(body))
+                .await
+                .unwrap_or_else(|e| panic!("{ns}/{path}: {e}"));
+        }
+    }
+    let pg = stack.api("GET", "database/config/pg", None).await.unwrap()["data"].clone();
+    let calls = [
+        ("sys/mounts/database", json!({ "type": "database" })),
+        (
+            "database/config/pg",
+            json!({
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": pg["connection_details"]["connection_url"],
+                "username": "postgres",
+                "password": stack.pg_password,
+                "allowed_roles": "*",
+            }),
+        ),
+        (
+            "database/roles/ns-app",
+            json!({
+                "db_name": "pg",
+                "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                "default_ttl": "6s",
+                "max_ttl": "10m",
+            }),
+        ),
+    ];
+    for (path, body) in calls {
+        stack
+            .api("POST", &format!("{ORG}/{path}"), Some(body))
+            .await
+            .unwrap_or_else(|e| panic!("{ORG}/{path}: {e}"));
+    }
+}
+
+/// The injector as the chart runs it, with the store's CA as its default for every agent.
+async fn injector(stack: &Stack) -> Injector {
+    let ca = std::fs::read_to_string(stack.ca_file()).unwrap();
+    let flag = format!("--vault-cacert-bytes={ca}");
+    Injector::start(
+        &stack.addr,
+        &images().unwrap().agent,
+        &[flag.as_str(), "--revoke-grace", "0"],
+    )
+    .await
+    .unwrap()
+}
+
+/// `pod` through the injector; the mutated pod must pass the API server's schema.
+async fn mutated(stack: &Stack, pod: &Value) -> (Value, Vec<String>) {
+    let injector = injector(stack).await;
+    let answer = injector.review(pod).await.unwrap();
+    let warnings = answer["response"]["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str().map(str::to_string))
+        .collect();
+    let (mutated, _) = injector.mutate(pod).await.unwrap();
+    validate::pod(&mutated).unwrap();
+    (mutated, warnings)
+}
+
+/// The mutated pod with its init containers run and its sidecar started.
+async fn running(stack: &Stack, pod: &Value, secrets: &BTreeMap<String, SecretFiles>) -> PodRun {
+    let (mutated, _) = mutated(stack, pod).await;
+    let name = pod["metadata"]["name"].as_str().unwrap();
+    let sa = stack
+        .signer
+        .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, name, 3600);
+    let mut run = PodRun::with_secrets(mutated, &sa, secrets).unwrap();
+    run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
+        .unwrap();
+    run.start_sidecars().unwrap();
+    run
+}
+
+/// What the app container sees: `script`'s output, which must succeed.
+fn app(run: &PodRun, container: &str, script: &str) -> String {
+    let out = run.app_exec(container, script).unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn state(run: &PodRun) -> Value {
+    let home = run.volume("sidekey-home");
+    serde_json::from_slice(&std::fs::read(home.join("state.json")).unwrap()).unwrap()
+}
+
+/// Stops the pod (preStop, SIGTERM) and checks the sidecar exited cleanly.
+fn stop(run: &mut PodRun) {
+    let codes = run.stop().unwrap();
+    assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
+}
+
+/// Whether the token with this accessor is alive in namespace `ns` ("" for the root).
+async fn token_alive_in(stack: &Stack, ns: &str, accessor: &str) -> bool {
+    let prefix = if ns.is_empty() {
+        String::new()
+    } else {
+        format!("{ns}/")
+    };
+    stack
+        .api(
+            "POST",
+            &format!("{prefix}auth/token/lookup-accessor"),
+            Some(json!({ "accessor": accessor })),
+        )
+        .await
+        .is_ok()
+}
+
+/// Waits (bounded) until `done` holds; panics with `what` otherwise.
+async fn eventually(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `agent-inject-token`: /vault/secrets/token holds the agent's token (0640, as Vault Agent's
+/// file sink writes it), readable by the app; it changes when the sidecar logs in again (the
+/// role's max TTL is 12 s) and always holds the token the agent uses; the pod's stop revokes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_inject_token_writes_the_token_file_and_keeps_it_current() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pod = fixture("billing-agent-inject-token.json", stack);
+    let mut run = running(stack, &pod, &BTreeMap::new()).await;
+
+    let read = |run: &PodRun| app(run, "billing", "cat /vault/secrets/token");
+    let first = read(&run);
+    assert_eq!(
+        first,
+        state(&run)["token"].as_str().unwrap(),
+        "the agent's token"
+    );
+    assert_eq!(
+        app(&run, "billing", "stat -c %a /vault/secrets/token").trim(),
+        "640"
+    );
+    assert_eq!(
+        app(&run, "billing", "cat /vault/secrets/config"),
+        "STRIPE_KEY=sk_test_4eC39Hq\n"
+    );
+    // The app can use it: it is a live token with the role's policy.
+    let looked = reqwest_lookup(stack, &first).await;
+    assert_eq!(looked["data"]["policies"], json!(["app", "default"]));
+
+    // The token reaches its max TTL; the sidecar logs in again and the file follows.
+    eventually(
+        "a new token in /vault/secrets/token",
+        Duration::from_secs(60),
+        async || read(&run) != first,
+    )
+    .await;
+    let second = read(&run);
+    assert_eq!(second, state(&run)["token"].as_str().unwrap());
+    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    assert!(token_alive_in(stack, "", &accessor).await);
+    reqwest_lookup(stack, &second).await;
+
+    stop(&mut run);
+    assert!(
+        !token_alive_in(stack, "", &accessor).await,
+        "the token in the file outlived the pod"
+    );
+}
+
+/// `auth/token/lookup-self` with `token`, as an app that read it would call it.
+async fn reqwest_lookup(stack: &Stack, token: &str) -> Value {
+    let pki = sidekey_tests::pki::pki().unwrap();
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem().unwrap().as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("{}/v1/auth/token/lookup-self", stack.addr))
+        .header("X-Vault-Token", token)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "lookup-self: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
+/// `secret-volume-path-NAME`: each such secret is rendered under its own folder, a volume of its
+/// own mounted read-only in the app (as vault-k8s mounts `vault-secrets-custom-N`); the other
+/// files stay in /vault/secrets; the database credential works and is revoked at the pod's stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_volume_path_name_renders_that_secret_under_its_own_path() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pod = fixture("catalog-secret-volume-path-per-secret.json", stack);
+    let mut run = running(stack, &pod, &BTreeMap::new()).await;
+
+    let listing = app(
+        &run,
+        "catalog",
+        "ls /vault/secrets; echo ---; ls /etc/catalog/db; echo ---; ls /etc/catalog/config",
+    );
+    assert_eq!(listing, "config\n---\ndb.env\n---\nsearch.json\n");
+    assert!(
+        app(&run, "catalog", "cat /vault/secrets/config")
+            .starts_with("data: map[region:eu-west-1]")
+    );
+    assert_eq!(
+        app(&run, "catalog", "cat /etc/catalog/config/search.json"),
+        r#"{"index":"products","replicas":2}"#
+    );
+    assert_eq!(
+        app(&run, "catalog", "stat -c %a /etc/catalog/db/db.env").trim(),
+        "640"
+    );
+    let env = app(&run, "catalog", "cat /etc/catalog/db/db.env");
+    let user = env
+        .lines()
+        .find_map(|l| l.strip_prefix("PGUSER="))
+        .unwrap()
+        .to_string();
+    let password = env
+        .lines()
+        .find_map(|l| l.strip_prefix("PGPASSWORD="))
+        .unwrap();
+    assert_eq!(
+        stack
+            .psql_as(&user, password, "select current_user")
+            .unwrap(),
+        user
+    );
+    let written = app(
+        &run,
+        "catalog",
+        "touch /etc/catalog/db/x 2>&1 || echo read-only",
+    );
+    assert!(written.trim_end().ends_with("read-only"), "{written}");
+
+    stop(&mut run);
+    assert!(
+        stack
+            .leases("database/creds/compat-catalog")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !stack.pg_role_exists(&user).unwrap(),
+        "{user} outlived the pod"
+    );
+}
+
+/// An app that already mounts its own memory emptyDir at /vault/secrets (written for vault-k8s,
+/// whose patch then made a pod the API server refuses): the agent renders into that volume, the
+/// pod gets no second secrets volume, and it passes the API server's validation.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apps_own_empty_dir_at_the_secrets_path_is_the_secrets_volume() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pod = fixture("orders-app-declares-vault-secrets-empty-dir.json", stack);
+    let (mutated_pod, warnings) = mutated(stack, &pod).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let volumes: Vec<&str> = mutated_pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(!volumes.contains(&"sidekey-secrets"), "{volumes:?}");
+    let mut run = running(stack, &pod, &BTreeMap::new()).await;
+    assert!(
+        app(&run, "orders", "cat /vault/secrets/config").starts_with("data: map[queue:orders-v2]")
+    );
+    // What the app sees is the pod's volume, where the agent wrote.
+    assert!(run.volume("vault-secrets").join("config").is_file());
+    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    stop(&mut run);
+    assert!(!token_alive_in(stack, "", &accessor).await);
+}
+
+/// `auth-type: cert`: the agent logs in to OpenBao's cert auth method with the client
+/// certificate from the pod's tls-secret (a Secret the kubelet mounts at /vault/tls).
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_auth_logs_in_with_the_client_certificate() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pki = sidekey_tests::pki::pki().unwrap();
+    let secret: SecretFiles = [
+        ("tls.crt", &pki.client_cert),
+        ("tls.key", &pki.client_key),
+        ("ca.crt", &pki.ca),
+    ]
+    .into_iter()
+    .map(|(file, path)| (file.to_string(), std::fs::read(path).unwrap()))
+    .collect();
+    let secrets = BTreeMap::from([("gateway-vault-client".to_string(), secret)]);
+    let pod = fixture("gateway-cert-auth.json", stack);
+    let mut run = running(stack, &pod, &secrets).await;
+    assert!(
+        app(&run, "gateway", "cat /vault/secrets/config")
+            .starts_with("data: map[upstream:https://api.internal]")
+    );
+    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    let info = stack
+        .api(
+            "POST",
+            "auth/token/lookup-accessor",
+            Some(json!({ "accessor": accessor })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(info["data"]["path"], "auth/cert/login");
+    assert_eq!(info["data"]["meta"]["cert_name"], "gateway");
+    stop(&mut run);
+    assert!(!token_alive_in(stack, "", &accessor).await);
+}
+
+/// Every lease id under `prefix` in namespace `ns`.
+async fn leases_in(stack: &Stack, ns: &str, prefix: &str) -> Vec<String> {
+    match stack
+        .api("LIST", &format!("{ns}/sys/leases/lookup/{prefix}"), None)
+        .await
+    {
+        Ok(v) => v["data"]["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect(),
+        Err(e) if e.to_string().contains("404") => Vec::new(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The `namespace` annotation: login at the namespace's kubernetes mount, a KV read there, a read
+/// that reaches into the child namespace team-a by its path (Vault Agent's way to address
+/// another namespace from a template), a database lease renewed in the namespace, and at the
+/// pod's stop the lease, the database user and the token revoked.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_namespace_annotation_logs_in_reads_renews_and_revokes_there() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pod = fixture("us-west-namespace.json", stack);
+    let mut run = running(stack, &pod, &BTreeMap::new()).await;
+    assert!(app(&run, "inventory", "cat /vault/secrets/config").contains("owner:org-inventory"));
+    assert_eq!(
+        app(&run, "inventory", "cat /vault/secrets/team"),
+        "TEAM_OWNER=team-a-pricing\n"
+    );
+    let uri = app(&run, "inventory", "cat /vault/secrets/db");
+    let out = run
+        .app_exec(
+            "inventory",
+            &format!("psql '{uri}' -Atc 'select current_user'"),
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        leases_in(stack, ORG, "database/creds/ns-app").await.len(),
+        1
+    );
+    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    assert!(
+        token_alive_in(stack, ORG, &accessor).await,
+        "a token of {ORG}"
+    );
+    // The 6 s lease is renewed in the namespace (the file keeps the same credentials).
+    eventually("a lease renewal", Duration::from_secs(30), async || {
+        run.log("sidekey-agent").contains("lease renewed")
+    })
+    .await;
+    assert_eq!(app(&run, "inventory", "cat /vault/secrets/db"), uri);
+
+    stop(&mut run);
+    assert!(
+        leases_in(stack, ORG, "database/creds/ns-app")
+            .await
+            .is_empty()
+    );
+    assert!(
+        !stack.pg_role_exists(&user).unwrap(),
+        "{user} outlived the pod"
+    );
+    assert!(
+        !token_alive_in(stack, ORG, &accessor).await,
+        "the token outlived the pod"
+    );
+}
+
+/// A namespace-prefixed auth path (`auth-path: us-west-org/auth/kubernetes`) and a nested
+/// namespace (`namespace: us-west-org/team-a`): each logs in where it says, reads its own
+/// namespace's secret and has its token revoked at the pod's stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_prefixed_auth_paths_and_nested_namespaces() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    for (file, container, ns, owner) in [
+        (
+            "us-west-auth-path-namespace-prefix.json",
+            "ledger",
+            ORG,
+            "org-inventory",
+        ),
+        (
+            "team-a-nested-namespace.json",
+            "pricing",
+            TEAM,
+            "team-a-pricing",
+        ),
+    ] {
+        let pod = fixture(file, stack);
+        let mut run = running(stack, &pod, &BTreeMap::new()).await;
+        let config = app(&run, container, "cat /vault/secrets/config");
+        assert!(
+            config.contains(&format!("owner:{owner}")),
+            "{file}: {config}"
+        );
+        let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+        assert!(
+            token_alive_in(stack, ns, &accessor).await,
+            "{file}: a token of {ns}"
+        );
+        stop(&mut run);
+        assert!(
+            !token_alive_in(stack, ns, &accessor).await,
+            "{file}: the token outlived the pod"
+        );
+    }
+}
