@@ -489,7 +489,13 @@ impl AgentConfig {
         let Some(dir) = self.vault_agent_config_dir.clone() else {
             return Ok(self);
         };
-        let config = crate::hcl_config::overlay_file(self, &dir.join(file))?;
+        let mut path = dir.join(file);
+        // A pre-populate-only pod's ConfigMap may hold only the init config; its revoke-only
+        // sidecar and preStop hook need just the store and the state from it.
+        if file == crate::hcl_config::SIDECAR_FILE && !path.exists() {
+            path = dir.join(crate::hcl_config::INIT_FILE);
+        }
+        let config = crate::hcl_config::overlay_file(self, &path)?;
         config.validate()?;
         Ok(config)
     }

@@ -3,8 +3,10 @@
 //! the agent image against the real TLS OpenBao (and PostgreSQL for database secrets), with the
 //! mutated pod checked by kubernetes-validate as the API server would check it:
 //! `agent-inject-token`, `secret-volume-path-NAME`, an app's own emptyDir at /vault/secrets,
-//! `auth-type: cert`, and OpenBao namespaces (the `namespace` annotation, namespace-prefixed auth
-//! paths, nested namespaces and secret paths that reach into a child namespace).
+//! `auth-type: cert`, OpenBao namespaces (the `namespace` annotation, namespace-prefixed auth
+//! paths, nested namespaces and secret paths that reach into a child namespace) and
+//! `agent-configmap` (a Vault Agent HCL config in a ConfigMap, which the pod runner projects as
+//! the kubelet does).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -208,16 +210,26 @@ async fn mutated(stack: &Stack, pod: &Value) -> (Value, Vec<String>) {
 
 /// The mutated pod with its init containers run and its sidecar started.
 async fn running(stack: &Stack, pod: &Value, secrets: &BTreeMap<String, SecretFiles>) -> PodRun {
+    let mut run = laid_out(stack, pod, secrets, &BTreeMap::new()).await;
+    run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
+        .unwrap();
+    run.start_sidecars().unwrap();
+    run
+}
+
+/// The mutated pod with its volumes laid out (the Secrets and ConfigMaps it mounts projected).
+async fn laid_out(
+    stack: &Stack,
+    pod: &Value,
+    secrets: &BTreeMap<String, SecretFiles>,
+    config_maps: &BTreeMap<String, SecretFiles>,
+) -> PodRun {
     let (mutated, _) = mutated(stack, pod).await;
     let name = pod["metadata"]["name"].as_str().unwrap();
     let sa = stack
         .signer
         .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, name, 3600);
-    let mut run = PodRun::with_secrets(mutated, &sa, secrets).unwrap();
-    run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
-        .unwrap();
-    run.start_sidecars().unwrap();
-    run
+    PodRun::with_objects(mutated, &sa, secrets, config_maps).unwrap()
 }
 
 /// What the app container sees: `script`'s output, which must succeed.
@@ -581,4 +593,110 @@ async fn namespace_prefixed_auth_paths_and_nested_namespaces() {
             "{file}: the token outlived the pod"
         );
     }
+}
+
+/// The ConfigMap `orders-vault-agent-config` (tests/fixtures/orders-vault-agent-config/), with
+/// `replace` applied to its config-init.hcl.
+fn agent_config_map(replace: (&str, &str)) -> BTreeMap<String, SecretFiles> {
+    let dir = workspace_root().join("tests/fixtures/orders-vault-agent-config");
+    let files: SecretFiles = ["config.hcl", "config-init.hcl", "orders.json.ctmpl"]
+        .into_iter()
+        .map(|f| {
+            let mut text = std::fs::read_to_string(dir.join(f)).unwrap();
+            if f == "config-init.hcl" {
+                text = text.replace(replace.0, replace.1);
+            }
+            (f.to_string(), text.into_bytes())
+        })
+        .collect();
+    BTreeMap::from([("orders-vault-agent-config".to_string(), files)])
+}
+
+/// `agent-configmap`: the init container runs config-init.hcl and the sidecar config.hcl from
+/// the ConfigMap at /vault/configs: login from auto_auth, the token in the file sink (the
+/// reference's /home/vault is the agent's home), files from the template stanzas (inline and
+/// from a source file in the ConfigMap), and the same hand-off and revocation as annotation pods.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_configmap_runs_the_vault_agent_config_from_the_config_map() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pod = fixture("orders-agent-configmap.json", stack);
+    let mut run = laid_out(stack, &pod, &BTreeMap::new(), &agent_config_map(("", ""))).await;
+    run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
+        .unwrap();
+    let at_start = app(&run, "orders", "cat /vault/secrets/db.env");
+    run.start_sidecars().unwrap();
+
+    assert_eq!(
+        app(&run, "orders", "cat /vault/secrets/orders.json"),
+        "{\"queue\":\"orders-v2\"}\n"
+    );
+    assert_eq!(
+        app(&run, "orders", "stat -c %a /vault/secrets/db.env").trim(),
+        "640"
+    );
+    let user = at_start
+        .lines()
+        .find_map(|l| l.strip_prefix("PGUSER="))
+        .unwrap()
+        .to_string();
+    let password = at_start
+        .lines()
+        .find_map(|l| l.strip_prefix("PGPASSWORD="))
+        .unwrap();
+    assert_eq!(
+        stack
+            .psql_as(&user, password, "select current_user")
+            .unwrap(),
+        user
+    );
+    let sink = std::fs::read_to_string(run.volume("sidekey-home").join(".vault-token")).unwrap();
+    assert_eq!(sink, state(&run)["token"].as_str().unwrap());
+    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    // The sidecar adopted the init container's token and credentials.
+    assert_eq!(app(&run, "orders", "cat /vault/secrets/db.env"), at_start);
+    assert_eq!(
+        stack
+            .leases("database/creds/compat-configmap")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    stop(&mut run);
+    assert!(
+        stack
+            .leases("database/creds/compat-configmap")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !stack.pg_role_exists(&user).unwrap(),
+        "{user} outlived the pod"
+    );
+    assert!(!token_alive_in(stack, "", &accessor).await);
+}
+
+/// A Vault Agent config with a method Sidekey does not have: the init container fails with one
+/// line that names the file, the line and what is supported (what `kubectl describe` shows).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsupported_vault_agent_config_stops_the_init_container_with_file_and_line() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let pod = fixture("orders-agent-configmap.json", stack);
+    let config_maps = agent_config_map(("method \"kubernetes\" {", "method \"aws\" {"));
+    let mut run = laid_out(stack, &pod, &BTreeMap::new(), &config_maps).await;
+    let err = run
+        .run_init_containers(|_, name| panic!("unexpected app init container {name}"))
+        .unwrap_err()
+        .to_string();
+    let log = run.log("sidekey-agent-init");
+    let last = log.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "sidekey-agent: /vault/configs/config-init.hcl:6: auth method \"aws\" is not supported (supported: kubernetes, jwt, approle, token_file, cert)",
+        "{err}"
+    );
 }
