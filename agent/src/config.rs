@@ -229,6 +229,26 @@ pub struct TemplateConfig {
 }
 
 impl TemplateConfig {
+    /// A template `name` rendering to `file` with every option at its default; the caller sets
+    /// the text, path or source.
+    pub fn new(name: String, file: String) -> TemplateConfig {
+        TemplateConfig {
+            name,
+            path: None,
+            contents: None,
+            source: None,
+            engine: Engine::Auto,
+            format: DefaultFormat::Map,
+            file,
+            dir: None,
+            perms: default_perms(),
+            command: None,
+            error_on_missing_key: false,
+            left_delimiter: None,
+            right_delimiter: None,
+        }
+    }
+
     /// The file mode, validated by `AgentConfig::validate`.
     pub fn mode(&self) -> u32 {
         parse_mode(&self.perms).unwrap_or(0o644)

@@ -17,8 +17,7 @@ use hcl::edit::structure::{BlockLabel, Body, Structure};
 use hcl::eval::Evaluate as _;
 
 use crate::config::{
-    AgentConfig, AuthConfig, DefaultFormat, Engine, TemplateConfig, TokenSink, parse_duration,
-    parse_mode,
+    AgentConfig, AuthConfig, Engine, TemplateConfig, TokenSink, parse_duration, parse_mode,
 };
 
 /// The files vault-k8s runs Vault Agent with, in the ConfigMap's folder.
@@ -126,15 +125,9 @@ impl Doc<'_> {
         })
     }
 
-    /// `perms = "0640"` or `perms = 0640` (HCL reads the latter as the number 640).
     fn mode(&self, a: &Attr, at: &str) -> Result<String, HclError> {
         let text = self.string(a, at)?;
-        let padded = if text.starts_with('0') {
-            text.clone()
-        } else {
-            format!("0{text}")
-        };
-        parse_mode(&padded).map(|_| padded).ok_or_else(|| {
+        octal_mode(&text).ok_or_else(|| {
             self.err(
                 &a.place,
                 format!("{at}: {text:?} is not an octal file mode"),
@@ -232,6 +225,16 @@ impl Doc<'_> {
     }
 }
 
+/// `perms = "0640"` or `perms = 0640` (HCL reads the latter as the number 640): "0640".
+fn octal_mode(text: &str) -> Option<String> {
+    let padded = if text.starts_with('0') {
+        text.to_string()
+    } else {
+        format!("0{text}")
+    };
+    parse_mode(&padded).map(|_| padded)
+}
+
 /// vault-k8s's docs write HCL1's quoted keys (`"auto_auth" = {`); HCL2 wants identifiers there.
 /// Lines and offsets before each key are kept, so line numbers stay right.
 fn unquote_keys(text: &str) -> String {
@@ -308,6 +311,25 @@ pub fn overlay(mut base: AgentConfig, file: &str, text: &str) -> Result<AgentCon
     Ok(base)
 }
 
+/// The attributes of `b`'s `name` blocks (`vault.retry`, `template.exec`): any other block, or
+/// a block inside one, is unsupported.
+fn inner_attributes<'a>(
+    doc: &Doc,
+    b: &'a Stanza,
+    name: &str,
+    at: &str,
+) -> Result<Vec<&'a Attr>, HclError> {
+    let mut out = Vec::new();
+    for inner in &b.blocks {
+        if inner.ident != name {
+            return Err(doc.unsupported(&inner.place, &format!("{at}.{}", inner.ident)));
+        }
+        no_stanzas(doc, inner, &format!("{at}.{name}"))?;
+        out.extend(&inner.attributes);
+    }
+    Ok(out)
+}
+
 /// Fails on the first nested stanza: `at` has none.
 fn no_stanzas(doc: &Doc, b: &Stanza, at: &str) -> Result<(), HclError> {
     match b.blocks.first() {
@@ -332,19 +354,13 @@ fn vault(doc: &Doc, b: &Stanza, base: &mut AgentConfig) -> Result<(), HclError> 
             _ => return Err(doc.unsupported(&a.place, &at)),
         }
     }
-    for r in &b.blocks {
-        if r.ident != "retry" {
-            return Err(doc.unsupported(&r.place, &format!("vault.{}", r.ident)));
-        }
-        no_stanzas(doc, r, "vault.retry")?;
-        for a in &r.attributes {
-            match a.key.as_str() {
-                "num_retries" => {
-                    let n = doc.string(a, "vault.retry.num_retries")?;
-                    store.max_retries = n.parse::<i64>().map_or(2, |n| n.max(0) as u32);
-                }
-                other => return Err(doc.unsupported(&a.place, &format!("vault.retry.{other}"))),
+    for a in inner_attributes(doc, b, "retry", "vault")? {
+        match a.key.as_str() {
+            "num_retries" => {
+                let n = doc.string(a, "vault.retry.num_retries")?;
+                store.max_retries = n.parse::<i64>().map_or(2, |n| n.max(0) as u32);
             }
+            other => return Err(doc.unsupported(&a.place, &format!("vault.retry.{other}"))),
         }
     }
     Ok(())
@@ -539,12 +555,7 @@ fn sink(doc: &Doc, b: &Stanza, base: &AgentConfig) -> Result<TokenSink, HclError
         match key.as_str() {
             "path" => path = Some(value),
             "mode" => {
-                let padded = if value.starts_with('0') {
-                    value.clone()
-                } else {
-                    format!("0{value}")
-                };
-                perms = parse_mode(&padded).map(|_| padded).ok_or_else(|| {
+                perms = octal_mode(&value).ok_or_else(|| {
                     doc.err(
                         &place,
                         format!("auto_auth.sink config mode {value:?} is not an octal file mode"),
@@ -571,21 +582,8 @@ fn template(
     base: &AgentConfig,
     index: usize,
 ) -> Result<TemplateConfig, HclError> {
-    let mut t = TemplateConfig {
-        name: String::new(),
-        path: None,
-        contents: None,
-        source: None,
-        engine: Engine::Go,
-        format: DefaultFormat::Map,
-        file: String::new(),
-        dir: None,
-        perms: "0644".into(),
-        command: None,
-        error_on_missing_key: false,
-        left_delimiter: None,
-        right_delimiter: None,
-    };
+    let mut t = TemplateConfig::new(String::new(), String::new());
+    t.engine = Engine::Go;
     let mut destination = None;
     for a in &b.attributes {
         let at = format!("template.{}", a.key);
@@ -603,18 +601,12 @@ fn template(
             _ => return Err(doc.unsupported(&a.place, &at)),
         }
     }
-    for e in &b.blocks {
-        if e.ident != "exec" {
-            return Err(doc.unsupported(&e.place, &format!("template.{}", e.ident)));
-        }
-        no_stanzas(doc, e, "template.exec")?;
-        for a in &e.attributes {
-            match a.key.as_str() {
-                "command" => t.command = Some(command(doc, a, "template.exec.command")?),
-                // Commands run with Sidekey's own time limit.
-                "timeout" => drop(doc.seconds(a, "template.exec.timeout")?),
-                other => return Err(doc.unsupported(&a.place, &format!("template.exec.{other}"))),
-            }
+    for a in inner_attributes(doc, b, "exec", "template")? {
+        match a.key.as_str() {
+            "command" => t.command = Some(command(doc, a, "template.exec.command")?),
+            // Commands run with Sidekey's own time limit.
+            "timeout" => drop(doc.seconds(a, "template.exec.timeout")?),
+            other => return Err(doc.unsupported(&a.place, &format!("template.exec.{other}"))),
         }
     }
     let (destination, place) =

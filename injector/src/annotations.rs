@@ -676,21 +676,14 @@ fn template_verdict(text: &str, spec: &SecretSpec) -> Result<(), String> {
     if let Some(verdict) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return verdict;
     }
-    let config = sidekey_agent::config::TemplateConfig {
-        name: spec.name.clone(),
-        path: spec.path.clone(),
-        contents: Some(text.to_string()),
-        source: None,
-        engine: spec.engine,
-        format: DefaultFormat::Map,
-        file: spec.file.clone(),
-        dir: None,
-        perms: spec.perms.clone(),
-        command: None,
-        error_on_missing_key: false,
-        left_delimiter: spec.left_delimiter.clone(),
-        right_delimiter: spec.right_delimiter.clone(),
-    };
+    let mut config =
+        sidekey_agent::config::TemplateConfig::new(spec.name.clone(), spec.file.clone());
+    config.path = spec.path.clone();
+    config.contents = Some(text.to_string());
+    config.engine = spec.engine;
+    config.perms = spec.perms.clone();
+    config.left_delimiter = spec.left_delimiter.clone();
+    config.right_delimiter = spec.right_delimiter.clone();
     let verdict = sidekey_agent::render::prepare(&config, None)
         .map(|_| ())
         .map_err(|e| {

@@ -617,6 +617,15 @@ fn custom_volume_path_sub_folders_and_case() {
     assert_eq!(files, ["Token", "conf/app.json"]);
 }
 
+/// The injected agent containers, init containers first.
+fn agents(pod: &Pod) -> Vec<&Container> {
+    init_containers(pod)
+        .iter()
+        .chain(containers(pod))
+        .filter(|c| is_agent(c))
+        .collect()
+}
+
 fn volume<'a>(pod: &'a Pod, name: &str) -> &'a k8s_openapi::api::core::v1::Volume {
     let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
     volumes
@@ -652,11 +661,7 @@ fn per_secret_volume_paths_and_the_token_sink() {
             Some("Memory")
         );
     }
-    let agents: Vec<&Container> = init_containers(&pod)
-        .iter()
-        .chain(containers(&pod))
-        .filter(|c| is_agent(c))
-        .collect();
+    let agents = agents(&pod);
     assert_eq!(agents.len(), 2);
     for agent in agents {
         for path in ["/vault/secrets", "/etc/billing/db", "/etc/billing/tls"] {
@@ -767,11 +772,7 @@ fn agent_configmap_mounts_the_config_map_for_the_agents() {
         v.config_map.as_ref().unwrap().name,
         "orders-vault-agent-config"
     );
-    let agents: Vec<&Container> = init_containers(&pod)
-        .iter()
-        .chain(containers(&pod))
-        .filter(|c| is_agent(c))
-        .collect();
+    let agents = agents(&pod);
     assert_eq!(agents.len(), 2);
     for agent in agents {
         let m = mount_of(agent, "/vault/configs").unwrap();

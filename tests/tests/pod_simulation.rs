@@ -11,11 +11,10 @@ use serde_json::{Value, json};
 use sidekey_tests::injector::Injector;
 use sidekey_tests::pod::{PodRun, SecretFiles, files};
 use sidekey_tests::podman::images;
-use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, workspace_root};
+use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack};
 
 fn fixture(name: &str, stack: &Stack) -> Value {
-    let text = std::fs::read_to_string(workspace_root().join("tests/fixtures").join(name)).unwrap();
-    serde_json::from_str(&text.replace("PG_PORT", &stack.pg_port.to_string())).unwrap()
+    stack.fixture(name)
 }
 
 /// The secrets and database roles every scenario reads, written once per test binary (parallel

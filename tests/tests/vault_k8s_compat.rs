@@ -21,11 +21,6 @@ use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, validate, workspa
 const ORG: &str = "us-west-org";
 const TEAM: &str = "us-west-org/team-a";
 
-fn fixture(name: &str, stack: &Stack) -> Value {
-    let text = std::fs::read_to_string(workspace_root().join("tests/fixtures").join(name)).unwrap();
-    serde_json::from_str(&text.replace("PG_PORT", &stack.pg_port.to_string())).unwrap()
-}
-
 /// What every scenario reads, written once per test binary.
 async fn setup(stack: &Stack) {
     static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
@@ -48,19 +43,21 @@ async fn write_fixtures(stack: &Stack) {
     ] {
         stack.put_kv2(path, data).await.unwrap();
     }
-    stack
-        .api(
-            "POST",
-            "database/roles/compat-catalog",
-            Some(json!({
-                "db_name": "pg",
-                "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
-                "default_ttl": "1h",
-                "max_ttl": "2h",
-            })),
-        )
-        .await
-        .unwrap();
+    for role in ["compat-catalog", "compat-configmap"] {
+        stack
+            .api(
+                "POST",
+                &format!("database/roles/{role}"),
+                Some(json!({
+                    "db_name": "pg",
+                    "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                    "default_ttl": "1h",
+                    "max_ttl": "2h",
+                })),
+            )
+            .await
+            .unwrap();
+    }
     // The app role with a token that reaches its max TTL in seconds: the sidecar logs in again.
     let mut short = stack
         .api("GET", "auth/kubernetes/role/app", None)
@@ -254,17 +251,30 @@ fn stop(run: &mut PodRun) {
     assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
 }
 
+/// Logs in to PostgreSQL with the PGUSER / PGPASSWORD lines of `env`; returns the user.
+fn logs_in(stack: &Stack, env: &str) -> String {
+    let line = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the file"))
+            .to_string()
+    };
+    let (user, password) = (line("PGUSER="), line("PGPASSWORD="));
+    assert_eq!(
+        stack
+            .psql_as(&user, &password, "select current_user")
+            .unwrap(),
+        user
+    );
+    user
+}
+
 /// Whether the token with this accessor is alive in namespace `ns` ("" for the root).
 async fn token_alive_in(stack: &Stack, ns: &str, accessor: &str) -> bool {
-    let prefix = if ns.is_empty() {
-        String::new()
-    } else {
-        format!("{ns}/")
-    };
     stack
         .api(
             "POST",
-            &format!("{prefix}auth/token/lookup-accessor"),
+            &in_namespace(ns, "auth/token/lookup-accessor"),
             Some(json!({ "accessor": accessor })),
         )
         .await
@@ -287,7 +297,7 @@ async fn eventually(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
 async fn agent_inject_token_writes_the_token_file_and_keeps_it_current() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pod = fixture("billing-agent-inject-token.json", stack);
+    let pod = stack.fixture("billing-agent-inject-token.json");
     let mut run = running(stack, &pod, &BTreeMap::new()).await;
 
     let read = |run: &PodRun| app(run, "billing", "cat /vault/secrets/token");
@@ -354,7 +364,7 @@ async fn reqwest_lookup(stack: &Stack, token: &str) -> Value {
 async fn secret_volume_path_name_renders_that_secret_under_its_own_path() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pod = fixture("catalog-secret-volume-path-per-secret.json", stack);
+    let pod = stack.fixture("catalog-secret-volume-path-per-secret.json");
     let mut run = running(stack, &pod, &BTreeMap::new()).await;
 
     let listing = app(
@@ -376,21 +386,7 @@ async fn secret_volume_path_name_renders_that_secret_under_its_own_path() {
         "640"
     );
     let env = app(&run, "catalog", "cat /etc/catalog/db/db.env");
-    let user = env
-        .lines()
-        .find_map(|l| l.strip_prefix("PGUSER="))
-        .unwrap()
-        .to_string();
-    let password = env
-        .lines()
-        .find_map(|l| l.strip_prefix("PGPASSWORD="))
-        .unwrap();
-    assert_eq!(
-        stack
-            .psql_as(&user, password, "select current_user")
-            .unwrap(),
-        user
-    );
+    let user = logs_in(stack, &env);
     let written = app(
         &run,
         "catalog",
@@ -399,17 +395,7 @@ async fn secret_volume_path_name_renders_that_secret_under_its_own_path() {
     assert!(written.trim_end().ends_with("read-only"), "{written}");
 
     stop(&mut run);
-    assert!(
-        stack
-            .leases("database/creds/compat-catalog")
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        !stack.pg_role_exists(&user).unwrap(),
-        "{user} outlived the pod"
-    );
+    assert_nothing_left(stack, "", "database/creds/compat-catalog", &user).await;
 }
 
 /// An app that already mounts its own memory emptyDir at /vault/secrets (written for vault-k8s,
@@ -419,7 +405,7 @@ async fn secret_volume_path_name_renders_that_secret_under_its_own_path() {
 async fn the_apps_own_empty_dir_at_the_secrets_path_is_the_secrets_volume() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pod = fixture("orders-app-declares-vault-secrets-empty-dir.json", stack);
+    let pod = stack.fixture("orders-app-declares-vault-secrets-empty-dir.json");
     let (mutated_pod, warnings) = mutated(stack, &pod).await;
     assert!(warnings.is_empty(), "{warnings:?}");
     let volumes: Vec<&str> = mutated_pod["spec"]["volumes"]
@@ -456,7 +442,7 @@ async fn cert_auth_logs_in_with_the_client_certificate() {
     .map(|(file, path)| (file.to_string(), std::fs::read(path).unwrap()))
     .collect();
     let secrets = BTreeMap::from([("gateway-vault-client".to_string(), secret)]);
-    let pod = fixture("gateway-cert-auth.json", stack);
+    let pod = stack.fixture("gateway-cert-auth.json");
     let mut run = running(stack, &pod, &secrets).await;
     assert!(
         app(&run, "gateway", "cat /vault/secrets/config")
@@ -477,10 +463,34 @@ async fn cert_auth_logs_in_with_the_client_certificate() {
     assert!(!token_alive_in(stack, "", &accessor).await);
 }
 
+/// After the pod's stop: no lease left under `prefix` in namespace `ns` ("" for the root) and no
+/// database user `user`.
+async fn assert_nothing_left(stack: &Stack, ns: &str, prefix: &str, user: &str) {
+    let leases = leases_in(stack, ns, prefix).await;
+    assert!(leases.is_empty(), "leases outlived the pod: {leases:?}");
+    assert!(
+        !stack.pg_role_exists(user).unwrap(),
+        "{user} outlived the pod"
+    );
+}
+
+/// The path `path` in namespace `ns` ("" for the root).
+fn in_namespace(ns: &str, path: &str) -> String {
+    if ns.is_empty() {
+        path.to_string()
+    } else {
+        format!("{ns}/{path}")
+    }
+}
+
 /// Every lease id under `prefix` in namespace `ns`.
 async fn leases_in(stack: &Stack, ns: &str, prefix: &str) -> Vec<String> {
     match stack
-        .api("LIST", &format!("{ns}/sys/leases/lookup/{prefix}"), None)
+        .api(
+            "LIST",
+            &in_namespace(ns, &format!("sys/leases/lookup/{prefix}")),
+            None,
+        )
         .await
     {
         Ok(v) => v["data"]["keys"]
@@ -502,14 +512,14 @@ async fn leases_in(stack: &Stack, ns: &str, prefix: &str) -> Vec<String> {
 async fn the_namespace_annotation_logs_in_reads_renews_and_revokes_there() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pod = fixture("us-west-namespace.json", stack);
+    let pod = stack.fixture("us-west-namespace.json");
     let mut run = running(stack, &pod, &BTreeMap::new()).await;
     assert!(app(&run, "inventory", "cat /vault/secrets/config").contains("owner:org-inventory"));
     assert_eq!(
         app(&run, "inventory", "cat /vault/secrets/team"),
         "TEAM_OWNER=team-a-pricing\n"
     );
-    let uri = app(&run, "inventory", "cat /vault/secrets/db");
+    let uri = app(&run, "inventory", "cat /vault/secrets/db").trim().to_string();
     let out = run
         .app_exec(
             "inventory",
@@ -536,18 +546,10 @@ async fn the_namespace_annotation_logs_in_reads_renews_and_revokes_there() {
         run.log("sidekey-agent").contains("lease renewed")
     })
     .await;
-    assert_eq!(app(&run, "inventory", "cat /vault/secrets/db"), uri);
+    assert_eq!(app(&run, "inventory", "cat /vault/secrets/db").trim(), uri);
 
     stop(&mut run);
-    assert!(
-        leases_in(stack, ORG, "database/creds/ns-app")
-            .await
-            .is_empty()
-    );
-    assert!(
-        !stack.pg_role_exists(&user).unwrap(),
-        "{user} outlived the pod"
-    );
+    assert_nothing_left(stack, ORG, "database/creds/ns-app", &user).await;
     assert!(
         !token_alive_in(stack, ORG, &accessor).await,
         "the token outlived the pod"
@@ -575,7 +577,7 @@ async fn namespace_prefixed_auth_paths_and_nested_namespaces() {
             "team-a-pricing",
         ),
     ] {
-        let pod = fixture(file, stack);
+        let pod = stack.fixture(file);
         let mut run = running(stack, &pod, &BTreeMap::new()).await;
         let config = app(&run, container, "cat /vault/secrets/config");
         assert!(
@@ -595,20 +597,27 @@ async fn namespace_prefixed_auth_paths_and_nested_namespaces() {
     }
 }
 
-/// The ConfigMap `orders-vault-agent-config` (tests/fixtures/orders-vault-agent-config/), with
-/// `replace` applied to its config-init.hcl.
+/// The ConfigMap `orders-vault-agent-config`: config.hcl (tests/fixtures/orders-vault-agent-config/),
+/// its template file, and config-init.hcl as vault-k8s users write it, the same config with
+/// `exit_after_auth = true` and no listener; `replace` is applied to config-init.hcl.
 fn agent_config_map(replace: (&str, &str)) -> BTreeMap<String, SecretFiles> {
     let dir = workspace_root().join("tests/fixtures/orders-vault-agent-config");
-    let files: SecretFiles = ["config.hcl", "config-init.hcl", "orders.json.ctmpl"]
-        .into_iter()
-        .map(|f| {
-            let mut text = std::fs::read_to_string(dir.join(f)).unwrap();
-            if f == "config-init.hcl" {
-                text = text.replace(replace.0, replace.1);
-            }
-            (f.to_string(), text.into_bytes())
-        })
-        .collect();
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let sidecar = read("config.hcl");
+    let init = sidecar
+        .split("\nlistener ")
+        .next()
+        .unwrap()
+        .replace("exit_after_auth = false", "exit_after_auth = true")
+        .replace(replace.0, replace.1);
+    let files: SecretFiles = [
+        ("config.hcl", sidecar.clone()),
+        ("config-init.hcl", init),
+        ("orders.json.ctmpl", read("orders.json.ctmpl")),
+    ]
+    .into_iter()
+    .map(|(f, text)| (f.to_string(), text.into_bytes()))
+    .collect();
     BTreeMap::from([("orders-vault-agent-config".to_string(), files)])
 }
 
@@ -620,7 +629,7 @@ fn agent_config_map(replace: (&str, &str)) -> BTreeMap<String, SecretFiles> {
 async fn agent_configmap_runs_the_vault_agent_config_from_the_config_map() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pod = fixture("orders-agent-configmap.json", stack);
+    let pod = stack.fixture("orders-agent-configmap.json");
     let mut run = laid_out(stack, &pod, &BTreeMap::new(), &agent_config_map(("", ""))).await;
     run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
         .unwrap();
@@ -635,21 +644,7 @@ async fn agent_configmap_runs_the_vault_agent_config_from_the_config_map() {
         app(&run, "orders", "stat -c %a /vault/secrets/db.env").trim(),
         "640"
     );
-    let user = at_start
-        .lines()
-        .find_map(|l| l.strip_prefix("PGUSER="))
-        .unwrap()
-        .to_string();
-    let password = at_start
-        .lines()
-        .find_map(|l| l.strip_prefix("PGPASSWORD="))
-        .unwrap();
-    assert_eq!(
-        stack
-            .psql_as(&user, password, "select current_user")
-            .unwrap(),
-        user
-    );
+    let user = logs_in(stack, &at_start);
     let sink = std::fs::read_to_string(run.volume("sidekey-home").join(".vault-token")).unwrap();
     assert_eq!(sink, state(&run)["token"].as_str().unwrap());
     let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
@@ -665,17 +660,7 @@ async fn agent_configmap_runs_the_vault_agent_config_from_the_config_map() {
     );
 
     stop(&mut run);
-    assert!(
-        stack
-            .leases("database/creds/compat-configmap")
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        !stack.pg_role_exists(&user).unwrap(),
-        "{user} outlived the pod"
-    );
+    assert_nothing_left(stack, "", "database/creds/compat-configmap", &user).await;
     assert!(!token_alive_in(stack, "", &accessor).await);
 }
 
@@ -685,7 +670,7 @@ async fn agent_configmap_runs_the_vault_agent_config_from_the_config_map() {
 async fn an_unsupported_vault_agent_config_stops_the_init_container_with_file_and_line() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pod = fixture("orders-agent-configmap.json", stack);
+    let pod = stack.fixture("orders-agent-configmap.json");
     let config_maps = agent_config_map(("method \"kubernetes\" {", "method \"aws\" {"));
     let mut run = laid_out(stack, &pod, &BTreeMap::new(), &config_maps).await;
     let err = run
