@@ -489,15 +489,10 @@ async fn the_runtime_enforces_the_agent_security_context() {
 /// The pod's Secret `vault-tls` as a user would create it: the store's CA and a client
 /// certificate, mounted by the injector at /vault/tls (`tls-secret`).
 fn tls_secret() -> std::collections::BTreeMap<String, SecretFiles> {
-    let pki = sidekey_tests::pki::pki().unwrap();
-    let files: SecretFiles = [
-        ("ca.crt", &pki.ca),
-        ("tls.crt", &pki.client_cert),
-        ("tls.key", &pki.client_key),
-    ]
-    .into_iter()
-    .map(|(name, path)| (name.to_string(), std::fs::read(path).unwrap()))
-    .collect();
+    let files = sidekey_tests::pki::pki()
+        .unwrap()
+        .client_secret_files()
+        .unwrap();
     [("vault-tls".to_string(), files)].into()
 }
 

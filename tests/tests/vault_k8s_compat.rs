@@ -432,15 +432,10 @@ async fn the_apps_own_empty_dir_at_the_secrets_path_is_the_secrets_volume() {
 async fn cert_auth_logs_in_with_the_client_certificate() {
     let stack = Stack::shared();
     setup(stack).await;
-    let pki = sidekey_tests::pki::pki().unwrap();
-    let secret: SecretFiles = [
-        ("tls.crt", &pki.client_cert),
-        ("tls.key", &pki.client_key),
-        ("ca.crt", &pki.ca),
-    ]
-    .into_iter()
-    .map(|(file, path)| (file.to_string(), std::fs::read(path).unwrap()))
-    .collect();
+    let secret = sidekey_tests::pki::pki()
+        .unwrap()
+        .client_secret_files()
+        .unwrap();
     let secrets = BTreeMap::from([("gateway-vault-client".to_string(), secret)]);
     let pod = stack.fixture("gateway-cert-auth.json");
     let mut run = running(stack, &pod, &secrets).await;
@@ -519,19 +514,12 @@ async fn the_namespace_annotation_logs_in_reads_renews_and_revokes_there() {
         app(&run, "inventory", "cat /vault/secrets/team"),
         "TEAM_OWNER=team-a-pricing\n"
     );
-    let uri = app(&run, "inventory", "cat /vault/secrets/db").trim().to_string();
-    let out = run
-        .app_exec(
-            "inventory",
-            &format!("psql '{uri}' -Atc 'select current_user'"),
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let uri = app(&run, "inventory", "cat /vault/secrets/db")
+        .trim()
+        .to_string();
+    // The app logs in to PostgreSQL with the URI it reads.
+    let sql = format!("psql '{uri}' -Atc 'select current_user'");
+    let user = app(&run, "inventory", &sql).trim().to_string();
     assert_eq!(
         leases_in(stack, ORG, "database/creds/ns-app").await.len(),
         1
