@@ -1,5 +1,6 @@
 //! Logging in: kubernetes and jwt (a service-account token), approle (role and secret id from
-//! files) and token (a ready token from a file, checked with lookup-self).
+//! files), cert (the store client certificate) and token (a ready token from a file, checked with
+//! lookup-self).
 
 use std::path::Path;
 
@@ -99,6 +100,14 @@ pub async fn login(client: &StoreClient, auth: &AuthConfig) -> Result<Session, A
                 mount_path,
                 json!({ "role_id": role_id, "secret_id": secret_id }),
             )
+        }
+        AuthConfig::Cert { mount_path, name } => {
+            // The certificate is the credential: the client presents it in the TLS handshake.
+            let body = match name {
+                Some(name) => json!({ "name": name }),
+                None => json!({}),
+            };
+            (mount_path, body)
         }
         AuthConfig::Token { token_file } => {
             let token = Token::new(read_credential("token", token_file)?);

@@ -27,6 +27,8 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
     #[error("no agent config: set {CONFIG_ENV} or pass --config FILE")]
     Missing,
+    #[error(transparent)]
+    Hcl(#[from] crate::hcl_config::HclError),
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -57,6 +59,15 @@ pub struct AgentConfig {
     /// the pod asked for neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listener: Option<ListenerConfig>,
+    /// Files the token is written to after every login, as Vault Agent's file sinks
+    /// (`agent-inject-token` asks for one at `<secrets folder>/token`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_sinks: Vec<TokenSink>,
+    /// `agent-configmap`: the folder of the pod's Vault Agent HCL configs (`/vault/configs`).
+    /// `init` reads `config-init.hcl` from it, the other commands `config.hcl`, over this
+    /// config (see `hcl`); the login and the templates then come from that file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_agent_config_dir: Option<PathBuf>,
 }
 
 /// The port Vault Agent's listener takes in vault-k8s pods.
@@ -94,6 +105,17 @@ pub struct ListenerConfig {
 
 fn default_listener_port() -> u16 {
     DEFAULT_LISTENER_PORT
+}
+
+/// A file the agent's current token is written to (Vault Agent's `sink "file"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSink {
+    /// Absolute path of the file.
+    pub path: PathBuf,
+    /// Octal file mode; Vault Agent's file sink default is 0640.
+    #[serde(default = "default_sink_perms")]
+    pub perms: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +176,15 @@ pub enum AuthConfig {
     },
     /// A ready token read from a file.
     Token { token_file: PathBuf },
+    /// TLS certificate auth: POST auth/<mount_path>/login over a connection that presents the
+    /// store client certificate (`store.client_cert` / `store.client_key`).
+    Cert {
+        #[serde(default = "default_cert_mount")]
+        mount_path: String,
+        /// The certificate role to log in with; without it the store tries every role.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
 }
 
 impl AuthConfig {
@@ -163,6 +194,7 @@ impl AuthConfig {
             AuthConfig::Jwt { .. } => "jwt",
             AuthConfig::Approle { .. } => "approle",
             AuthConfig::Token { .. } => "token",
+            AuthConfig::Cert { .. } => "cert",
         }
     }
 
@@ -174,6 +206,8 @@ impl AuthConfig {
             }
             AuthConfig::Approle { secret_id_file, .. } => Some(secret_id_file),
             AuthConfig::Token { token_file } => Some(token_file),
+            // The client certificate is read once, when the client is built.
+            AuthConfig::Cert { .. } => None,
         }
     }
 }
@@ -217,6 +251,10 @@ pub struct TemplateConfig {
     pub format: DefaultFormat,
     /// File name relative to the secrets folder; may contain sub-folders, never `..`.
     pub file: String,
+    /// The folder `file` is rendered into when it is not the secrets folder: an absolute path
+    /// (`secret-volume-path-NAME`, a volume of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
     /// Octal file mode, for example "0640".
     #[serde(default = "default_perms")]
     pub perms: String,
@@ -232,6 +270,26 @@ pub struct TemplateConfig {
 }
 
 impl TemplateConfig {
+    /// A template `name` rendering to `file` with every option at its default; the caller sets
+    /// the text, path or source.
+    pub fn new(name: String, file: String) -> TemplateConfig {
+        TemplateConfig {
+            name,
+            path: None,
+            contents: None,
+            source: None,
+            engine: Engine::Auto,
+            format: DefaultFormat::Map,
+            file,
+            dir: None,
+            perms: default_perms(),
+            command: None,
+            error_on_missing_key: false,
+            left_delimiter: None,
+            right_delimiter: None,
+        }
+    }
+
     /// The file mode, validated by `AgentConfig::validate`.
     pub fn mode(&self) -> u32 {
         parse_mode(&self.perms).unwrap_or(0o644)
@@ -332,6 +390,12 @@ fn default_jwt_mount() -> String {
 fn default_approle_mount() -> String {
     "auth/approle".into()
 }
+fn default_cert_mount() -> String {
+    "auth/cert".into()
+}
+fn default_sink_perms() -> String {
+    "0640".into()
+}
 pub fn default_sa_token_path() -> PathBuf {
     PathBuf::from("/var/run/secrets/sidekey/serviceaccount/token")
 }
@@ -360,6 +424,45 @@ fn default_log_level() -> String {
     "info".into()
 }
 
+/// A duration as Vault takes it: whole seconds ("300") or a Go duration ("5m", "1h30m", "1.5s").
+/// Returns whole seconds, rounded up.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Some(secs);
+    }
+    let mut total_ns: f64 = 0.0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total_ns += number * scale;
+        rest = &rest[unit_len..];
+    }
+    Some((total_ns / 1e9).ceil() as u64)
+}
+
 /// Parses an octal file mode such as "0640" or "640"; only permission bits are allowed.
 pub fn parse_mode(text: &str) -> Option<u32> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
@@ -368,6 +471,26 @@ pub fn parse_mode(text: &str) -> Option<u32> {
         return None;
     }
     u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
+/// An absolute folder without `..` (a template's own folder).
+fn check_absolute_dir(dir: &Path) -> Result<(), String> {
+    if !dir.is_absolute() {
+        return Err(format!("{} is not an absolute path", dir.display()));
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{} contains \"..\"", dir.display()));
+    }
+    Ok(())
+}
+
+/// An absolute file path without `..` (a token sink).
+fn check_absolute_file(path: &Path) -> Result<(), String> {
+    check_absolute_dir(path)?;
+    if path.file_name().is_none() || path.to_string_lossy().ends_with('/') {
+        return Err(format!("{} names a folder, not a file", path.display()));
+    }
+    Ok(())
 }
 
 /// Checks that `file` is a relative path that stays inside the folder it is joined to: no
@@ -421,6 +544,23 @@ impl AgentConfig {
         AgentConfig::from_json(&json)
     }
 
+    /// With `vault_agent_config_dir` set, reads `file` from it over this config (the HCL's
+    /// errors name the file and line) and checks the result; otherwise returns it as it is.
+    pub fn with_vault_agent_config(self, file: &str) -> Result<AgentConfig, ConfigError> {
+        let Some(dir) = self.vault_agent_config_dir.clone() else {
+            return Ok(self);
+        };
+        let mut path = dir.join(file);
+        // A pre-populate-only pod's ConfigMap may hold only the init config; its revoke-only
+        // sidecar and preStop hook need just the store and the state from it.
+        if file == crate::hcl_config::SIDECAR_FILE && !path.exists() {
+            path = dir.join(crate::hcl_config::INIT_FILE);
+        }
+        let config = crate::hcl_config::overlay_file(self, &path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Decodes the value of `SIDEKEY_AGENT_CONFIG` (base64 of the JSON, surrounding space allowed).
     pub fn from_env_value(encoded: &str) -> Result<AgentConfig, ConfigError> {
         let json = base64::engine::general_purpose::STANDARD
@@ -463,6 +603,8 @@ impl AgentConfig {
             return Err(invalid("store.timeout_secs", "must be at least 1"));
         }
         match &self.auth {
+            // The login comes from the Vault Agent config, checked once it is read.
+            _ if self.vault_agent_config_dir.is_some() => {}
             AuthConfig::Kubernetes {
                 role, mount_path, ..
             }
@@ -478,7 +620,26 @@ impl AgentConfig {
                 check_mount("auth.mount_path", mount_path)?;
             }
             AuthConfig::Approle { mount_path, .. } => check_mount("auth.mount_path", mount_path)?,
+            AuthConfig::Cert { mount_path, .. } => {
+                check_mount("auth.mount_path", mount_path)?;
+                if self.store.client_cert.is_none() {
+                    return Err(invalid(
+                        "auth.type",
+                        "cert auth needs store.client_cert and store.client_key",
+                    ));
+                }
+            }
             AuthConfig::Token { .. } => {}
+        }
+        for (i, sink) in self.token_sinks.iter().enumerate() {
+            let field = format!("token_sinks[{i}]");
+            check_absolute_file(&sink.path).map_err(|p| invalid(format!("{field}.path"), p))?;
+            if parse_mode(&sink.perms).is_none() {
+                return Err(invalid(
+                    format!("{field}.perms"),
+                    format!("{:?} is not an octal file mode", sink.perms),
+                ));
+            }
         }
         let mut files = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
@@ -494,7 +655,11 @@ impl AgentConfig {
                 ));
             }
             check_relative_file(&t.file).map_err(|p| invalid(field("file"), p))?;
-            if !files.insert(t.file.as_str()) {
+            if let Some(dir) = &t.dir {
+                check_absolute_dir(dir).map_err(|p| invalid(field("dir"), p))?;
+            }
+            let dir = t.dir.as_deref().unwrap_or(&self.secrets_dir);
+            if !files.insert(dir.join(&t.file)) {
                 return Err(invalid(
                     field("file"),
                     format!("{:?} is rendered by two templates", t.file),
@@ -655,6 +820,53 @@ mod tests {
         );
         assert!(
             error_of(|v| v["store"]["client_cert"] = "/c.pem".into()).contains("store.client_cert")
+        );
+    }
+
+    #[test]
+    fn token_sinks_template_folders_and_cert_auth() {
+        let mut v = minimal();
+        v["token_sinks"] = serde_json::json!([{ "path": "/vault/secrets/token" }]);
+        v["templates"][0]["dir"] = "/etc/app".into();
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(
+            c.token_sinks[0].perms, "0640",
+            "Vault Agent's file sink mode"
+        );
+        assert_eq!(c.templates[0].dir.as_deref(), Some(Path::new("/etc/app")));
+        // The same file name in two folders is two files.
+        let mut two = v.clone();
+        let mut other = two["templates"][0].clone();
+        other["name"] = "other".into();
+        other.as_object_mut().unwrap().remove("dir");
+        two["templates"].as_array_mut().unwrap().push(other);
+        assert!(parse(two).is_ok());
+        assert!(
+            error_of(|v| v["token_sinks"] = serde_json::json!([{ "path": "token" }]))
+                .contains("token_sinks[0].path: token is not an absolute path")
+        );
+        assert!(
+            error_of(|v| v["token_sinks"] = serde_json::json!([{ "path": "/t", "perms": "0999" }]))
+                .contains("token_sinks[0].perms")
+        );
+        assert!(
+            error_of(|v| v["templates"][0]["dir"] = "/a/../b".into()).contains("templates[0].dir")
+        );
+        assert!(
+            error_of(|v| v["auth"] = serde_json::json!({ "type": "cert" }))
+                .contains("cert auth needs store.client_cert")
+        );
+        let mut cert = minimal();
+        cert["auth"] = serde_json::json!({ "type": "cert", "name": "web" });
+        cert["store"]["client_cert"] = "/vault/tls/tls.crt".into();
+        cert["store"]["client_key"] = "/vault/tls/tls.key".into();
+        let c = parse(cert).unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Cert {
+                mount_path: "auth/cert".into(),
+                name: Some("web".into())
+            }
         );
     }
 

@@ -116,6 +116,8 @@ pub async fn render_one(
 ) -> Result<FileReport, CycleError> {
     let text = render_text(&t.prepared, fetcher).await?;
     tracing::debug!(template = %t.config.name, bytes = text.len(), "template rendered");
+    // A template with a folder of its own (secret-volume-path-NAME) renders there.
+    let out_dir = t.config.dir.as_deref().unwrap_or(out_dir);
     let written =
         sink::write_if_changed(out_dir, &t.config.file, text.as_bytes(), t.config.mode())?;
     let command = match (&t.config.command, written) {

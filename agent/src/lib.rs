@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod cycle;
 pub mod fetch;
+pub mod hcl_config;
 pub mod lifecycle;
 pub mod listener;
 pub mod log;

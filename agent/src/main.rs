@@ -69,15 +69,21 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(cli))
 }
 
-fn load(arg: &ConfigArg) -> Result<AgentConfig, RunError> {
+/// The config, with the pod's Vault Agent HCL file read over it in agent-configmap mode:
+/// `config-init.hcl` for `init`, `config.hcl` for the rest, as vault-k8s runs Vault Agent.
+fn load_with(arg: &ConfigArg, hcl_file: &str) -> Result<AgentConfig, RunError> {
     let config = AgentConfig::load(arg.config.as_deref())?;
     sidekey_agent::log::init(&config.log);
-    Ok(config)
+    Ok(config.with_vault_agent_config(hcl_file)?)
+}
+
+fn load(arg: &ConfigArg) -> Result<AgentConfig, RunError> {
+    load_with(arg, sidekey_agent::hcl_config::SIDECAR_FILE)
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Init(arg) => match load(&arg) {
+        Command::Init(arg) => match load_with(&arg, sidekey_agent::hcl_config::INIT_FILE) {
             Ok(config) => run::init(&config).await.map(|_| ()),
             Err(e) => Err(e),
         },

@@ -7,7 +7,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::check_relative_file;
+use crate::client::Token;
+use crate::config::{TokenSink, check_relative_file};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -121,6 +122,34 @@ pub fn write_file(
     }
     bytes.extend_from_slice(content.as_bytes());
     write_if_changed(dir, name, &bytes, mode)
+}
+
+/// Writes the current token to every token sink (Vault Agent's file sinks, `agent-inject-token`),
+/// after a login or an adoption; unchanged files are left alone. A sink that cannot be written
+/// is logged and the others are still written: the app may be reading any of them.
+pub fn write_token(sinks: &[TokenSink], token: &Token) {
+    for sink in sinks {
+        let written = match (
+            sink.path.parent(),
+            sink.path.file_name().and_then(|n| n.to_str()),
+        ) {
+            (Some(dir), Some(name)) => {
+                let mode = crate::config::parse_mode(&sink.perms).unwrap_or(0o640);
+                fs::create_dir_all(dir)
+                    .map_err(io(dir))
+                    .and_then(|()| write_if_changed(dir, name, token.expose().as_bytes(), mode))
+            }
+            _ => Err(SinkError::Unsafe {
+                file: sink.path.display().to_string(),
+                problem: "names no file".into(),
+            }),
+        };
+        match written {
+            Ok(true) => tracing::info!(path = %sink.path.display(), "token written to its sink"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not write the token sink"),
+        }
+    }
 }
 
 /// The outcome of a template's command; its output is not kept (it may print secrets).
@@ -263,6 +292,37 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["f"], "no temporary file is left");
+    }
+
+    #[test]
+    fn the_token_is_written_to_each_sink_with_its_mode_and_replaced_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = [
+            TokenSink {
+                path: dir.path().join("secrets/token"),
+                perms: "0640".into(),
+            },
+            TokenSink {
+                path: dir.path().join("home/.vault-token"),
+                perms: "0600".into(),
+            },
+        ];
+        write_token(&sinks, &Token::new("s.first"));
+        for (sink, mode) in sinks.iter().zip([0o640, 0o600]) {
+            assert_eq!(fs::read_to_string(&sink.path).unwrap(), "s.first");
+            let meta = fs::metadata(&sink.path).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, mode);
+        }
+        let ino = fs::metadata(&sinks[0].path).unwrap().ino();
+        write_token(&sinks, &Token::new("s.first"));
+        assert_eq!(
+            fs::metadata(&sinks[0].path).unwrap().ino(),
+            ino,
+            "same token, same file"
+        );
+        write_token(&sinks, &Token::new("s.second"));
+        assert_eq!(fs::read_to_string(&sinks[0].path).unwrap(), "s.second");
+        assert_eq!(fs::read_to_string(&sinks[1].path).unwrap(), "s.second");
     }
 
     #[tokio::test]

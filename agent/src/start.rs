@@ -127,6 +127,7 @@ pub async fn first_render(
         }
         return Err(err.into());
     }
+    crate::sink::write_token(&config.token_sinks, &session.token);
     Ok((session, fetcher))
 }
 

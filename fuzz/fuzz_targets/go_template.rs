@@ -39,6 +39,7 @@ fuzz_target!(|bytes: &[u8]| {
         engine: Engine::Go,
         format: DefaultFormat::Map,
         file: "fuzz".into(),
+        dir: None,
         perms: "0644".into(),
         command: None,
         error_on_missing_key: bytes.len() % 2 == 1,

@@ -20,6 +20,7 @@ fuzz_target!(|bytes: &[u8]| {
             engine,
             format: DefaultFormat::Map,
             file: "fuzz".into(),
+            dir: None,
             perms: "0644".into(),
             command: None,
             error_on_missing_key: false,

@@ -42,7 +42,12 @@ pub enum AuthType {
     Jwt,
     Approle,
     Token,
+    /// TLS certificate auth with the store client certificate.
+    Cert,
 }
+
+/// What `auth-type` accepts, for the denial of anything else.
+pub const AUTH_TYPES: &str = "kubernetes, jwt, approle, token (or token_file), cert";
 
 /// One secret to render (`agent-inject-secret-NAME` and its per-secret annotations).
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +61,9 @@ pub struct SecretSpec {
     pub template_file: Option<String>,
     pub engine: Engine,
     pub file: String,
+    /// `secret-volume-path-NAME`, when it names another folder than `secret-volume-path`: the
+    /// file is rendered there, in a volume of its own.
+    pub volume_path: Option<String>,
     pub perms: String,
     pub command: Option<String>,
     pub error_on_missing_key: bool,
@@ -105,6 +113,10 @@ pub struct InjectionRequest {
     pub run_as_group: i64,
     pub run_as_same_user: bool,
     pub secret_volume_path: String,
+    /// `agent-inject-token`: the agent's token is written to `<secret_volume_path>/token`.
+    pub inject_token: bool,
+    /// `agent-configmap`: the ConfigMap holding the pod's Vault Agent HCL configs.
+    pub configmap: Option<String>,
     pub default_format: DefaultFormat,
     pub static_secret_render_interval_secs: u64,
     pub min_backoff_ms: Option<u64>,
@@ -339,44 +351,7 @@ fn listener(
     }))
 }
 
-/// A duration as Vault takes it: whole seconds ("300") or a Go duration ("5m", "1h30m", "1.5s").
-/// Returns whole seconds, rounded up.
-pub fn parse_duration(text: &str) -> Option<u64> {
-    let t = text.trim();
-    if t.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = t.parse::<u64>() {
-        return Some(secs);
-    }
-    let mut total_ns: f64 = 0.0;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return None;
-        }
-        let number: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total_ns += number * scale;
-        rest = &rest[unit_len..];
-    }
-    Some((total_ns / 1e9).ceil() as u64)
-}
+pub use sidekey_agent::config::parse_duration;
 
 /// A Kubernetes resource quantity ("250m", "64Mi", "1.5", "2e3").
 pub fn is_quantity(q: &str) -> bool {
@@ -457,10 +432,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
         "not applicable to Sidekey's HTTP client",
     ),
     ("go-max-procs", "the agent is not a Go program"),
-    (
-        "agent-inject-token",
-        "Sidekey never writes the token where the app can read it",
-    ),
     ("ca-key", "give a CA bundle file with ca-cert"),
     (
         "agent-service-account-token-volume-name",
@@ -468,13 +439,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ),
     ("agent-request-namespace", "the request's namespace is used"),
 ];
-
-/// Annotations that would change what the pod gets in ways Sidekey does not do; denied so the
-/// pod does not start without what it expects.
-const UNSUPPORTED: &[(&str, &str)] = &[(
-    "agent-configmap",
-    "Sidekey generates the agent config from annotations; a Vault Agent HCL config cannot be used",
-)];
 
 /// Reads the pod's annotations. `namespace` is the request's namespace.
 pub fn parse(
@@ -559,14 +523,41 @@ fn secret_volume_path(look: &Lookup<'_>) -> Result<String, AnnotationError> {
     let path = look
         .nonempty("secret-volume-path")
         .unwrap_or_else(|| "/vault/secrets".into());
+    check_folder(&path).map_err(|e| look.error("secret-volume-path", e))
+}
+
+/// A folder a volume is mounted at: absolute, without `..`, written without a trailing slash.
+fn check_folder(path: &str) -> Result<String, String> {
     if !path.starts_with('/') || path.split('/').any(|p| p == "..") {
+        return Err(format!("{path:?} is not an absolute path"));
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err("the root folder cannot hold the secrets volume".into());
+    }
+    Ok(trimmed.to_string())
+}
+
+/// `agent-inject-token`: the token file lands in the secrets folder, where no secret may render.
+fn inject_token(look: &Lookup<'_>, secrets: &[SecretSpec]) -> Result<bool, AnnotationError> {
+    let inject = look.bool_or("agent-inject-token", false)?;
+    if let Some(s) = secrets
+        .iter()
+        .find(|s| inject && s.volume_path.is_none() && s.file == TOKEN_FILE)
+    {
         return Err(look.error(
-            "secret-volume-path",
-            format!("{path:?} is not an absolute path"),
+            "agent-inject-token",
+            format!(
+                "the token file is {TOKEN_FILE} in the secrets folder, where secret {:?} renders too; name that file otherwise with agent-inject-file-{}",
+                s.raw_name, s.raw_name
+            ),
         ));
     }
-    Ok(path)
+    Ok(inject)
 }
+
+/// The file `agent-inject-token` writes in the secrets folder, as in vault-k8s.
+pub const TOKEN_FILE: &str = "token";
 
 fn parse_secrets(
     look: &Lookup<'_>,
@@ -612,28 +603,32 @@ fn parse_secrets(
         } else {
             raw.to_lowercase()
         };
-        if look.get(&key_of("secret-volume-path-")).is_some() {
-            return Err(look.error(
-                &key_of("secret-volume-path-"),
-                "per-secret volume paths are not supported; use agent-inject-file-NAME with a sub-folder",
-            ));
-        }
+        let volume_path = match look.nonempty(&key_of("secret-volume-path-")) {
+            None => None,
+            Some(p) => {
+                let p =
+                    check_folder(&p).map_err(|e| look.error(&key_of("secret-volume-path-"), e))?;
+                (p != secrets_dir).then_some(p)
+            }
+        };
+        let dir = volume_path.as_deref().unwrap_or(secrets_dir);
         let file = match look.nonempty(&key_of("agent-inject-file-")) {
             Some(f) => {
                 check_relative_file(&f)
-                    .and_then(|()| check_path_lengths(&f, secrets_dir))
+                    .and_then(|()| check_path_lengths(&f, dir))
                     .map_err(|p| look.error(&key_of("agent-inject-file-"), p))?;
                 f
             }
             None => {
-                check_path_lengths(&name, secrets_dir).map_err(|p| look.error(&defining_key, p))?;
+                check_path_lengths(&name, dir).map_err(|p| look.error(&defining_key, p))?;
                 name.clone()
             }
         };
-        if let Some(other) = files.insert(file.clone(), raw.to_string()) {
+        let rendered = format!("{}/{file}", dir.trim_end_matches('/'));
+        if let Some(other) = files.insert(rendered.clone(), raw.to_string()) {
             return Err(AnnotationError {
                 key: Some(look.key_for(&defining_key)),
-                problem: format!("renders to {file:?}, which secret {other:?} also renders to"),
+                problem: format!("renders to {rendered}, which secret {other:?} also renders to"),
             });
         }
         let perms = match look.nonempty(&key_of("agent-inject-perms-")) {
@@ -681,6 +676,7 @@ fn parse_secrets(
             template_file,
             engine,
             file,
+            volume_path,
             perms,
             command: look.nonempty(&key_of("agent-inject-command-")),
             error_on_missing_key: look.bool_or(&key_of("error-on-missing-key-"), global_missing)?,
@@ -690,7 +686,7 @@ fn parse_secrets(
         check_template(look, &spec)?;
         specs.push(spec);
     }
-    if specs.is_empty() {
+    if specs.is_empty() && look.get("agent-configmap").is_none() {
         warnings.push("agent-inject is true but no agent-inject-secret-NAME annotation names a secret; the agent will render nothing".into());
     }
     // Per-secret annotations whose NAME defines no secret are almost always typos.
@@ -738,20 +734,14 @@ fn template_verdict(text: &str, spec: &SecretSpec) -> Result<(), String> {
     if let Some(verdict) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return verdict;
     }
-    let config = sidekey_agent::config::TemplateConfig {
-        name: spec.name.clone(),
-        path: spec.path.clone(),
-        contents: Some(text.to_string()),
-        source: None,
-        engine: spec.engine,
-        format: DefaultFormat::Map,
-        file: spec.file.clone(),
-        perms: spec.perms.clone(),
-        command: None,
-        error_on_missing_key: false,
-        left_delimiter: spec.left_delimiter.clone(),
-        right_delimiter: spec.right_delimiter.clone(),
-    };
+    let mut config =
+        sidekey_agent::config::TemplateConfig::new(spec.name.clone(), spec.file.clone());
+    config.path = spec.path.clone();
+    config.contents = Some(text.to_string());
+    config.engine = spec.engine;
+    config.perms = spec.perms.clone();
+    config.left_delimiter = spec.left_delimiter.clone();
+    config.right_delimiter = spec.right_delimiter.clone();
     let verdict = sidekey_agent::render::prepare(&config, None)
         .map(|_| ())
         .map_err(|e| {
@@ -961,9 +951,15 @@ fn parse_request(
     secret_volume_path: String,
     warnings: &mut Vec<String>,
 ) -> Result<InjectionRequest, AnnotationError> {
-    for (suffix, why) in UNSUPPORTED {
-        if look.get(suffix).is_some() {
-            return Err(look.error(suffix, format!("not supported: {why}")));
+    let configmap = look.nonempty("agent-configmap");
+    if configmap.is_some() {
+        let mut defined: Vec<String> = secrets
+            .iter()
+            .map(|s| look.key_for(&format!("agent-inject-secret-{}", s.raw_name)))
+            .collect();
+        defined.sort();
+        for key in defined {
+            warnings.push(format!("annotation {key} is ignored: with agent-configmap the files to render are the template stanzas of the ConfigMap's Vault Agent config"));
         }
     }
     for (suffix, why) in NOT_NEEDED {
@@ -991,13 +987,13 @@ fn parse_request(
         "kubernetes" => AuthType::Kubernetes,
         "jwt" => AuthType::Jwt,
         "approle" => AuthType::Approle,
-        "token" => AuthType::Token,
+        // Vault Agent names the method token_file.
+        "token" | "token_file" => AuthType::Token,
+        "cert" => AuthType::Cert,
         other => {
             return Err(look.error(
                 "auth-type",
-                format!(
-                    "{other:?} is not a supported auth method (kubernetes, jwt, approle, token)"
-                ),
+                format!("{other:?} is not a supported auth method (supported: {AUTH_TYPES})"),
             ));
         }
     };
@@ -1010,7 +1006,11 @@ fn parse_request(
     let role = look
         .nonempty("role")
         .or_else(|| auth_config.get("role").cloned());
-    if matches!(auth_type, AuthType::Kubernetes | AuthType::Jwt) && role.is_none() {
+    // With agent-configmap the login comes from the Vault Agent config (as in vault-k8s).
+    if matches!(auth_type, AuthType::Kubernetes | AuthType::Jwt)
+        && role.is_none()
+        && configmap.is_none()
+    {
         return Err(look.error(
             "role",
             format!("is required for {auth_type_text} auth: name the role the pod logs in with"),
@@ -1023,9 +1023,11 @@ fn parse_request(
             AuthType::Jwt => "auth/jwt".into(),
             AuthType::Approle => "auth/approle".into(),
             AuthType::Token => "auth/token".into(),
+            AuthType::Cert => "auth/cert".into(),
         });
     auth_path = auth_path.trim_matches('/').to_string();
-    if !auth_path.starts_with("auth/") {
+    // A namespace-prefixed mount (`us-west-org/auth/kubernetes`) is a full path already.
+    if !auth_path.starts_with("auth/") && !auth_path.contains("/auth/") {
         auth_path = format!("auth/{auth_path}");
     }
     if auth_path.split('/').any(|p| p.is_empty() || p == "..") {
@@ -1225,6 +1227,13 @@ fn parse_request(
         ));
     }
 
+    let inject_token = inject_token(look, &secrets)?;
+    let secrets = if configmap.is_some() {
+        Vec::new()
+    } else {
+        secrets
+    };
+    let (client_cert, client_key) = client_pair(look, &auth_type, &auth_config)?;
     Ok(InjectionRequest {
         status_key: format!("{}/agent-inject-status", look.status_prefix),
         secrets,
@@ -1252,6 +1261,8 @@ fn parse_request(
         run_as_group,
         run_as_same_user: look.bool_or("agent-run-as-same-user", defaults.run_as_same_user)?,
         secret_volume_path,
+        inject_token,
+        configmap,
         default_format,
         static_secret_render_interval_secs,
         min_backoff_ms,
@@ -1264,8 +1275,8 @@ fn parse_request(
             .filter(|c| !c.is_empty()),
         tls_secret: look.nonempty("tls-secret"),
         tls_server_name: look.nonempty("tls-server-name"),
-        client_cert: look.nonempty("client-cert"),
-        client_key: look.nonempty("client-key"),
+        client_cert,
+        client_key,
         client_timeout_secs,
         client_max_retries,
         proxy_address: look
@@ -1284,6 +1295,45 @@ fn parse_request(
         listener,
     })
     .and_then(|r| check_client_pair(look, r))
+}
+
+/// The store client certificate: `client-cert` / `client-key`, or for cert auth Vault Agent's
+/// method settings `auth-config-client-cert` / `auth-config-client-key` (the certificate the
+/// login presents is the one the agent's connection presents).
+fn client_pair(
+    look: &Lookup<'_>,
+    auth_type: &AuthType,
+    auth_config: &BTreeMap<String, String>,
+) -> Result<(Option<String>, Option<String>), AnnotationError> {
+    let mut cert = look.nonempty("client-cert");
+    let mut key = look.nonempty("client-key");
+    if *auth_type != AuthType::Cert {
+        return Ok((cert, key));
+    }
+    for (annotation, param, slot) in [
+        ("client-cert", "client_cert", &mut cert),
+        ("client-key", "client_key", &mut key),
+    ] {
+        let Some(from_method) = auth_config.get(param).filter(|v| !v.trim().is_empty()) else {
+            continue;
+        };
+        match slot {
+            Some(given) if given != from_method => {
+                return Err(look.error(
+                    &format!("auth-config-{}", param.replace('_', "-")),
+                    format!("{from_method:?} differs from annotation {}: {given:?}; the agent presents one client certificate, set one of them", look.key_for(annotation)),
+                ));
+            }
+            _ => *slot = Some(from_method.clone()),
+        }
+    }
+    if cert.is_none() && key.is_none() {
+        return Err(look.error(
+            "client-cert",
+            "cert auth needs the client certificate: set client-cert and client-key to files in the agent container (tls-secret mounts at /vault/tls, agent-extra-secret at /vault/custom)",
+        ));
+    }
+    Ok((cert, key))
 }
 
 fn check_client_pair(
@@ -1533,7 +1583,7 @@ mod tests {
             ),
             (
                 &[("auth-type", "ldap")],
-                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (kubernetes, jwt, approle, token)",
+                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (supported: kubernetes, jwt, approle, token (or token_file), cert)",
             ),
             (
                 &[("agent-inject-file-db", "../../etc/passwd")],
@@ -1575,10 +1625,6 @@ mod tests {
                 "annotation vault.hashicorp.com/agent-inject-secret-bad name: \"bad name\" is not a valid file name",
             ),
             (
-                &[("agent-configmap", "cm")],
-                "annotation vault.hashicorp.com/agent-configmap: not supported",
-            ),
-            (
                 &[("agent-json-patch", "{\"op\":1}")],
                 "annotation vault.hashicorp.com/agent-json-patch: is not a JSON patch",
             ),
@@ -1591,7 +1637,7 @@ mod tests {
                     ("agent-inject-secret-x", "kv/x"),
                     ("agent-inject-file-x", "db"),
                 ],
-                "annotation vault.hashicorp.com/agent-inject-secret-x: renders to \"db\", which secret \"db\" also renders to",
+                "annotation vault.hashicorp.com/agent-inject-secret-x: renders to /vault/secrets/db, which secret \"db\" also renders to",
             ),
         ];
         for (extra, expected) in cases {
@@ -1714,6 +1760,130 @@ mod tests {
             ("auth-path", "jwt-cluster1"),
         ]));
         assert_eq!(r.auth_path, "auth/jwt-cluster1");
+        // A mount inside a namespace is addressed through the namespace's path.
+        let (r, _) = request(&with(&[("auth-path", "us-west-org/auth/kubernetes")]));
+        assert_eq!(r.auth_path, "us-west-org/auth/kubernetes");
+        // Vault Agent's name for token auth.
+        let (r, _) = request(&with(&[
+            ("auth-type", "token_file"),
+            ("auth-config-token-file-path", "/vault/custom/token"),
+        ]));
+        assert_eq!(r.auth_type, AuthType::Token);
+    }
+
+    #[test]
+    fn cert_auth_takes_the_client_certificate_from_either_annotation() {
+        let (r, _) = request(&with(&[
+            ("auth-type", "cert"),
+            ("auth-config-name", "web"),
+            ("client-cert", "/vault/tls/tls.crt"),
+            ("client-key", "/vault/tls/tls.key"),
+        ]));
+        assert_eq!(
+            (
+                r.auth_type,
+                r.auth_path.as_str(),
+                r.auth_config["name"].as_str()
+            ),
+            (AuthType::Cert, "auth/cert", "web")
+        );
+        assert_eq!(r.client_cert.as_deref(), Some("/vault/tls/tls.crt"));
+        let (r, _) = request(&with(&[
+            ("auth-type", "cert"),
+            ("auth-config-client-cert", "/vault/custom/c.pem"),
+            ("auth-config-client-key", "/vault/custom/k.pem"),
+        ]));
+        assert_eq!(r.client_cert.as_deref(), Some("/vault/custom/c.pem"));
+        assert_eq!(r.client_key.as_deref(), Some("/vault/custom/k.pem"));
+        assert_eq!(
+            error(&with(&[("auth-type", "cert")])),
+            "annotation vault.hashicorp.com/client-cert: cert auth needs the client certificate: set client-cert and client-key to files in the agent container (tls-secret mounts at /vault/tls, agent-extra-secret at /vault/custom)"
+        );
+        assert!(
+            error(&with(&[
+                ("auth-type", "cert"),
+                ("client-cert", "/a.pem"),
+                ("client-key", "/k.pem"),
+                ("auth-config-client-cert", "/b.pem"),
+            ]))
+            .starts_with("annotation vault.hashicorp.com/auth-config-client-cert: \"/b.pem\" differs from annotation vault.hashicorp.com/client-cert")
+        );
+        assert_eq!(
+            error(&with(&[("auth-type", "aws")])),
+            "annotation vault.hashicorp.com/auth-type: \"aws\" is not a supported auth method (supported: kubernetes, jwt, approle, token (or token_file), cert)"
+        );
+    }
+
+    #[test]
+    fn agent_configmap_takes_the_login_and_the_templates_from_the_config_map() {
+        let (r, w) = request(&[
+            ("agent-inject", "true"),
+            ("agent-configmap", "orders-agent-config"),
+            ("agent-inject-secret-db", "database/creds/app"),
+        ]);
+        assert_eq!(r.configmap.as_deref(), Some("orders-agent-config"));
+        assert!(
+            r.secrets.is_empty(),
+            "no role needed, no annotation templates"
+        );
+        assert_eq!(
+            w,
+            [
+                "annotation vault.hashicorp.com/agent-inject-secret-db is ignored: with agent-configmap the files to render are the template stanzas of the ConfigMap's Vault Agent config"
+            ]
+        );
+    }
+
+    #[test]
+    fn per_secret_volume_paths_and_the_token_file() {
+        let (r, _) = request(&with(&[
+            ("agent-inject-secret-cfg", "secret/data/app"),
+            ("secret-volume-path-cfg", "/etc/app/"),
+            ("agent-inject-secret-same", "secret/data/same"),
+            ("secret-volume-path-same", "/vault/secrets"),
+            ("agent-inject-token", "true"),
+        ]));
+        let path = |name: &str| {
+            r.secrets
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .volume_path
+                .clone()
+        };
+        assert_eq!(path("cfg").as_deref(), Some("/etc/app"));
+        assert_eq!(
+            path("same"),
+            None,
+            "the global folder is no folder of its own"
+        );
+        assert_eq!(path("db"), None);
+        assert!(r.inject_token);
+        // Same file name, two folders: two files.
+        let (r, _) = request(&with(&[
+            ("agent-inject-secret-x", "kv/x"),
+            ("agent-inject-file-x", "db"),
+            ("secret-volume-path-x", "/etc/x"),
+        ]));
+        assert_eq!(r.secrets.len(), 2);
+        assert_eq!(
+            error(&with(&[("secret-volume-path-db", "etc/app")])),
+            "annotation vault.hashicorp.com/secret-volume-path-db: \"etc/app\" is not an absolute path"
+        );
+        assert!(
+            error(&with(&[
+                ("agent-inject-token", "true"),
+                ("agent-inject-secret-token", "kv/t"),
+            ]))
+            .starts_with("annotation vault.hashicorp.com/agent-inject-token: the token file is token in the secrets folder, where secret \"token\" renders too")
+        );
+        // Elsewhere, a secret named token is fine.
+        let (r, _) = request(&with(&[
+            ("agent-inject-token", "true"),
+            ("agent-inject-secret-token", "kv/t"),
+            ("secret-volume-path-token", "/etc/t"),
+        ]));
+        assert!(r.inject_token);
     }
 
     #[test]

@@ -7,20 +7,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
 use serde_json::Value;
 use sidekey_agent::config::{
     AgentConfig, AuthConfig, CONFIG_ENV, LifecycleConfig, LogConfig, LogFormat, StoreConfig,
-    TemplateConfig,
+    TemplateConfig, TokenSink,
 };
 
-use crate::annotations::{AnnotationError, AuthType, InjectionRequest, VAULT_PREFIX};
+use crate::annotations::{AnnotationError, AuthType, InjectionRequest, TOKEN_FILE, VAULT_PREFIX};
 pub use crate::pod::Section;
 use crate::pod::{ContainerView, PodView};
 
@@ -33,6 +33,9 @@ pub const HOME_PATH: &str = "/home/sidekey";
 pub const TOKEN_DIR: &str = "/var/run/secrets/sidekey/serviceaccount";
 pub const TLS_PATH: &str = "/vault/tls";
 pub const EXTRA_PATH: &str = "/vault/custom";
+/// Where the `agent-configmap` ConfigMap is mounted, as vault-k8s mounts it.
+pub const CONFIG_VOLUME: &str = "sidekey-config";
+pub const CONFIG_PATH: &str = "/vault/configs";
 pub const INIT_NAME: &str = "sidekey-agent-init";
 pub const SIDECAR_NAME: &str = "sidekey-agent";
 pub const AGENT_BINARY: &str = "sidekey-agent";
@@ -51,6 +54,8 @@ pub struct Mutation {
     pub init_first: bool,
     pub share_process_namespace: bool,
     pub status_key: String,
+    /// Admission warnings about what the pod brought (its own secrets volume on disk).
+    pub warnings: Vec<String>,
 }
 
 fn annotation_error(
@@ -108,7 +113,20 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
         AuthType::Token => AuthConfig::Token {
             token_file: req.auth_config["token_file_path"].clone().into(),
         },
+        AuthType::Cert => AuthConfig::Cert {
+            mount_path: req.auth_path.clone(),
+            name: req.auth_config.get("name").cloned(),
+        },
     };
+    // vault-k8s's second file sink: the token where the app reads its secrets.
+    let token_sinks = req
+        .inject_token
+        .then(|| TokenSink {
+            path: format!("{}/{TOKEN_FILE}", req.secret_volume_path).into(),
+            perms: "0640".into(),
+        })
+        .into_iter()
+        .collect();
     let templates = req
         .secrets
         .iter()
@@ -120,6 +138,7 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
             engine: s.engine,
             format: req.default_format,
             file: s.file.clone(),
+            dir: s.volume_path.clone().map(Into::into),
             perms: s.perms.clone(),
             command: s.command.clone(),
             error_on_missing_key: s.error_on_missing_key,
@@ -169,6 +188,8 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
                 LogFormat::Json
             },
         },
+        token_sinks,
+        vault_agent_config_dir: req.configmap.as_ref().map(|_| CONFIG_PATH.into()),
     }
 }
 
@@ -307,30 +328,31 @@ pub fn build(
         taken_volumes.insert(name.clone());
         name
     };
-    let secrets_volume = volume(SECRETS_VOLUME);
+    let mut warnings = Vec::new();
+    let folders = secrets_folders(req, view, &mut volume, &mut warnings)?;
     let home_volume = volume(HOME_VOLUME);
     let needs_token = matches!(req.auth_type, AuthType::Kubernetes | AuthType::Jwt)
         && !req.auth_config.contains_key("token_path");
     let token_volume = needs_token.then(|| volume(TOKEN_VOLUME));
     let tls_volume = req.tls_secret.as_ref().map(|_| volume(TLS_VOLUME));
     let extra_volume = req.extra_secret.as_ref().map(|_| volume(EXTRA_VOLUME));
+    let config_volume = req.configmap.as_ref().map(|_| volume(CONFIG_VOLUME));
 
     let memory = || EmptyDirVolumeSource {
         medium: Some("Memory".into()),
         size_limit: None,
     };
-    let mut volumes = vec![
-        Volume {
-            name: secrets_volume.clone(),
+    let mut volumes: Vec<Volume> = folders
+        .iter()
+        .filter(|f| f.ours)
+        .map(|f| f.volume.clone())
+        .chain([home_volume.clone()])
+        .map(|name| Volume {
+            name,
             empty_dir: Some(memory()),
             ..Volume::default()
-        },
-        Volume {
-            name: home_volume.clone(),
-            empty_dir: Some(memory()),
-            ..Volume::default()
-        },
-    ];
+        })
+        .collect();
     if let Some(name) = &token_volume {
         volumes.push(Volume {
             name: name.clone(),
@@ -363,42 +385,41 @@ pub fn build(
             });
         }
     }
+    if let (Some(name), Some(config_map)) = (&config_volume, &req.configmap) {
+        volumes.push(Volume {
+            name: name.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
 
-    // The secrets volume in the app containers (and app init containers), read-only.
-    let app_mount = VolumeMount {
-        name: secrets_volume.clone(),
-        mount_path: req.secret_volume_path.clone(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    };
+    // The secrets volumes in the app containers (and app init containers), read-only; a
+    // container that mounts the pod's own emptyDir there already keeps its mount.
     let mut mounts = Vec::new();
-    let mut mount_into = |section: Section, i: usize| -> Result<(), AnnotationError> {
+    let mut mount_into = |section: Section, i: usize| {
         let c: &ContainerView = &view.containers(section)[i];
-        let clash = c
-            .volume_mounts
-            .iter()
-            .flatten()
-            .any(|m| m.mount_path == req.secret_volume_path);
-        if clash {
-            return Err(annotation_error(
-                req,
-                "secret-volume-path",
-                format!(
-                    "container {:?} already mounts a volume at {}; choose another path",
-                    c.name, req.secret_volume_path
-                ),
-            ));
+        for f in &folders {
+            if mount_at(c, &f.path).is_none() {
+                let mount = VolumeMount {
+                    name: f.volume.clone(),
+                    mount_path: f.path.clone(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                };
+                mounts.push((section, i, mount));
+            }
         }
-        mounts.push((section, i, app_mount.clone()));
-        Ok(())
     };
     if req.pre_populate || req.native_sidecar {
         for i in 0..view.containers(Section::InitContainers).len() {
-            mount_into(Section::InitContainers, i)?;
+            mount_into(Section::InitContainers, i);
         }
     }
     for &i in &targets {
-        mount_into(Section::Containers, i)?;
+        mount_into(Section::Containers, i);
     }
 
     // The agent containers.
@@ -427,23 +448,22 @@ pub fn build(
     } else {
         req.run_as_user
     };
-    let mut agent_mounts = vec![
-        VolumeMount {
-            name: secrets_volume,
-            mount_path: req.secret_volume_path.clone(),
+    let mut agent_mounts: Vec<VolumeMount> = folders
+        .iter()
+        .map(|f| (f.volume.clone(), f.path.clone()))
+        .chain([(home_volume, HOME_PATH.to_string())])
+        .map(|(name, mount_path)| VolumeMount {
+            name,
+            mount_path,
             ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: home_volume,
-            mount_path: HOME_PATH.into(),
-            ..VolumeMount::default()
-        },
-    ];
+        })
+        .collect();
     // The read-only volumes only the agents see: the token, the store's TLS files, extra files.
     for (volume, path) in [
         (token_volume, TOKEN_DIR),
         (tls_volume, TLS_PATH),
         (extra_volume, EXTRA_PATH),
+        (config_volume, CONFIG_PATH),
     ] {
         if let Some(name) = volume {
             agent_mounts.push(VolumeMount {
@@ -528,7 +548,114 @@ pub fn build(
         init_first: req.init_first,
         share_process_namespace,
         status_key: req.status_key.clone(),
+        warnings,
     })
+}
+
+/// A folder the agent renders into, and the pod volume behind it.
+struct SecretsFolder {
+    path: String,
+    volume: String,
+    /// Whether the injection adds the volume; false when the pod's own emptyDir is used.
+    ours: bool,
+}
+
+/// The volume a container mounts at `path`, if any.
+fn mount_at<'a>(c: &'a ContainerView, path: &str) -> Option<&'a str> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path.trim_end_matches('/') == path)
+        .map(|m| m.name.as_str())
+}
+
+/// The secrets folder and every other `secret-volume-path-NAME` folder, each with its volume:
+/// ours (`sidekey-secrets`, `sidekey-secrets-custom-N`, in-memory emptyDirs) or, where the
+/// pod's containers already mount an emptyDir of the pod's at that folder, that one, which the
+/// agent then renders into. Any other volume there is a denial that says what to change.
+fn secrets_folders(
+    req: &InjectionRequest,
+    view: &PodView,
+    volume: &mut dyn FnMut(&str) -> String,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<SecretsFolder>, AnnotationError> {
+    let mut wanted = vec![(
+        req.secret_volume_path.clone(),
+        "secret-volume-path".to_string(),
+    )];
+    for s in &req.secrets {
+        if let Some(path) = &s.volume_path
+            && !wanted.iter().any(|(w, _)| w == path)
+        {
+            wanted.push((path.clone(), format!("secret-volume-path-{}", s.raw_name)));
+        }
+    }
+    let mut folders = Vec::new();
+    for (i, (path, suffix)) in wanted.into_iter().enumerate() {
+        let mut mounted: BTreeMap<&str, &str> = BTreeMap::new();
+        for c in [Section::InitContainers, Section::Containers]
+            .iter()
+            .flat_map(|s| view.containers(*s))
+        {
+            if let Some(v) = mount_at(c, &path) {
+                mounted.entry(v).or_insert(c.name.as_str());
+            }
+        }
+        let refuse = |problem: String| {
+            annotation_error(
+                req,
+                &suffix,
+                format!(
+                    "{problem}; mount it elsewhere, make it an emptyDir (the agent then renders into it), or set this annotation to another folder"
+                ),
+            )
+        };
+        let folder = match mounted.len() {
+            0 => {
+                let base = match i {
+                    0 => SECRETS_VOLUME.to_string(),
+                    n => format!("{SECRETS_VOLUME}-custom-{}", n - 1),
+                };
+                SecretsFolder {
+                    volume: volume(&base),
+                    path,
+                    ours: true,
+                }
+            }
+            1 => {
+                let (name, container) = mounted.into_iter().next().expect("one volume");
+                let declared = view
+                    .volumes()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v.name == name);
+                let Some(empty_dir) = declared.and_then(|v| v.empty_dir.as_ref()) else {
+                    return Err(refuse(format!(
+                        "container {container:?} mounts volume {name:?} at {path}, where the agent renders secrets, and it is not an emptyDir"
+                    )));
+                };
+                if empty_dir.medium.as_deref() != Some("Memory") {
+                    warnings.push(format!(
+                        "the agent renders secrets into the pod's emptyDir {name:?} at {path}, which is on the node's disk; set its medium to Memory to keep them in memory"
+                    ));
+                }
+                SecretsFolder {
+                    volume: name.to_string(),
+                    path,
+                    ours: false,
+                }
+            }
+            _ => {
+                let names: Vec<&str> = mounted.keys().copied().collect();
+                return Err(refuse(format!(
+                    "the pod's containers mount different volumes at {path} ({}), where the agent renders secrets",
+                    names.join(", ")
+                )));
+            }
+        };
+        folders.push(folder);
+    }
+    Ok(folders)
 }
 
 struct AgentContainer<'a> {

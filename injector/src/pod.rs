@@ -80,9 +80,19 @@ pub struct Spec {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Named {
     #[serde(default)]
     pub name: String,
+    /// Present when the volume is an emptyDir (a folder the agent may render into).
+    #[serde(default)]
+    pub empty_dir: Option<EmptyDirView>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct EmptyDirView {
+    #[serde(default)]
+    pub medium: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -219,6 +219,8 @@ fn decide(
         Ok(m) => m,
         Err(e) => return deny(e.to_string()),
     };
+    let mut warnings = warnings;
+    warnings.extend(mutation.warnings.iter().cloned());
     let ops = mutate::to_patch(&pod, &mutation);
     if let Err(problem) = mutate::check_patch(&pod, &ops) {
         return deny(format!(

@@ -239,7 +239,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
                 ("agent-inject-file-other", "db"),
             ]),
             Want::Denied(
-                "annotation vault.hashicorp.com/agent-inject-secret-other: renders to \"db\", which secret \"db\" also renders to",
+                "annotation vault.hashicorp.com/agent-inject-secret-other: renders to /vault/secrets/db, which secret \"db\" also renders to",
             ),
         ),
         (
@@ -253,7 +253,7 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
             "unknown auth type",
             annotated(&[("auth-type", "ldap")]),
             Want::Denied(
-                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (kubernetes, jwt, approle, token)",
+                "annotation vault.hashicorp.com/auth-type: \"ldap\" is not a supported auth method (supported: kubernetes, jwt, approle, token (or token_file), cert)",
             ),
         ),
         (
@@ -369,13 +369,6 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
             annotated(&[("agent-inject-containers", "app,ghost")]),
             Want::Denied(
                 "annotation vault.hashicorp.com/agent-inject-containers: the pod has no container named \"ghost\" (it has app)",
-            ),
-        ),
-        (
-            "configmap mode",
-            annotated(&[("agent-configmap", "my-config")]),
-            Want::Denied(
-                "annotation vault.hashicorp.com/agent-configmap: not supported: Sidekey generates the agent config from annotations; a Vault Agent HCL config cannot be used",
             ),
         ),
         (

@@ -626,6 +626,188 @@ fn custom_volume_path_sub_folders_and_case() {
     assert_eq!(files, ["Token", "conf/app.json"]);
 }
 
+/// The injected agent containers, init containers first.
+fn agents(pod: &Pod) -> Vec<&Container> {
+    init_containers(pod)
+        .iter()
+        .chain(containers(pod))
+        .filter(|c| is_agent(c))
+        .collect()
+}
+
+fn volume<'a>(pod: &'a Pod, name: &str) -> &'a k8s_openapi::api::core::v1::Volume {
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    volumes
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// vault-k8s's shape: each distinct `secret-volume-path-NAME` folder is a memory emptyDir of
+/// its own, mounted in the app containers (read-only) and the agents; the token file is a
+/// second sink in the secrets folder.
+#[test]
+fn per_secret_volume_paths_and_the_token_sink() {
+    let Injected { pod, .. } = inject("agent-inject-token-and-per-secret-volume-paths.json");
+    for c in ["billing", "metrics", "migrate"] {
+        assert!(app_has_secrets(&pod, c, "/vault/secrets"), "{c}");
+        assert!(app_has_secrets(&pod, c, "/etc/billing/db"), "{c}");
+        assert!(app_has_secrets(&pod, c, "/etc/billing/tls"), "{c}");
+    }
+    let app = find(containers(&pod), "billing").unwrap();
+    assert_eq!(
+        mount_of(app, "/etc/billing/db").unwrap().name,
+        "sidekey-secrets-custom-0"
+    );
+    assert_eq!(
+        mount_of(app, "/etc/billing/tls").unwrap().name,
+        "sidekey-secrets-custom-1"
+    );
+    for name in ["sidekey-secrets-custom-0", "sidekey-secrets-custom-1"] {
+        let v = volume(&pod, name);
+        assert_eq!(
+            v.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+    }
+    let agents = agents(&pod);
+    assert_eq!(agents.len(), 2);
+    for agent in agents {
+        for path in ["/vault/secrets", "/etc/billing/db", "/etc/billing/tls"] {
+            let m = mount_of(agent, path).unwrap_or_else(|| panic!("{}: {path}", agent.name));
+            assert_ne!(m.read_only, Some(true));
+        }
+        let config = agent_config(agent);
+        let dirs: BTreeMap<&str, Option<&str>> = config
+            .templates
+            .iter()
+            .map(|t| (t.name.as_str(), t.dir.as_deref().and_then(|d| d.to_str())))
+            .collect();
+        assert_eq!(
+            dirs,
+            BTreeMap::from([
+                ("config", None),
+                ("db-creds", Some("/etc/billing/db")),
+                ("stripe", Some("/etc/billing/db")),
+                ("tls-bundle", Some("/etc/billing/tls")),
+            ])
+        );
+        assert_eq!(config.token_sinks.len(), 1);
+        assert_eq!(
+            config.token_sinks[0].path.to_str(),
+            Some("/vault/secrets/token")
+        );
+        assert_eq!(config.token_sinks[0].perms, "0640");
+    }
+}
+
+/// An app that declares its own emptyDir at /vault/secrets (written for vault-k8s, which
+/// then produced a pod with two mounts at one path): that volume is the secrets volume.
+#[test]
+fn the_apps_own_empty_dir_at_the_secrets_path_is_used() {
+    let Injected { pod, warnings } = inject("app-declares-empty-dir-at-secrets-path.json");
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    assert!(
+        !volumes.iter().any(|v| v.name == "sidekey-secrets"),
+        "no second secrets volume"
+    );
+    let orders = find(containers(&pod), "orders").unwrap();
+    let at_path: Vec<&str> = orders
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.mount_path == "/vault/secrets")
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(at_path, ["vault-secrets"], "the app keeps its one mount");
+    let proxy = find(containers(&pod), "sidecar-proxy").unwrap();
+    let m = mount_of(proxy, "/vault/secrets").unwrap();
+    assert_eq!(
+        (m.name.as_str(), m.read_only),
+        ("vault-secrets", Some(true))
+    );
+    for agent in init_containers(&pod)
+        .iter()
+        .chain(containers(&pod))
+        .filter(|c| is_agent(c))
+    {
+        assert_eq!(
+            mount_of(agent, "/vault/secrets").unwrap().name,
+            "vault-secrets"
+        );
+    }
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    // The same on disk: used, with a warning that says where the secrets land.
+    let (body, outcome) = answer("app-declares-disk-empty-dir-at-secrets-path.json");
+    assert_eq!(outcome, Outcome::Injected, "{body}");
+    let warnings = body["response"]["warnings"].to_string();
+    assert!(
+        warnings.contains("the agent renders secrets into the pod's emptyDir \\\"secrets\\\" at /vault/secrets, which is on the node's disk"),
+        "{warnings}"
+    );
+}
+
+/// Cert auth: the login presents the client certificate named by client-cert / client-key.
+#[test]
+fn cert_auth_uses_the_client_certificate() {
+    let Injected { pod, .. } = inject("cert-auth-with-tls-secret.json");
+    let config = agent_config(&init_containers(&pod)[0]);
+    assert_eq!(
+        config.auth,
+        AuthConfig::Cert {
+            mount_path: "auth/cert".into(),
+            name: Some("gateway".into())
+        }
+    );
+    assert_eq!(
+        config.store.client_cert.as_deref().and_then(|p| p.to_str()),
+        Some("/vault/tls/tls.crt")
+    );
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    assert!(
+        !volumes.iter().any(|v| v.name == "sidekey-token"),
+        "cert auth needs no service-account token"
+    );
+}
+
+/// `agent-configmap`: the ConfigMap at /vault/configs in both agents, read-only, as vault-k8s
+/// mounts it; the agents read their Vault Agent HCL from it; annotation resources still apply.
+#[test]
+fn agent_configmap_mounts_the_config_map_for_the_agents() {
+    let Injected { pod, .. } = inject("agent-configmap-vault-agent-hcl.json");
+    let v = volume(&pod, "sidekey-config");
+    assert_eq!(
+        v.config_map.as_ref().unwrap().name,
+        "orders-vault-agent-config"
+    );
+    let agents = agents(&pod);
+    assert_eq!(agents.len(), 2);
+    for agent in agents {
+        let m = mount_of(agent, "/vault/configs").unwrap();
+        assert_eq!(
+            (m.name.as_str(), m.read_only),
+            ("sidekey-config", Some(true))
+        );
+        let config = agent_config(agent);
+        assert_eq!(
+            config
+                .vault_agent_config_dir
+                .as_deref()
+                .and_then(|p| p.to_str()),
+            Some("/vault/configs")
+        );
+        assert!(config.templates.is_empty());
+        let limits = agent.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["memory"].0, "128Mi");
+    }
+    let app = find(containers(&pod), "orders").unwrap();
+    assert!(
+        mount_of(app, "/vault/configs").is_none(),
+        "the app does not see the agent config"
+    );
+}
+
 #[test]
 fn status_update_injects_again() {
     let Injected { pod, .. } = inject("reinject-status-update.json");
@@ -671,6 +853,10 @@ fn denied_pods_get_a_message_naming_the_annotation() {
             "annotation vault.hashicorp.com/agent-native-sidecar: agent-native-sidecar and agent-pre-populate-only cannot be combined: a Job wants only the init container",
         ),
         (
+            "deny-config-map-at-secrets-path.json",
+            "annotation vault.hashicorp.com/secret-volume-path: container \"legacy\" mounts volume \"legacy-config\" at /vault/secrets, where the agent renders secrets, and it is not an emptyDir; mount it elsewhere, make it an emptyDir (the agent then renders into it), or set this annotation to another folder",
+        ),
+        (
             "deny-run-as-same-user-root.json",
             "annotation vault.hashicorp.com/agent-run-as-same-user: the first container runs as root; the agent is not allowed to",
         ),
@@ -700,7 +886,7 @@ fn every_fixture_is_exercised() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(names.len() >= 27, "fixtures went missing: {names:?}");
+    assert!(names.len() >= 33, "fixtures went missing: {names:?}");
     let unused: Vec<&String> = names
         .iter()
         .filter(|n| !others.contains(&format!("\"{n}\"")))

@@ -15,6 +15,7 @@ pub mod podman;
 mod process;
 mod setup;
 pub mod stall;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -151,6 +152,15 @@ impl Stack {
             process::remove_at_exit(stack.dir.clone());
             stack
         })
+    }
+
+    /// A pod from tests/fixtures/, with `PG_PORT` replaced by this stack's PostgreSQL port.
+    pub fn fixture(&self, name: &str) -> Value {
+        let path = workspace_root().join("tests/fixtures").join(name);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        serde_json::from_str(&text.replace("PG_PORT", &self.pg_port.to_string()))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     /// A signed service-account token for the app role's namespace and service account.

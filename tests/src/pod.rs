@@ -9,8 +9,8 @@
 //! folder (podman's own emptyDir is on disk).
 //!
 //! **What the kubelet does and podman does not, this runner does itself, as the kubelet does
-//! it:** it writes the projected service-account token and the Secret volumes' files (the
-//! kubelet fetches them from the API server), resolves downward-API env vars, turns
+//! it:** it writes the projected service-account token and the Secret and ConfigMap
+//! volumes' files (the kubelet fetches them from the API server), resolves downward-API env vars, turns
 //! `hostAliases` into /etc/hosts entries, runs init containers one after another, starts a native
 //! sidecar (`restartPolicy: Always`) and waits for its startup probe (`podman exec`, every
 //! `periodSeconds`), runs preStop hooks with `podman exec` before SIGTERM, stops regular
@@ -86,6 +86,17 @@ impl PodRun {
         sa_token: &str,
         secrets: &BTreeMap<String, SecretFiles>,
     ) -> Result<PodRun> {
+        PodRun::with_objects(pod, sa_token, secrets, &BTreeMap::new())
+    }
+
+    /// The same, with the Secrets and the ConfigMaps that the pod's `secret` and `configMap`
+    /// volumes name (object name → files), projected as the kubelet projects them.
+    pub fn with_objects(
+        pod: Value,
+        sa_token: &str,
+        secrets: &BTreeMap<String, SecretFiles>,
+        config_maps: &BTreeMap<String, SecretFiles>,
+    ) -> Result<PodRun> {
         podman::images()?;
         let dir = tempfile::Builder::new().prefix("sidekey-pod-").tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
@@ -134,11 +145,17 @@ impl PodRun {
                     write_file(&path.join(file), sa_token.as_bytes(), 0o444)?;
                 }
             }
-            if let Some(secret) = v["secret"]["secretName"].as_str() {
-                let files = secrets.get(secret).with_context(|| {
-                    format!("the pod mounts Secret {secret}, which the test did not provide")
+            for (kind, source, name_field, objects) in [
+                ("Secret", "secret", "secretName", secrets),
+                ("ConfigMap", "configMap", "name", config_maps),
+            ] {
+                let Some(object) = v[source][name_field].as_str() else {
+                    continue;
+                };
+                let files = objects.get(object).with_context(|| {
+                    format!("the pod mounts {kind} {object}, which the test did not provide")
                 })?;
-                let mode = v["secret"]["defaultMode"].as_u64().unwrap_or(0o644) as u32;
+                let mode = v[source]["defaultMode"].as_u64().unwrap_or(0o644) as u32;
                 for (file, content) in files {
                     write_file(&path.join(file), content, mode)?;
                 }

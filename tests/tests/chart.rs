@@ -21,7 +21,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde_json::Value;
 use sidekey_tests::injector::binary;
-use sidekey_tests::workspace_root;
 
 use sidekey_tests::chart::{self, VAP_API, app_version};
 
@@ -511,56 +510,18 @@ const CRD_KINDS: [&str; 2] = ["Issuer", "Certificate"];
 /// kubernetes-validate --strict over the given renders against one Kubernetes version; fails
 /// unless every object is reported as passed.
 fn kubernetes_validate(renders: &[(String, Vec<Value>)], version: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut files = Vec::new();
-    let mut expected = 0;
-    for (i, (label, docs)) in renders.iter().enumerate() {
-        let built_in: Vec<&Value> = docs
-            .iter()
-            .filter(|d| !CRD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
-            .collect();
-        assert!(!built_in.is_empty(), "{label}: nothing to validate");
-        expected += built_in.len();
-        let text = chart::to_yaml_stream(built_in.iter().copied());
-        let file = dir.path().join(format!("render-{i}.yaml"));
-        std::fs::write(&file, text).unwrap();
-        files.push(file);
-    }
-    // The stack's copy when scripts/stack-install.sh put one there, else the one on PATH.
-    let stack_copy = workspace_root().join(".stack/bin/kubernetes-validate");
-    let program = if stack_copy.is_file() {
-        stack_copy
-    } else {
-        "kubernetes-validate".into()
-    };
-    let out = Command::new(&program)
-        .args(["--strict", "--kubernetes-version", version])
-        .args(&files)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}): pip install kubernetes-validate",
-                program.display()
-            )
-        });
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "kubernetes-validate {version} exited {}:\n{report}",
-        out.status
-    );
-    let passed = report
-        .lines()
-        .filter(|l| l.contains(" passed for resource "))
-        .count();
-    assert_eq!(
-        passed, expected,
-        "kubernetes-validate {version} passed {passed} of {expected} objects:\n{report}"
-    );
+    let built_in: Vec<(String, Vec<Value>)> = renders
+        .iter()
+        .map(|(label, docs)| {
+            let docs = docs
+                .iter()
+                .filter(|d| !CRD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
+                .cloned()
+                .collect();
+            (label.clone(), docs)
+        })
+        .collect();
+    sidekey_tests::validate::kubernetes_validate(&built_in, version).unwrap();
 }
 
 #[test]

@@ -11,11 +11,10 @@ use serde_json::{Value, json};
 use sidekey_tests::injector::Injector;
 use sidekey_tests::pod::{PodRun, SecretFiles, files};
 use sidekey_tests::podman::images;
-use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, workspace_root};
+use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack};
 
 fn fixture(name: &str, stack: &Stack) -> Value {
-    let text = std::fs::read_to_string(workspace_root().join("tests/fixtures").join(name)).unwrap();
-    serde_json::from_str(&text.replace("PG_PORT", &stack.pg_port.to_string())).unwrap()
+    stack.fixture(name)
 }
 
 /// The secrets and database roles every scenario reads, written once per test binary (parallel
@@ -490,15 +489,10 @@ async fn the_runtime_enforces_the_agent_security_context() {
 /// The pod's Secret `vault-tls` as a user would create it: the store's CA and a client
 /// certificate, mounted by the injector at /vault/tls (`tls-secret`).
 fn tls_secret() -> std::collections::BTreeMap<String, SecretFiles> {
-    let pki = sidekey_tests::pki::pki().unwrap();
-    let files: SecretFiles = [
-        ("ca.crt", &pki.ca),
-        ("tls.crt", &pki.client_cert),
-        ("tls.key", &pki.client_key),
-    ]
-    .into_iter()
-    .map(|(name, path)| (name.to_string(), std::fs::read(path).unwrap()))
-    .collect();
+    let files = sidekey_tests::pki::pki()
+        .unwrap()
+        .client_secret_files()
+        .unwrap();
     [("vault-tls".to_string(), files)].into()
 }
 

@@ -293,6 +293,7 @@ async fn start<'a>(
 ) -> Result<(Held<'a>, Machine), RunError> {
     let begin = |client, templates, session: Session, fetcher, grant: TokenGrant, leases| {
         token.send_replace(Some(Token::clone(&session.token)));
+        crate::sink::write_token(&config.token_sinks, &session.token);
         let machine = Machine::new(
             Instant::now(),
             policy(config),
@@ -480,6 +481,7 @@ impl Held<'_> {
         let old = std::mem::replace(&mut self.session, session);
         self.token_asked = self.session.ttl_secs;
         self.token.send_replace(Some(self.session.token.clone()));
+        crate::sink::write_token(&self.config.token_sinks, &self.session.token);
         let mut fresh = Fetcher::new(self.client.clone(), self.session.token.clone());
         for (key, secret) in self.fetcher.secrets() {
             if secret.lease_id.is_empty() {

@@ -364,6 +364,7 @@ mod tests {
             engine: Engine::Auto,
             format: DefaultFormat::Map,
             file: "db".into(),
+            dir: None,
             perms: "0644".into(),
             command: None,
             error_on_missing_key: false,

@@ -1,0 +1,992 @@
+//! Vault Agent HCL configs (`agent-configmap`): vault-k8s mounts the pod's ConfigMap at
+//! `/vault/configs` and runs Vault Agent with `config-init.hcl` (init) or `config.hcl` (sidecar).
+//! This step reads that file into the `AgentConfig` the injector wrote (`overlay`): the `vault`
+//! stanza overrides the store settings, `auto_auth` gives the login and the token's file sinks,
+//! the `template` stanzas are the files to render, `template_config` the render interval. What
+//! the injector set and Vault Agent's file does not (the address, the CA, the state folder,
+//! revocation) stays. A stanza or field Sidekey does not act on is an error naming it at
+//! file:line; `pid_file`, `exit_after_auth`, `listener`, `cache` and `api_proxy` are accepted.
+//! Both HCL styles Vault reads are taken: blocks (`auto_auth { method "kubernetes" { … } }`)
+//! and the quoted-key objects of vault-k8s's docs (`"auto_auth" = { "method" = { … } }`).
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use hcl::edit::Span as _;
+use hcl::edit::structure::{BlockLabel, Body, Structure};
+use hcl::eval::Evaluate as _;
+
+use crate::config::{
+    AgentConfig, AuthConfig, Engine, TemplateConfig, TokenSink, parse_duration, parse_mode,
+};
+
+/// The files vault-k8s runs Vault Agent with, in the ConfigMap's folder.
+pub const INIT_FILE: &str = "config-init.hcl";
+pub const SIDECAR_FILE: &str = "config.hcl";
+
+/// Where vault-k8s mounts the agent's private home; Sidekey's is the state folder.
+const REFERENCE_HOME: &str = "/home/vault";
+/// The service-account token path Vault Agent's kubernetes method defaults to.
+const KUBERNETES_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Names that are stanzas (blocks) when written as `name = { … }`, as HCL1 allows.
+const STANZAS: [&str; 11] = [
+    "vault",
+    "retry",
+    "auto_auth",
+    "method",
+    "sink",
+    "template",
+    "exec",
+    "template_config",
+    "listener",
+    "cache",
+    "api_proxy",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HclError {
+    #[error("cannot read the Vault Agent config {file}: {detail}")]
+    Read { file: String, detail: String },
+    #[error("{file}:{line}: {problem}")]
+    At {
+        file: String,
+        line: usize,
+        problem: String,
+    },
+}
+
+/// Where an entry is in the file (byte offsets), for the errors about it.
+type Place = Option<Range<usize>>;
+
+/// An attribute with its value evaluated (heredocs, escapes; no variables or functions).
+struct Attr {
+    key: String,
+    value: hcl::Value,
+    place: Place,
+}
+
+/// A block, or an attribute whose value is an object of a stanza's name.
+struct Stanza {
+    ident: String,
+    label: Option<String>,
+    place: Place,
+    attributes: Vec<Attr>,
+    blocks: Vec<Stanza>,
+}
+
+/// One file being read: its name for errors and its text for line numbers.
+struct Doc<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Doc<'_> {
+    fn line(&self, place: &Place) -> usize {
+        let start = place.as_ref().map_or(0, |r| r.start.min(self.text.len()));
+        self.text[..start].matches('\n').count() + 1
+    }
+
+    fn err(&self, place: &Place, problem: impl Into<String>) -> HclError {
+        HclError::At {
+            file: self.file.to_string(),
+            line: self.line(place),
+            problem: problem.into(),
+        }
+    }
+
+    fn unsupported(&self, place: &Place, what: &str) -> HclError {
+        self.err(place, format!("{what} is not supported by Sidekey"))
+    }
+
+    fn string(&self, a: &Attr, at: &str) -> Result<String, HclError> {
+        match &a.value {
+            hcl::Value::String(s) => Ok(s.clone()),
+            hcl::Value::Number(n) => Ok(n.to_string()),
+            hcl::Value::Bool(b) => Ok(b.to_string()),
+            other => Err(self.err(&a.place, format!("{at} must be a string, not {other}"))),
+        }
+    }
+
+    fn bool(&self, a: &Attr, at: &str) -> Result<bool, HclError> {
+        match self.string(a, at)?.as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(self.err(&a.place, format!("{at} must be true or false, not {other}"))),
+        }
+    }
+
+    fn seconds(&self, a: &Attr, at: &str) -> Result<u64, HclError> {
+        let text = self.string(a, at)?;
+        parse_duration(&text).ok_or_else(|| {
+            self.err(
+                &a.place,
+                format!("{at}: {text:?} is not a duration (for example 30s, 5m)"),
+            )
+        })
+    }
+
+    fn mode(&self, a: &Attr, at: &str) -> Result<String, HclError> {
+        let text = self.string(a, at)?;
+        octal_mode(&text).ok_or_else(|| {
+            self.err(
+                &a.place,
+                format!("{at}: {text:?} is not an octal file mode"),
+            )
+        })
+    }
+
+    /// The attributes and stanzas of a body.
+    fn body(&self, body: &Body) -> Result<(Vec<Attr>, Vec<Stanza>), HclError> {
+        let mut attributes = Vec::new();
+        let mut blocks = Vec::new();
+        for s in body.iter() {
+            match s {
+                Structure::Attribute(a) => {
+                    let expr: hcl::Expression = a.value.clone().into();
+                    let value = expr
+                        .evaluate(&hcl::eval::Context::new())
+                        .map_err(|e| self.err(&a.span(), format!("{}: {e}", a.key.as_str())))?;
+                    self.entry(
+                        a.key.as_str(),
+                        value,
+                        a.span(),
+                        &mut attributes,
+                        &mut blocks,
+                    );
+                }
+                Structure::Block(b) => {
+                    let (attributes, inner) = self.body(&b.body)?;
+                    blocks.push(Stanza {
+                        ident: b.ident.as_str().to_string(),
+                        label: b.labels.first().map(|l| match l {
+                            BlockLabel::Ident(i) => i.as_str().to_string(),
+                            BlockLabel::String(s) => s.as_str().to_string(),
+                        }),
+                        place: b.span(),
+                        attributes,
+                        blocks: inner,
+                    });
+                }
+            }
+        }
+        Ok((attributes, blocks))
+    }
+
+    /// An attribute, or the stanza(s) its object (or list of objects) stands for.
+    fn entry(
+        &self,
+        key: &str,
+        value: hcl::Value,
+        place: Place,
+        attributes: &mut Vec<Attr>,
+        blocks: &mut Vec<Stanza>,
+    ) {
+        if STANZAS.contains(&key) {
+            let objects = match &value {
+                hcl::Value::Object(_) => vec![value.clone()],
+                hcl::Value::Array(items)
+                    if items.iter().all(|i| matches!(i, hcl::Value::Object(_))) =>
+                {
+                    items.clone()
+                }
+                _ => Vec::new(),
+            };
+            if !objects.is_empty() {
+                for object in objects {
+                    let hcl::Value::Object(map) = object else {
+                        continue;
+                    };
+                    let mut stanza = Stanza {
+                        ident: key.to_string(),
+                        label: None,
+                        place: place.clone(),
+                        attributes: Vec::new(),
+                        blocks: Vec::new(),
+                    };
+                    for (k, v) in map {
+                        self.entry(
+                            &k,
+                            v,
+                            place.clone(),
+                            &mut stanza.attributes,
+                            &mut stanza.blocks,
+                        );
+                    }
+                    blocks.push(stanza);
+                }
+                return;
+            }
+        }
+        attributes.push(Attr {
+            key: key.to_string(),
+            value,
+            place,
+        });
+    }
+}
+
+/// `perms = "0640"` or `perms = 0640` (HCL reads the latter as the number 640): "0640".
+fn octal_mode(text: &str) -> Option<String> {
+    let padded = if text.starts_with('0') {
+        text.to_string()
+    } else {
+        format!("0{text}")
+    };
+    parse_mode(&padded).map(|_| padded)
+}
+
+/// vault-k8s's docs write HCL1's quoted keys (`"auto_auth" = {`); HCL2 wants identifiers there.
+/// Lines and offsets before each key are kept, so line numbers stay right.
+fn unquote_keys(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            let indent = &line[..line.len() - trimmed.len()];
+            if let Some(rest) = trimmed.strip_prefix('"')
+                && let Some((key, after)) = rest.split_once('"')
+                && !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && after.trim_start().starts_with('=')
+            {
+                return format!("{indent}{key}{after}");
+            }
+            line.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads the file at `path` over `base` (see the module doc).
+pub fn overlay_file(base: AgentConfig, path: &Path) -> Result<AgentConfig, HclError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| HclError::Read {
+        file: file.clone(),
+        detail: e.to_string(),
+    })?;
+    overlay(base, &file, &text)
+}
+
+/// Reads the HCL `text` (named `file` in errors) over `base`.
+pub fn overlay(mut base: AgentConfig, file: &str, text: &str) -> Result<AgentConfig, HclError> {
+    let text = unquote_keys(text);
+    let doc = Doc { file, text: &text };
+    let body = hcl::edit::parser::parse_body(&text).map_err(|e| HclError::At {
+        file: file.to_string(),
+        line: e.location().line(),
+        problem: format!("not valid HCL: {}", e.message()),
+    })?;
+    let (attributes, blocks) = doc.body(&body)?;
+    for a in &attributes {
+        match a.key.as_str() {
+            // Vault Agent's pid file and its one-shot switch: init and sidecar are subcommands.
+            "pid_file" => drop(doc.string(a, "pid_file")?),
+            "exit_after_auth" => drop(doc.bool(a, "exit_after_auth")?),
+            other => return Err(doc.unsupported(&a.place, other)),
+        }
+    }
+    let mut auth = None;
+    let mut templates = Vec::new();
+    base.token_sinks.clear();
+    for b in &blocks {
+        match b.ident.as_str() {
+            "vault" => vault(&doc, b, &mut base)?,
+            "auto_auth" => auth = Some(auto_auth(&doc, b, &mut base)?),
+            "template" => templates.push(template(&doc, b, &base, templates.len())?),
+            "template_config" => template_config(&doc, b, &mut base)?,
+            // The sidecar's local listener and cache are the listener module's; here accepted.
+            "listener" | "cache" | "api_proxy" => {}
+            other => return Err(doc.unsupported(&b.place, other)),
+        }
+    }
+    base.auth = auth.ok_or_else(|| {
+        doc.err(
+            &None,
+            "auto_auth with a method is required: Sidekey logs in with it",
+        )
+    })?;
+    base.templates = templates;
+    base.vault_agent_config_dir = None;
+    Ok(base)
+}
+
+/// The attributes of `b`'s `name` blocks (`vault.retry`, `template.exec`): any other block, or
+/// a block inside one, is unsupported.
+fn inner_attributes<'a>(
+    doc: &Doc,
+    b: &'a Stanza,
+    name: &str,
+    at: &str,
+) -> Result<Vec<&'a Attr>, HclError> {
+    let mut out = Vec::new();
+    for inner in &b.blocks {
+        if inner.ident != name {
+            return Err(doc.unsupported(&inner.place, &format!("{at}.{}", inner.ident)));
+        }
+        no_stanzas(doc, inner, &format!("{at}.{name}"))?;
+        out.extend(&inner.attributes);
+    }
+    Ok(out)
+}
+
+/// Fails on the first nested stanza: `at` has none.
+fn no_stanzas(doc: &Doc, b: &Stanza, at: &str) -> Result<(), HclError> {
+    match b.blocks.first() {
+        Some(inner) => Err(doc.unsupported(&inner.place, &format!("{at}.{}", inner.ident))),
+        None => Ok(()),
+    }
+}
+
+fn vault(doc: &Doc, b: &Stanza, base: &mut AgentConfig) -> Result<(), HclError> {
+    let store = &mut base.store;
+    for a in &b.attributes {
+        let at = format!("vault.{}", a.key);
+        match a.key.as_str() {
+            "address" => store.address = doc.string(a, &at)?,
+            // A CA bundle file (a folder of CAs is not read).
+            "ca_cert" | "ca_path" => store.ca_cert = Some(doc.string(a, &at)?.into()),
+            "tls_skip_verify" => store.tls_skip_verify = doc.bool(a, &at)?,
+            "client_cert" => store.client_cert = Some(doc.string(a, &at)?.into()),
+            "client_key" => store.client_key = Some(doc.string(a, &at)?.into()),
+            "tls_server_name" => store.tls_server_name = Some(doc.string(a, &at)?),
+            "namespace" => store.namespace = Some(doc.string(a, &at)?),
+            _ => return Err(doc.unsupported(&a.place, &at)),
+        }
+    }
+    for a in inner_attributes(doc, b, "retry", "vault")? {
+        match a.key.as_str() {
+            "num_retries" => {
+                let n = doc.string(a, "vault.retry.num_retries")?;
+                store.max_retries = n.parse::<i64>().map_or(2, |n| n.max(0) as u32);
+            }
+            other => return Err(doc.unsupported(&a.place, &format!("vault.retry.{other}"))),
+        }
+    }
+    Ok(())
+}
+
+fn auto_auth(doc: &Doc, b: &Stanza, base: &mut AgentConfig) -> Result<AuthConfig, HclError> {
+    if let Some(a) = b.attributes.first() {
+        return Err(doc.unsupported(&a.place, &format!("auto_auth.{}", a.key)));
+    }
+    let mut auth = None;
+    for inner in &b.blocks {
+        match inner.ident.as_str() {
+            "method" if auth.is_some() => {
+                return Err(doc.err(
+                    &inner.place,
+                    "auto_auth has a second method; Sidekey logs in with one",
+                ));
+            }
+            "method" => auth = Some(method(doc, inner, base)?),
+            "sink" => {
+                let sink = sink(doc, inner, base)?;
+                base.token_sinks.push(sink);
+            }
+            other => return Err(doc.unsupported(&inner.place, &format!("auto_auth.{other}"))),
+        }
+    }
+    auth.ok_or_else(|| doc.err(&b.place, "auto_auth has no method"))
+}
+
+/// A stanza's type: its label (`method "kubernetes"`) or its `type` attribute.
+fn kind_of(doc: &Doc, b: &Stanza, at: &str) -> Result<String, HclError> {
+    let typed = b.attributes.iter().find(|a| a.key == "type");
+    match (typed, &b.label) {
+        (Some(a), _) => doc.string(a, &format!("{at}.type")),
+        (None, Some(label)) => Ok(label.clone()),
+        (None, None) => Err(doc.err(&b.place, format!("{at} has no type"))),
+    }
+}
+
+/// A `config = { … }` attribute or `config { … }` block: (key, value, place) triples.
+fn config_of(doc: &Doc, b: &Stanza, at: &str) -> Result<Vec<(String, String, Place)>, HclError> {
+    let mut out = Vec::new();
+    for a in b.attributes.iter().filter(|a| a.key == "config") {
+        let hcl::Value::Object(map) = &a.value else {
+            return Err(doc.err(&a.place, format!("{at}.config must be an object")));
+        };
+        for (k, v) in map {
+            let text = match v {
+                hcl::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push((k.clone(), text, a.place.clone()));
+        }
+    }
+    for c in b.blocks.iter().filter(|c| c.ident == "config") {
+        for a in &c.attributes {
+            out.push((
+                a.key.clone(),
+                doc.string(a, &format!("{at}.config.{}", a.key))?,
+                a.place.clone(),
+            ));
+        }
+    }
+    if let Some(c) = b.blocks.iter().find(|c| c.ident != "config") {
+        return Err(doc.unsupported(&c.place, &format!("{at}.{}", c.ident)));
+    }
+    Ok(out)
+}
+
+/// The config keys Vault Agent's methods take that Sidekey acts on or can leave alone.
+fn method_keys(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "kubernetes" => &["role", "token_path"],
+        "jwt" => &["role", "path", "remove_jwt_after_reading"],
+        "approle" => &[
+            "role_id_file_path",
+            "secret_id_file_path",
+            "remove_secret_id_file_after_reading",
+        ],
+        "token_file" => &["token_file_path"],
+        "cert" => &["name", "client_cert", "client_key", "ca_cert"],
+        _ => &[],
+    }
+}
+
+fn method(doc: &Doc, b: &Stanza, base: &mut AgentConfig) -> Result<AuthConfig, HclError> {
+    let kind = kind_of(doc, b, "auto_auth.method")?;
+    let mut mount_path = None;
+    for a in &b.attributes {
+        let at = format!("auto_auth.method.{}", a.key);
+        match a.key.as_str() {
+            "type" | "config" => {}
+            "mount_path" => mount_path = Some(doc.string(a, &at)?.trim_matches('/').to_string()),
+            "namespace" => base.store.namespace = Some(doc.string(a, &at)?),
+            "min_backoff" => base.lifecycle.min_backoff_ms = doc.seconds(a, &at)?.max(1) * 1000,
+            "max_backoff" => base.lifecycle.max_backoff_ms = doc.seconds(a, &at)?.max(1) * 1000,
+            // Failed logins are retried up to the init timeout, then the agent exits non-zero.
+            "exit_on_err" => drop(doc.bool(a, &at)?),
+            _ => return Err(doc.unsupported(&a.place, &at)),
+        }
+    }
+    let at = format!("auto_auth.method \"{kind}\"");
+    let mut settings = std::collections::BTreeMap::new();
+    for (key, value, place) in config_of(doc, b, &at)? {
+        let known = method_keys(&kind);
+        if !known.is_empty() && !known.contains(&key.as_str()) {
+            return Err(doc.unsupported(&place, &format!("{at} config {key}")));
+        }
+        settings.insert(key, value);
+    }
+    let get = |key: &str| settings.get(key).cloned();
+    let need =
+        |key: &str| get(key).ok_or_else(|| doc.err(&b.place, format!("{at} needs config {key}")));
+    let mount = |default: &str| {
+        mount_path
+            .clone()
+            .unwrap_or_else(|| format!("auth/{default}"))
+    };
+    // Sidekey projects the pod's service-account token for the agent at a path of its own.
+    let projected = match &base.auth {
+        AuthConfig::Kubernetes { token_path, .. } | AuthConfig::Jwt { token_path, .. } => {
+            token_path.clone()
+        }
+        _ => crate::config::default_sa_token_path(),
+    };
+    let sa_token = |path: Option<String>| match path {
+        Some(p) if p != KUBERNETES_TOKEN => PathBuf::from(p),
+        _ => projected.clone(),
+    };
+    Ok(match kind.as_str() {
+        "kubernetes" => AuthConfig::Kubernetes {
+            mount_path: mount("kubernetes"),
+            role: need("role")?,
+            token_path: sa_token(get("token_path")),
+        },
+        "jwt" => AuthConfig::Jwt {
+            mount_path: mount("jwt"),
+            role: need("role")?,
+            token_path: sa_token(get("path")),
+        },
+        "approle" => AuthConfig::Approle {
+            mount_path: mount("approle"),
+            role_id_file: need("role_id_file_path")?.into(),
+            secret_id_file: need("secret_id_file_path")?.into(),
+        },
+        "token_file" => AuthConfig::Token {
+            token_file: need("token_file_path")?.into(),
+        },
+        "cert" => {
+            let store = &mut base.store;
+            for (key, slot) in [
+                ("client_cert", &mut store.client_cert),
+                ("client_key", &mut store.client_key),
+                ("ca_cert", &mut store.ca_cert),
+            ] {
+                if let Some(v) = get(key) {
+                    *slot = Some(v.into());
+                }
+            }
+            AuthConfig::Cert {
+                mount_path: mount("cert"),
+                name: get("name"),
+            }
+        }
+        other => {
+            return Err(doc.err(
+                &b.place,
+                format!("auth method {other:?} is not supported (supported: kubernetes, jwt, approle, token_file, cert)"),
+            ));
+        }
+    })
+}
+
+fn sink(doc: &Doc, b: &Stanza, base: &AgentConfig) -> Result<TokenSink, HclError> {
+    let kind = kind_of(doc, b, "auto_auth.sink")?;
+    if kind != "file" {
+        return Err(doc.err(
+            &b.place,
+            format!("auto_auth.sink type {kind:?} is not supported (only file)"),
+        ));
+    }
+    if let Some(a) = b
+        .attributes
+        .iter()
+        .find(|a| a.key != "type" && a.key != "config")
+    {
+        return Err(doc.unsupported(&a.place, &format!("auto_auth.sink.{}", a.key)));
+    }
+    let mut path = None;
+    let mut perms = "0640".to_string();
+    for (key, value, place) in config_of(doc, b, "auto_auth.sink \"file\"")? {
+        match key.as_str() {
+            "path" => path = Some(value),
+            "mode" => {
+                perms = octal_mode(&value).ok_or_else(|| {
+                    doc.err(
+                        &place,
+                        format!("auto_auth.sink config mode {value:?} is not an octal file mode"),
+                    )
+                })?;
+            }
+            other => return Err(doc.unsupported(&place, &format!("auto_auth.sink config {other}"))),
+        }
+    }
+    let path =
+        path.ok_or_else(|| doc.err(&b.place, "auto_auth.sink \"file\" needs config path"))?;
+    // The reference's private home is Sidekey's state folder (vault-k8s's preStop reads the
+    // token at /home/vault/.vault-token).
+    let path = match Path::new(&path).strip_prefix(REFERENCE_HOME) {
+        Ok(rest) => base.state_dir.join(rest),
+        Err(_) => PathBuf::from(path),
+    };
+    Ok(TokenSink { path, perms })
+}
+
+fn template(
+    doc: &Doc,
+    b: &Stanza,
+    base: &AgentConfig,
+    index: usize,
+) -> Result<TemplateConfig, HclError> {
+    let mut t = TemplateConfig::new(String::new(), String::new());
+    t.engine = Engine::Go;
+    let mut destination = None;
+    for a in &b.attributes {
+        let at = format!("template.{}", a.key);
+        match a.key.as_str() {
+            "contents" => t.contents = Some(doc.string(a, &at)?),
+            "source" => t.source = Some(doc.string(a, &at)?.into()),
+            "destination" => destination = Some((doc.string(a, &at)?, a.place.clone())),
+            "perms" => t.perms = doc.mode(a, &at)?,
+            "command" => t.command = Some(command(doc, a, &at)?),
+            "error_on_missing_key" => t.error_on_missing_key = doc.bool(a, &at)?,
+            "left_delimiter" => t.left_delimiter = Some(doc.string(a, &at)?),
+            "right_delimiter" => t.right_delimiter = Some(doc.string(a, &at)?),
+            // The destination's folders are always created.
+            "create_dest_dirs" => drop(doc.bool(a, &at)?),
+            _ => return Err(doc.unsupported(&a.place, &at)),
+        }
+    }
+    for a in inner_attributes(doc, b, "exec", "template")? {
+        match a.key.as_str() {
+            "command" => t.command = Some(command(doc, a, "template.exec.command")?),
+            // Commands run with Sidekey's own time limit.
+            "timeout" => drop(doc.seconds(a, "template.exec.timeout")?),
+            other => return Err(doc.unsupported(&a.place, &format!("template.exec.{other}"))),
+        }
+    }
+    let (destination, place) =
+        destination.ok_or_else(|| doc.err(&b.place, "template needs a destination"))?;
+    if t.contents.is_none() == t.source.is_none() {
+        return Err(doc.err(
+            &b.place,
+            "template needs exactly one of contents and source",
+        ));
+    }
+    let path = Path::new(&destination);
+    if !path.is_absolute() {
+        return Err(doc.err(
+            &place,
+            format!("template.destination {destination:?} is not an absolute path"),
+        ));
+    }
+    match path.strip_prefix(&base.secrets_dir) {
+        Ok(rest) if !rest.as_os_str().is_empty() => t.file = rest.display().to_string(),
+        _ => {
+            t.file = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            t.dir = path.parent().map(Path::to_path_buf);
+        }
+    }
+    if crate::config::check_relative_file(&t.file).is_err() {
+        return Err(doc.err(
+            &place,
+            format!("template.destination {destination:?} is not a file path"),
+        ));
+    }
+    t.name = format!("{}#{}", t.file, index + 1);
+    Ok(t)
+}
+
+/// `command = "…"` or, as Vault Agent also takes it, a list of arguments (quoted for /bin/sh).
+fn command(doc: &Doc, a: &Attr, at: &str) -> Result<String, HclError> {
+    match &a.value {
+        hcl::Value::Array(args) => Ok(args
+            .iter()
+            .map(|v| {
+                let s = match v {
+                    hcl::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                format!("'{}'", s.replace('\'', "'\\''"))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")),
+        _ => doc.string(a, at),
+    }
+}
+
+fn template_config(doc: &Doc, b: &Stanza, base: &mut AgentConfig) -> Result<(), HclError> {
+    no_stanzas(doc, b, "template_config")?;
+    for a in &b.attributes {
+        let at = format!("template_config.{}", a.key);
+        match a.key.as_str() {
+            "static_secret_render_interval" => {
+                base.lifecycle.static_secret_render_interval_secs = doc.seconds(a, &at)?.max(1);
+            }
+            // The init container exits non-zero once its retries are spent, as this asks.
+            "exit_on_retry_failure" => drop(doc.bool(a, &at)?),
+            _ => return Err(doc.unsupported(&a.place, &at)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the injector writes in agent-configmap mode.
+    fn base() -> AgentConfig {
+        AgentConfig::from_json(
+            serde_json::json!({
+                "store": { "address": "https://vault.vault.svc:8200", "ca_cert_pem": "PEM" },
+                "auth": { "type": "kubernetes", "role": "" },
+                "vault_agent_config_dir": "/vault/configs"
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn read(text: &str) -> Result<AgentConfig, String> {
+        overlay(base(), "/vault/configs/config.hcl", text).map_err(|e| e.to_string())
+    }
+
+    /// The shape of the vault-k8s docs' ConfigMap example.
+    const DOCS_EXAMPLE: &str = r#"
+"auto_auth" = {
+  "method" = {
+    "config" = {
+      "role" = "test"
+    }
+    "type" = "kubernetes"
+  }
+
+  "sink" = {
+    "config" = {
+      "path" = "/home/vault/.vault-token"
+    }
+
+    "type" = "file"
+  }
+}
+
+"exit_after_auth" = false
+"pid_file" = "/home/vault/.pid"
+
+"template" = {
+  "contents" = "{{- with secret \"secret/data/test/example\" -}}{{ .Data.data.username }}{{- end }}"
+  "destination" = "/vault/secrets/username"
+}
+"#;
+
+    #[test]
+    fn a_full_vault_agent_config() {
+        let c = read(
+            r#"
+pid_file = "/home/vault/.pid"
+exit_after_auth = true
+
+vault {
+  address = "https://vault.example.com:8200"
+  ca_cert = "/vault/tls/ca.crt"
+  tls_server_name = "vault.example.com"
+  namespace = "us-west-org"
+  retry {
+    num_retries = 5
+  }
+}
+
+auto_auth {
+  method "kubernetes" {
+    mount_path = "auth/k8s-prod"
+    min_backoff = "2s"
+    max_backoff = "30s"
+    config = {
+      role = "orders"
+      token_path = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    }
+  }
+  sink "file" {
+    config = {
+      path = "/home/vault/.vault-token"
+    }
+  }
+  sink {
+    type = "file"
+    config = {
+      path = "/vault/secrets/.token"
+      mode = 0600
+    }
+  }
+}
+
+template_config {
+  static_secret_render_interval = "10m"
+  exit_on_retry_failure = true
+}
+
+template {
+  destination = "/vault/secrets/db.env"
+  perms = "0640"
+  contents = <<-EOT
+    {{- with secret "database/creds/orders" -}}
+    PGUSER={{ .Data.username }}
+    {{- end }}
+  EOT
+  command = "pkill -HUP orders"
+  error_on_missing_key = true
+}
+
+template {
+  source = "/vault/configs/app.ctmpl"
+  destination = "/etc/orders/app.json"
+  left_delimiter = "[["
+  right_delimiter = "]]"
+  create_dest_dirs = true
+  exec {
+    command = ["/bin/touch", "/tmp/it's done"]
+    timeout = "30s"
+  }
+}
+
+listener "tcp" {
+  address = "127.0.0.1:8200"
+  tls_disable = true
+}
+cache {
+  use_auto_auth_token = true
+}
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.store.address, "https://vault.example.com:8200");
+        assert_eq!(
+            c.store.ca_cert_pem.as_deref(),
+            Some("PEM"),
+            "the injector's CA stays"
+        );
+        assert_eq!(c.store.namespace.as_deref(), Some("us-west-org"));
+        assert_eq!(c.store.max_retries, 5);
+        assert_eq!(
+            c.auth,
+            AuthConfig::Kubernetes {
+                mount_path: "auth/k8s-prod".into(),
+                role: "orders".into(),
+                token_path: crate::config::default_sa_token_path(),
+            },
+            "the pod's default token path is Sidekey's projected token"
+        );
+        assert_eq!(
+            (c.lifecycle.min_backoff_ms, c.lifecycle.max_backoff_ms),
+            (2000, 30_000)
+        );
+        assert_eq!(c.lifecycle.static_secret_render_interval_secs, 600);
+        let sinks: Vec<(&str, &str)> = c
+            .token_sinks
+            .iter()
+            .map(|s| (s.path.to_str().unwrap(), s.perms.as_str()))
+            .collect();
+        assert_eq!(
+            sinks,
+            [
+                ("/home/sidekey/.vault-token", "0640"),
+                ("/vault/secrets/.token", "0600")
+            ]
+        );
+        let db = &c.templates[0];
+        assert_eq!((db.file.as_str(), db.dir.as_deref()), ("db.env", None));
+        assert_eq!(db.perms, "0640");
+        assert!(
+            db.contents
+                .as_deref()
+                .unwrap()
+                .starts_with("{{- with secret \"database/creds/orders\" -}}\nPGUSER=")
+        );
+        assert!(db.error_on_missing_key);
+        assert_eq!(db.command.as_deref(), Some("pkill -HUP orders"));
+        let app = &c.templates[1];
+        assert_eq!(app.file, "app.json");
+        assert_eq!(app.dir.as_deref(), Some(Path::new("/etc/orders")));
+        assert_eq!(
+            app.source.as_deref(),
+            Some(Path::new("/vault/configs/app.ctmpl"))
+        );
+        assert_eq!(app.left_delimiter.as_deref(), Some("[["));
+        assert_eq!(
+            app.command.as_deref(),
+            Some(r#"'/bin/touch' '/tmp/it'\''s done'"#)
+        );
+        assert!(c.vault_agent_config_dir.is_none());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_docs_example_in_json_style_hcl() {
+        let c = read(DOCS_EXAMPLE).unwrap();
+        assert!(matches!(c.auth, AuthConfig::Kubernetes { ref role, .. } if role == "test"));
+        assert_eq!(c.templates[0].file, "username");
+        assert_eq!(
+            c.token_sinks[0].path,
+            Path::new("/home/sidekey/.vault-token")
+        );
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn other_methods() {
+        let c = read(
+            r#"
+auto_auth {
+  method "cert" {
+    config = { name = "web", client_cert = "/vault/tls/tls.crt", client_key = "/vault/tls/tls.key" }
+  }
+}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Cert {
+                mount_path: "auth/cert".into(),
+                name: Some("web".into())
+            }
+        );
+        assert_eq!(
+            c.store.client_key.as_deref(),
+            Some(Path::new("/vault/tls/tls.key"))
+        );
+        let c = read(r#"
+auto_auth {
+  method "approle" {
+    mount_path = "auth/ar"
+    config = { role_id_file_path = "/r", secret_id_file_path = "/s", remove_secret_id_file_after_reading = false }
+  }
+}"#).unwrap();
+        assert!(
+            matches!(c.auth, AuthConfig::Approle { ref mount_path, .. } if mount_path == "auth/ar")
+        );
+        let c = read("auto_auth {\n  method {\n    type = \"token_file\"\n    config {\n      token_file_path = \"/t\"\n    }\n  }\n}\n").unwrap();
+        assert_eq!(
+            c.auth,
+            AuthConfig::Token {
+                token_file: "/t".into()
+            }
+        );
+        let c = read(
+            r#"
+auto_auth {
+  method "jwt" {
+    config = { role = "ci", path = "/var/run/jwt" }
+  }
+}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(c.auth, AuthConfig::Jwt { ref token_path, .. } if token_path == Path::new("/var/run/jwt"))
+        );
+    }
+
+    #[test]
+    fn unsupported_stanzas_and_fields_name_file_and_line() {
+        let cases = [
+            (
+                "auto_auth {\n  method \"aws\" {\n    config = { role = \"x\" }\n  }\n}\n",
+                "/vault/configs/config.hcl:2: auth method \"aws\" is not supported (supported: kubernetes, jwt, approle, token_file, cert)",
+            ),
+            (
+                "telemetry {\n  prometheus_retention_time = \"30s\"\n}\n",
+                "/vault/configs/config.hcl:1: telemetry is not supported by Sidekey",
+            ),
+            (
+                "auto_auth {\n  method \"kubernetes\" {\n    wrap_ttl = \"5m\"\n    config = { role = \"x\" }\n  }\n}\n",
+                "/vault/configs/config.hcl:3: auto_auth.method.wrap_ttl is not supported by Sidekey",
+            ),
+            (
+                "auto_auth {\n  method \"kubernetes\" {\n    config = { role = \"x\" }\n  }\n}\ntemplate {\n  destination = \"/vault/secrets/a\"\n  contents = \"x\"\n  backup = true\n}\n",
+                "/vault/configs/config.hcl:9: template.backup is not supported by Sidekey",
+            ),
+            (
+                "auto_auth {\n  method \"kubernetes\" {\n    config = { role = \"x\", audience = \"y\" }\n  }\n}\n",
+                "/vault/configs/config.hcl:3: auto_auth.method \"kubernetes\" config audience is not supported by Sidekey",
+            ),
+            (
+                "vault {\n  address = \"https://v\"\n  ca_bundle = \"/x\"\n}\n",
+                "/vault/configs/config.hcl:3: vault.ca_bundle is not supported by Sidekey",
+            ),
+            (
+                "auto_auth {\n  method \"kubernetes\" {\n    config = { role = \"x\" }\n  }\n  sink \"file\" {\n    wrap_ttl = \"5m\"\n    config = { path = \"/t\" }\n  }\n}\n",
+                "/vault/configs/config.hcl:6: auto_auth.sink.wrap_ttl is not supported by Sidekey",
+            ),
+            (
+                "pid_file = \"/p\"\nvault {\n  address = \n}\n",
+                "/vault/configs/config.hcl:3: not valid HCL",
+            ),
+            (
+                "pid_file = \"/p\"\n",
+                "/vault/configs/config.hcl:1: auto_auth with a method is required",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = read(text).unwrap_err();
+            assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+            assert!(!got.contains('\n'), "one line: {got}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = overlay_file(base(), Path::new("/nonexistent/config-init.hcl")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read the Vault Agent config /nonexistent/config-init.hcl:")
+        );
+    }
+}
