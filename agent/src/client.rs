@@ -271,7 +271,11 @@ impl StoreClient {
                 .cloned()
                 .ok_or_else(|| decode(format!("no {pointer} field")))?
         };
-        serde_json::from_value(field).map_err(|e| decode(e.to_string()))
+        // Through the text, not `from_value`: a Value-to-struct conversion turns numbers into
+        // f64 (0.000001 into 1e-6, -0 into 0), and templates print numbers as the store wrote
+        // them (Go's json.Number).
+        let text = serde_json::to_vec(&field).expect("a JSON value serializes");
+        serde_json::from_slice(&text).map_err(|e| decode(e.to_string()))
     }
 
     /// `POST auth/<mount>/login` with the method's body.

@@ -81,7 +81,7 @@ pub struct FileReport {
 }
 
 /// Renders one template to text, fetching what it needs.
-pub async fn render_text(p: &Prepared, fetcher: &mut Fetcher) -> Result<String, CycleError> {
+pub async fn render_text(p: &Prepared, fetcher: &mut Fetcher) -> Result<Vec<u8>, CycleError> {
     for _ in 0..MAX_PASSES {
         match render::render(p, &fetcher.known())? {
             Outcome::Rendered {
@@ -117,7 +117,7 @@ pub async fn render_one(
     let text = render_text(&t.prepared, fetcher).await?;
     tracing::debug!(template = %t.config.name, bytes = text.len(), "template rendered");
     let written =
-        sink::write_if_changed(out_dir, &t.config.file, text.as_bytes(), t.config.mode())?;
+        sink::write_if_changed(out_dir, &t.config.file, &text, t.config.mode())?;
     let command = match (&t.config.command, written) {
         (Some(cmd), true) => Some(sink::run_command(cmd, out_dir, COMMAND_TIME_LIMIT).await),
         _ => None,

@@ -58,6 +58,9 @@ pub enum Val {
     Int(i64),
     Float(f64),
     Str(String),
+    /// A Go string that is not UTF-8 (a decoded binary secret): its bytes reach the file as
+    /// they are.
+    Bytes(Rc<Vec<u8>>),
     /// `json.Number`: prints and compares as a string, encodes as a number.
     Number(String),
     List(Rc<Vec<Val>>),
@@ -87,10 +90,13 @@ impl Val {
             Val::NoValue | Val::Nil => Json::Null,
             Val::Bool(b) => Json::Bool(*b),
             Val::Int(n) => Json::from(*n),
-            Val::Float(f) => serde_json::Number::from_f64(*f)
+            // encoding/json's float64 text: 8080, not 8080.0.
+            Val::Float(f) => gofmt::json_float(*f)
+                .parse::<serde_json::Number>()
                 .map(Json::Number)
                 .unwrap_or(Json::Null),
             Val::Str(s) => Json::String(s.clone()),
+            Val::Bytes(b) => Json::String(String::from_utf8_lossy(b).into_owned()),
             Val::Number(n) => n
                 .parse::<serde_json::Number>()
                 .map(Json::Number)
@@ -108,7 +114,7 @@ impl Val {
             Val::Bool(_) => "bool",
             Val::Int(_) => "int",
             Val::Float(_) => "float64",
-            Val::Str(_) => "string",
+            Val::Str(_) | Val::Bytes(_) => "string",
             Val::Number(_) => "json.Number",
             Val::List(_) => "[]interface {}",
             Val::Map(_) => "map[string]interface {}",
@@ -123,6 +129,7 @@ impl Val {
             Val::Int(n) => *n != 0,
             Val::Float(f) => *f != 0.0,
             Val::Str(s) | Val::Number(s) => !s.is_empty(),
+            Val::Bytes(b) => !b.is_empty(),
             Val::List(l) => !l.is_empty(),
             Val::Map(m) => !m.is_empty(),
             Val::Secret(_) => true,
@@ -168,6 +175,7 @@ pub fn print(v: &Val) -> String {
         Val::Int(n) => n.to_string(),
         Val::Float(f) => format_float(*f),
         Val::Str(s) | Val::Number(s) => s.clone(),
+        Val::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
         Val::List(items) => format!(
             "[{}]",
             items.iter().map(print).collect::<Vec<_>>().join(" ")
@@ -236,6 +244,8 @@ pub struct Exec<'a> {
     defines: HashMap<String, Arc<Vec<Node>>>,
     /// Secrets read so far in this pass, converted once.
     secrets: HashMap<SecretKey, Val>,
+    /// consul-template's scratch pad (`scratch.Set`…), for this pass.
+    scratch: BTreeMap<String, Val>,
     /// Nested bodies and template calls open now.
     depth: usize,
     steps: u64,
@@ -261,6 +271,7 @@ impl<'a> Exec<'a> {
             vars: Vec::new(),
             defines: HashMap::new(),
             secrets: HashMap::new(),
+            scratch: BTreeMap::new(),
             depth: 0,
             steps: 0,
             built: 0,
@@ -299,14 +310,14 @@ impl<'a> Exec<'a> {
         Ok(())
     }
 
-    fn emit(&mut self, out: &mut String, text: &str) -> R<()> {
+    fn emit(&mut self, out: &mut Vec<u8>, text: &[u8]) -> R<()> {
         self.build(text.len())?;
-        out.push_str(text);
+        out.extend_from_slice(text);
         Ok(())
     }
 
     /// Walks a nested body (a block's or a template's), within `MAX_RENDER_DEPTH`.
-    fn nested(&mut self, nodes: &[Node], dot: &Val, out: &mut String) -> R<Flow> {
+    fn nested(&mut self, nodes: &[Node], dot: &Val, out: &mut Vec<u8>) -> R<Flow> {
         if self.depth >= MAX_RENDER_DEPTH {
             return Err(Limit::RenderDepth {
                 limit: MAX_RENDER_DEPTH,
@@ -319,26 +330,29 @@ impl<'a> Exec<'a> {
         flow
     }
 
-    pub fn run(&mut self, tree: &Tree) -> R<String> {
+    pub fn run(&mut self, tree: &Tree) -> R<Vec<u8>> {
         self.defines = tree.defines.clone();
         self.vars = vec![("$".into(), Val::NoValue)];
-        let mut out = String::new();
+        let mut out = Vec::new();
         self.walk(&tree.root, &Val::NoValue, &mut out)?;
         Ok(out)
     }
 
-    fn walk(&mut self, nodes: &[Node], dot: &Val, out: &mut String) -> R<Flow> {
+    fn walk(&mut self, nodes: &[Node], dot: &Val, out: &mut Vec<u8>) -> R<Flow> {
         for node in nodes {
             self.step()?;
             let flow = match node {
                 Node::Text(t) => {
-                    self.emit(out, t)?;
+                    self.emit(out, t.as_bytes())?;
                     Flow::Normal
                 }
                 Node::Action(pipe) => {
                     let v = self.pipe(pipe, dot)?;
                     if pipe.decl.is_empty() {
-                        self.emit(out, &print_top(&v))?;
+                        match &v {
+                            Val::Bytes(b) => self.emit(out, b)?,
+                            other => self.emit(out, print_top(other).as_bytes())?,
+                        }
                     }
                     Flow::Normal
                 }
@@ -410,7 +424,7 @@ impl<'a> Exec<'a> {
         body: &[Node],
         otherwise: &[Node],
         dot: &Val,
-        out: &mut String,
+        out: &mut Vec<u8>,
     ) -> R<()> {
         let mark = self.vars.len();
         let mut inner = pipe.clone();
@@ -579,8 +593,14 @@ impl<'a> Exec<'a> {
                             path: path(),
                         });
                     }
-                    None => Val::NoValue,
+                    // A missing key is the map's zero value, a nil interface.
+                    None => Val::Nil,
                 },
+                // Fields of no value (the root data, `$` at the top) are no value, as in Go.
+                Val::NoValue if self.missing_key_error => {
+                    return Err(format!("nil data; no entry for key {f:?}").into());
+                }
+                Val::NoValue => Val::NoValue,
                 Val::Secret(secret) => match f.as_str() {
                     "Data" => secret.data.clone(),
                     "LeaseID" => Val::Str(
@@ -611,7 +631,7 @@ impl<'a> Exec<'a> {
                         .into());
                     }
                 },
-                Val::NoValue | Val::Nil => {
+                Val::Nil => {
                     return Err(format!(
                         "nil pointer evaluating interface {{}}.{f} (at <{}>)",
                         path()
@@ -626,6 +646,90 @@ impl<'a> Exec<'a> {
             };
         }
         Ok(v)
+    }
+
+    /// `executeTemplate name dot`: a defined template rendered to a string.
+    pub fn execute_template(&mut self, name: &str, dot: Val) -> R<Vec<u8>> {
+        let body = self
+            .defines
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("executeTemplate: template {name:?} not defined"))?;
+        let saved = std::mem::replace(&mut self.vars, vec![("$".into(), dot.clone())]);
+        let mut out = Vec::new();
+        let flow = self.nested(&body, &dot, &mut out);
+        self.vars = saved;
+        flow?;
+        Ok(out)
+    }
+
+    /// A method of consul-template's scratch pad: `Key`, `Get`, `Set`, `SetX`, `MapSet`,
+    /// `MapSetX`, `MapValues`.
+    pub fn scratch(&mut self, method: &str, args: Vec<Val>) -> R<Val> {
+        let want = |n: usize| -> R<()> {
+            if args.len() != n {
+                return Err(format!(
+                    "wrong number of args for {method}: want {n} got {}",
+                    args.len()
+                )
+                .into());
+            }
+            Ok(())
+        };
+        let key = |i: usize| -> R<String> {
+            match args.get(i) {
+                Some(Val::Str(s)) => Ok(s.clone()),
+                Some(other) => Err(format!(
+                    "wrong type for value; expected string; got {}",
+                    other.type_name()
+                )
+                .into()),
+                None => Err("invalid value; expected string".into()),
+            }
+        };
+        let empty = Val::Str(String::new());
+        match method {
+            "Key" => {
+                want(1)?;
+                Ok(Val::Bool(self.scratch.contains_key(&key(0)?)))
+            }
+            "Get" => {
+                want(1)?;
+                Ok(self.scratch.get(&key(0)?).cloned().unwrap_or(Val::Nil))
+            }
+            "Set" | "SetX" => {
+                want(2)?;
+                let k = key(0)?;
+                if method == "Set" || !self.scratch.contains_key(&k) {
+                    self.scratch.insert(k, args[1].clone());
+                }
+                Ok(empty)
+            }
+            "MapSet" | "MapSetX" => {
+                want(3)?;
+                let (k, mk) = (key(0)?, key(1)?);
+                let slot = self
+                    .scratch
+                    .entry(k)
+                    .or_insert_with(|| Val::Map(Rc::new(BTreeMap::new())));
+                let Val::Map(map) = slot else {
+                    return Err(format!("scratch: {} is not a map", print(slot)).into());
+                };
+                let map = Rc::make_mut(map);
+                if method == "MapSet" || !map.contains_key(&mk) {
+                    map.insert(mk, args[2].clone());
+                }
+                Ok(empty)
+            }
+            "MapValues" => {
+                want(1)?;
+                Ok(match self.scratch.get(&key(0)?) {
+                    Some(Val::Map(m)) => Val::List(Rc::new(m.values().cloned().collect())),
+                    _ => Val::List(Rc::new(Vec::new())),
+                })
+            }
+            other => Err(format!("can't evaluate field {other} in type *template.Scratch").into()),
+        }
     }
 
     /// The fetched secret for `key`, or a note that it is needed (and a nil secret meanwhile).

@@ -485,7 +485,14 @@ fn tokenize(action: &str) -> Result<Vec<Tok>, String> {
                 i = j;
             }
             c if is_alnum(c) => {
-                let j = name_end(&chars, i);
+                let mut j = name_end(&chars, i);
+                // consul-template's `scratch.Get "k"`: a method of the scratch pad, one name here.
+                if chars[i..j].iter().copied().eq("scratch".chars())
+                    && chars.get(j) == Some(&'.')
+                    && chars.get(j + 1).is_some_and(|c| is_alnum(*c))
+                {
+                    j = name_end(&chars, j + 1);
+                }
                 terminated(&chars, j)?;
                 toks.push(Tok::Ident(chars[i..j].iter().collect()));
                 i = j;
@@ -537,7 +544,9 @@ fn number(lit: &str) -> Result<Tok, String> {
 struct Parser<'a> {
     items: Vec<Item>,
     at: usize,
-    funcs: &'a dyn Fn(&str) -> bool,
+    /// Whether a function exists: Err holds the problem to report (not defined, or one that
+    /// Vault Agent has and Sidekey does not).
+    funcs: &'a dyn Fn(&str) -> Result<(), String>,
     defines: HashMap<String, Arc<Vec<Node>>>,
     source: &'a str,
     /// Blocks and parentheses open around the current position.
@@ -564,7 +573,7 @@ pub fn parse(
     text: &str,
     left: &str,
     right: &str,
-    funcs: &dyn Fn(&str) -> bool,
+    funcs: &dyn Fn(&str) -> Result<(), String>,
 ) -> Result<Tree, ParseError> {
     limits::check_size(text)?;
     let left = if left.is_empty() { "{{" } else { left };
@@ -931,8 +940,10 @@ impl Parser<'_> {
                     name if KEYWORDS.contains(&name) => {
                         return Err(self.err(pos, format!("unexpected {{{{{name}}}}} in operand")));
                     }
-                    name if (self.funcs)(name) => Arg::Ident(name.to_string()),
-                    name => return Err(self.err(pos, format!("function {name:?} not defined"))),
+                    name => match (self.funcs)(name) {
+                        Ok(()) => Arg::Ident(name.to_string()),
+                        Err(problem) => return Err(self.err(pos, problem)),
+                    },
                 },
                 Tok::Open => {
                     let (j, fields) = matching_close(toks, i)
@@ -981,8 +992,8 @@ fn matching_close(toks: &[Tok], open: usize) -> Option<(usize, Vec<String>)> {
 mod tests {
     use super::*;
 
-    fn any(_: &str) -> bool {
-        true
+    fn any(_: &str) -> Result<(), String> {
+        Ok(())
     }
 
     fn go(text: &str) -> Result<Tree, ParseError> {
@@ -1066,7 +1077,10 @@ mod tests {
         assert!(matches!(otherwise[0], Node::If { .. }));
         assert!(problem("{{ if .a }}").contains("no {{end}}"));
         assert!(problem("{{ end }}").contains("unexpected {{end}}"));
-        let known = |f: &str| f == "secret";
+        let known = |f: &str| match f {
+            "secret" => Ok(()),
+            other => Err(format!("function {other:?} not defined")),
+        };
         assert_eq!(
             parse("x\n{{ nope 1 }}", "{{", "}}", &known).unwrap_err(),
             ParseError::Syntax {
@@ -1170,7 +1184,7 @@ mod tests {
         assert!(go("{{ $ключ := 1 }}{{ $ключ }}").is_ok());
         // An identifier that is not a known function is Go's error, not a panic.
         assert_eq!(
-            parse("{{ ключ }}", "{{", "}}", &|f| f == "print")
+            parse("{{ ключ }}", "{{", "}}", &|f| Err(format!("function {f:?} not defined")))
                 .unwrap_err()
                 .to_string(),
             "line 1: function \"ключ\" not defined"
