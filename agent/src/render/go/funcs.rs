@@ -362,7 +362,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         }
         "toYAML" => {
             want(name, &args, 1)?;
-            Ok(Val::Str(yaml::to_yaml(&args[0].to_json())))
+            Ok(Val::Str(yaml::to_yaml(&yaml_node(&args[0]))))
         }
         "parseJSON" => {
             want(name, &args, 1)?;
@@ -723,6 +723,24 @@ fn one_text(name: &str, args: &[Val], f: impl Fn(&str) -> Result<String, String>
 fn two_text(name: &str, args: &[Val], f: impl Fn(&str, &str) -> Result<String, String>) -> R {
     want(name, args, 2)?;
     Ok(f(text(args, 0)?, text(args, 1)?).map(Val::Str)?)
+}
+
+/// A value as yaml.v2 marshals it: a json.Number is an int when it parses as one, else a float
+/// when it parses as one, else a string.
+fn yaml_node(v: &Val) -> yaml::Node {
+    use yaml::Node;
+    match v {
+        Val::NoValue | Val::Nil => Node::Null,
+        Val::Bool(b) => Node::Bool(*b),
+        Val::Int(n) => Node::Int(*n),
+        Val::Float(f) => Node::Float(*f),
+        Val::Str(s) => Node::Str(s.clone()),
+        Val::Bytes(b) => Node::Str(String::from_utf8_lossy(b).into_owned()),
+        Val::Number(n) => Node::number(n),
+        Val::List(items) => Node::Seq(items.iter().map(yaml_node).collect()),
+        Val::Map(m) => Node::Map(m.iter().map(|(k, v)| (k.clone(), yaml_node(v))).collect()),
+        Val::Secret(_) => Node::from_json(&v.to_json()),
+    }
 }
 
 /// JSON numbers parsed by `parseJSON` are float64 in Go.

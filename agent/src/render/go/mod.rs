@@ -11,7 +11,7 @@ mod timefmt;
 
 use std::sync::Arc;
 
-pub use exec::ExecError;
+pub use exec::{ExecError, format_float};
 pub use parse::{ParseError, Tree};
 
 use super::Known;
