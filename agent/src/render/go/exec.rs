@@ -54,6 +54,8 @@ pub enum Val {
     NoValue,
     /// A nil inside data (JSON null) or the `nil` constant.
     Nil,
+    /// A nil pointer of the named type (a secret's `.Auth`, `.WrapInfo`): prints `<nil>`.
+    NilPtr(&'static str),
     Bool(bool),
     Int(i64),
     Float(f64),
@@ -87,7 +89,7 @@ impl Val {
 
     pub fn to_json(&self) -> Json {
         match self {
-            Val::NoValue | Val::Nil => Json::Null,
+            Val::NoValue | Val::Nil | Val::NilPtr(_) => Json::Null,
             Val::Bool(b) => Json::Bool(*b),
             Val::Int(n) => Json::from(*n),
             // encoding/json's float64 text: 8080, not 8080.0.
@@ -111,6 +113,7 @@ impl Val {
     pub fn type_name(&self) -> &'static str {
         match self {
             Val::NoValue | Val::Nil => "<nil>",
+            Val::NilPtr(type_name) => type_name,
             Val::Bool(_) => "bool",
             Val::Int(_) => "int",
             Val::Float(_) => "float64",
@@ -124,7 +127,7 @@ impl Val {
 
     pub fn truthy(&self) -> bool {
         match self {
-            Val::NoValue | Val::Nil => false,
+            Val::NoValue | Val::Nil | Val::NilPtr(_) => false,
             Val::Bool(b) => *b,
             Val::Int(n) => *n != 0,
             Val::Float(f) => *f != 0.0,
@@ -159,79 +162,24 @@ fn secret_struct_json(s: &Json) -> Json {
     })
 }
 
-/// Go's `%v` of a value as an action prints it (`{{ . }}`): a nil interface is `<no value>`.
+/// Go's `%v` of a value as an action prints it (`{{ . }}`): a nil interface is `<no value>`,
+/// and a pointer is shown as what it points to (a secret as `{…}`, not `&{…}`).
 pub fn print_top(v: &Val) -> String {
     match v {
         Val::NoValue | Val::Nil => "<no value>".into(),
+        Val::Secret(_) => print(v).split_off(1),
         other => print(other),
     }
 }
 
 /// Go's `%v`.
 pub fn print(v: &Val) -> String {
-    match v {
-        Val::NoValue | Val::Nil => "<nil>".into(),
-        Val::Bool(b) => b.to_string(),
-        Val::Int(n) => n.to_string(),
-        Val::Float(f) => format_float(*f),
-        Val::Str(s) | Val::Number(s) => s.clone(),
-        Val::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
-        Val::List(items) => format!(
-            "[{}]",
-            items.iter().map(print).collect::<Vec<_>>().join(" ")
-        ),
-        Val::Map(m) => format!(
-            "map[{}]",
-            m.iter()
-                .map(|(k, v)| format!("{k}:{}", print(v)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-        Val::Secret(s) => {
-            let s = &s.json;
-            let data = gofmt::print_value(&s["data"]);
-            format!(
-                "&{{{} {} {} {} {} {} <nil> <nil>}}",
-                s["request_id"].as_str().unwrap_or(""),
-                s["lease_id"].as_str().unwrap_or(""),
-                s["lease_duration"],
-                s["renewable"],
-                data,
-                gofmt::print_value(&s["warnings"])
-            )
-        }
-    }
+    super::printf::print(v)
 }
 
 /// Go's `strconv.FormatFloat(f, 'g', -1, 64)` as `%v` prints a float64.
 pub fn format_float(f: f64) -> String {
-    if f.is_infinite() {
-        return if f > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        };
-    }
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0".into()
-        } else {
-            "0".into()
-        };
-    }
-    // Shortest round-trip digits, then Go's %g layout for the shortest precision: exponent form
-    // when exp < -4 || exp >= 6.
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
-    let exp: i32 = exp.parse().expect("an integer exponent");
-    if !(-4..6).contains(&exp) {
-        let sign = if exp < 0 { '-' } else { '+' };
-        return format!("{mantissa}e{sign}{:02}", exp.abs());
-    }
-    format!("{f}")
+    super::printf::sprintf("%v", &[Val::Float(f)]).unwrap_or_default()
 }
 
 pub struct Exec<'a> {
@@ -623,7 +571,8 @@ impl<'a> Exec<'a> {
                         Json::Null => Val::List(Rc::new(Vec::new())),
                         w => Val::from_json(w),
                     },
-                    "Auth" | "WrapInfo" => Val::Nil,
+                    "Auth" => Val::NilPtr("*dependency.SecretAuth"),
+                    "WrapInfo" => Val::NilPtr("*dependency.SecretWrapInfo"),
                     other => {
                         return Err(format!(
                             "can't evaluate field {other} in type *dependency.Secret"
@@ -631,6 +580,9 @@ impl<'a> Exec<'a> {
                         .into());
                     }
                 },
+                Val::NilPtr(type_name) => {
+                    return Err(format!("nil pointer evaluating {type_name}.{f}").into());
+                }
                 Val::Nil => {
                     return Err(format!(
                         "nil pointer evaluating interface {{}}.{f} (at <{}>)",

@@ -10,10 +10,9 @@ use std::rc::Rc;
 
 use base64::Engine as _;
 
-use super::exec::{Exec, ExecError, Val, format_float, print};
+use super::exec::{Exec, ExecError, Val, print};
 use super::lists::{self, contained};
 use super::{math, text as txt, timefmt};
-use crate::render::limits::{Limit, MAX_TEXT_BYTES};
 use crate::render::{SecretKey, gofmt, yaml};
 
 pub const NAMES: &[&str] = &[
@@ -286,7 +285,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         "printf" => {
             at_least(name, &args, 1)?;
             let format = text(&args, 0)?;
-            Ok(Val::Str(sprintf(format, &args[1..])?))
+            Ok(Val::Str(super::printf::sprintf(format, &args[1..])?))
         }
         "secret" => {
             if args.is_empty() {
@@ -730,7 +729,7 @@ fn two_text(name: &str, args: &[Val], f: impl Fn(&str, &str) -> Result<String, S
 fn yaml_node(v: &Val) -> yaml::Node {
     use yaml::Node;
     match v {
-        Val::NoValue | Val::Nil => Node::Null,
+        Val::NoValue | Val::Nil | Val::NilPtr(_) => Node::Null,
         Val::Bool(b) => Node::Bool(*b),
         Val::Int(n) => Node::Int(*n),
         Val::Float(f) => Node::Float(*f),
@@ -818,221 +817,12 @@ fn sprint(args: &[Val], parts: &[String]) -> String {
     out
 }
 
-fn bad_verb(verb: char, v: &Val) -> String {
-    match v {
-        Val::NoValue | Val::Nil => format!("%!{verb}(<nil>)"),
-        other => format!("%!{verb}({}={})", other.type_name(), print(other)),
-    }
-}
-
-fn go_quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Go's `parsenum`: the number at `i`, or `None` when it grows past 1e6 (Go then takes the
-/// rest of the format as consumed, which ends in `%!(NOVERB)`).
-fn parse_num(chars: &[char], i: &mut usize) -> Option<Option<usize>> {
-    let start = *i;
-    let mut num: usize = 0;
-    while *i < chars.len() && chars[*i].is_ascii_digit() {
-        if num > 1_000_000 {
-            return None;
-        }
-        num = num * 10 + chars[*i].to_digit(10).map_or(0, |d| d as usize);
-        *i += 1;
-    }
-    Some((*i > start).then_some(num))
-}
-
-/// `fmt.Sprintf` for the verbs templates use: %s %v %d %q %t %f %e %g %x %X %%, with flags,
-/// width and precision; Go's `%!verb(type=value)` for mismatches, MISSING and EXTRA. Widths
-/// and precisions past 1e6 are Go's `%!(NOVERB)`; the result stays within `MAX_TEXT_BYTES`.
-pub fn sprintf(format: &str, args: &[Val]) -> Result<String, ExecError> {
-    let mut out = String::new();
-    let mut next = 0;
-    let chars: Vec<char> = format.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        if chars[i] != '%' {
-            out.push(chars[i]);
-            i += 1;
-            continue;
-        }
-        i += 1;
-        let (mut minus, mut zero, mut plus) = (false, false, false);
-        while i < chars.len() && matches!(chars[i], '-' | '0' | '+' | ' ' | '#') {
-            match chars[i] {
-                '-' => minus = true,
-                '0' => zero = true,
-                '+' => plus = true,
-                _ => {}
-            }
-            i += 1;
-        }
-        let Some(width) = parse_num(&chars, &mut i) else {
-            out.push_str("%!(NOVERB)");
-            break;
-        };
-        let mut precision = None;
-        if i < chars.len() && chars[i] == '.' {
-            i += 1;
-            let Some(p) = parse_num(&chars, &mut i) else {
-                out.push_str("%!(NOVERB)");
-                break;
-            };
-            precision = Some(p.unwrap_or(0));
-        }
-        if out.len() > MAX_TEXT_BYTES {
-            return Err(Limit::Text {
-                limit: MAX_TEXT_BYTES,
-            }
-            .into());
-        }
-        let Some(&verb) = chars.get(i) else {
-            out.push_str("%!(NOVERB)");
-            break;
-        };
-        i += 1;
-        if verb == '%' {
-            out.push('%');
-            continue;
-        }
-        let Some(arg) = args.get(next) else {
-            out.push_str(&format!("%!{verb}(MISSING)"));
-            continue;
-        };
-        next += 1;
-        let body = match (verb, arg) {
-            ('v', v) => print(v),
-            ('s', Val::Str(s) | Val::Number(s)) => match precision {
-                Some(p) => s.chars().take(p).collect(),
-                None => s.clone(),
-            },
-            ('s', Val::List(items)) => format!(
-                "[{}]",
-                items
-                    .iter()
-                    .map(|x| sprintf("%s", std::slice::from_ref(x)))
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join(" ")
-            ),
-            ('q', Val::Str(s) | Val::Number(s)) => go_quote(s),
-            ('d', Val::Int(n)) => {
-                let digits = n.unsigned_abs().to_string();
-                let sign = if *n < 0 {
-                    "-"
-                } else if plus {
-                    "+"
-                } else {
-                    ""
-                };
-                format!("{sign}{digits}")
-            }
-            ('x', Val::Int(n)) => format!("{n:x}"),
-            ('X', Val::Int(n)) => format!("{n:X}"),
-            ('x', Val::Str(s)) => s.bytes().map(|b| format!("{b:02x}")).collect(),
-            ('t', Val::Bool(b)) => b.to_string(),
-            ('f' | 'F', Val::Float(f)) => format!("{f:.*}", precision.unwrap_or(6)),
-            ('e', Val::Float(f)) => {
-                let s = format!("{f:.*e}", precision.unwrap_or(6));
-                let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
-                let e: i32 = e.parse().unwrap_or(0);
-                format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
-            }
-            ('g', Val::Float(f)) => format_float(*f),
-            (verb, v) => bad_verb(verb, v),
-        };
-        let len = body.chars().count();
-        match width {
-            Some(w) if w > len => {
-                let pad = w - len;
-                if minus {
-                    out.push_str(&body);
-                    out.push_str(&" ".repeat(pad));
-                } else if zero && matches!(verb, 'd' | 'f' | 'x' | 'X' | 'e') {
-                    let (sign, digits) = if body.starts_with('-') || body.starts_with('+') {
-                        body.split_at(1)
-                    } else {
-                        ("", body.as_str())
-                    };
-                    out.push_str(sign);
-                    out.push_str(&"0".repeat(pad));
-                    out.push_str(digits);
-                } else {
-                    out.push_str(&" ".repeat(pad));
-                    out.push_str(&body);
-                }
-            }
-            _ => out.push_str(&body),
-        }
-    }
-    if next < args.len() {
-        let extra: Vec<String> = args[next..]
-            .iter()
-            .map(|a| format!("{}={}", a.type_name(), print(a)))
-            .collect();
-        out.push_str(&format!("%!(EXTRA {})", extra.join(", ")));
-    }
-    if out.len() > MAX_TEXT_BYTES {
-        return Err(Limit::Text {
-            limit: MAX_TEXT_BYTES,
-        }
-        .into());
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn s(x: &str) -> Val {
         Val::Str(x.into())
-    }
-
-    fn sprintf(format: &str, args: &[Val]) -> String {
-        super::sprintf(format, args).unwrap()
-    }
-
-    #[test]
-    fn printf_matches_go() {
-        assert_eq!(
-            sprintf(
-                "%s|%v|%d|%q",
-                &[s("a"), Val::Int(1), Val::Int(-3), s("q\"")]
-            ),
-            "a|1|-3|\"q\\\"\""
-        );
-        assert_eq!(
-            sprintf("%d", &[Val::Number("42".into())]),
-            "%!d(json.Number=42)"
-        );
-        assert_eq!(sprintf("%s", &[Val::Float(1.5)]), "%!s(float64=1.5)");
-        assert_eq!(
-            sprintf(
-                "%.4s|%5s|%-5s|%05d",
-                &[s("abcdefg"), s("ab"), s("ab"), Val::Int(42)]
-            ),
-            "abcd|   ab|ab   |00042"
-        );
-        assert_eq!(sprintf("%s %s", &[s("a")]), "a %!s(MISSING)");
-        assert_eq!(sprintf("%s", &[s("a"), Val::Int(2)]), "a%!(EXTRA int=2)");
-        assert_eq!(sprintf("%.2f%%", &[Val::Float(2.5)]), "2.50%");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod funcs;
 mod lists;
 mod math;
 pub mod parse;
+mod printf;
 mod text;
 mod timefmt;
 

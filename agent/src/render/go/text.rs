@@ -127,7 +127,7 @@ pub fn html(s: &str) -> String {
 }
 
 /// Go's `unicode.IsPrint`: letters, marks, numbers, punctuation, symbols and the ASCII space.
-fn go_printable(c: char) -> bool {
+pub fn go_printable(c: char) -> bool {
     use GeneralCategoryGroup::*;
     c == ' '
         || matches!(
