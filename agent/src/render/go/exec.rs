@@ -66,6 +66,9 @@ pub enum Val {
     /// `json.Number`: prints and compares as a string, encodes as a number.
     Number(String),
     List(Rc<Vec<Val>>),
+    /// A Go `[]string` (what `split` and `secrets` return, a secret's warnings): its elements
+    /// are strings, and Go tells it from `[]interface {}` (`join` takes only this one).
+    Strings(Rc<Vec<Val>>),
     Map(Rc<BTreeMap<String, Val>>),
     /// A `*dependency.Secret`.
     Secret(Rc<Secret>),
@@ -103,7 +106,7 @@ impl Val {
                 .parse::<serde_json::Number>()
                 .map(Json::Number)
                 .unwrap_or_else(|_| Json::String(n.clone())),
-            Val::List(l) => Json::Array(l.iter().map(Val::to_json).collect()),
+            Val::List(l) | Val::Strings(l) => Json::Array(l.iter().map(Val::to_json).collect()),
             Val::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
             Val::Secret(s) => secret_struct_json(&s.json),
         }
@@ -120,6 +123,7 @@ impl Val {
             Val::Str(_) | Val::Bytes(_) => "string",
             Val::Number(_) => "json.Number",
             Val::List(_) => "[]interface {}",
+            Val::Strings(_) => "[]string",
             Val::Map(_) => "map[string]interface {}",
             Val::Secret(_) => "*dependency.Secret",
         }
@@ -133,7 +137,7 @@ impl Val {
             Val::Float(f) => *f != 0.0,
             Val::Str(s) | Val::Number(s) => !s.is_empty(),
             Val::Bytes(b) => !b.is_empty(),
-            Val::List(l) => !l.is_empty(),
+            Val::List(l) | Val::Strings(l) => !l.is_empty(),
             Val::Map(m) => !m.is_empty(),
             Val::Secret(_) => true,
         }
@@ -344,7 +348,7 @@ impl<'a> Exec<'a> {
                         .defines
                         .get(name)
                         .cloned()
-                        .ok_or_else(|| format!("no such template {name:?}"))?;
+                        .ok_or_else(|| format!("template {name:?} not defined"))?;
                     let arg = match pipe {
                         Some(p) => self.pipe(p, dot)?,
                         None => Val::NoValue,
@@ -379,7 +383,7 @@ impl<'a> Exec<'a> {
         let decl = std::mem::take(&mut inner.decl);
         let v = self.pipe(&inner, dot)?;
         let len = match &v {
-            Val::List(l) => l.len(),
+            Val::List(l) | Val::Strings(l) => l.len(),
             Val::Map(m) => m.len(),
             Val::Int(n) => usize::try_from(*n).unwrap_or(0),
             Val::NoValue | Val::Nil => 0,
@@ -397,7 +401,7 @@ impl<'a> Exec<'a> {
         for i in 0..len {
             self.step()?;
             let (k, x) = match (&v, keys.as_mut()) {
-                (Val::List(l), _) => (Val::Int(i as i64), l[i].clone()),
+                (Val::List(l) | Val::Strings(l), _) => (Val::Int(i as i64), l[i].clone()),
                 (Val::Map(_), Some(entries)) => match entries.next() {
                     Some((k, x)) => (Val::Str(k.clone()), x.clone()),
                     None => break,
@@ -476,6 +480,9 @@ impl<'a> Exec<'a> {
                 args.push(p);
             }
             return self.call(name, args);
+        }
+        if matches!(first, Arg::Nil) {
+            return Err("nil is not a command".into());
         }
         if piped.is_some() || cmd.args.len() > 1 {
             return Err(format!("can't give argument to non-function {}", describe(first)).into());
@@ -567,10 +574,12 @@ impl<'a> Exec<'a> {
                             .unwrap_or_default()
                             .to_string(),
                     ),
-                    "Warnings" => match &secret.json["warnings"] {
-                        Json::Null => Val::List(Rc::new(Vec::new())),
-                        w => Val::from_json(w),
-                    },
+                    "Warnings" => Val::Strings(Rc::new(
+                        secret.json["warnings"]
+                            .as_array()
+                            .map(|w| w.iter().map(Val::from_json).collect())
+                            .unwrap_or_default(),
+                    )),
                     "Auth" => Val::NilPtr("*dependency.SecretAuth"),
                     "WrapInfo" => Val::NilPtr("*dependency.SecretWrapInfo"),
                     other => {

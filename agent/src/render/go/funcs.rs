@@ -248,7 +248,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                         .get(usize::try_from(*i).unwrap_or(usize::MAX))
                         .map(|b| Val::Int(i64::from(*b)))
                         .ok_or_else(|| format!("error calling index: index out of range: {i}"))?,
-                    (Val::List(l), Val::Int(i)) => l
+                    (Val::List(l) | Val::Strings(l), Val::Int(i)) => l
                         .get(usize::try_from(*i).map_err(|_| format!("index out of range: {i}"))?)
                         .cloned()
                         .ok_or_else(|| format!("error calling index: index out of range: {i}"))?,
@@ -267,7 +267,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match &args[0] {
                 Val::Str(s) | Val::Number(s) => Ok(Val::Int(s.len() as i64)),
                 Val::Bytes(b) => Ok(Val::Int(b.len() as i64)),
-                Val::List(l) => Ok(Val::Int(l.len() as i64)),
+                Val::List(l) | Val::Strings(l) => Ok(Val::Int(l.len() as i64)),
                 Val::Map(m) => Ok(Val::Int(m.len() as i64)),
                 other => Err(format!("len of type {}", other.type_name()).into()),
             }
@@ -322,7 +322,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                         ("Cert".to_string(), str_of("certificate")),
                         ("Key".to_string(), str_of("private_key")),
                         ("CA".to_string(), str_of("issuing_ca")),
-                        ("CAChain".to_string(), Val::List(Rc::new(chain))),
+                        ("CAChain".to_string(), Val::Strings(Rc::new(chain))),
                     ])))
                 }
                 other => other,
@@ -332,7 +332,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             want(name, &args, 1)?;
             let key = SecretKey::list(text(&args, 0)?);
             Ok(match exec.secret(key) {
-                Val::Secret(s) => Val::List(Rc::new(
+                Val::Secret(s) => Val::Strings(Rc::new(
                     s.json["data"]["keys"]
                         .as_array()
                         .map(|k| {
@@ -343,7 +343,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                         })
                         .unwrap_or_default(),
                 )),
-                _ => Val::List(Rc::new(Vec::new())),
+                _ => Val::Strings(Rc::new(Vec::new())),
             })
         }
         "toJSON" => {
@@ -576,7 +576,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             want(name, &args, 2)?;
             let (sep, s) = (text(&args, 0)?, text(&args, 1)?.trim_matches(go_space));
             if s.is_empty() {
-                return Ok(Val::List(Rc::new(Vec::new())));
+                return Ok(Val::Strings(Rc::new(Vec::new())));
             }
             let parts: Vec<&str> = if sep.is_empty() {
                 // Go's strings.Split with an empty separator: one element per character.
@@ -587,14 +587,14 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 s.split(sep).collect()
             };
             exec.build(list_size(parts.len(), s.len()))?;
-            Ok(Val::List(Rc::new(
+            Ok(Val::Strings(Rc::new(
                 parts.into_iter().map(|p| Val::Str(p.to_string())).collect(),
             )))
         }
         "join" => {
             want(name, &args, 2)?;
             let sep = text(&args, 0)?;
-            let Val::List(items) = &args[1] else {
+            let Val::Strings(items) = &args[1] else {
                 return Err(format!(
                     "wrong type for value; expected []string; got {}",
                     args[1].type_name()
@@ -736,7 +736,7 @@ fn yaml_node(v: &Val) -> yaml::Node {
         Val::Str(s) => Node::Str(s.clone()),
         Val::Bytes(b) => Node::Str(String::from_utf8_lossy(b).into_owned()),
         Val::Number(n) => Node::number(n),
-        Val::List(items) => Node::Seq(items.iter().map(yaml_node).collect()),
+        Val::List(items) | Val::Strings(items) => Node::Seq(items.iter().map(yaml_node).collect()),
         Val::Map(m) => Node::Map(m.iter().map(|(k, v)| (k.clone(), yaml_node(v))).collect()),
         Val::Secret(_) => Node::from_json(&v.to_json()),
     }
@@ -790,7 +790,11 @@ fn equal(a: &Val, b: &Val) -> Result<bool, String> {
 fn compare(a: &Val, b: &Val) -> Result<std::cmp::Ordering, String> {
     let (ka, kb) = (kind(a)?, kind(b)?);
     if ka != kb {
-        return Err("incompatible types for comparison".into());
+        return Err(format!(
+            "incompatible types for comparison: {} and {}",
+            a.type_name(),
+            b.type_name()
+        ));
     }
     Ok(match (a, b) {
         (Val::Bool(x), Val::Bool(y)) => x.cmp(y),

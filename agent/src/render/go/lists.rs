@@ -10,7 +10,7 @@ use super::exec::Val;
 /// json.Number is not an int, nor a string), or a string holds the substring.
 pub fn contained(l: &Val, v: &Val) -> bool {
     match l {
-        Val::List(items) => items.iter().any(|i| match (i, v) {
+        Val::List(items) | Val::Strings(items) => items.iter().any(|i| match (i, v) {
             (Val::Int(a), Val::Int(b)) => a == b,
             (Val::Float(a), Val::Float(b)) => a == b,
             (Val::Str(a), Val::Str(b)) | (Val::Number(a), Val::Number(b)) => a == b,
@@ -72,11 +72,11 @@ pub fn slice(args: &[Val]) -> Result<Val, String> {
     let len = match item {
         Val::Str(s) | Val::Number(s) => s.len(),
         Val::Bytes(b) => b.len(),
-        Val::List(l) => l.len(),
+        Val::List(l) | Val::Strings(l) => l.len(),
         Val::NoValue | Val::Nil => return Err("slice of untyped nil".into()),
         other => return Err(format!("can't slice item of type {}", other.type_name())),
     };
-    let is_list = matches!(item, Val::List(_));
+    let is_list = matches!(item, Val::List(_) | Val::Strings(_));
     if idx.len() > 3 || (idx.len() == 3 && !is_list) {
         return Err(format!("too many slice indexes: {}", idx.len()));
     }
@@ -103,6 +103,7 @@ pub fn slice(args: &[Val]) -> Result<Val, String> {
     }
     Ok(match item {
         Val::List(l) => Val::List(Rc::new(l[start..end].to_vec())),
+        Val::Strings(l) => Val::Strings(Rc::new(l[start..end].to_vec())),
         Val::Str(s) | Val::Number(s) => bytes_to_val(s.as_bytes()[start..end].to_vec()),
         Val::Bytes(b) => bytes_to_val(b[start..end].to_vec()),
         _ => unreachable!("only strings and lists have a length here"),

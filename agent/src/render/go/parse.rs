@@ -179,6 +179,7 @@ fn split(text: &str, left: &str, right: &str) -> Result<Vec<Item>, ParseError> {
             && inner[inner.len() - 1] == b'-'
             && is_space(char::from(inner[inner.len() - 2]));
         let inner_end = if trim_right { end - 1 } else { end };
+        check_comment(text, start, &text[inner_start..inner_end], trim_left, trim_right)?;
         items.push(Item::Action(
             text[inner_start..inner_end].to_string(),
             start,
@@ -194,6 +195,35 @@ fn split(text: &str, left: &str, right: &str) -> Result<Vec<Item>, ParseError> {
         items.push(Item::Text(tail.to_string()));
     }
     Ok(items)
+}
+
+/// Go's placement rules for a comment: `/*` right after the delimiter (or after `- `), and `*/`
+/// right before it (or before ` -`); `{{ /* c */ }}` is not a comment but a bad command.
+fn check_comment(
+    text: &str,
+    at: usize,
+    raw: &str,
+    trim_left: bool,
+    trim_right: bool,
+) -> Result<(), ParseError> {
+    let body = raw.trim_start_matches(is_space);
+    if !body.starts_with("/*") {
+        return Ok(());
+    }
+    let lead = raw.len() - body.len();
+    if lead != usize::from(trim_left) {
+        return Err(syntax(text, at, "unexpected \"/\" in command"));
+    }
+    let body = raw.trim_end_matches(is_space);
+    let trail = raw.len() - body.len();
+    if body.len() >= 4 && body.ends_with("*/") && trail != usize::from(trim_right) {
+        return Err(syntax(
+            text,
+            at,
+            "comment ends before closing delimiter",
+        ));
+    }
+    Ok(())
 }
 
 /// The position of the closing delimiter, skipping quoted strings, raw strings and comments.
@@ -520,6 +550,11 @@ fn number(lit: &str) -> Result<Tok, String> {
             .flatten()
     };
     let int = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        if let Some((mantissa, exp)) = h.split_once(['p', 'P']) {
+            return hex_float(mantissa, exp)
+                .map(|f| Tok::Float(if neg { -f } else { f }))
+                .ok_or_else(|| format!("bad number syntax: {lit:?}"));
+        }
         radix(h, 16)
     } else if let Some(b) = body.strip_prefix("0b") {
         radix(b, 2)
@@ -539,6 +574,26 @@ fn number(lit: &str) -> Result<Tok, String> {
     lit.parse::<f64>()
         .map(Tok::Float)
         .map_err(|_| format!("bad number syntax: {lit:?}"))
+}
+
+/// A hexadecimal float's value (`0x1.8p4` is 24): hex digits with an optional point, and a
+/// binary exponent.
+fn hex_float(mantissa: &str, exp: &str) -> Option<f64> {
+    let exp: i32 = exp.parse().ok()?;
+    let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    let mut value = 0f64;
+    for c in whole.chars() {
+        value = value * 16.0 + f64::from(c.to_digit(16)?);
+    }
+    let mut scale = 1.0 / 16.0;
+    for c in frac.chars() {
+        value += f64::from(c.to_digit(16)?) * scale;
+        scale /= 16.0;
+    }
+    Some(value * 2f64.powi(exp))
 }
 
 struct Parser<'a> {

@@ -278,7 +278,7 @@ impl Printer {
             Val::Float(x) => self.float(*x, verb, v),
             Val::Str(s) | Val::Number(s) => self.string(s.as_bytes(), verb, v),
             Val::Bytes(b) => self.string(b, verb, v),
-            Val::List(items) => {
+            Val::List(items) | Val::Strings(items) => {
                 if self.flags.sharp_v {
                     self.out.push_str(v.type_name());
                     self.out.push('{');
