@@ -385,6 +385,9 @@ impl<'a> Exec<'a> {
         let len = match &v {
             Val::List(l) | Val::Strings(l) => l.len(),
             Val::Map(m) => m.len(),
+            Val::Int(n) if decl.len() > 1 => {
+                return Err(format!("can't use {n} to iterate over more than one variable").into());
+            }
             Val::Int(n) => usize::try_from(*n).unwrap_or(0),
             Val::NoValue | Val::Nil => 0,
             other => {

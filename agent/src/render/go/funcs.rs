@@ -346,6 +346,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 _ => Val::Strings(Rc::new(Vec::new())),
             })
         }
+        "toJSON" | "toJSONPretty" if matches!(args.first(), Some(Val::Secret(_))) => {
+            want(name, &args, 1)?;
+            let indent = (name == "toJSONPretty").then_some("  ");
+            Ok(Val::Str(secret_json(&args[0], indent)))
+        }
         "toJSON" => {
             want(name, &args, 1)?;
             Ok(Val::Str(gofmt::to_json(&args[0].to_json())))
@@ -508,7 +513,8 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         }
         "splitToMap" => {
             want(name, &args, 3)?;
-            let s = text(&args, 2)?;
+            // Like `split`, consul-template trims the text first.
+            let s = text(&args, 2)?.trim_matches(go_space);
             exec.build(list_size(s.len(), s.len()))?;
             Ok(lists::split_to_map(text(&args, 0)?, text(&args, 1)?, s))
         }
@@ -740,6 +746,41 @@ fn yaml_node(v: &Val) -> yaml::Node {
         Val::Map(m) => Node::Map(m.iter().map(|(k, v)| (k.clone(), yaml_node(v))).collect()),
         Val::Secret(_) => Node::from_json(&v.to_json()),
     }
+}
+
+/// A secret as `encoding/json` writes the struct: its fields in declaration order (not sorted
+/// as map keys are), nil warnings as null.
+fn secret_json(secret: &Val, indent: Option<&str>) -> String {
+    let Val::Secret(s) = secret else {
+        return String::new();
+    };
+    let j = &s.json;
+    let fields = [
+        ("RequestID", j["request_id"].clone()),
+        ("LeaseID", j["lease_id"].clone()),
+        ("LeaseDuration", j["lease_duration"].clone()),
+        ("Renewable", j["renewable"].clone()),
+        ("Data", j["data"].clone()),
+        ("Warnings", j["warnings"].clone()),
+        ("Auth", serde_json::Value::Null),
+        ("WrapInfo", serde_json::Value::Null),
+    ];
+    let (open, sep, close, colon) = match indent {
+        Some(unit) => (format!("{{\n{unit}"), format!(",\n{unit}"), "\n}".to_string(), ": "),
+        None => ("{".to_string(), ",".to_string(), "}".to_string(), ":"),
+    };
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| {
+            let value = gofmt::json_text(v, indent, true);
+            let value = match indent {
+                Some(unit) => value.replace('\n', &format!("\n{unit}")),
+                None => value,
+            };
+            format!("\"{k}\"{colon}{value}")
+        })
+        .collect();
+    format!("{open}{}{close}", body.join(&sep))
 }
 
 /// JSON numbers parsed by `parseJSON` are float64 in Go.

@@ -560,6 +560,9 @@ fn number(lit: &str) -> Result<Tok, String> {
         radix(b, 2)
     } else if let Some(o) = body.strip_prefix("0o") {
         radix(o, 8)
+    } else if body.len() > 1 && body.starts_with('0') && body.bytes().all(|b| b.is_ascii_digit()) {
+        // A leading zero is octal, as in Go (017 is 15).
+        radix(&body[1..], 8)
     } else {
         // The whole literal, sign included, so that the most negative integer parses.
         return lit

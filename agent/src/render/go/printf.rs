@@ -102,7 +102,7 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
                 let (prec, ok, next) = int_from_arg(args, arg_num);
                 arg_num = next;
                 p.flags.prec = (ok && prec >= 0).then_some(prec as usize);
-                if !ok {
+                if p.flags.prec.is_none() {
                     p.out.push_str("%!(BADPREC)");
                 }
                 after_index = false;
@@ -465,7 +465,8 @@ impl Printer {
         }
         let wid = self.flags.wid.unwrap_or(0);
         if wid > width && !self.flags.minus {
-            self.out.extend(std::iter::repeat_n(' ', wid - width));
+            let fill = if self.flags.zero { '0' } else { ' ' };
+            self.out.extend(std::iter::repeat_n(fill, wid - width));
         }
         let prefix = if upper { "0X" } else { "0x" };
         if self.flags.sharp {
@@ -575,7 +576,7 @@ impl Printer {
     fn float(&mut self, x: f64, verb: char, v: &Val) {
         let (kind, default_prec) = match verb {
             'v' => ('g', None),
-            'g' | 'G' => (verb, None),
+            'g' | 'G' | 'x' | 'X' | 'b' => (verb, None),
             'e' | 'E' | 'f' | 'F' => (verb, Some(6)),
             _ => return self.bad_verb(verb, v),
         };
@@ -626,6 +627,12 @@ pub fn format_float(x: f64, kind: char, prec: Option<usize>) -> String {
     if x.is_nan() {
         return "NaN".into();
     }
+    if kind == 'b' {
+        return binary_float(x);
+    }
+    if kind == 'x' || kind == 'X' {
+        return hex_float(x, kind == 'X');
+    }
     let upper = kind.is_ascii_uppercase();
     let e = if upper { 'E' } else { 'e' };
     let exp_form = |mantissa: &str, exp: i32| {
@@ -675,6 +682,48 @@ pub fn format_float(x: f64, kind: char, prec: Option<usize>) -> String {
             }
         }
     }
+}
+
+/// `strconv.FormatFloat(x, 'b', -1, 64)`: the integer mantissa and the binary exponent.
+fn binary_float(x: f64) -> String {
+    let bits = x.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i64;
+    let mut mant = bits & ((1 << 52) - 1);
+    let exp = if exp == 0 {
+        -1074
+    } else {
+        mant |= 1 << 52;
+        exp - 1075
+    };
+    let sign = if exp < 0 { "" } else { "+" };
+    format!("{mant}p{sign}{exp}")
+}
+
+/// `strconv.FormatFloat(x, 'x', -1, 64)`: `0x1.cp+01`, the shortest hex mantissa.
+fn hex_float(x: f64, upper: bool) -> String {
+    let text = if x == 0.0 {
+        "0x0p+00".to_string()
+    } else {
+        let bits = x.to_bits();
+        let raw_exp = ((bits >> 52) & 0x7ff) as i64;
+        let mut mant = bits & ((1 << 52) - 1);
+        let mut exp = raw_exp - 1023;
+        if raw_exp == 0 {
+            // Subnormal: shift up to a leading 1.
+            exp = -1022;
+            while mant & (1 << 52) == 0 {
+                mant <<= 1;
+                exp -= 1;
+            }
+            mant &= (1 << 52) - 1;
+        }
+        let frac = format!("{mant:013x}");
+        let frac = frac.trim_end_matches('0');
+        let sign = if exp < 0 { '-' } else { '+' };
+        let dot = if frac.is_empty() { "" } else { "." };
+        format!("0x1{dot}{frac}p{sign}{:02}", exp.abs())
+    };
+    if upper { text.to_uppercase() } else { text }
 }
 
 /// `strconv.CanBackquote`.
