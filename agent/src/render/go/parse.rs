@@ -561,8 +561,10 @@ fn number(lit: &str) -> Result<Tok, String> {
     } else if let Some(o) = body.strip_prefix("0o") {
         radix(o, 8)
     } else if body.len() > 1 && body.starts_with('0') && body.bytes().all(|b| b.is_ascii_digit()) {
-        // A leading zero is octal, as in Go (017 is 15).
-        radix(&body[1..], 8)
+        // A leading zero is octal, as in Go (017 is 15, 09 is an error).
+        return radix(&body[1..], 8)
+            .map(|n| Tok::Int(if neg { -n } else { n }))
+            .ok_or_else(|| format!("bad number syntax: {lit:?}"));
     } else {
         // The whole literal, sign included, so that the most negative integer parses.
         return lit
@@ -956,6 +958,10 @@ impl Parser<'_> {
             i = next;
             if i < rest.len() && rest[i] == Tok::Pipe {
                 i += 1;
+                // Go takes a pipe that ends in `|` as if the `|` were not there.
+                if i == rest.len() {
+                    break;
+                }
                 continue;
             }
             break;
@@ -1146,7 +1152,8 @@ mod tests {
                 problem: "function \"nope\" not defined".into()
             }
         );
-        assert!(go("{{ .x | }}").is_err());
+        // Go takes a trailing `|` as if it were not there.
+        assert!(go("{{ .x | }}").is_ok());
         let t = go("{{ define \"t\" }}T{{ end }}{{ template \"t\" . }}").unwrap();
         assert!(t.defines.contains_key("t"));
     }
