@@ -12,7 +12,7 @@ use base64::Engine as _;
 
 use super::exec::{Exec, ExecError, Val, print};
 use super::lists::{self, contained};
-use super::{math, text as txt, timefmt};
+use super::{math, sprig, text as txt, timefmt};
 use crate::render::{SecretKey, gofmt, yaml};
 
 pub const NAMES: &[&str] = &[
@@ -102,9 +102,15 @@ pub const VAULT_AGENT_ONLY: &[&str] = &[
 
 /// Whether a template may call `name`: Err is the problem the parser reports.
 pub fn known(name: &str) -> Result<(), String> {
-    if NAMES.contains(&name) || math::NAMES.contains(&name) {
+    let sprig = name.strip_prefix("sprig_");
+    if NAMES.contains(&name)
+        || math::NAMES.contains(&name)
+        || sprig.is_some_and(|f| sprig::implemented(f).is_some())
+    {
         Ok(())
-    } else if VAULT_AGENT_ONLY.contains(&name) || name.starts_with("sprig_") {
+    } else if VAULT_AGENT_ONLY.contains(&name)
+        || sprig.is_some_and(|f| sprig::UNSUPPORTED.contains(&f))
+    {
         Err(format!(
             "function {name:?} is one Vault Agent has but Sidekey does not support"
         ))
@@ -548,6 +554,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         }
         name if name.starts_with("scratch.") => exec.scratch(&name["scratch.".len()..], args),
         name if math::NAMES.contains(&name) => Ok(math::call(name, &args)?),
+        name if name.starts_with("sprig_") => Ok(sprig::call(&name["sprig_".len()..], &args)?),
         "env" => one_text(name, &args, |s| Ok(std::env::var(s).unwrap_or_default())),
         "trimSpace" => one_text(name, &args, |s| Ok(s.trim_matches(go_space).to_string())),
         "toLower" => one_text(name, &args, |s| Ok(txt::to_lower(s))),
@@ -784,7 +791,7 @@ fn secret_json(secret: &Val, indent: Option<&str>) -> String {
 }
 
 /// JSON numbers parsed by `parseJSON` are float64 in Go.
-fn floats(v: Val) -> Val {
+pub(super) fn floats(v: Val) -> Val {
     match v {
         Val::Number(n) => n.parse::<f64>().map(Val::Float).unwrap_or(Val::Str(n)),
         Val::List(l) => Val::List(Rc::new(l.iter().cloned().map(floats).collect())),

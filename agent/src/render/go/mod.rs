@@ -7,6 +7,7 @@ mod lists;
 mod math;
 pub mod parse;
 mod printf;
+mod sprig;
 mod text;
 mod timefmt;
 
