@@ -116,8 +116,7 @@ pub async fn render_one(
 ) -> Result<FileReport, CycleError> {
     let text = render_text(&t.prepared, fetcher).await?;
     tracing::debug!(template = %t.config.name, bytes = text.len(), "template rendered");
-    let written =
-        sink::write_if_changed(out_dir, &t.config.file, &text, t.config.mode())?;
+    let written = sink::write_if_changed(out_dir, &t.config.file, &text, t.config.mode())?;
     let command = match (&t.config.command, written) {
         (Some(cmd), true) => Some(sink::run_command(cmd, out_dir, COMMAND_TIME_LIMIT).await),
         _ => None,

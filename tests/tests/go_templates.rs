@@ -303,7 +303,8 @@ fn base64_wrapped(bytes: &[u8]) -> String {
     const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut flat = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
+        let n =
+            chunk.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
         for i in 0..4 {
             if i <= chunk.len() {
                 flat.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -323,11 +324,18 @@ fn base64_wrapped(bytes: &[u8]) -> String {
 /// The one-line cases of a file beside this test: one template a line, `## ` lines and blank
 /// lines skipped.
 fn file_cases(name: &str) -> Vec<Case> {
-    let path = sidekey_tests::workspace_root().join("tests/tests/go_templates").join(name);
+    let path = sidekey_tests::workspace_root()
+        .join("tests/tests/go_templates")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     text.lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with("## "))
-        .map(|l| case(Box::leak(l.to_string().into_boxed_str()), Box::leak(l.to_string().into_boxed_str())))
+        .map(|l| {
+            case(
+                Box::leak(l.to_string().into_boxed_str()),
+                Box::leak(l.to_string().into_boxed_str()),
+            )
+        })
         .collect()
 }
 
@@ -335,7 +343,10 @@ fn file_cases(name: &str) -> Vec<Case> {
 /// and `FIXTURE_DIR` (files `file` reads).
 fn fill(template: &str, dir: &Path, engine: &str) -> String {
     template
-        .replace("WRITE_DIR", &dir.join(format!("{engine}-files")).display().to_string())
+        .replace(
+            "WRITE_DIR",
+            &dir.join(format!("{engine}-files")).display().to_string(),
+        )
         .replace("FIXTURE_DIR", &dir.join("fixtures").display().to_string())
 }
 
@@ -343,7 +354,11 @@ fn fixtures(dir: &Path) {
     let fixtures = dir.join("fixtures");
     std::fs::create_dir_all(&fixtures).unwrap();
     std::fs::write(fixtures.join("plain.txt"), "file contents\nline two\n").unwrap();
-    std::fs::write(fixtures.join("config.json"), r#"{"port": 8080, "name": "app"}"#).unwrap();
+    std::fs::write(
+        fixtures.join("config.json"),
+        r#"{"port": 8080, "name": "app"}"#,
+    )
+    .unwrap();
 }
 
 /// Renders every case in one `bao agent` run (exit_after_auth), each to its own file. Err
@@ -640,7 +655,8 @@ async fn failing_templates_fail_in_both_with_a_clear_message() {
         let err = sidekey_render(stack, dir.path(), go_template(&c, dir.path())).expect_err(c.name);
         let line = err.lines().last().unwrap_or_default().to_string();
         assert!(
-            line.starts_with("sidekey-agent: template t: ") || line.starts_with("sidekey-agent: secret "),
+            line.starts_with("sidekey-agent: template t: ")
+                || line.starts_with("sidekey-agent: secret "),
             "{}: {line}",
             c.name
         );

@@ -55,7 +55,9 @@ pub fn to_yaml(node: &Node) -> String {
         Node::Seq(items) if !items.is_empty() => w.seq(items, 0),
         scalar => w.scalar(scalar, 0, false),
     }
-    w.out.trim_matches(|c: char| c.is_ascii_whitespace()).to_string()
+    w.out
+        .trim_matches(|c: char| c.is_ascii_whitespace())
+        .to_string()
 }
 
 #[derive(Default)]
@@ -650,7 +652,11 @@ fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
             return ar[i].cmp(&br[i]);
         }
         if al || bl {
-            return if bl { Ordering::Less } else { Ordering::Greater };
+            return if bl {
+                Ordering::Less
+            } else {
+                Ordering::Greater
+            };
         }
         let (mut an, mut bn) = (0i64, 0i64);
         if ar[i] == '0' || br[i] == '0' {
@@ -666,12 +672,16 @@ fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
         }
         let mut ai = i;
         while ai < ar.len() && ar[ai].is_ascii_digit() {
-            an = an.wrapping_mul(10).wrapping_add(i64::from(ar[ai] as u8 - b'0'));
+            an = an
+                .wrapping_mul(10)
+                .wrapping_add(i64::from(ar[ai] as u8 - b'0'));
             ai += 1;
         }
         let mut bi = i;
         while bi < br.len() && br[bi].is_ascii_digit() {
-            bn = bn.wrapping_mul(10).wrapping_add(i64::from(br[bi] as u8 - b'0'));
+            bn = bn
+                .wrapping_mul(10)
+                .wrapping_add(i64::from(br[bi] as u8 - b'0'));
             bi += 1;
         }
         if an != bn {
@@ -693,14 +703,37 @@ mod tests {
         Node::Str(x.into())
     }
     fn map(entries: &[(&str, Node)]) -> Node {
-        Node::Map(entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        Node::Map(
+            entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
     }
 
     #[test]
     fn block_style_like_yaml_v2() {
         let v = map(&[
-            ("b", Node::Seq(vec![Node::Int(1), s("two"), map(&[("x", Node::Bool(true))]), Node::Seq(vec![Node::Int(1), Node::Int(2)])])),
-            ("a", map(&[("c", s("plain text")), ("d", s("true")), ("e", s("12")), ("f", s("a: b")), ("g", Node::Null), ("h", Node::Seq(vec![]))])),
+            (
+                "b",
+                Node::Seq(vec![
+                    Node::Int(1),
+                    s("two"),
+                    map(&[("x", Node::Bool(true))]),
+                    Node::Seq(vec![Node::Int(1), Node::Int(2)]),
+                ]),
+            ),
+            (
+                "a",
+                map(&[
+                    ("c", s("plain text")),
+                    ("d", s("true")),
+                    ("e", s("12")),
+                    ("f", s("a: b")),
+                    ("g", Node::Null),
+                    ("h", Node::Seq(vec![])),
+                ]),
+            ),
         ]);
         assert_eq!(
             to_yaml(&v),
@@ -729,12 +762,19 @@ mod tests {
             ("'q'", "'''q'''"),
             ("emoji 🔑", "\"emoji \\U0001F511\""),
         ] {
-            assert_eq!(to_yaml(&map(&[("k", s(text))]))["k: ".len()..], *want, "{text:?}");
+            assert_eq!(
+                to_yaml(&map(&[("k", s(text))]))["k: ".len()..],
+                *want,
+                "{text:?}"
+            );
         }
         let long = format!("{{{}", "word ".repeat(20));
         assert_eq!(
             to_yaml(&map(&[("k", s(long.trim_end()))])),
-            format!("k: '{{{}\n  word word word word'", "word ".repeat(16).trim_end())
+            format!(
+                "k: '{{{}\n  word word word word'",
+                "word ".repeat(16).trim_end()
+            )
         );
     }
 

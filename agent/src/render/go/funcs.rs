@@ -96,8 +96,16 @@ pub const NAMES: &[&str] = &[
 /// Functions `bao agent` (and Vault Agent) render that Sidekey does not: a template that calls
 /// one is refused when it is parsed, with a message that names the function.
 pub const VAULT_AGENT_ONLY: &[&str] = &[
-    "toTOML", "parseYAML", "plugin", "sockaddr", "mergeMap", "mergeMapWithOverride", "spew_dump",
-    "spew_printf", "spew_sdump", "spew_sprintf",
+    "toTOML",
+    "parseYAML",
+    "plugin",
+    "sockaddr",
+    "mergeMap",
+    "mergeMapWithOverride",
+    "spew_dump",
+    "spew_printf",
+    "spew_sdump",
+    "spew_sprintf",
 ];
 
 /// Whether a template may call `name`: Err is the problem the parser reports.
@@ -169,9 +177,9 @@ fn text(args: &[Val], i: usize) -> Result<&str, String> {
     match args.get(i).unwrap_or(&Val::NoValue) {
         Val::Str(s) => Ok(s),
         Val::NoValue | Val::Nil => Err("invalid value; expected string".into()),
-        Val::Bytes(_) => Err(
-            "binary data (not UTF-8) can only be written out, hashed or base64-encoded".into(),
-        ),
+        Val::Bytes(_) => {
+            Err("binary data (not UTF-8) can only be written out, hashed or base64-encoded".into())
+        }
         other => Err(format!(
             "wrong type for value; expected string; got {}",
             other.type_name()
@@ -368,7 +376,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         "toUnescapedJSON" | "toUnescapedJSONPretty" => {
             want(name, &args, 1)?;
             let indent = (name == "toUnescapedJSONPretty").then_some("  ");
-            Ok(Val::Str(gofmt::json_text(&args[0].to_json(), indent, false)))
+            Ok(Val::Str(gofmt::json_text(
+                &args[0].to_json(),
+                indent,
+                false,
+            )))
         }
         "toYAML" => {
             want(name, &args, 1)?;
@@ -495,12 +507,19 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
         "toTitle" => one_text(name, &args, |s| Ok(txt::to_title(s))),
         "regexMatch" => {
             want(name, &args, 2)?;
-            Ok(Val::Bool(txt::regex_match(text(&args, 0)?, text(&args, 1)?)?))
+            Ok(Val::Bool(txt::regex_match(
+                text(&args, 0)?,
+                text(&args, 1)?,
+            )?))
         }
         "regexReplaceAll" => {
             want(name, &args, 3)?;
             let (pattern, to, s) = (text(&args, 0)?, text(&args, 1)?, text(&args, 2)?);
-            exec.room_for(s.len().saturating_mul(to.len().max(1)).saturating_add(s.len()))?;
+            exec.room_for(
+                s.len()
+                    .saturating_mul(to.len().max(1))
+                    .saturating_add(s.len()),
+            )?;
             Ok(Val::Str(txt::regex_replace_all(pattern, to, s)?))
         }
         "in" => {
@@ -773,7 +792,12 @@ fn secret_json(secret: &Val, indent: Option<&str>) -> String {
         ("WrapInfo", serde_json::Value::Null),
     ];
     let (open, sep, close, colon) = match indent {
-        Some(unit) => (format!("{{\n{unit}"), format!(",\n{unit}"), "\n}".to_string(), ": "),
+        Some(unit) => (
+            format!("{{\n{unit}"),
+            format!(",\n{unit}"),
+            "\n}".to_string(),
+            ": ",
+        ),
         None => ("{".to_string(), ",".to_string(), "}".to_string(), ":"),
     };
     let body: Vec<String> = fields
@@ -878,6 +902,36 @@ mod tests {
     }
 
     #[test]
+    fn functions_vault_agent_has_and_sidekey_lacks_are_named() {
+        for name in [
+            "toTOML",
+            "parseYAML",
+            "sprig_genCA",
+            "sprig_now",
+            "sprig_set",
+        ] {
+            assert_eq!(
+                known(name).unwrap_err(),
+                format!("function {name:?} is one Vault Agent has but Sidekey does not support")
+            );
+        }
+        assert_eq!(
+            known("sprig_nope").unwrap_err(),
+            "function \"sprig_nope\" not defined"
+        );
+        assert_eq!(known("key").unwrap_err(), "function \"key\" not defined");
+        for name in [
+            "sprig_mustFirst",
+            "sprig_upper",
+            "scratch.Get",
+            "regexMatch",
+            "modulo",
+        ] {
+            assert_eq!(known(name), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
     fn print_spacing_and_comparison() {
         let sprint = |args: &[Val]| sprint(args, &args.iter().map(print).collect::<Vec<_>>());
         assert_eq!(
@@ -894,5 +948,4 @@ mod tests {
         );
         assert!(compare(&Val::Number("42".into()), &Val::Int(42)).is_err());
     }
-
 }

@@ -83,7 +83,10 @@ pub fn slice(args: &[Val]) -> Result<Val, String> {
     let mut bounds = Vec::with_capacity(idx.len());
     for i in idx {
         let Val::Int(n) = i else {
-            return Err(format!("cannot index slice/array with type {}", i.type_name()));
+            return Err(format!(
+                "cannot index slice/array with type {}",
+                i.type_name()
+            ));
         };
         let n = usize::try_from(*n).map_err(|_| format!("index out of range: {n}"))?;
         if n > len {
@@ -153,7 +156,12 @@ pub fn explode_map(v: &Val) -> Result<Val, String> {
     Ok(Val::Map(Rc::new(root)))
 }
 
-fn insert(map: &mut BTreeMap<String, Val>, full: &str, key: &str, value: Val) -> Result<(), String> {
+fn insert(
+    map: &mut BTreeMap<String, Val>,
+    full: &str,
+    key: &str,
+    value: Val,
+) -> Result<(), String> {
     let Some((head, rest)) = key.split_once('/') else {
         if map.contains_key(key) {
             return Err(format!(
@@ -198,7 +206,11 @@ mod tests {
             ("containsNone", false),
             ("containsNotAll", true),
         ] {
-            assert_eq!(contains_some(name, &list(&[s("a"), s("z")]), &l), Ok(want), "{name}");
+            assert_eq!(
+                contains_some(name, &list(&[s("a"), s("z")]), &l),
+                Ok(want),
+                "{name}"
+            );
         }
         assert_eq!(contains_some("containsAll", &list(&[]), &l), Ok(true));
     }

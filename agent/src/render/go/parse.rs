@@ -179,7 +179,13 @@ fn split(text: &str, left: &str, right: &str) -> Result<Vec<Item>, ParseError> {
             && inner[inner.len() - 1] == b'-'
             && is_space(char::from(inner[inner.len() - 2]));
         let inner_end = if trim_right { end - 1 } else { end };
-        check_comment(text, start, &text[inner_start..inner_end], trim_left, trim_right)?;
+        check_comment(
+            text,
+            start,
+            &text[inner_start..inner_end],
+            trim_left,
+            trim_right,
+        )?;
         items.push(Item::Action(
             text[inner_start..inner_end].to_string(),
             start,
@@ -217,11 +223,7 @@ fn check_comment(
     let body = raw.trim_end_matches(is_space);
     let trail = raw.len() - body.len();
     if body.len() >= 4 && body.ends_with("*/") && trail != usize::from(trim_right) {
-        return Err(syntax(
-            text,
-            at,
-            "comment ends before closing delimiter",
-        ));
+        return Err(syntax(text, at, "comment ends before closing delimiter"));
     }
     Ok(())
 }
@@ -1249,9 +1251,11 @@ mod tests {
         assert!(go("{{ $ключ := 1 }}{{ $ключ }}").is_ok());
         // An identifier that is not a known function is Go's error, not a panic.
         assert_eq!(
-            parse("{{ ключ }}", "{{", "}}", &|f| Err(format!("function {f:?} not defined")))
-                .unwrap_err()
-                .to_string(),
+            parse("{{ ключ }}", "{{", "}}", &|f| Err(format!(
+                "function {f:?} not defined"
+            )))
+            .unwrap_err()
+            .to_string(),
             "line 1: function \"ключ\" not defined"
         );
         for (text, want) in [

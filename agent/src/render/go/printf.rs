@@ -65,7 +65,8 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
             i += 1;
         }
         let mut after_index;
-        (arg_num, i, after_index) = arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
+        (arg_num, i, after_index) =
+            arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
         if i < end && f[i] == b'*' {
             i += 1;
             let (wid, ok, next) = int_from_arg(args, arg_num);
@@ -96,7 +97,8 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
             if after_index {
                 good_arg_num = false;
             }
-            (arg_num, i, after_index) = arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
+            (arg_num, i, after_index) =
+                arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
             if i < end && f[i] == b'*' {
                 i += 1;
                 let (prec, ok, next) = int_from_arg(args, arg_num);
@@ -117,7 +119,8 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
             }
         }
         if !after_index {
-            (arg_num, i, _) = arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
+            (arg_num, i, _) =
+                arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
         }
         if i >= end {
             p.out.push_str("%!(NOVERB)");
@@ -309,7 +312,8 @@ impl Printer {
                 }
                 for (i, (k, item)) in m.iter().enumerate() {
                     if i > 0 {
-                        self.out.push_str(if self.flags.sharp_v { ", " } else { " " });
+                        self.out
+                            .push_str(if self.flags.sharp_v { ", " } else { " " });
                     }
                     self.string(k.as_bytes(), verb, &Val::Str(k.clone()));
                     self.out.push(':');
@@ -330,9 +334,9 @@ impl Printer {
     fn secret(&mut self, json: &serde_json::Value, verb: char, depth: usize) {
         let text = |k: &str| Val::Str(json[k].as_str().unwrap_or_default().to_string());
         let warnings = match &json["warnings"] {
-            serde_json::Value::Array(w) => Val::List(std::rc::Rc::new(
-                w.iter().map(Val::from_json).collect(),
-            )),
+            serde_json::Value::Array(w) => {
+                Val::List(std::rc::Rc::new(w.iter().map(Val::from_json).collect()))
+            }
             _ => Val::List(std::rc::Rc::new(Vec::new())),
         };
         let fields = [
@@ -357,7 +361,8 @@ impl Printer {
         self.out.push('{');
         for (i, (name, field)) in fields.iter().enumerate() {
             if i > 0 {
-                self.out.push_str(if self.flags.sharp_v { ", " } else { " " });
+                self.out
+                    .push_str(if self.flags.sharp_v { ", " } else { " " });
             }
             if self.flags.plus_v || self.flags.sharp_v {
                 self.out.push_str(name);
@@ -514,7 +519,11 @@ impl Printer {
                 return;
             }
             'U' => {
-                let mut s = format!("U+{:0width$X}", n as u64, width = self.flags.prec.unwrap_or(4).max(4));
+                let mut s = format!(
+                    "U+{:0width$X}",
+                    n as u64,
+                    width = self.flags.prec.unwrap_or(4).max(4)
+                );
                 if self.flags.sharp
                     && let Some(c) = u32::try_from(n).ok().and_then(char::from_u32)
                     && go_printable(c)
@@ -593,7 +602,12 @@ impl Printer {
         };
         if x.is_infinite() || x.is_nan() {
             // Go keeps the sign of an infinity ("+Inf") and shows NaN's only when asked for.
-            let sign = match (x.is_nan(), x.is_sign_negative(), self.flags.plus, self.flags.space) {
+            let sign = match (
+                x.is_nan(),
+                x.is_sign_negative(),
+                self.flags.plus,
+                self.flags.space,
+            ) {
                 (false, true, _, _) => "-",
                 (_, _, true, _) => "+",
                 (_, _, false, true) => " ",
@@ -785,11 +799,38 @@ mod tests {
     fn integers() {
         let ten = Val::Int(10);
         assert_eq!(
-            f("%b %o %O %x %X %#x %#o %c %q %U %#U", &[ten.clone(), ten.clone(), ten, Val::Int(255), Val::Int(255), Val::Int(255), Val::Int(8), Val::Int(65), Val::Int(65), Val::Int(65), Val::Int(65)]),
+            f(
+                "%b %o %O %x %X %#x %#o %c %q %U %#U",
+                &[
+                    ten.clone(),
+                    ten.clone(),
+                    ten,
+                    Val::Int(255),
+                    Val::Int(255),
+                    Val::Int(255),
+                    Val::Int(8),
+                    Val::Int(65),
+                    Val::Int(65),
+                    Val::Int(65),
+                    Val::Int(65)
+                ]
+            ),
             "1010 12 0o12 ff FF 0xff 010 A 'A' U+0041 U+0041 'A'"
         );
         assert_eq!(
-            f("%+d|% d|%05d|%-5d|%.3d|%8.3d|%+08d|%x", &[Val::Int(5), Val::Int(5), Val::Int(-42), Val::Int(7), Val::Int(7), Val::Int(7), Val::Int(42), Val::Int(-255)]),
+            f(
+                "%+d|% d|%05d|%-5d|%.3d|%8.3d|%+08d|%x",
+                &[
+                    Val::Int(5),
+                    Val::Int(5),
+                    Val::Int(-42),
+                    Val::Int(7),
+                    Val::Int(7),
+                    Val::Int(7),
+                    Val::Int(42),
+                    Val::Int(-255)
+                ]
+            ),
             "+5| 5|-0042|7    |007|     007|+0000042|-ff"
         );
     }
@@ -797,36 +838,104 @@ mod tests {
     #[test]
     fn floats() {
         assert_eq!(
-            f("%+.2e|%E|%G|%g|%.3g|%10.2f|%-10.2f|%+f|%08.3f", &[Val::Float(12345.678), Val::Float(1.5), Val::Float(1e-7), Val::Float(123456789.0), Val::Float(3.14159), Val::Float(3.14159), Val::Float(2.5), Val::Float(1.0), Val::Float(-3.14159)]),
+            f(
+                "%+.2e|%E|%G|%g|%.3g|%10.2f|%-10.2f|%+f|%08.3f",
+                &[
+                    Val::Float(12345.678),
+                    Val::Float(1.5),
+                    Val::Float(1e-7),
+                    Val::Float(123456789.0),
+                    Val::Float(3.14159),
+                    Val::Float(3.14159),
+                    Val::Float(2.5),
+                    Val::Float(1.0),
+                    Val::Float(-3.14159)
+                ]
+            ),
             "+1.23e+04|1.500000E+00|1E-07|1.23456789e+08|3.14|      3.14|2.50      |+1.000000|-003.142"
         );
-        assert_eq!(f("%.3v %10.4v %.0f %.0f", &[Val::Float(3.14159), Val::Float(2.71828), Val::Float(0.5), Val::Float(1.5)]), "3.14      2.718 0 2");
+        assert_eq!(
+            f(
+                "%.3v %10.4v %.0f %.0f",
+                &[
+                    Val::Float(3.14159),
+                    Val::Float(2.71828),
+                    Val::Float(0.5),
+                    Val::Float(1.5)
+                ]
+            ),
+            "3.14      2.718 0 2"
+        );
     }
 
     #[test]
     fn strings_and_lists() {
         assert_eq!(
-            f("%x|% x|%#x|% X|%q|%+q|%#q|%.2s|%5.1s|%-4s|", &[s("hi"), s("hi"), s("hi"), s("hé"), s("é\t\""), s("é"), s("b`q"), s("héllo"), s("xyz"), s("a")]),
+            f(
+                "%x|% x|%#x|% X|%q|%+q|%#q|%.2s|%5.1s|%-4s|",
+                &[
+                    s("hi"),
+                    s("hi"),
+                    s("hi"),
+                    s("hé"),
+                    s("é\t\""),
+                    s("é"),
+                    s("b`q"),
+                    s("héllo"),
+                    s("xyz"),
+                    s("a")
+                ]
+            ),
             "6869|68 69|0x6869|68 C3 A9|\"é\\t\\\"\"|\"\\u00e9\"|\"b`q\"|hé|    x|a   |"
         );
-        let list = Val::List(std::rc::Rc::new(vec![Val::Number("1".into()), s("two"), Val::Bool(true)]));
+        let list = Val::List(std::rc::Rc::new(vec![
+            Val::Number("1".into()),
+            s("two"),
+            Val::Bool(true),
+        ]));
         assert_eq!(
-            f("%d|%s|%5v|%x|%q|%#v", &[list.clone(), list.clone(), list.clone(), list.clone(), list.clone(), list]),
+            f(
+                "%d|%s|%5v|%x|%q|%#v",
+                &[
+                    list.clone(),
+                    list.clone(),
+                    list.clone(),
+                    list.clone(),
+                    list.clone(),
+                    list
+                ]
+            ),
             "[%!d(json.Number=1) %!d(string=two) %!d(bool=true)]|[1 two %!s(bool=true)]|[    1   two  true]|[31 74776f %!x(bool=true)]|[\"1\" \"two\" %!q(bool=true)]|[]interface {}{\"1\", \"two\", true}"
         );
     }
 
     #[test]
     fn indexes_stars_and_errors() {
-        let args = [Val::Int(5), Val::Int(42), Val::Int(3), Val::Int(7), Val::Int(2), Val::Float(3.14159)];
+        let args = [
+            Val::Int(5),
+            Val::Int(42),
+            Val::Int(3),
+            Val::Int(7),
+            Val::Int(2),
+            Val::Float(3.14159),
+        ];
         assert_eq!(f("%*d|%-*d|%.*f|%[2]d %[1]d", &args), "   42|7  |3.14|42 5");
         assert_eq!(
-            f("%[5]d|%[0]d|%[x]d|%!|%z|%t|%t", &[Val::Int(1), Val::Int(2), Val::Bool(true), Val::Int(3)]),
+            f(
+                "%[5]d|%[0]d|%[x]d|%!|%z|%t|%t",
+                &[Val::Int(1), Val::Int(2), Val::Bool(true), Val::Int(3)]
+            ),
             "%!d(BADINDEX)|%!d(BADINDEX)|%!d(BADINDEX)|%!!(int=1)|%!z(int=2)|true|%!t(int=3)"
         );
-        assert_eq!(f("%v %d|%5d|%.2f", &[Val::Nil, Val::Nil, s("x"), Val::Int(3)]), "<nil> %!d(<nil>)|%!d(string=    x)|%!f(int=03)");
+        assert_eq!(
+            f("%v %d|%5d|%.2f", &[Val::Nil, Val::Nil, s("x"), Val::Int(3)]),
+            "<nil> %!d(<nil>)|%!d(string=    x)|%!f(int=03)"
+        );
         assert_eq!(f("%s %s", &[s("a")]), "a %!s(MISSING)");
         assert_eq!(f("%s", &[s("a"), Val::Int(2)]), "a%!(EXTRA int=2)");
-        assert_eq!(f("%99999999d|", &[Val::Int(1)]), "%!(NOVERB)%!(EXTRA int=1)");
+        assert_eq!(
+            f("%99999999d|", &[Val::Int(1)]),
+            "%!(NOVERB)%!(EXTRA int=1)"
+        );
     }
 }

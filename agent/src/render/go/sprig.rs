@@ -15,21 +15,134 @@ use crate::render::gofmt;
 
 /// The sprig functions Sidekey implements, without their `sprig_` prefix.
 pub const NAMES: &[&str] = &[
-    "upper", "lower", "title", "untitle", "repeat", "substr", "trunc", "trim", "trimAll",
-    "trimall", "trimPrefix", "trimSuffix", "nospace", "contains", "hasPrefix", "hasSuffix",
-    "quote", "squote", "cat", "replace", "indent", "nindent", "b64enc", "b64dec", "sha256sum",
-    "adler32sum", "default", "empty", "coalesce", "ternary", "all", "any", "list", "tuple",
-    "dict", "get", "hasKey", "keys", "values", "pick", "omit", "pluck", "merge", "dig",
-    "first", "last", "rest", "initial", "reverse", "uniq", "compact", "append", "push",
-    "prepend", "concat", "has", "without", "slice", "chunk", "toStrings", "join", "splitList",
-    "split", "splitn", "sortAlpha", "until", "untilStep", "seq", "add", "add1", "sub", "mul",
-    "div", "mod", "max", "biggest", "min", "int", "int64", "atoi", "float64", "toString",
-    "toDecimal", "floor", "ceil", "round", "addf", "add1f", "subf", "mulf", "divf", "maxf",
-    "minf", "toJson", "toPrettyJson", "toRawJson", "fromJson", "typeOf", "kindOf",
-    "deepEqual", "swapcase", "initials", "abbrev", "plural", "base", "dir", "ext", "clean",
-    "isAbs", "regexMatch", "regexFind", "regexFindAll", "regexSplit", "regexQuoteMeta",
-    "regexReplaceAll", "regexReplaceAllLiteral", "typeIs", "typeIsLike", "kindIs", "deepCopy",
-    "osBase", "osClean", "osDir", "osExt", "osIsAbs", "env", "expandenv", "fail",
+    "upper",
+    "lower",
+    "title",
+    "untitle",
+    "repeat",
+    "substr",
+    "trunc",
+    "trim",
+    "trimAll",
+    "trimall",
+    "trimPrefix",
+    "trimSuffix",
+    "nospace",
+    "contains",
+    "hasPrefix",
+    "hasSuffix",
+    "quote",
+    "squote",
+    "cat",
+    "replace",
+    "indent",
+    "nindent",
+    "b64enc",
+    "b64dec",
+    "sha256sum",
+    "adler32sum",
+    "default",
+    "empty",
+    "coalesce",
+    "ternary",
+    "all",
+    "any",
+    "list",
+    "tuple",
+    "dict",
+    "get",
+    "hasKey",
+    "keys",
+    "values",
+    "pick",
+    "omit",
+    "pluck",
+    "merge",
+    "dig",
+    "first",
+    "last",
+    "rest",
+    "initial",
+    "reverse",
+    "uniq",
+    "compact",
+    "append",
+    "push",
+    "prepend",
+    "concat",
+    "has",
+    "without",
+    "slice",
+    "chunk",
+    "toStrings",
+    "join",
+    "splitList",
+    "split",
+    "splitn",
+    "sortAlpha",
+    "until",
+    "untilStep",
+    "seq",
+    "add",
+    "add1",
+    "sub",
+    "mul",
+    "div",
+    "mod",
+    "max",
+    "biggest",
+    "min",
+    "int",
+    "int64",
+    "atoi",
+    "float64",
+    "toString",
+    "toDecimal",
+    "floor",
+    "ceil",
+    "round",
+    "addf",
+    "add1f",
+    "subf",
+    "mulf",
+    "divf",
+    "maxf",
+    "minf",
+    "toJson",
+    "toPrettyJson",
+    "toRawJson",
+    "fromJson",
+    "typeOf",
+    "kindOf",
+    "deepEqual",
+    "swapcase",
+    "initials",
+    "abbrev",
+    "plural",
+    "base",
+    "dir",
+    "ext",
+    "clean",
+    "isAbs",
+    "regexMatch",
+    "regexFind",
+    "regexFindAll",
+    "regexSplit",
+    "regexQuoteMeta",
+    "regexReplaceAll",
+    "regexReplaceAllLiteral",
+    "typeIs",
+    "typeIsLike",
+    "kindIs",
+    "deepCopy",
+    "osBase",
+    "osClean",
+    "osDir",
+    "osExt",
+    "osIsAbs",
+    "env",
+    "expandenv",
+    "fail",
     "mergeOverwrite",
 ];
 
@@ -37,14 +150,58 @@ pub const NAMES: &[&str] = &[
 /// certificate generation, and the few whose Go semantics (maps changed in place) a template
 /// here cannot have.
 pub const UNSUPPORTED: &[&str] = &[
-    "hello", "ago", "date", "date_in_zone", "date_modify", "dateInZone", "dateModify",
-    "duration", "durationRound", "htmlDate", "htmlDateInZone", "mustDateModify", "mustToDate",
-    "now", "toDate", "unixEpoch", "abbrevboth", "randAlphaNum", "randAlpha", "randAscii",
-    "randNumeric", "shuffle", "snakecase", "camelcase", "kebabcase", "wrap", "wrapWith",
-    "sha1sum", "randInt", "getHostByName", "b32enc", "b32dec", "set", "unset", "bcrypt",
-    "htpasswd", "genPrivateKey", "derivePassword", "buildCustomCert", "genCA", "genCAWithKey",
-    "genSelfSignedCert", "genSelfSignedCertWithKey", "genSignedCert", "genSignedCertWithKey",
-    "encryptAES", "decryptAES", "randBytes", "uuidv4", "semver", "semverCompare", "urlParse",
+    "hello",
+    "ago",
+    "date",
+    "date_in_zone",
+    "date_modify",
+    "dateInZone",
+    "dateModify",
+    "duration",
+    "durationRound",
+    "htmlDate",
+    "htmlDateInZone",
+    "mustDateModify",
+    "mustToDate",
+    "now",
+    "toDate",
+    "unixEpoch",
+    "abbrevboth",
+    "randAlphaNum",
+    "randAlpha",
+    "randAscii",
+    "randNumeric",
+    "shuffle",
+    "snakecase",
+    "camelcase",
+    "kebabcase",
+    "wrap",
+    "wrapWith",
+    "sha1sum",
+    "randInt",
+    "getHostByName",
+    "b32enc",
+    "b32dec",
+    "set",
+    "unset",
+    "bcrypt",
+    "htpasswd",
+    "genPrivateKey",
+    "derivePassword",
+    "buildCustomCert",
+    "genCA",
+    "genCAWithKey",
+    "genSelfSignedCert",
+    "genSelfSignedCertWithKey",
+    "genSignedCert",
+    "genSignedCertWithKey",
+    "encryptAES",
+    "decryptAES",
+    "randBytes",
+    "uuidv4",
+    "semver",
+    "semverCompare",
+    "urlParse",
     "urlJoin",
 ];
 
@@ -59,6 +216,20 @@ pub fn implemented(name: &str) -> Option<&'static str> {
         plain(&format!("{first}{}", chars.as_str()))
     })
 }
+
+/// Refuses a result that would pass the text bound before it is built.
+fn fits(name: &str, bytes: usize) -> Result<(), String> {
+    if bytes > crate::render::limits::MAX_TEXT_BYTES {
+        return Err(format!(
+            "sprig_{name}: the result would be larger than {} bytes",
+            crate::render::limits::MAX_TEXT_BYTES
+        ));
+    }
+    Ok(())
+}
+
+/// The most elements `until`, `untilStep` and `seq` make.
+const MAX_ELEMENTS: usize = 100_000;
 
 fn str_arg(name: &str, args: &[Val], i: usize) -> Result<String, String> {
     match args.get(i) {
@@ -173,9 +344,7 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         "repeat" => {
             let count = usize::try_from(n(0)).unwrap_or(0);
             let text = s(1)?;
-            if count.saturating_mul(text.len()) > crate::render::limits::MAX_TEXT_BYTES {
-                return Err("sprig_repeat: the result is too large".into());
-            }
+            fits(name, count.saturating_mul(text.len()))?;
             Ok(Val::Str(text.repeat(count)))
         }
         "substr" => {
@@ -183,7 +352,11 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             let (start, end) = (n(0), n(1));
             let len = text.len() as i64;
             let start = start.clamp(0, len) as usize;
-            let end = if end < 0 || end > len { len as usize } else { end as usize };
+            let end = if end < 0 || end > len {
+                len as usize
+            } else {
+                end as usize
+            };
             Ok(lists::bytes_to_val(
                 text.as_bytes()[start.min(end)..end].to_vec(),
             ))
@@ -203,7 +376,9 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         "trim" => Ok(Val::Str(s(0)?.trim().to_string())),
         "trimAll" | "trimall" => {
             let cut: Vec<char> = s(0)?.chars().collect();
-            Ok(Val::Str(s(1)?.trim_matches(|c| cut.contains(&c)).to_string()))
+            Ok(Val::Str(
+                s(1)?.trim_matches(|c| cut.contains(&c)).to_string(),
+            ))
         }
         "trimPrefix" => {
             let (p, t) = (s(0)?, s(1)?);
@@ -213,7 +388,9 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             let (p, t) = (s(0)?, s(1)?);
             Ok(Val::Str(t.strip_suffix(&p).unwrap_or(&t).to_string()))
         }
-        "nospace" => Ok(Val::Str(s(0)?.chars().filter(|c| !c.is_whitespace()).collect())),
+        "nospace" => Ok(Val::Str(
+            s(0)?.chars().filter(|c| !c.is_whitespace()).collect(),
+        )),
         "contains" => Ok(Val::Bool(s(1)?.contains(&s(0)?))),
         "hasPrefix" => Ok(Val::Bool(s(1)?.starts_with(&s(0)?))),
         "hasSuffix" => Ok(Val::Bool(s(1)?.ends_with(&s(0)?))),
@@ -239,7 +416,19 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
                 .collect::<Vec<_>>()
                 .join(" "),
         )),
-        "replace" => Ok(Val::Str(s(2)?.replace(&s(0)?, &s(1)?))),
+        "replace" => {
+            let (from, to, text) = (s(0)?, s(1)?, s(2)?);
+            let matches = if from.is_empty() {
+                text.chars().count() + 1
+            } else {
+                text.matches(from.as_str()).count()
+            };
+            fits(
+                name,
+                matches.saturating_mul(to.len()).saturating_add(text.len()),
+            )?;
+            Ok(Val::Str(text.replace(&from, &to)))
+        }
         "indent" | "nindent" => {
             let pad = " ".repeat(usize::try_from(n(0)).unwrap_or(0).min(1024));
             let text = s(1)?;
@@ -270,11 +459,7 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             })
         }
         "empty" => Ok(Val::Bool(args.first().is_none_or(empty))),
-        "coalesce" => Ok(args
-            .iter()
-            .find(|a| !empty(a))
-            .cloned()
-            .unwrap_or(Val::Nil)),
+        "coalesce" => Ok(args.iter().find(|a| !empty(a)).cloned().unwrap_or(Val::Nil)),
         "ternary" => {
             want(3)?;
             Ok(if args[2].truthy() {
@@ -415,7 +600,9 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             let l = list_of(name, &args[1])?;
             Ok(list(l.chunks(size).map(|c| list(c.to_vec())).collect()))
         }
-        "toStrings" => Ok(strings(list_of(name, &args[0])?.iter().map(strval).collect())),
+        "toStrings" => Ok(strings(
+            list_of(name, &args[0])?.iter().map(strval).collect(),
+        )),
         "join" => {
             let sep = s(0)?;
             let parts: Vec<String> = match &args[1] {
@@ -426,7 +613,9 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         }
         "splitList" => {
             let (sep, text) = (s(0)?, s(1)?);
-            Ok(strings(text.split(sep.as_str()).map(str::to_string).collect()))
+            Ok(strings(
+                text.split(sep.as_str()).map(str::to_string).collect(),
+            ))
         }
         "split" => {
             let (sep, text) = (s(0)?, s(1)?);
@@ -447,15 +636,19 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
                 ("until", _) => (0, n(0), if n(0) < 0 { -1 } else { 1 }),
                 ("untilStep", _) => (n(0), n(1), n(2)),
                 (_, 1) => (1, n(0) + 1, 1),
-                (_, 2) => (n(0), n(1) + if n(1) >= n(0) { 1 } else { -1 }, if n(1) >= n(0) { 1 } else { -1 }),
+                (_, 2) => (
+                    n(0),
+                    n(1) + if n(1) >= n(0) { 1 } else { -1 },
+                    if n(1) >= n(0) { 1 } else { -1 },
+                ),
                 _ => (n(0), n(2) + n(1).signum(), n(1)),
             };
             let mut out = Vec::new();
             let mut i = start;
             while step != 0 && ((step > 0 && i < stop) || (step < 0 && i > stop)) {
                 out.push(Val::Int(i));
-                if out.len() > 1_000_000 {
-                    return Err(format!("sprig_{name}: too many elements"));
+                if out.len() > MAX_ELEMENTS {
+                    return Err(format!("sprig_{name}: more than {MAX_ELEMENTS} elements"));
                 }
                 i += step;
             }
@@ -465,13 +658,21 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
                 list(out)
             })
         }
-        "add" => Ok(Val::Int(args.iter().map(to_i64).fold(0i64, i64::wrapping_add))),
+        "add" => Ok(Val::Int(
+            args.iter().map(to_i64).fold(0i64, i64::wrapping_add),
+        )),
         "add1" => Ok(Val::Int(n(0).wrapping_add(1))),
         "sub" => Ok(Val::Int(n(0).wrapping_sub(n(1)))),
-        "mul" => Ok(Val::Int(args.iter().map(to_i64).fold(1i64, i64::wrapping_mul))),
+        "mul" => Ok(Val::Int(
+            args.iter().map(to_i64).fold(1i64, i64::wrapping_mul),
+        )),
         "div" | "mod" => {
             let (a, b) = (n(0), n(1));
-            let r = if name == "div" { a.checked_div(b) } else { a.checked_rem(b) };
+            let r = if name == "div" {
+                a.checked_div(b)
+            } else {
+                a.checked_rem(b)
+            };
             r.map(Val::Int)
                 .ok_or_else(|| "runtime error: integer divide by zero".to_string())
         }
@@ -519,7 +720,9 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         "fromJson" => Ok(serde_json::from_str::<serde_json::Value>(&s(0)?)
             .map(|v| super::funcs::floats(Val::from_json(&v)))
             .unwrap_or(Val::Map(Rc::new(BTreeMap::new())))),
-        "typeOf" => Ok(Val::Str(args.first().map_or("<nil>", Val::type_name).to_string())),
+        "typeOf" => Ok(Val::Str(
+            args.first().map_or("<nil>", Val::type_name).to_string(),
+        )),
         "kindOf" => Ok(Val::Str(
             match args.first() {
                 Some(Val::Str(_) | Val::Number(_) | Val::Bytes(_)) => "string",
@@ -623,7 +826,11 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
                 m => m as usize,
             };
             Ok(match name {
-                "regexFind" => Val::Str(re.find(&text).map(|m| m.as_str().to_string()).unwrap_or_default()),
+                "regexFind" => Val::Str(
+                    re.find(&text)
+                        .map(|m| m.as_str().to_string())
+                        .unwrap_or_default(),
+                ),
                 "regexFindAll" => strings(
                     re.find_iter(&text)
                         .take(limit)
@@ -634,13 +841,21 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             })
         }
         "regexQuoteMeta" => Ok(Val::Str(regex::escape(&s(0)?))),
-        "regexReplaceAll" => Ok(Val::Str(txt::regex_replace_all(&s(0)?, &s(2)?, &s(1)?)?)),
-        "regexReplaceAllLiteral" => {
-            let re = regex::Regex::new(&s(0)?)
+        "regexReplaceAll" | "regexReplaceAllLiteral" => {
+            let (pattern, text, to) = (s(0)?, s(1)?, s(2)?);
+            fits(
+                name,
+                (text.len() + 1)
+                    .saturating_mul(to.len().max(1))
+                    .saturating_add(text.len()),
+            )?;
+            if name == "regexReplaceAll" {
+                return Ok(Val::Str(txt::regex_replace_all(&pattern, &to, &text)?));
+            }
+            let re = regex::Regex::new(&pattern)
                 .map_err(|e| format!("sprig_{name}: error parsing regexp: {e}"))?;
-            let to = s(2)?;
             Ok(Val::Str(
-                re.replace_all(&s(1)?, regex::NoExpand(&to)).into_owned(),
+                re.replace_all(&text, regex::NoExpand(&to)).into_owned(),
             ))
         }
         other => Err(format!("function \"sprig_{other}\" not defined")),
@@ -695,7 +910,10 @@ fn expand_env(s: &str) -> String {
         }
         let (name, next) = if chars[i + 1] == '{' {
             match chars[i + 2..].iter().position(|&c| c == '}') {
-                Some(end) => (chars[i + 2..i + 2 + end].iter().collect::<String>(), i + 3 + end),
+                Some(end) => (
+                    chars[i + 2..i + 2 + end].iter().collect::<String>(),
+                    i + 3 + end,
+                ),
                 None => (String::new(), chars.len()),
             }
         } else {
@@ -787,7 +1005,10 @@ mod tests {
     #[test]
     fn strings_like_sprig() {
         assert_eq!(p(call("title", &[s("hello world")])), "Hello World");
-        assert_eq!(p(call("substr", &[Val::Int(1), Val::Int(3), s("abcdef")])), "bc");
+        assert_eq!(
+            p(call("substr", &[Val::Int(1), Val::Int(3), s("abcdef")])),
+            "bc"
+        );
         assert_eq!(p(call("trunc", &[Val::Int(-2), s("abcdef")])), "ef");
         assert_eq!(p(call("quote", &[s("a"), Val::Int(1)])), "\"a\" \"1\"");
         assert_eq!(p(call("indent", &[Val::Int(2), s("a\nb")])), "  a\n  b");
@@ -802,7 +1023,10 @@ mod tests {
         assert_eq!(p(call("without", &[l.clone(), Val::Int(1)])), "[2]");
         assert_eq!(p(call("split", &[s(","), s("a,b")])), "map[_0:a _1:b]");
         assert_eq!(p(call("seq", &[Val::Int(2), Val::Int(5)])), "2 3 4 5");
-        assert_eq!(p(call("untilStep", &[Val::Int(0), Val::Int(10), Val::Int(3)])), "[0 3 6 9]");
+        assert_eq!(
+            p(call("untilStep", &[Val::Int(0), Val::Int(10), Val::Int(3)])),
+            "[0 3 6 9]"
+        );
         let d = call("dict", &[s("a"), Val::Int(1), s("b"), s("x")]).unwrap();
         assert_eq!(print(&d), "map[a:1 b:x]");
         assert_eq!(p(call("get", &[d.clone(), s("z")])), "");

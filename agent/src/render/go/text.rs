@@ -225,7 +225,10 @@ mod tests {
     fn title_case_like_consul_template() {
         assert_eq!(to_title("hELLO wORLD"), "HELLO WORLD");
         assert_eq!(to_title("o'neil 3rd x.y a:b a1b"), "O'neil 3Rd X.y A:b A1b");
-        assert_eq!(to_title("ﬁsh ßa ǳa a,b;c(d)e a-b_c"), "Fish Ssa ǲa A,B;C(D)E A-B_c");
+        assert_eq!(
+            to_title("ﬁsh ßa ǳa a,b;c(d)e a-b_c"),
+            "Fish Ssa ǲa A,B;C(D)E A-B_c"
+        );
     }
 
     #[test]
@@ -241,10 +244,7 @@ mod tests {
     #[test]
     fn regexes_and_digests() {
         assert_eq!(regex_match("^a.c$", "abc"), Ok(true));
-        assert_eq!(
-            regex_replace_all("(a)(b)", "$2$1", "abab").unwrap(),
-            "baba"
-        );
+        assert_eq!(regex_replace_all("(a)(b)", "$2$1", "abab").unwrap(), "baba");
         assert!(regex_match("[", "x").unwrap_err().contains("regexMatch"));
         assert_eq!(
             sha256_hex(b"abc"),
