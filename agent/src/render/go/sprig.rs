@@ -1019,7 +1019,7 @@ mod tests {
     #[test]
     fn lists_dicts_and_numbers() {
         let l = list(vec![Val::Int(1), Val::Int(2), Val::Int(1)]);
-        assert_eq!(p(call("uniq", &[l.clone()])), "[1 2]");
+        assert_eq!(p(call("uniq", std::slice::from_ref(&l))), "[1 2]");
         assert_eq!(p(call("without", &[l.clone(), Val::Int(1)])), "[2]");
         assert_eq!(p(call("split", &[s(","), s("a,b")])), "map[_0:a _1:b]");
         assert_eq!(p(call("seq", &[Val::Int(2), Val::Int(5)])), "2 3 4 5");
