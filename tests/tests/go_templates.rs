@@ -233,62 +233,51 @@ async fn seed(stack: &Stack) {
 }
 
 async fn write_secrets(stack: &Stack) {
-    stack
-        .put_kv2(
+    // Numbers as written: parsed from text (serde_json keeps their text, as the agent's
+    // arbitrary_precision feature makes it), so the store gets 0.000001 and -0, not 1e-6 and 0.
+    // Strings for toYAML's styles, JSON and YAML text, base64 wrapped at 76 columns.
+    let types: Value = serde_json::from_str(
+        r#"{"small": 0.000001, "huge": 1e20, "neg0": -0, "float": 1.50, "exp": 1E+3, "int": 8080,
+            "negint": -12, "null": null, "t": true, "f": false,
+            "list": [1, 2.5, "x", null, true, {"k": "v"}, [1, 2]], "emptylist": [], "emptymap": {},
+            "json": "{\"port\": 8080, \"f\": 1.5, \"big\": 1e21, \"s\": \"x\", \"l\": [1,2], \"n\": null, \"b\": true}",
+            "yaml": "a: 1\nb: [x, y]\nc:\n  d: true\n", "title": "hello wörld ǆ straße",
+            "upper": "ǅ ß ﬁ İ", "csv": "a=1,b=2,c=3", "html": "<a href=\"x\">&'</a>",
+            "long": "line one\nline two\n  indented\n", "multi": "x: |\n  y\n",
+            "a10": 1, "a9": 2, "_u": 3, "1": 4, "10": 5, "2": 6}"#,
+    )
+    .unwrap();
+    let mut types = types;
+    types["wrapped"] = base64_wrapped(&(0u8..=255).cycle().take(300).collect::<Vec<_>>()).into();
+    // Binary: every byte value, not UTF-8 once decoded.
+    let binary: Vec<u8> = (0u8..=255).rev().chain(0u8..=255).collect();
+    let kv2 = [
+        (
             "gotpl/app",
             json!({
                 "user": "app", "password": "p@ss<&>\"'", "port": 5432, "ratio": 0.25, "big": 1000000, "zero": 0,
                 "enabled": true, "empty": "", "tags": ["a", "b"], "nested": { "k": "v", "n": 1 }, "dash-key": "d",
                 "multi": "line1\nline2", "unicode": "héllo ✓", "json": "{\"a\":1}", "b64": "aGVsbG8="
             }),
-        )
-        .await
-        .unwrap();
-    stack
-        .put_kv2(
+        ),
+        (
             "gotpl/unicode",
             json!({ "ключ": "значение", "日本語": "はい", "ª٣": 3, "🔑": "emoji" }),
-        )
-        .await
-        .unwrap();
-    stack
-        .put_kv2("gotpl/other", json!({ "x": "y" }))
-        .await
-        .unwrap();
-    // Numbers as written (json.Number keeps their text), strings for toYAML's styles, JSON and
-    // YAML text, a base64 value wrapped at 76 columns as `base64` writes it.
-    let wrapped = base64_wrapped(&(0u8..=255).cycle().take(300).collect::<Vec<_>>());
-    stack
-        .put_kv2(
-            "gotpl/types",
-            json!({
-                "small": 0.000001, "huge": 1e20, "neg0": -0, "float": 1.50, "exp": 1E+3, "int": 8080, "negint": -12,
-                "null": null, "t": true, "f": false, "list": [1, 2.5, "x", null, true, {"k": "v"}, [1, 2]],
-                "emptylist": [], "emptymap": {},
-                "json": "{\"port\": 8080, \"f\": 1.5, \"big\": 1e21, \"s\": \"x\", \"l\": [1,2], \"n\": null, \"b\": true}",
-                "yaml": "a: 1\nb: [x, y]\nc:\n  d: true\n", "wrapped": wrapped, "title": "hello wörld ǆ straße",
-                "upper": "ǅ ß ﬁ İ", "csv": "a=1,b=2,c=3", "html": "<a href=\"x\">&'</a>", "long": "line one\nline two\n  indented\n",
-                "multi": "x: |\n  y\n", "a10": 1, "a9": 2, "_u": 3, "1": 4, "10": 5, "2": 6
-            }),
-        )
-        .await
-        .unwrap();
-    // Binary: every byte value, and a PKCS#12-like blob that is not UTF-8.
-    let binary: Vec<u8> = (0u8..=255).rev().chain(0u8..=255).collect();
-    stack
-        .put_kv2(
+        ),
+        ("gotpl/other", json!({ "x": "y" })),
+        ("gotpl/types", types),
+        (
             "gotpl/binary",
             json!({ "raw": base64_wrapped(&binary).replace('\n', ""), "wrapped": base64_wrapped(&binary) }),
-        )
-        .await
-        .unwrap();
-    stack
-        .put_kv2(
+        ),
+        (
             "gotpl/tree",
             json!({ "a/b": "1", "a/c": 2, "d": "3", "x//y": "5" }),
-        )
-        .await
-        .unwrap();
+        ),
+    ];
+    for (path, data) in kv2 {
+        stack.put_kv2(path, data).await.unwrap();
+    }
     stack
         .put_kv1(
             "gotpl",
@@ -641,19 +630,24 @@ fn normalize(text: &str) -> String {
     out
 }
 
+/// Renders `c` with both; both must refuse it. Sidekey's one-line error.
+fn refused_by_both(stack: &Stack, c: &Case) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        bao_render(stack, dir.path(), c).is_err(),
+        "{}: bao agent rendered it",
+        c.name
+    );
+    let err = sidekey_render(stack, dir.path(), go_template(c, dir.path())).expect_err(c.name);
+    err.lines().last().unwrap_or_default().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_templates_fail_in_both_with_a_clear_message() {
     let stack = Stack::shared();
     seed(stack).await;
     for c in file_cases("fail.txt") {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(
-            bao_render(stack, dir.path(), &c).is_err(),
-            "{}: bao agent rendered it",
-            c.name
-        );
-        let err = sidekey_render(stack, dir.path(), go_template(&c, dir.path())).expect_err(c.name);
-        let line = err.lines().last().unwrap_or_default().to_string();
+        let line = refused_by_both(stack, &c);
         assert!(
             line.starts_with("sidekey-agent: template t: ")
                 || line.starts_with("sidekey-agent: secret "),
@@ -662,14 +656,7 @@ async fn failing_templates_fail_in_both_with_a_clear_message() {
         );
     }
     for c in failing() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(
-            bao_render(stack, dir.path(), &c).is_err(),
-            "{}: bao agent rendered it",
-            c.name
-        );
-        let err = sidekey_render(stack, dir.path(), go_template(&c, dir.path())).expect_err(c.name);
-        let line = err.lines().last().unwrap_or_default().to_string();
+        let line = refused_by_both(stack, &c);
         assert!(
             line.starts_with("sidekey-agent: template t: "),
             "{}: {line}",

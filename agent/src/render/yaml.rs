@@ -99,19 +99,25 @@ impl Writer {
             }
             self.string(key, indent + 2, true);
             self.put(":");
-            match value {
-                Node::Map(m) if !m.is_empty() => {
-                    self.put("\n");
-                    self.map(m, indent + 2);
-                }
-                Node::Seq(s) if !s.is_empty() => {
-                    self.put("\n");
-                    self.seq(s, indent);
-                }
-                scalar => self.scalar(scalar, indent + 2, true),
-            }
+            // A map under a key is indented; a list is not (yaml.v2's indentless sequences).
+            self.value(value, "\n", indent + 2, indent);
         }
         self.end_line();
+    }
+
+    /// What follows `key:` or `-`: a block after `lead`, or a scalar on the same line.
+    fn value(&mut self, value: &Node, lead: &str, map_indent: usize, seq_indent: usize) {
+        match value {
+            Node::Map(m) if !m.is_empty() => {
+                self.put(lead);
+                self.map(m, map_indent);
+            }
+            Node::Seq(s) if !s.is_empty() => {
+                self.put(lead);
+                self.seq(s, seq_indent);
+            }
+            scalar => self.scalar(scalar, map_indent, true),
+        }
     }
 
     fn seq(&mut self, items: &[Node], indent: usize) {
@@ -120,17 +126,8 @@ impl Writer {
                 self.indent(indent);
             }
             self.put("-");
-            match item {
-                Node::Map(m) if !m.is_empty() => {
-                    self.put(" ");
-                    self.map(m, indent + 2);
-                }
-                Node::Seq(s) if !s.is_empty() => {
-                    self.put(" ");
-                    self.seq(s, indent + 2);
-                }
-                scalar => self.scalar(scalar, indent + 2, true),
-            }
+            // A map or list in a list starts on the dash's line.
+            self.value(item, " ", indent + 2, indent + 2);
         }
         self.end_line();
     }
@@ -370,34 +367,30 @@ fn analyze(s: &str) -> Facts {
         if is_break(c) {
             line_breaks = true;
         }
-        if c == ' ' {
-            if i == 0 {
-                leading_space = true;
-            }
-            if last {
-                trailing_space = true;
-            }
-            if previous_break {
-                break_space = true;
-            }
-            previous_space = true;
-            previous_break = false;
-        } else if is_break(c) {
-            if i == 0 {
-                leading_break = true;
-            }
-            if last {
-                trailing_break = true;
-            }
-            if previous_space {
-                space_break = true;
-            }
-            previous_space = false;
-            previous_break = true;
-        } else {
-            previous_space = false;
-            previous_break = false;
+        let (space, brk) = (c == ' ', is_break(c));
+        if space || brk {
+            // A space or a break: at the start, at the end, or right after the other kind.
+            let (leading, trailing, mixed, after_other) = if space {
+                (
+                    &mut leading_space,
+                    &mut trailing_space,
+                    &mut break_space,
+                    previous_break,
+                )
+            } else {
+                (
+                    &mut leading_break,
+                    &mut trailing_break,
+                    &mut space_break,
+                    previous_space,
+                )
+            };
+            *leading |= i == 0;
+            *trailing |= last;
+            *mixed |= after_other;
         }
+        previous_space = space;
+        previous_break = brk;
         preceded_by_whitespace = c == ' ' || c == '\t' || is_break(c);
     }
     let mut facts = Facts {
@@ -637,6 +630,19 @@ fn yaml_float(f: f64) -> String {
     }
 }
 
+/// The run of ASCII digits from `i`: where it ends, and its value read after `start`.
+fn digit_run(chars: &[char], i: usize, start: i64) -> (usize, i64) {
+    let mut end = i;
+    let mut value = start;
+    while end < chars.len() && chars[end].is_ascii_digit() {
+        value = value
+            .wrapping_mul(10)
+            .wrapping_add(i64::from(chars[end] as u8 - b'0'));
+        end += 1;
+    }
+    (end, value)
+}
+
 /// yaml.v2's key order: rune by rune, letters after other runes, runs of digits by value.
 fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
@@ -670,20 +676,8 @@ fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
                 }
             }
         }
-        let mut ai = i;
-        while ai < ar.len() && ar[ai].is_ascii_digit() {
-            an = an
-                .wrapping_mul(10)
-                .wrapping_add(i64::from(ar[ai] as u8 - b'0'));
-            ai += 1;
-        }
-        let mut bi = i;
-        while bi < br.len() && br[bi].is_ascii_digit() {
-            bn = bn
-                .wrapping_mul(10)
-                .wrapping_add(i64::from(br[bi] as u8 - b'0'));
-            bi += 1;
-        }
+        let (ai, an) = digit_run(&ar, i, an);
+        let (bi, bn) = digit_run(&br, i, bn);
         if an != bn {
             return an.cmp(&bn);
         }

@@ -152,6 +152,12 @@ impl Val {
     }
 }
 
+impl From<&str> for Val {
+    fn from(s: &str) -> Val {
+        Val::Str(s.to_string())
+    }
+}
+
 /// The exported fields of consul-template's Secret, as Go would show the struct.
 fn secret_struct_json(s: &Json) -> Json {
     serde_json::json!({

@@ -610,14 +610,7 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             if s.is_empty() {
                 return Ok(Val::Strings(Rc::new(Vec::new())));
             }
-            let parts: Vec<&str> = if sep.is_empty() {
-                // Go's strings.Split with an empty separator: one element per character.
-                s.char_indices()
-                    .map(|(i, c)| &s[i..i + c.len_utf8()])
-                    .collect()
-            } else {
-                s.split(sep).collect()
-            };
+            let parts = lists::go_split(s, sep);
             exec.build(list_size(parts.len(), s.len()))?;
             Ok(Val::Strings(Rc::new(
                 parts.into_iter().map(|p| Val::Str(p.to_string())).collect(),
@@ -898,7 +891,7 @@ mod tests {
     use super::*;
 
     fn s(x: &str) -> Val {
-        Val::Str(x.into())
+        Val::from(x)
     }
 
     #[test]

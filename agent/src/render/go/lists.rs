@@ -121,18 +121,22 @@ pub fn bytes_to_val(bytes: Vec<u8>) -> Val {
     }
 }
 
+/// Go's `strings.Split`: an empty separator splits after each character.
+pub fn go_split<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
+    if sep.is_empty() {
+        s.char_indices()
+            .map(|(i, c)| &s[i..i + c.len_utf8()])
+            .collect()
+    } else {
+        s.split(sep).collect()
+    }
+}
+
 /// `splitToMap sep kvsep s`: `a=1,b=2` → map[a:1 b:2]; an item without `kvsep` is left out.
 pub fn split_to_map(sep: &str, kvsep: &str, s: &str) -> Val {
     let mut map = BTreeMap::new();
     if !s.is_empty() {
-        let items: Vec<&str> = if sep.is_empty() {
-            s.char_indices()
-                .map(|(i, c)| &s[i..i + c.len_utf8()])
-                .collect()
-        } else {
-            s.split(sep).collect()
-        };
-        for item in items {
+        for item in go_split(s, sep) {
             if let Some((k, v)) = item.split_once(kvsep).filter(|_| !kvsep.is_empty()) {
                 map.insert(k.to_string(), Val::Str(v.to_string()));
             }
@@ -191,7 +195,7 @@ mod tests {
         Val::List(Rc::new(items.to_vec()))
     }
     fn s(x: &str) -> Val {
-        Val::Str(x.into())
+        Val::from(x)
     }
 
     #[test]

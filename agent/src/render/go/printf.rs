@@ -67,29 +67,27 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
         let mut after_index;
         (arg_num, i, after_index) =
             arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
-        if i < end && f[i] == b'*' {
-            i += 1;
-            let (wid, ok, next) = int_from_arg(args, arg_num);
-            arg_num = next;
-            if !ok {
-                p.out.push_str("%!(BADWIDTH)");
+        let Some(width) = amount(args, &mut arg_num, f, &mut i) else {
+            p.out.push_str("%!(NOVERB)");
+            break;
+        };
+        match width {
+            Amount::Star { value, ok } => {
+                if !ok {
+                    p.out.push_str("%!(BADWIDTH)");
+                }
+                p.flags.wid = ok.then_some(value.unsigned_abs() as usize);
+                if value < 0 {
+                    p.flags.minus = true;
+                    p.flags.zero = false;
+                }
+                after_index = false;
             }
-            p.flags.wid = ok.then_some(wid.unsigned_abs() as usize);
-            if wid < 0 {
-                p.flags.minus = true;
-                p.flags.zero = false;
-            }
-            after_index = false;
-        } else {
-            let (n, next) = parse_num(f, i);
-            let Some(n) = n else {
-                p.out.push_str("%!(NOVERB)");
-                break;
-            };
-            p.flags.wid = n;
-            i = next;
-            if after_index && p.flags.wid.is_some() {
-                good_arg_num = false;
+            Amount::Digits(n) => {
+                p.flags.wid = n;
+                if after_index && n.is_some() {
+                    good_arg_num = false;
+                }
             }
         }
         if i + 1 < end && f[i] == b'.' {
@@ -99,23 +97,19 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
             }
             (arg_num, i, after_index) =
                 arg_number(&mut reordered, &mut good_arg_num, arg_num, f, i, args.len());
-            if i < end && f[i] == b'*' {
-                i += 1;
-                let (prec, ok, next) = int_from_arg(args, arg_num);
-                arg_num = next;
-                p.flags.prec = (ok && prec >= 0).then_some(prec as usize);
-                if p.flags.prec.is_none() {
-                    p.out.push_str("%!(BADPREC)");
+            let Some(precision) = amount(args, &mut arg_num, f, &mut i) else {
+                p.out.push_str("%!(NOVERB)");
+                break;
+            };
+            match precision {
+                Amount::Star { value, ok } => {
+                    p.flags.prec = (ok && value >= 0).then_some(value as usize);
+                    if p.flags.prec.is_none() {
+                        p.out.push_str("%!(BADPREC)");
+                    }
+                    after_index = false;
                 }
-                after_index = false;
-            } else {
-                let (n, next) = parse_num(f, i);
-                let Some(n) = n else {
-                    p.out.push_str("%!(NOVERB)");
-                    break;
-                };
-                p.flags.prec = Some(n.unwrap_or(0));
-                i = next;
+                Amount::Digits(n) => p.flags.prec = Some(n.unwrap_or(0)),
             }
         }
         if !after_index {
@@ -172,6 +166,25 @@ pub fn sprintf(format: &str, args: &[Val]) -> Result<String, Limit> {
         });
     }
     Ok(p.out)
+}
+
+/// A width or precision as written: `*` (the next argument, and whether it is an int) or digits.
+enum Amount {
+    Star { value: i64, ok: bool },
+    Digits(Option<usize>),
+}
+
+/// The width or precision at `i`; None when its digits grow too large (Go's NOVERB).
+fn amount(args: &[Val], arg_num: &mut usize, f: &[u8], i: &mut usize) -> Option<Amount> {
+    if *i < f.len() && f[*i] == b'*' {
+        *i += 1;
+        let (value, ok, next) = int_from_arg(args, *arg_num);
+        *arg_num = next;
+        return Some(Amount::Star { value, ok });
+    }
+    let (n, next) = parse_num(f, *i);
+    *i = next;
+    n.map(Amount::Digits)
 }
 
 /// Go's `parsenum`: Some(None) for no digits, None when the number grows too large.
@@ -282,26 +295,21 @@ impl Printer {
             Val::Str(s) | Val::Number(s) => self.string(s.as_bytes(), verb, v),
             Val::Bytes(b) => self.string(b, verb, v),
             Val::List(items) | Val::Strings(items) => {
-                if self.flags.sharp_v {
+                // `[a b]`, or Go syntax for %#v: `[]string{"a", "b"}`.
+                let (open, sep, close) = if self.flags.sharp_v {
                     self.out.push_str(v.type_name());
-                    self.out.push('{');
-                    for (i, item) in items.iter().enumerate() {
-                        if i > 0 {
-                            self.out.push_str(", ");
-                        }
-                        self.value(item, verb, depth + 1);
-                    }
-                    self.out.push('}');
+                    ('{', ", ", '}')
                 } else {
-                    self.out.push('[');
-                    for (i, item) in items.iter().enumerate() {
-                        if i > 0 {
-                            self.out.push(' ');
-                        }
-                        self.value(item, verb, depth + 1);
+                    ('[', " ", ']')
+                };
+                self.out.push(open);
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.out.push_str(sep);
                     }
-                    self.out.push(']');
+                    self.value(item, verb, depth + 1);
                 }
+                self.out.push(close);
             }
             Val::Map(m) => {
                 if self.flags.sharp_v {
@@ -789,7 +797,13 @@ mod tests {
     use super::*;
 
     fn s(x: &str) -> Val {
-        Val::Str(x.into())
+        Val::from(x)
+    }
+    fn ints(n: &[i64]) -> Vec<Val> {
+        n.iter().copied().map(Val::Int).collect()
+    }
+    fn reals(n: &[f64]) -> Vec<Val> {
+        n.iter().copied().map(Val::Float).collect()
     }
     fn f(format: &str, args: &[Val]) -> String {
         sprintf(format, args).unwrap()
@@ -820,16 +834,7 @@ mod tests {
         assert_eq!(
             f(
                 "%+d|% d|%05d|%-5d|%.3d|%8.3d|%+08d|%x",
-                &[
-                    Val::Int(5),
-                    Val::Int(5),
-                    Val::Int(-42),
-                    Val::Int(7),
-                    Val::Int(7),
-                    Val::Int(7),
-                    Val::Int(42),
-                    Val::Int(-255)
-                ]
+                &ints(&[5, 5, -42, 7, 7, 7, 42, -255])
             ),
             "+5| 5|-0042|7    |007|     007|+0000042|-ff"
         );
@@ -840,29 +845,24 @@ mod tests {
         assert_eq!(
             f(
                 "%+.2e|%E|%G|%g|%.3g|%10.2f|%-10.2f|%+f|%08.3f",
-                &[
-                    Val::Float(12345.678),
-                    Val::Float(1.5),
-                    Val::Float(1e-7),
-                    Val::Float(123456789.0),
-                    Val::Float(3.14158),
-                    Val::Float(3.14158),
-                    Val::Float(2.5),
-                    Val::Float(1.0),
-                    Val::Float(-3.14158)
-                ]
+                &reals(&[
+                    12345.678,
+                    1.5,
+                    1e-7,
+                    123456789.0,
+                    3.14158,
+                    3.14158,
+                    2.5,
+                    1.0,
+                    -3.14158
+                ])
             ),
             "+1.23e+04|1.500000E+00|1E-07|1.23456789e+08|3.14|      3.14|2.50      |+1.000000|-003.142"
         );
         assert_eq!(
             f(
                 "%.3v %10.4v %.0f %.0f",
-                &[
-                    Val::Float(3.14158),
-                    Val::Float(2.71829),
-                    Val::Float(0.5),
-                    Val::Float(1.5)
-                ]
+                &reals(&[3.14158, 2.71829, 0.5, 1.5])
             ),
             "3.14      2.718 0 2"
         );

@@ -996,7 +996,7 @@ mod tests {
     use super::*;
 
     fn s(x: &str) -> Val {
-        Val::Str(x.into())
+        Val::from(x)
     }
     fn p(v: Result<Val, String>) -> String {
         print(&v.unwrap())

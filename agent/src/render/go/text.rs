@@ -109,21 +109,34 @@ pub fn to_title(s: &str) -> String {
     out
 }
 
-/// Go's `template.HTMLEscapeString`.
-pub fn html(s: &str) -> String {
+/// Each character as `escape` has it, or as it is.
+fn escaped(s: &str, escape: impl Fn(char) -> Option<String>) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        match c {
-            '"' => out.push_str("&#34;"),
-            '\'' => out.push_str("&#39;"),
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\0' => out.push('\u{fffd}'),
-            c => out.push(c),
+        match escape(c) {
+            Some(e) => out.push_str(&e),
+            None => out.push(c),
         }
     }
     out
+}
+
+/// Go's `template.HTMLEscapeString`.
+pub fn html(s: &str) -> String {
+    escaped(s, |c| {
+        Some(
+            match c {
+                '"' => "&#34;",
+                '\'' => "&#39;",
+                '&' => "&amp;",
+                '<' => "&lt;",
+                '>' => "&gt;",
+                '\0' => "\u{fffd}",
+                _ => return None,
+            }
+            .to_string(),
+        )
+    })
 }
 
 /// Go's `unicode.IsPrint`: letters, marks, numbers, punctuation, symbols and the ASCII space.
@@ -138,23 +151,21 @@ pub fn go_printable(c: char) -> bool {
 
 /// Go's `template.JSEscapeString`.
 pub fn js(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\'' => out.push_str("\\'"),
-            '"' => out.push_str("\\\""),
-            '<' => out.push_str("\\u003C"),
-            '>' => out.push_str("\\u003E"),
-            '&' => out.push_str("\\u0026"),
-            '=' => out.push_str("\\u003D"),
+    escaped(s, |c| {
+        Some(match c {
+            '\\' => "\\\\".to_string(),
+            '\'' => "\\'".to_string(),
+            '"' => "\\\"".to_string(),
+            '<' => "\\u003C".to_string(),
+            '>' => "\\u003E".to_string(),
+            '&' => "\\u0026".to_string(),
+            '=' => "\\u003D".to_string(),
             c if (c as u32) < 0x20 || (!c.is_ascii() && !go_printable(c)) => {
-                out.push_str(&format!("\\u{:04X}", c as u32));
+                format!("\\u{:04X}", c as u32)
             }
-            c => out.push(c),
-        }
-    }
-    out
+            _ => return None,
+        })
+    })
 }
 
 /// Go's `url.QueryEscape` (what `urlquery` applies).

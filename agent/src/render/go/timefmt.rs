@@ -227,23 +227,24 @@ mod tests {
     fn go_layouts() {
         // 2026-11-23T18:10:05.120Z, a Monday, day 327.
         let t = Moment::from_unix(1_795_457_405, 120_000_000);
-        assert_eq!(
-            format(&t, "2006-01-02T15:04:05Z07:00"),
-            "2026-11-23T18:10:05Z"
-        );
-        assert_eq!(
-            format(&t, "Mon Jan _2 15:04:05 MST 2006"),
-            "Mon Nov 23 18:10:05 UTC 2026"
-        );
-        assert_eq!(
-            format(&t, "Monday, January 2, 06 3:4:5 PM"),
-            "Monday, November 23, 26 6:10:5 PM"
-        );
-        assert_eq!(
-            format(&t, "05.000 05.999 05,00 002 -0700"),
-            "05.120 05.12 05,12 327 +0000"
-        );
-        assert_eq!(format(&t, "Janet 2006"), "Janet 2026");
+        for (layout, want) in [
+            ("2006-01-02T15:04:05Z07:00", "2026-11-23T18:10:05Z"),
+            (
+                "Mon Jan _2 15:04:05 MST 2006",
+                "Mon Nov 23 18:10:05 UTC 2026",
+            ),
+            (
+                "Monday, January 2, 06 3:4:5 PM",
+                "Monday, November 23, 26 6:10:5 PM",
+            ),
+            (
+                "05.000 05.999 05,00 002 -0700",
+                "05.120 05.12 05,12 327 +0000",
+            ),
+            ("Janet 2006", "Janet 2026"),
+        ] {
+            assert_eq!(format(&t, layout), want, "{layout}");
+        }
         assert_eq!(
             format(&Moment::from_unix(951_782_400, 0), "2006-01-02 002 .999x"),
             "2000-02-29 060 x"
