@@ -67,6 +67,9 @@ pub enum ClientError {
         path: String,
         last: String,
     },
+    /// A local file a template reads in place of a store path (consul-template's `file`).
+    #[error("cannot read {path}: {detail}")]
+    LocalFile { path: String, detail: String },
     #[error("TLS set-up for the secret store: {0}")]
     Tls(#[from] TlsError),
     #[error("HTTP client set-up: {0}")]
@@ -369,7 +372,11 @@ impl StoreClient {
                 .cloned()
                 .ok_or_else(|| decode(format!("no {pointer} field")))?
         };
-        serde_json::from_value(field).map_err(|e| decode(e.to_string()))
+        // Through the text, not `from_value`: a Value-to-struct conversion turns numbers into
+        // f64 (0.000001 into 1e-6, -0 into 0), and templates print numbers as the store wrote
+        // them (Go's json.Number).
+        let text = serde_json::to_vec(&field).expect("a JSON value serializes");
+        serde_json::from_slice(&text).map_err(|e| decode(e.to_string()))
     }
 
     /// `POST auth/<mount>/login` with the method's body.

@@ -81,7 +81,7 @@ pub struct FileReport {
 }
 
 /// Renders one template to text, fetching what it needs.
-pub async fn render_text(p: &Prepared, fetcher: &mut Fetcher) -> Result<String, CycleError> {
+pub async fn render_text(p: &Prepared, fetcher: &mut Fetcher) -> Result<Vec<u8>, CycleError> {
     for _ in 0..MAX_PASSES {
         match render::render(p, &fetcher.known())? {
             Outcome::Rendered {
@@ -118,8 +118,7 @@ pub async fn render_one(
     tracing::debug!(template = %t.config.name, bytes = text.len(), "template rendered");
     // A template with a folder of its own (secret-volume-path-NAME) renders there.
     let out_dir = t.config.dir.as_deref().unwrap_or(out_dir);
-    let written =
-        sink::write_if_changed(out_dir, &t.config.file, text.as_bytes(), t.config.mode())?;
+    let written = sink::write_if_changed(out_dir, &t.config.file, &text, t.config.mode())?;
     let command = match (&t.config.command, written) {
         (Some(cmd), true) => Some(sink::run_command(cmd, out_dir, COMMAND_TIME_LIMIT).await),
         _ => None,

@@ -143,11 +143,31 @@ async fn fetch_one(
     token: &Token,
     key: &SecretKey,
 ) -> Result<Secret, FetchError> {
+    if key.is_file() {
+        // `file "path"`: the agent's own file, as consul-template reads it (a missing file is
+        // an error that names it).
+        let contents = tokio::fs::read(&key.path).await.map_err(|e| {
+            let e = ClientError::LocalFile {
+                path: key.path.clone(),
+                detail: e.to_string(),
+            };
+            FetchError::new(key, e)
+        })?;
+        return Ok(Secret {
+            data: serde_json::json!({ "contents": String::from_utf8_lossy(&contents) }),
+            ..Secret::default()
+        });
+    }
     if key.is_list() {
-        return client
-            .list(token, &key.path)
-            .await
-            .map_err(|e| FetchError::new(key, e));
+        // An empty or missing folder lists as nothing (Vault answers 404), as `secrets` ranges
+        // over nothing in Vault Agent.
+        return match client.list(token, &key.path).await {
+            Err(e) if e.status() == Some(404) => Ok(Secret {
+                data: serde_json::json!({ "keys": [] }),
+                ..Secret::default()
+            }),
+            other => other.map_err(|e| FetchError::new(key, e)),
+        };
     }
     if key.is_write() {
         let params = serde_json::to_value(&key.params).expect("params serialize");

@@ -1,9 +1,15 @@
 //! Differential tests: the same Go template rendered by `bao agent` (OpenBao Agent, the same
 //! template engine as Vault Agent) and by sidekey-agent, against the same real OpenBao and the
 //! same secrets, must give identical bytes. Dynamic secrets differ per read, so those templates
-//! print only their shape (or the values are normalized) before the comparison.
+//! print only their shape (or the values are normalized) before the comparison; request IDs
+//! (a new UUID per read) are masked.
+//!
+//! Besides the cases here, `go_templates/render.txt` holds several hundred one-line templates
+//! (one a line, `## ` lines are comments) that both must render alike, and
+//! `go_templates/fail.txt` templates that both must refuse. All rendering templates go through
+//! one `bao agent` run and one `sidekey-agent init` run, each with every template in it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
@@ -227,28 +233,51 @@ async fn seed(stack: &Stack) {
 }
 
 async fn write_secrets(stack: &Stack) {
-    stack
-        .put_kv2(
+    // Numbers as written: parsed from text (serde_json keeps their text, as the agent's
+    // arbitrary_precision feature makes it), so the store gets 0.000001 and -0, not 1e-6 and 0.
+    // Strings for toYAML's styles, JSON and YAML text, base64 wrapped at 76 columns.
+    let types: Value = serde_json::from_str(
+        r#"{"small": 0.000001, "huge": 1e20, "neg0": -0, "float": 1.50, "exp": 1E+3, "int": 8080,
+            "negint": -12, "null": null, "t": true, "f": false,
+            "list": [1, 2.5, "x", null, true, {"k": "v"}, [1, 2]], "emptylist": [], "emptymap": {},
+            "json": "{\"port\": 8080, \"f\": 1.5, \"big\": 1e21, \"s\": \"x\", \"l\": [1,2], \"n\": null, \"b\": true}",
+            "yaml": "a: 1\nb: [x, y]\nc:\n  d: true\n", "title": "hello wörld ǆ straße",
+            "upper": "ǅ ß ﬁ İ", "csv": "a=1,b=2,c=3", "html": "<a href=\"x\">&'</a>",
+            "long": "line one\nline two\n  indented\n", "multi": "x: |\n  y\n",
+            "a10": 1, "a9": 2, "_u": 3, "1": 4, "10": 5, "2": 6}"#,
+    )
+    .unwrap();
+    let mut types = types;
+    types["wrapped"] = base64_wrapped(&(0u8..=255).cycle().take(300).collect::<Vec<_>>()).into();
+    // Binary: every byte value, not UTF-8 once decoded.
+    let binary: Vec<u8> = (0u8..=255).rev().chain(0u8..=255).collect();
+    let kv2 = [
+        (
             "gotpl/app",
             json!({
                 "user": "app", "password": "p@ss<&>\"'", "port": 5432, "ratio": 0.25, "big": 1000000, "zero": 0,
                 "enabled": true, "empty": "", "tags": ["a", "b"], "nested": { "k": "v", "n": 1 }, "dash-key": "d",
                 "multi": "line1\nline2", "unicode": "héllo ✓", "json": "{\"a\":1}", "b64": "aGVsbG8="
             }),
-        )
-        .await
-        .unwrap();
-    stack
-        .put_kv2(
+        ),
+        (
             "gotpl/unicode",
             json!({ "ключ": "значение", "日本語": "はい", "ª٣": 3, "🔑": "emoji" }),
-        )
-        .await
-        .unwrap();
-    stack
-        .put_kv2("gotpl/other", json!({ "x": "y" }))
-        .await
-        .unwrap();
+        ),
+        ("gotpl/other", json!({ "x": "y" })),
+        ("gotpl/types", types),
+        (
+            "gotpl/binary",
+            json!({ "raw": base64_wrapped(&binary).replace('\n', ""), "wrapped": base64_wrapped(&binary) }),
+        ),
+        (
+            "gotpl/tree",
+            json!({ "a/b": "1", "a/c": 2, "d": "3", "x//y": "5" }),
+        ),
+    ];
+    for (path, data) in kv2 {
+        stack.put_kv2(path, data).await.unwrap();
+    }
     stack
         .put_kv1(
             "gotpl",
@@ -258,12 +287,88 @@ async fn write_secrets(stack: &Stack) {
         .unwrap();
 }
 
-/// Renders with `bao agent` (exit_after_auth). Err carries the agent's output.
-fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
+/// Standard base64, wrapped at 76 columns as the `base64` tool writes it.
+fn base64_wrapped(bytes: &[u8]) -> String {
+    const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut flat = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                flat.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                flat.push('=');
+            }
+        }
+    }
+    let lines: Vec<&str> = flat
+        .as_bytes()
+        .chunks(76)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    format!("{}\n", lines.join("\n"))
+}
+
+/// The one-line cases of a file beside this test: one template a line, `## ` lines and blank
+/// lines skipped.
+fn file_cases(name: &str) -> Vec<Case> {
+    let path = sidekey_tests::workspace_root()
+        .join("tests/tests/go_templates")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("## "))
+        .map(|l| {
+            case(
+                Box::leak(l.to_string().into_boxed_str()),
+                Box::leak(l.to_string().into_boxed_str()),
+            )
+        })
+        .collect()
+}
+
+/// The placeholders a case may use: `WRITE_DIR` (where writeToFile writes, one per engine)
+/// and `FIXTURE_DIR` (files `file` reads).
+fn fill(template: &str, dir: &Path, engine: &str) -> String {
+    template
+        .replace(
+            "WRITE_DIR",
+            &dir.join(format!("{engine}-files")).display().to_string(),
+        )
+        .replace("FIXTURE_DIR", &dir.join("fixtures").display().to_string())
+}
+
+fn fixtures(dir: &Path) {
+    let fixtures = dir.join("fixtures");
+    std::fs::create_dir_all(&fixtures).unwrap();
+    std::fs::write(fixtures.join("plain.txt"), "file contents\nline two\n").unwrap();
+    std::fs::write(
+        fixtures.join("config.json"),
+        r#"{"port": 8080, "name": "app"}"#,
+    )
+    .unwrap();
+}
+
+/// Renders every case in one `bao agent` run (exit_after_auth), each to its own file. Err
+/// carries the agent's output.
+fn bao_render_all(stack: &Stack, dir: &Path, cases: &[&Case]) -> Result<Vec<Vec<u8>>, String> {
     let token = dir.join("token");
     std::fs::write(&token, &stack.app_token).unwrap();
-    let out = dir.join("bao-out");
-    let (left, right) = c.delims.unwrap_or(("{{", "}}"));
+    fixtures(dir);
+    let out = |i: usize| dir.join(format!("bao-out-{i}"));
+    let templates: Vec<Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (left, right) = c.delims.unwrap_or(("{{", "}}"));
+            json!({
+                "contents": fill(c.template, dir, "bao"), "destination": out(i),
+                "left_delimiter": left, "right_delimiter": right,
+                "error_on_missing_key": c.error_on_missing_key
+            })
+        })
+        .collect();
     let config = json!({
         "exit_after_auth": true,
         "pid_file": dir.join("bao.pid"),
@@ -273,10 +378,7 @@ fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
             "sink": [{ "type": "file", "config": { "path": dir.join("sink") } }]
         },
         "template_config": { "exit_on_retry_failure": true },
-        "template": [{
-            "contents": c.template.replace("WRITE_DIR", &dir.join("bao-files").display().to_string()), "destination": out, "left_delimiter": left, "right_delimiter": right,
-            "error_on_missing_key": c.error_on_missing_key
-        }]
+        "template": templates
     });
     let path = dir.join("bao.json");
     std::fs::write(&path, config.to_string()).unwrap();
@@ -298,23 +400,44 @@ fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
     }
     let _ = child.kill();
     let result = child.wait_with_output().unwrap();
-    match std::fs::read_to_string(&out) {
-        Ok(text) if result.status.success() => Ok(text),
-        _ => Err(format!(
+    let failed = || {
+        format!(
             "{}{}",
             String::from_utf8_lossy(&result.stdout),
             String::from_utf8_lossy(&result.stderr)
-        )),
+        )
+    };
+    if !result.status.success() {
+        return Err(failed());
     }
+    (0..cases.len())
+        .map(|i| std::fs::read(out(i)).map_err(|_| failed()))
+        .collect()
 }
 
-fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, String> {
+/// Renders one case with `bao agent`.
+fn bao_render(stack: &Stack, dir: &Path, c: &Case) -> Result<String, String> {
+    bao_render_all(stack, dir, &[c])
+        .map(|mut outs| String::from_utf8(outs.remove(0)).expect("UTF-8 output"))
+}
+
+/// Renders every template in one `sidekey-agent init` run; the files in order.
+fn sidekey_render_all(
+    stack: &Stack,
+    dir: &Path,
+    templates: Vec<Value>,
+) -> Result<Vec<Vec<u8>>, String> {
     let token = dir.join("token");
     std::fs::write(&token, &stack.app_token).unwrap();
+    fixtures(dir);
+    let files: Vec<PathBuf> = templates
+        .iter()
+        .map(|t| dir.join("sk-out").join(t["file"].as_str().unwrap()))
+        .collect();
     let config = json!({
         "store": stack.store_config(),
         "auth": { "type": "token", "token_file": token },
-        "templates": [template],
+        "templates": templates,
         "secrets_dir": dir.join("sk-out"),
         "state_dir": dir.join("sk-state"),
         "lifecycle": { "init_timeout_secs": 5 },
@@ -331,14 +454,20 @@ fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, 
     if !result.status.success() {
         return Err(String::from_utf8_lossy(&result.stderr).to_string());
     }
-    Ok(
-        std::fs::read_to_string(dir.join("sk-out").join(template["file"].as_str().unwrap()))
-            .unwrap(),
-    )
+    Ok(files.iter().map(|f| std::fs::read(f).unwrap()).collect())
+}
+
+fn sidekey_render(stack: &Stack, dir: &Path, template: Value) -> Result<String, String> {
+    sidekey_render_all(stack, dir, vec![template])
+        .map(|mut outs| String::from_utf8(outs.remove(0)).expect("UTF-8 output"))
 }
 
 fn go_template(c: &Case, dir: &Path) -> Value {
-    let mut t = json!({ "name": "t", "file": "out", "contents": c.template.replace("WRITE_DIR", &dir.join("sk-files").display().to_string()), "engine": "go", "error_on_missing_key": c.error_on_missing_key });
+    go_template_named(c, dir, "t", "out")
+}
+
+fn go_template_named(c: &Case, dir: &Path, name: &str, file: &str) -> Value {
+    let mut t = json!({ "name": name, "file": file, "contents": fill(c.template, dir, "sk"), "engine": "go", "error_on_missing_key": c.error_on_missing_key });
     if let Some((l, r)) = c.delims {
         t["left_delimiter"] = l.into();
         t["right_delimiter"] = r.into();
@@ -346,32 +475,93 @@ fn go_template(c: &Case, dir: &Path) -> Value {
     t
 }
 
+/// Request IDs are new for every read: masked, like any 8-4-4-4-12 hex UUID.
+fn mask_uuids(bytes: &[u8]) -> Vec<u8> {
+    let shape = [8, 4, 4, 4, 12];
+    let is_uuid = |b: &[u8]| {
+        let mut i = 0;
+        for (n, len) in shape.iter().enumerate() {
+            if n > 0 {
+                if b.get(i) != Some(&b'-') {
+                    return false;
+                }
+                i += 1;
+            }
+            if b.len() < i + len || !b[i..i + len].iter().all(u8::is_ascii_hexdigit) {
+                return false;
+            }
+            i += len;
+        }
+        true
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_uuid(&bytes[i..]) {
+            out.extend_from_slice(b"<uuid>");
+            i += 36;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn templates_render_byte_for_byte_like_bao_agent() {
     let stack = Stack::shared();
     seed(stack).await;
-    let all = cases();
-    assert!(all.len() >= 25);
+    let mut all = cases();
+    all.extend(file_cases("render.txt"));
+    assert!(all.len() >= 300, "{} cases", all.len());
+    let all: Vec<&Case> = all.iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    // Both engines render every case in one run each.
+    let reference = bao_render_all(stack, dir.path(), &all).unwrap_or_else(|e| {
+        let failing: Vec<&str> = all
+            .iter()
+            .filter(|c| bao_render(stack, tempfile::tempdir().unwrap().path(), c).is_err())
+            .map(|c| c.name)
+            .collect();
+        panic!("bao agent failed on {failing:?}: {e}")
+    });
+    let templates: Vec<Value> = all
+        .iter()
+        .enumerate()
+        .map(|(i, c)| go_template_named(c, dir.path(), &format!("t{i}"), &format!("out-{i}")))
+        .collect();
+    let ours = sidekey_render_all(stack, dir.path(), templates).unwrap_or_else(|e| {
+        let failing: Vec<String> = all
+            .iter()
+            .filter_map(|c| {
+                let one = tempfile::tempdir().unwrap();
+                sidekey_render(stack, one.path(), go_template(c, one.path()))
+                    .err()
+                    .map(|e| format!("{}: {}", c.name, e.trim()))
+            })
+            .collect();
+        panic!("sidekey failed:\n{}\n(batch: {e})", failing.join("\n"))
+    });
+    // Files written by writeToFile must match too.
+    for name in ["written.txt", "appended.txt"] {
+        let theirs = std::fs::read(dir.path().join("bao-files").join(name)).ok();
+        let mine = std::fs::read(dir.path().join("sk-files").join(name)).ok();
+        assert!(theirs.is_some(), "bao agent wrote no {name}");
+        assert_eq!(mine, theirs, "{name}");
+    }
     let mut mismatches = Vec::new();
-    for c in &all {
-        let dir = tempfile::tempdir().unwrap();
-        let reference = bao_render(stack, dir.path(), c)
-            .unwrap_or_else(|e| panic!("{}: bao agent failed: {e}", c.name));
-        let ours = sidekey_render(stack, dir.path(), go_template(c, dir.path()))
-            .unwrap_or_else(|e| panic!("{}: sidekey failed: {e}", c.name));
-        // Files written by writeToFile must match too.
-        for name in ["written.txt", "appended.txt"] {
-            let theirs = std::fs::read_to_string(dir.path().join("bao-files").join(name)).ok();
-            let mine = std::fs::read_to_string(dir.path().join("sk-files").join(name)).ok();
-            assert_eq!(mine, theirs, "{}: {name}", c.name);
-        }
+    for ((c, theirs), mine) in all.iter().zip(&reference).zip(&ours) {
+        let (theirs, mine) = (mask_uuids(theirs), mask_uuids(mine));
         if std::env::var_os("SIDEKEY_DIFF_SHOW").is_some() {
-            eprintln!("{}: {ours:?}", c.name);
+            eprintln!("{}: {:?}", c.name, String::from_utf8_lossy(&mine));
         }
-        if reference != ours {
+        if theirs != mine {
             mismatches.push(format!(
-                "{}:\n  bao agent: {reference:?}\n  sidekey:   {ours:?}",
-                c.name
+                "{}:\n  bao agent: {:?}\n  sidekey:   {:?}",
+                c.name,
+                String::from_utf8_lossy(&theirs),
+                String::from_utf8_lossy(&mine)
             ));
         }
     }
@@ -440,19 +630,33 @@ fn normalize(text: &str) -> String {
     out
 }
 
+/// Renders `c` with both; both must refuse it. Sidekey's one-line error.
+fn refused_by_both(stack: &Stack, c: &Case) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        bao_render(stack, dir.path(), c).is_err(),
+        "{}: bao agent rendered it",
+        c.name
+    );
+    let err = sidekey_render(stack, dir.path(), go_template(c, dir.path())).expect_err(c.name);
+    err.lines().last().unwrap_or_default().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_templates_fail_in_both_with_a_clear_message() {
     let stack = Stack::shared();
     seed(stack).await;
-    for c in failing() {
-        let dir = tempfile::tempdir().unwrap();
+    for c in file_cases("fail.txt") {
+        let line = refused_by_both(stack, &c);
         assert!(
-            bao_render(stack, dir.path(), &c).is_err(),
-            "{}: bao agent rendered it",
+            line.starts_with("sidekey-agent: template t: ")
+                || line.starts_with("sidekey-agent: secret "),
+            "{}: {line}",
             c.name
         );
-        let err = sidekey_render(stack, dir.path(), go_template(&c, dir.path())).expect_err(c.name);
-        let line = err.lines().last().unwrap_or_default().to_string();
+    }
+    for c in failing() {
+        let line = refused_by_both(stack, &c);
         assert!(
             line.starts_with("sidekey-agent: template t: "),
             "{}: {line}",

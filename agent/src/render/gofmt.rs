@@ -58,16 +58,38 @@ fn sorted(map: &Map<String, Value>) -> Vec<(&String, &Value)> {
 
 /// `toJSON`: Go's `json.Marshal`, then `bytes.TrimSpace`.
 pub fn to_json(v: &Value) -> String {
-    let mut out = String::new();
-    write_json(&mut out, v, None, 0);
-    out
+    json_text(v, None, true)
 }
 
 /// `toJSONPretty`: Go's `json.MarshalIndent(v, "", "  ")`, then `bytes.TrimSpace`.
 pub fn to_json_pretty(v: &Value) -> String {
+    json_text(v, Some("  "), true)
+}
+
+/// `toJSON` (`indent` None) or `toJSONPretty`, with or without the HTML escapes (`toUnescapedJSON`
+/// and `toUnescapedJSONPretty` turn them off, as `SetEscapeHTML(false)` does).
+pub fn json_text(v: &Value, indent: Option<&str>, escape_html: bool) -> String {
     let mut out = String::new();
-    write_json(&mut out, v, Some("  "), 0);
+    write_json(&mut out, v, indent, 0, escape_html);
     out
+}
+
+/// A float64 as `encoding/json` writes it: the shortest digits, in exponent form below 1e-6 and
+/// from 1e21 (`1e-7`, `1e+21`), plain otherwise (`8080`, `0.000001`).
+pub fn json_float(f: f64) -> String {
+    let abs = f.abs();
+    if abs != 0.0 && !(1e-6..1e21).contains(&abs) {
+        let sci = format!("{f:e}");
+        let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+        return match exp.strip_prefix('-') {
+            Some(neg) => format!("{mantissa}e-{neg}"),
+            None => format!("{mantissa}e+{exp:0>2}"),
+        };
+    }
+    if f == 0.0 && f.is_sign_negative() {
+        return "-0".into();
+    }
+    format!("{f}")
 }
 
 fn newline(out: &mut String, indent: Option<&str>, depth: usize) {
@@ -79,12 +101,12 @@ fn newline(out: &mut String, indent: Option<&str>, depth: usize) {
     }
 }
 
-fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) {
+fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize, html: bool) {
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => out.push_str(&n.to_string()),
-        Value::String(s) => write_json_string(out, s),
+        Value::String(s) => write_json_string(out, s, html),
         Value::Array(items) => {
             if items.is_empty() {
                 out.push_str("[]");
@@ -96,7 +118,7 @@ fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) {
                     out.push(',');
                 }
                 newline(out, indent, depth + 1);
-                write_json(out, item, indent, depth + 1);
+                write_json(out, item, indent, depth + 1, html);
             }
             newline(out, indent, depth);
             out.push(']');
@@ -112,12 +134,12 @@ fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) {
                     out.push(',');
                 }
                 newline(out, indent, depth + 1);
-                write_json_string(out, k);
+                write_json_string(out, k, html);
                 out.push(':');
                 if indent.is_some() {
                     out.push(' ');
                 }
-                write_json(out, item, indent, depth + 1);
+                write_json(out, item, indent, depth + 1, html);
             }
             newline(out, indent, depth);
             out.push('}');
@@ -126,7 +148,7 @@ fn write_json(out: &mut String, v: &Value, indent: Option<&str>, depth: usize) {
 }
 
 /// Go's `encoding/json` string escaping with HTML escaping on (the `json.Marshal` default).
-fn write_json_string(out: &mut String, s: &str) {
+fn write_json_string(out: &mut String, s: &str, html: bool) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -137,6 +159,7 @@ fn write_json_string(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
+            '<' | '>' | '&' if !html => out.push(c),
             '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
                 out.push_str(&format!("\\u{:04x}", c as u32));
             }

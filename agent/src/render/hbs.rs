@@ -321,7 +321,7 @@ fn to_json_pretty(args: &[Value]) -> Result<Value, String> {
 }
 
 fn to_yaml(args: &[Value]) -> Result<Value, String> {
-    Ok(super::yaml::to_yaml(arg(args, 0)?).into())
+    Ok(super::yaml::to_yaml(&super::yaml::Node::from_json(arg(args, 0)?)).into())
 }
 
 fn env(args: &[Value]) -> Result<Value, String> {

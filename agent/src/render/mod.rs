@@ -29,6 +29,9 @@ pub struct SecretKey {
 /// The parameter that marks a LIST request (`secrets "path"`), not a write.
 const LIST_MARKER: &str = "@list";
 
+/// The parameter that marks a local file (`file "path"`), read by the agent, not the store.
+const FILE_MARKER: &str = "@file";
+
 impl SecretKey {
     pub fn read(path: impl Into<String>) -> SecretKey {
         SecretKey {
@@ -42,11 +45,21 @@ impl SecretKey {
             params: BTreeMap::from([(LIST_MARKER.to_string(), String::new())]),
         }
     }
+    /// A file on the agent's file system (`file "path"`); its content is `data.contents`.
+    pub fn file(path: impl Into<String>) -> SecretKey {
+        SecretKey {
+            path: path.into(),
+            params: BTreeMap::from([(FILE_MARKER.to_string(), String::new())]),
+        }
+    }
     pub fn is_list(&self) -> bool {
         self.params.contains_key(LIST_MARKER)
     }
+    pub fn is_file(&self) -> bool {
+        self.params.contains_key(FILE_MARKER)
+    }
     pub fn is_write(&self) -> bool {
-        !self.params.is_empty() && !self.is_list()
+        !self.params.is_empty() && !self.is_list() && !self.is_file()
     }
 }
 
@@ -56,6 +69,8 @@ impl fmt::Display for SecretKey {
         f.write_str(&self.path)?;
         if self.is_list() {
             f.write_str(" (list)")?;
+        } else if self.is_file() {
+            f.write_str(" (file)")?;
         } else if self.is_write() {
             let names: Vec<&str> = self.params.keys().map(String::as_str).collect();
             write!(f, " (with {})", names.join(", "))?;
@@ -102,10 +117,11 @@ pub enum RenderError {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The file's text, the keys that were missing (rendered empty) for a warning, and the files
-    /// a Go template's `writeToFile` asked for.
+    /// The file's content (bytes: a decoded binary secret reaches the file unchanged), the keys
+    /// that were missing (rendered empty) for a warning, and the files a Go template's
+    /// `writeToFile` asked for.
     Rendered {
-        text: String,
+        text: Vec<u8>,
         missing: Vec<String>,
         writes: Vec<go::FileWrite>,
     },
@@ -235,7 +251,7 @@ pub fn render(p: &Prepared, known: &Arc<Known>) -> Result<Outcome, RenderError> 
     };
     match p.engine {
         EngineKind::Default(format) => Ok(Outcome::Rendered {
-            text: default_format(format, &root["data"]),
+            text: default_format(format, &root["data"]).into_bytes(),
             missing: Vec::new(),
             writes: Vec::new(),
         }),
@@ -285,7 +301,7 @@ fn render_handlebars(
     }
     match strict.result {
         Ok(text) => Ok(Outcome::Rendered {
-            text,
+            text: text.into_bytes(),
             missing: Vec::new(),
             writes: Vec::new(),
         }),
@@ -299,7 +315,7 @@ fn render_handlebars(
             let lax = hbs::render(&p.text, root, known.clone(), false);
             match lax.result {
                 Ok(text) => Ok(Outcome::Rendered {
-                    text,
+                    text: text.into_bytes(),
                     missing: vec![key],
                     writes: Vec::new(),
                 }),

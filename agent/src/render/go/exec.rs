@@ -54,13 +54,21 @@ pub enum Val {
     NoValue,
     /// A nil inside data (JSON null) or the `nil` constant.
     Nil,
+    /// A nil pointer of the named type (a secret's `.Auth`, `.WrapInfo`): prints `<nil>`.
+    NilPtr(&'static str),
     Bool(bool),
     Int(i64),
     Float(f64),
     Str(String),
+    /// A Go string that is not UTF-8 (a decoded binary secret): its bytes reach the file as
+    /// they are.
+    Bytes(Rc<Vec<u8>>),
     /// `json.Number`: prints and compares as a string, encodes as a number.
     Number(String),
     List(Rc<Vec<Val>>),
+    /// A Go `[]string` (what `split` and `secrets` return, a secret's warnings): its elements
+    /// are strings, and Go tells it from `[]interface {}` (`join` takes only this one).
+    Strings(Rc<Vec<Val>>),
     Map(Rc<BTreeMap<String, Val>>),
     /// A `*dependency.Secret`.
     Secret(Rc<Secret>),
@@ -84,18 +92,21 @@ impl Val {
 
     pub fn to_json(&self) -> Json {
         match self {
-            Val::NoValue | Val::Nil => Json::Null,
+            Val::NoValue | Val::Nil | Val::NilPtr(_) => Json::Null,
             Val::Bool(b) => Json::Bool(*b),
             Val::Int(n) => Json::from(*n),
-            Val::Float(f) => serde_json::Number::from_f64(*f)
+            // encoding/json's float64 text: 8080, not 8080.0.
+            Val::Float(f) => gofmt::json_float(*f)
+                .parse::<serde_json::Number>()
                 .map(Json::Number)
                 .unwrap_or(Json::Null),
             Val::Str(s) => Json::String(s.clone()),
+            Val::Bytes(b) => Json::String(String::from_utf8_lossy(b).into_owned()),
             Val::Number(n) => n
                 .parse::<serde_json::Number>()
                 .map(Json::Number)
                 .unwrap_or_else(|_| Json::String(n.clone())),
-            Val::List(l) => Json::Array(l.iter().map(Val::to_json).collect()),
+            Val::List(l) | Val::Strings(l) => Json::Array(l.iter().map(Val::to_json).collect()),
             Val::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
             Val::Secret(s) => secret_struct_json(&s.json),
         }
@@ -105,12 +116,14 @@ impl Val {
     pub fn type_name(&self) -> &'static str {
         match self {
             Val::NoValue | Val::Nil => "<nil>",
+            Val::NilPtr(type_name) => type_name,
             Val::Bool(_) => "bool",
             Val::Int(_) => "int",
             Val::Float(_) => "float64",
-            Val::Str(_) => "string",
+            Val::Str(_) | Val::Bytes(_) => "string",
             Val::Number(_) => "json.Number",
             Val::List(_) => "[]interface {}",
+            Val::Strings(_) => "[]string",
             Val::Map(_) => "map[string]interface {}",
             Val::Secret(_) => "*dependency.Secret",
         }
@@ -118,12 +131,13 @@ impl Val {
 
     pub fn truthy(&self) -> bool {
         match self {
-            Val::NoValue | Val::Nil => false,
+            Val::NoValue | Val::Nil | Val::NilPtr(_) => false,
             Val::Bool(b) => *b,
             Val::Int(n) => *n != 0,
             Val::Float(f) => *f != 0.0,
             Val::Str(s) | Val::Number(s) => !s.is_empty(),
-            Val::List(l) => !l.is_empty(),
+            Val::Bytes(b) => !b.is_empty(),
+            Val::List(l) | Val::Strings(l) => !l.is_empty(),
             Val::Map(m) => !m.is_empty(),
             Val::Secret(_) => true,
         }
@@ -135,6 +149,12 @@ impl Val {
             Val::Str(s) | Val::Number(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+impl From<&str> for Val {
+    fn from(s: &str) -> Val {
+        Val::Str(s.to_string())
     }
 }
 
@@ -152,78 +172,24 @@ fn secret_struct_json(s: &Json) -> Json {
     })
 }
 
-/// Go's `%v` of a value as an action prints it (`{{ . }}`): a nil interface is `<no value>`.
+/// Go's `%v` of a value as an action prints it (`{{ . }}`): a nil interface is `<no value>`,
+/// and a pointer is shown as what it points to (a secret as `{…}`, not `&{…}`).
 pub fn print_top(v: &Val) -> String {
     match v {
         Val::NoValue | Val::Nil => "<no value>".into(),
+        Val::Secret(_) => print(v).split_off(1),
         other => print(other),
     }
 }
 
 /// Go's `%v`.
 pub fn print(v: &Val) -> String {
-    match v {
-        Val::NoValue | Val::Nil => "<nil>".into(),
-        Val::Bool(b) => b.to_string(),
-        Val::Int(n) => n.to_string(),
-        Val::Float(f) => format_float(*f),
-        Val::Str(s) | Val::Number(s) => s.clone(),
-        Val::List(items) => format!(
-            "[{}]",
-            items.iter().map(print).collect::<Vec<_>>().join(" ")
-        ),
-        Val::Map(m) => format!(
-            "map[{}]",
-            m.iter()
-                .map(|(k, v)| format!("{k}:{}", print(v)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-        Val::Secret(s) => {
-            let s = &s.json;
-            let data = gofmt::print_value(&s["data"]);
-            format!(
-                "&{{{} {} {} {} {} {} <nil> <nil>}}",
-                s["request_id"].as_str().unwrap_or(""),
-                s["lease_id"].as_str().unwrap_or(""),
-                s["lease_duration"],
-                s["renewable"],
-                data,
-                gofmt::print_value(&s["warnings"])
-            )
-        }
-    }
+    super::printf::print(v)
 }
 
 /// Go's `strconv.FormatFloat(f, 'g', -1, 64)` as `%v` prints a float64.
 pub fn format_float(f: f64) -> String {
-    if f.is_infinite() {
-        return if f > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        };
-    }
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0".into()
-        } else {
-            "0".into()
-        };
-    }
-    // Shortest round-trip digits, then Go's %g layout for the shortest precision: exponent form
-    // when exp < -4 || exp >= 6.
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
-    let exp: i32 = exp.parse().expect("an integer exponent");
-    if !(-4..6).contains(&exp) {
-        let sign = if exp < 0 { '-' } else { '+' };
-        return format!("{mantissa}e{sign}{:02}", exp.abs());
-    }
-    format!("{f}")
+    super::printf::sprintf("%v", &[Val::Float(f)]).unwrap_or_default()
 }
 
 pub struct Exec<'a> {
@@ -236,6 +202,8 @@ pub struct Exec<'a> {
     defines: HashMap<String, Arc<Vec<Node>>>,
     /// Secrets read so far in this pass, converted once.
     secrets: HashMap<SecretKey, Val>,
+    /// consul-template's scratch pad (`scratch.Set`…), for this pass.
+    scratch: BTreeMap<String, Val>,
     /// Nested bodies and template calls open now.
     depth: usize,
     steps: u64,
@@ -261,6 +229,7 @@ impl<'a> Exec<'a> {
             vars: Vec::new(),
             defines: HashMap::new(),
             secrets: HashMap::new(),
+            scratch: BTreeMap::new(),
             depth: 0,
             steps: 0,
             built: 0,
@@ -299,14 +268,14 @@ impl<'a> Exec<'a> {
         Ok(())
     }
 
-    fn emit(&mut self, out: &mut String, text: &str) -> R<()> {
+    fn emit(&mut self, out: &mut Vec<u8>, text: &[u8]) -> R<()> {
         self.build(text.len())?;
-        out.push_str(text);
+        out.extend_from_slice(text);
         Ok(())
     }
 
     /// Walks a nested body (a block's or a template's), within `MAX_RENDER_DEPTH`.
-    fn nested(&mut self, nodes: &[Node], dot: &Val, out: &mut String) -> R<Flow> {
+    fn nested(&mut self, nodes: &[Node], dot: &Val, out: &mut Vec<u8>) -> R<Flow> {
         if self.depth >= MAX_RENDER_DEPTH {
             return Err(Limit::RenderDepth {
                 limit: MAX_RENDER_DEPTH,
@@ -319,26 +288,29 @@ impl<'a> Exec<'a> {
         flow
     }
 
-    pub fn run(&mut self, tree: &Tree) -> R<String> {
+    pub fn run(&mut self, tree: &Tree) -> R<Vec<u8>> {
         self.defines = tree.defines.clone();
         self.vars = vec![("$".into(), Val::NoValue)];
-        let mut out = String::new();
+        let mut out = Vec::new();
         self.walk(&tree.root, &Val::NoValue, &mut out)?;
         Ok(out)
     }
 
-    fn walk(&mut self, nodes: &[Node], dot: &Val, out: &mut String) -> R<Flow> {
+    fn walk(&mut self, nodes: &[Node], dot: &Val, out: &mut Vec<u8>) -> R<Flow> {
         for node in nodes {
             self.step()?;
             let flow = match node {
                 Node::Text(t) => {
-                    self.emit(out, t)?;
+                    self.emit(out, t.as_bytes())?;
                     Flow::Normal
                 }
                 Node::Action(pipe) => {
                     let v = self.pipe(pipe, dot)?;
                     if pipe.decl.is_empty() {
-                        self.emit(out, &print_top(&v))?;
+                        match &v {
+                            Val::Bytes(b) => self.emit(out, b)?,
+                            other => self.emit(out, print_top(other).as_bytes())?,
+                        }
                     }
                     Flow::Normal
                 }
@@ -382,7 +354,7 @@ impl<'a> Exec<'a> {
                         .defines
                         .get(name)
                         .cloned()
-                        .ok_or_else(|| format!("no such template {name:?}"))?;
+                        .ok_or_else(|| format!("template {name:?} not defined"))?;
                     let arg = match pipe {
                         Some(p) => self.pipe(p, dot)?,
                         None => Val::NoValue,
@@ -410,15 +382,18 @@ impl<'a> Exec<'a> {
         body: &[Node],
         otherwise: &[Node],
         dot: &Val,
-        out: &mut String,
+        out: &mut Vec<u8>,
     ) -> R<()> {
         let mark = self.vars.len();
         let mut inner = pipe.clone();
         let decl = std::mem::take(&mut inner.decl);
         let v = self.pipe(&inner, dot)?;
         let len = match &v {
-            Val::List(l) => l.len(),
+            Val::List(l) | Val::Strings(l) => l.len(),
             Val::Map(m) => m.len(),
+            Val::Int(n) if decl.len() > 1 => {
+                return Err(format!("can't use {n} to iterate over more than one variable").into());
+            }
             Val::Int(n) => usize::try_from(*n).unwrap_or(0),
             Val::NoValue | Val::Nil => 0,
             other => {
@@ -435,7 +410,7 @@ impl<'a> Exec<'a> {
         for i in 0..len {
             self.step()?;
             let (k, x) = match (&v, keys.as_mut()) {
-                (Val::List(l), _) => (Val::Int(i as i64), l[i].clone()),
+                (Val::List(l) | Val::Strings(l), _) => (Val::Int(i as i64), l[i].clone()),
                 (Val::Map(_), Some(entries)) => match entries.next() {
                     Some((k, x)) => (Val::Str(k.clone()), x.clone()),
                     None => break,
@@ -515,6 +490,9 @@ impl<'a> Exec<'a> {
             }
             return self.call(name, args);
         }
+        if matches!(first, Arg::Nil) {
+            return Err("nil is not a command".into());
+        }
         if piped.is_some() || cmd.args.len() > 1 {
             return Err(format!("can't give argument to non-function {}", describe(first)).into());
         }
@@ -579,8 +557,14 @@ impl<'a> Exec<'a> {
                             path: path(),
                         });
                     }
-                    None => Val::NoValue,
+                    // A missing key is the map's zero value, a nil interface.
+                    None => Val::Nil,
                 },
+                // Fields of no value (the root data, `$` at the top) are no value, as in Go.
+                Val::NoValue if self.missing_key_error => {
+                    return Err(format!("nil data; no entry for key {f:?}").into());
+                }
+                Val::NoValue => Val::NoValue,
                 Val::Secret(secret) => match f.as_str() {
                     "Data" => secret.data.clone(),
                     "LeaseID" => Val::Str(
@@ -599,11 +583,14 @@ impl<'a> Exec<'a> {
                             .unwrap_or_default()
                             .to_string(),
                     ),
-                    "Warnings" => match &secret.json["warnings"] {
-                        Json::Null => Val::List(Rc::new(Vec::new())),
-                        w => Val::from_json(w),
-                    },
-                    "Auth" | "WrapInfo" => Val::Nil,
+                    "Warnings" => Val::Strings(Rc::new(
+                        secret.json["warnings"]
+                            .as_array()
+                            .map(|w| w.iter().map(Val::from_json).collect())
+                            .unwrap_or_default(),
+                    )),
+                    "Auth" => Val::NilPtr("*dependency.SecretAuth"),
+                    "WrapInfo" => Val::NilPtr("*dependency.SecretWrapInfo"),
                     other => {
                         return Err(format!(
                             "can't evaluate field {other} in type *dependency.Secret"
@@ -611,7 +598,10 @@ impl<'a> Exec<'a> {
                         .into());
                     }
                 },
-                Val::NoValue | Val::Nil => {
+                Val::NilPtr(type_name) => {
+                    return Err(format!("nil pointer evaluating {type_name}.{f}").into());
+                }
+                Val::Nil => {
                     return Err(format!(
                         "nil pointer evaluating interface {{}}.{f} (at <{}>)",
                         path()
@@ -626,6 +616,90 @@ impl<'a> Exec<'a> {
             };
         }
         Ok(v)
+    }
+
+    /// `executeTemplate name dot`: a defined template rendered to a string.
+    pub fn execute_template(&mut self, name: &str, dot: Val) -> R<Vec<u8>> {
+        let body = self
+            .defines
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("executeTemplate: template {name:?} not defined"))?;
+        let saved = std::mem::replace(&mut self.vars, vec![("$".into(), dot.clone())]);
+        let mut out = Vec::new();
+        let flow = self.nested(&body, &dot, &mut out);
+        self.vars = saved;
+        flow?;
+        Ok(out)
+    }
+
+    /// A method of consul-template's scratch pad: `Key`, `Get`, `Set`, `SetX`, `MapSet`,
+    /// `MapSetX`, `MapValues`.
+    pub fn scratch(&mut self, method: &str, args: Vec<Val>) -> R<Val> {
+        let want = |n: usize| -> R<()> {
+            if args.len() != n {
+                return Err(format!(
+                    "wrong number of args for {method}: want {n} got {}",
+                    args.len()
+                )
+                .into());
+            }
+            Ok(())
+        };
+        let key = |i: usize| -> R<String> {
+            match args.get(i) {
+                Some(Val::Str(s)) => Ok(s.clone()),
+                Some(other) => Err(format!(
+                    "wrong type for value; expected string; got {}",
+                    other.type_name()
+                )
+                .into()),
+                None => Err("invalid value; expected string".into()),
+            }
+        };
+        let empty = Val::Str(String::new());
+        match method {
+            "Key" => {
+                want(1)?;
+                Ok(Val::Bool(self.scratch.contains_key(&key(0)?)))
+            }
+            "Get" => {
+                want(1)?;
+                Ok(self.scratch.get(&key(0)?).cloned().unwrap_or(Val::Nil))
+            }
+            "Set" | "SetX" => {
+                want(2)?;
+                let k = key(0)?;
+                if method == "Set" || !self.scratch.contains_key(&k) {
+                    self.scratch.insert(k, args[1].clone());
+                }
+                Ok(empty)
+            }
+            "MapSet" | "MapSetX" => {
+                want(3)?;
+                let (k, mk) = (key(0)?, key(1)?);
+                let slot = self
+                    .scratch
+                    .entry(k)
+                    .or_insert_with(|| Val::Map(Rc::new(BTreeMap::new())));
+                let Val::Map(map) = slot else {
+                    return Err(format!("scratch: {} is not a map", print(slot)).into());
+                };
+                let map = Rc::make_mut(map);
+                if method == "MapSet" || !map.contains_key(&mk) {
+                    map.insert(mk, args[2].clone());
+                }
+                Ok(empty)
+            }
+            "MapValues" => {
+                want(1)?;
+                Ok(match self.scratch.get(&key(0)?) {
+                    Some(Val::Map(m)) => Val::List(Rc::new(m.values().cloned().collect())),
+                    _ => Val::List(Rc::new(Vec::new())),
+                })
+            }
+            other => Err(format!("can't evaluate field {other} in type *template.Scratch").into()),
+        }
     }
 
     /// The fetched secret for `key`, or a note that it is needed (and a nil secret meanwhile).

@@ -3,11 +3,17 @@
 
 mod exec;
 mod funcs;
+mod lists;
+mod math;
 pub mod parse;
+mod printf;
+mod sprig;
+mod text;
+mod timefmt;
 
 use std::sync::Arc;
 
-pub use exec::ExecError;
+pub use exec::{ExecError, format_float};
 pub use parse::{ParseError, Tree};
 
 use super::Known;
@@ -24,7 +30,7 @@ pub fn compile(text: &str, left: &str, right: &str) -> Result<Arc<Tree>, ParseEr
 /// One pass over what is known: the output or the error, the secrets still needed, and the
 /// files `writeToFile` asked for.
 pub struct Pass {
-    pub result: Result<String, ExecError>,
+    pub result: Result<Vec<u8>, ExecError>,
     pub wanted: Vec<SecretKey>,
     pub writes: Vec<FileWrite>,
 }
@@ -63,7 +69,9 @@ mod tests {
         let tree = compile(text, "{{", "}}").map_err(|e| e.to_string())?;
         let pass = render(&tree, &known(), false);
         assert!(pass.wanted.is_empty(), "{:?}", pass.wanted);
-        pass.result.map_err(|e| e.to_string())
+        pass.result
+            .map(|b| String::from_utf8(b).expect("UTF-8 output"))
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -299,6 +307,6 @@ mod tests {
         .unwrap();
         let pass = render(&tree, &Known::new(), false);
         assert_eq!(pass.wanted, vec![SecretKey::read("secret/data/other")]);
-        assert_eq!(pass.result.unwrap(), " {{ literal }}");
+        assert_eq!(pass.result.unwrap(), b" {{ literal }}");
     }
 }

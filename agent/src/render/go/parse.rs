@@ -179,6 +179,13 @@ fn split(text: &str, left: &str, right: &str) -> Result<Vec<Item>, ParseError> {
             && inner[inner.len() - 1] == b'-'
             && is_space(char::from(inner[inner.len() - 2]));
         let inner_end = if trim_right { end - 1 } else { end };
+        check_comment(
+            text,
+            start,
+            &text[inner_start..inner_end],
+            trim_left,
+            trim_right,
+        )?;
         items.push(Item::Action(
             text[inner_start..inner_end].to_string(),
             start,
@@ -194,6 +201,31 @@ fn split(text: &str, left: &str, right: &str) -> Result<Vec<Item>, ParseError> {
         items.push(Item::Text(tail.to_string()));
     }
     Ok(items)
+}
+
+/// Go's placement rules for a comment: `/*` right after the delimiter (or after `- `), and `*/`
+/// right before it (or before ` -`); `{{ /* c */ }}` is not a comment but a bad command.
+fn check_comment(
+    text: &str,
+    at: usize,
+    raw: &str,
+    trim_left: bool,
+    trim_right: bool,
+) -> Result<(), ParseError> {
+    let body = raw.trim_start_matches(is_space);
+    if !body.starts_with("/*") {
+        return Ok(());
+    }
+    let lead = raw.len() - body.len();
+    if lead != usize::from(trim_left) {
+        return Err(syntax(text, at, "unexpected \"/\" in command"));
+    }
+    let body = raw.trim_end_matches(is_space);
+    let trail = raw.len() - body.len();
+    if body.len() >= 4 && body.ends_with("*/") && trail != usize::from(trim_right) {
+        return Err(syntax(text, at, "comment ends before closing delimiter"));
+    }
+    Ok(())
 }
 
 /// The position of the closing delimiter, skipping quoted strings, raw strings and comments.
@@ -485,7 +517,14 @@ fn tokenize(action: &str) -> Result<Vec<Tok>, String> {
                 i = j;
             }
             c if is_alnum(c) => {
-                let j = name_end(&chars, i);
+                let mut j = name_end(&chars, i);
+                // consul-template's `scratch.Get "k"`: a method of the scratch pad, one name here.
+                if chars[i..j].iter().copied().eq("scratch".chars())
+                    && chars.get(j) == Some(&'.')
+                    && chars.get(j + 1).is_some_and(|c| is_alnum(*c))
+                {
+                    j = name_end(&chars, j + 1);
+                }
                 terminated(&chars, j)?;
                 toks.push(Tok::Ident(chars[i..j].iter().collect()));
                 i = j;
@@ -513,11 +552,21 @@ fn number(lit: &str) -> Result<Tok, String> {
             .flatten()
     };
     let int = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        if let Some((mantissa, exp)) = h.split_once(['p', 'P']) {
+            return hex_float(mantissa, exp)
+                .map(|f| Tok::Float(if neg { -f } else { f }))
+                .ok_or_else(|| format!("bad number syntax: {lit:?}"));
+        }
         radix(h, 16)
     } else if let Some(b) = body.strip_prefix("0b") {
         radix(b, 2)
     } else if let Some(o) = body.strip_prefix("0o") {
         radix(o, 8)
+    } else if body.len() > 1 && body.starts_with('0') && body.bytes().all(|b| b.is_ascii_digit()) {
+        // A leading zero is octal, as in Go (017 is 15, 09 is an error).
+        return radix(&body[1..], 8)
+            .map(|n| Tok::Int(if neg { -n } else { n }))
+            .ok_or_else(|| format!("bad number syntax: {lit:?}"));
     } else {
         // The whole literal, sign included, so that the most negative integer parses.
         return lit
@@ -534,10 +583,32 @@ fn number(lit: &str) -> Result<Tok, String> {
         .map_err(|_| format!("bad number syntax: {lit:?}"))
 }
 
+/// A hexadecimal float's value (`0x1.8p4` is 24): hex digits with an optional point, and a
+/// binary exponent.
+fn hex_float(mantissa: &str, exp: &str) -> Option<f64> {
+    let exp: i32 = exp.parse().ok()?;
+    let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    let mut value = 0f64;
+    for c in whole.chars() {
+        value = value * 16.0 + f64::from(c.to_digit(16)?);
+    }
+    let mut scale = 1.0 / 16.0;
+    for c in frac.chars() {
+        value += f64::from(c.to_digit(16)?) * scale;
+        scale /= 16.0;
+    }
+    Some(value * 2f64.powi(exp))
+}
+
 struct Parser<'a> {
     items: Vec<Item>,
     at: usize,
-    funcs: &'a dyn Fn(&str) -> bool,
+    /// Whether a function exists: Err holds the problem to report (not defined, or one that
+    /// Vault Agent has and Sidekey does not).
+    funcs: &'a dyn Fn(&str) -> Result<(), String>,
     defines: HashMap<String, Arc<Vec<Node>>>,
     source: &'a str,
     /// Blocks and parentheses open around the current position.
@@ -564,7 +635,7 @@ pub fn parse(
     text: &str,
     left: &str,
     right: &str,
-    funcs: &dyn Fn(&str) -> bool,
+    funcs: &dyn Fn(&str) -> Result<(), String>,
 ) -> Result<Tree, ParseError> {
     limits::check_size(text)?;
     let left = if left.is_empty() { "{{" } else { left };
@@ -889,6 +960,10 @@ impl Parser<'_> {
             i = next;
             if i < rest.len() && rest[i] == Tok::Pipe {
                 i += 1;
+                // Go takes a pipe that ends in `|` as if the `|` were not there.
+                if i == rest.len() {
+                    break;
+                }
                 continue;
             }
             break;
@@ -931,8 +1006,10 @@ impl Parser<'_> {
                     name if KEYWORDS.contains(&name) => {
                         return Err(self.err(pos, format!("unexpected {{{{{name}}}}} in operand")));
                     }
-                    name if (self.funcs)(name) => Arg::Ident(name.to_string()),
-                    name => return Err(self.err(pos, format!("function {name:?} not defined"))),
+                    name => match (self.funcs)(name) {
+                        Ok(()) => Arg::Ident(name.to_string()),
+                        Err(problem) => return Err(self.err(pos, problem)),
+                    },
                 },
                 Tok::Open => {
                     let (j, fields) = matching_close(toks, i)
@@ -981,8 +1058,8 @@ fn matching_close(toks: &[Tok], open: usize) -> Option<(usize, Vec<String>)> {
 mod tests {
     use super::*;
 
-    fn any(_: &str) -> bool {
-        true
+    fn any(_: &str) -> Result<(), String> {
+        Ok(())
     }
 
     fn go(text: &str) -> Result<Tree, ParseError> {
@@ -1066,7 +1143,10 @@ mod tests {
         assert!(matches!(otherwise[0], Node::If { .. }));
         assert!(problem("{{ if .a }}").contains("no {{end}}"));
         assert!(problem("{{ end }}").contains("unexpected {{end}}"));
-        let known = |f: &str| f == "secret";
+        let known = |f: &str| match f {
+            "secret" => Ok(()),
+            other => Err(format!("function {other:?} not defined")),
+        };
         assert_eq!(
             parse("x\n{{ nope 1 }}", "{{", "}}", &known).unwrap_err(),
             ParseError::Syntax {
@@ -1074,7 +1154,8 @@ mod tests {
                 problem: "function \"nope\" not defined".into()
             }
         );
-        assert!(go("{{ .x | }}").is_err());
+        // Go takes a trailing `|` as if it were not there.
+        assert!(go("{{ .x | }}").is_ok());
         let t = go("{{ define \"t\" }}T{{ end }}{{ template \"t\" . }}").unwrap();
         assert!(t.defines.contains_key("t"));
     }
@@ -1170,9 +1251,11 @@ mod tests {
         assert!(go("{{ $ключ := 1 }}{{ $ключ }}").is_ok());
         // An identifier that is not a known function is Go's error, not a panic.
         assert_eq!(
-            parse("{{ ключ }}", "{{", "}}", &|f| f == "print")
-                .unwrap_err()
-                .to_string(),
+            parse("{{ ключ }}", "{{", "}}", &|f| Err(format!(
+                "function {f:?} not defined"
+            )))
+            .unwrap_err()
+            .to_string(),
             "line 1: function \"ключ\" not defined"
         );
         for (text, want) in [
