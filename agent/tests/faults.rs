@@ -24,14 +24,7 @@ async fn a_token_revoked_from_outside_is_replaced() {
     sb.init_ok(&config);
     let mut sidecar = sb.start_sidecar(&config);
     let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
-    stack
-        .api(
-            "POST",
-            "auth/token/revoke-accessor",
-            Some(json!({ "accessor": accessor })),
-        )
-        .await
-        .unwrap();
+    revoke_from_outside(stack, &accessor).await;
     wait_for(Duration::from_secs(20), "a new login", || {
         sb.state_json()["accessor"].as_str() != Some(accessor.as_str())
     });

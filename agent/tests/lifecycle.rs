@@ -389,15 +389,7 @@ async fn a_replaced_lease_is_revoked_after_the_overlap_before_it_expires() {
     let stack = Stack::shared();
     // 30 s leases that cannot outlive 40 s: the first renewal (10-20 s) or the next is granted
     // less than asked, and the lease is replaced while it has several seconds left.
-    db_role(stack, "overlap", "30s", "40s").await;
-    let sb = Sandbox::new();
-    let config = sb.config(
-        &stack.addr,
-        sb.kubernetes_auth(stack),
-        db_template("overlap"),
-    );
-    sb.init_ok(&config);
-    let mut sidecar = sb.start_sidecar(&config);
+    let (sb, _, mut sidecar) = db_pod(stack, &stack.addr, "overlap", ("30s", "40s"), |_| {}).await;
     let (user1, _) = creds(&sb);
     let lease1 = db_leases(stack, "overlap").await;
     assert_eq!(lease1.len(), 1);
@@ -434,12 +426,8 @@ async fn a_replaced_lease_is_revoked_after_the_overlap_before_it_expires() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_revoke_on_shutdown_off_sigterm_leaves_the_lease_and_token() {
     let stack = Stack::shared();
-    db_role(stack, "keep", "1m", "10m").await;
-    let sb = Sandbox::new();
-    let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), db_template("keep"));
-    config["lifecycle"]["revoke_on_shutdown"] = false.into();
-    sb.init_ok(&config);
-    let mut sidecar = sb.start_sidecar(&config);
+    let off = |c: &mut Value| c["lifecycle"]["revoke_on_shutdown"] = false.into();
+    let (sb, _, mut sidecar) = db_pod(stack, &stack.addr, "keep", ("1m", "10m"), off).await;
     let (user, _) = creds(&sb);
     let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
     let leases = db_leases(stack, "keep").await;
@@ -497,15 +485,7 @@ async fn with_token_auth_the_leases_are_revoked_and_the_token_kept() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotated_service_account_token_is_checked_not_a_new_login() {
     let stack = Stack::shared();
-    db_role(stack, "rotate-sa", "1m", "10m").await;
-    let sb = Sandbox::new();
-    let config = sb.config(
-        &stack.addr,
-        sb.kubernetes_auth(stack),
-        db_template("rotate-sa"),
-    );
-    sb.init_ok(&config);
-    let mut sidecar = sb.start_sidecar(&config);
+    let (sb, _, mut sidecar) = db_pod(stack, &stack.addr, "rotate-sa", ("1m", "10m"), |_| {}).await;
     let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
     let (user, _) = creds(&sb);
 
@@ -523,14 +503,7 @@ async fn a_rotated_service_account_token_is_checked_not_a_new_login() {
 
     // The token is revoked from outside, then the file rotates again: a new login at once,
     // with the new file, and new credentials under the new token.
-    stack
-        .api(
-            "POST",
-            "auth/token/revoke-accessor",
-            Some(json!({ "accessor": accessor })),
-        )
-        .await
-        .unwrap();
+    revoke_from_outside(stack, &accessor).await;
     sb.file("sa-token", &stack.sa_token());
     wait_for(Duration::from_secs(15), "a new login", || {
         sb.state_json()["accessor"] != accessor.as_str()

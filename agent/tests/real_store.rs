@@ -343,6 +343,10 @@ async fn revoke_removes_the_lease_the_token_and_the_database_user() {
         .unwrap()
         .to_string();
     let accessor = state["accessor"].as_str().unwrap().to_string();
+    assert!(
+        stack.token_alive(&accessor).await,
+        "the token is alive before revoke"
+    );
 
     let path = sb.file("config.json", &config.to_string());
     let out = Command::new(agent())

@@ -26,13 +26,8 @@ async fn sidecar_behind(
     role: &str,
     ttl: &str,
 ) -> (Sandbox, Value, std::process::Child) {
-    db_role(stack, role, ttl, "10m").await;
-    let sb = Sandbox::new();
-    let mut config = sb.config(&proxy.addr, sb.kubernetes_auth(stack), db_template(role));
-    config["store"]["timeout_secs"] = 30.into();
-    sb.init_ok(&config);
-    let sidecar = sb.start_sidecar(&config);
-    (sb, config, sidecar)
+    let timeout = |c: &mut Value| c["store"]["timeout_secs"] = 30.into();
+    db_pod(stack, &proxy.addr, role, (ttl, "10m"), timeout).await
 }
 
 /// Everything the pod held is gone: no lease of the role, no database user, no token.

@@ -221,6 +221,36 @@ pub async fn db_role(stack: &Stack, name: &str, default_ttl: &str, max_ttl: &str
         .unwrap();
 }
 
+/// A pod's agent for a database role of its own (`ttl`, `max_ttl`) on the store at `address`:
+/// `tweak` adjusts the config, `init` renders, then the sidecar runs.
+pub async fn db_pod(
+    stack: &Stack,
+    address: &str,
+    role: &str,
+    (ttl, max_ttl): (&str, &str),
+    tweak: impl FnOnce(&mut Value),
+) -> (Sandbox, Value, Child) {
+    db_role(stack, role, ttl, max_ttl).await;
+    let sb = Sandbox::new();
+    let mut config = sb.config(address, sb.kubernetes_auth(stack), db_template(role));
+    tweak(&mut config);
+    sb.init_ok(&config);
+    let sidecar = sb.start_sidecar(&config);
+    (sb, config, sidecar)
+}
+
+/// Revokes the token with this accessor behind the agent's back (an operator, a breach drill).
+pub async fn revoke_from_outside(stack: &Stack, accessor: &str) {
+    stack
+        .api(
+            "POST",
+            "auth/token/revoke-accessor",
+            Some(json!({ "accessor": accessor })),
+        )
+        .await
+        .unwrap();
+}
+
 /// Every lease under `database/creds/<role>`.
 pub async fn db_leases(stack: &Stack, role: &str) -> Vec<String> {
     stack
