@@ -20,6 +20,8 @@ use sidekey_tests::{Stack, forward, free_port, workspace_root};
 
 const PROXY_ROLE: &str = "e2e-proxy";
 const QUIT_ROLE: &str = "e2e-quit";
+/// Leases of 4 s: alive later only if the cache renews them.
+const SHORT_ROLE: &str = "e2e-proxy-short";
 
 fn fixture(name: &str, stack: &Stack, listener_port: u16) -> Value {
     let text = std::fs::read_to_string(workspace_root().join("tests/fixtures").join(name)).unwrap();
@@ -39,6 +41,7 @@ async fn setup(stack: &Stack) {
         for role in [PROXY_ROLE, QUIT_ROLE] {
             stack.database_role(role, "10m", "1h").await.unwrap();
         }
+        stack.database_role(SHORT_ROLE, "4s", "1h").await.unwrap();
     })
     .await;
 }
@@ -120,23 +123,25 @@ fn wait_for_log(run: &PodRun, container: &str, what: &str) {
     }
 }
 
-/// Asserts that no lease of `role`, none of `users` and no token of `accessors` is left.
+/// Asserts that no lease of `roles`, none of `users` and no token of `accessors` is left.
 async fn assert_nothing_left(
     stack: &Stack,
-    role: &str,
+    roles: &[&str],
     users: &[&str],
     accessors: &[&str],
     log: &str,
 ) {
-    let leases = stack
-        .leases(&format!("database/creds/{role}"))
-        .await
-        .unwrap();
-    assert_eq!(
-        leases,
-        Vec::<String>::new(),
-        "leases outlived the pod; log:\n{log}"
-    );
+    for role in roles {
+        let leases = stack
+            .leases(&format!("database/creds/{role}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            leases,
+            Vec::<String>::new(),
+            "leases outlived the pod; log:\n{log}"
+        );
+    }
     for u in users {
         assert!(
             !stack.pg_role_exists(u).unwrap(),
@@ -282,6 +287,47 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         assert!(metrics.body.contains(line), "{line:?} in\n{}", metrics.body);
     }
 
+    // A lease obtained through the proxy is renewed as the agent's are: alive past its TTL.
+    let short = curl(
+        &run,
+        "app",
+        &format!("\"$VAULT_ADDR/v1/database/creds/{SHORT_ROLE}\""),
+    );
+    assert_eq!(short.status, 200, "{short:?}");
+    let (short_lease, short_user) = (
+        text(&short.json(), "/lease_id"),
+        text(&short.json(), "/data/username"),
+    );
+    let obtained = Instant::now();
+    let renewed = |m: &Answer| {
+        m.body
+            .lines()
+            .find_map(|l| l.strip_prefix("sidekey_agent_cache_renewals "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    while renewed(&curl(&run, "app", "\"$VAULT_ADDR/agent/v1/metrics\"")) < 2
+        || obtained.elapsed() < Duration::from_secs(6)
+    {
+        assert!(
+            obtained.elapsed() < Duration::from_secs(30),
+            "the cache did not renew its 4 s lease:\n{}",
+            run.log("sidekey-agent")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let alive = stack
+        .api(
+            "POST",
+            "sys/leases/lookup",
+            Some(json!({ "lease_id": short_lease })),
+        )
+        .await;
+    assert!(
+        alive.is_ok(),
+        "a 4 s lease gone after 6 s: not renewed ({alive:?})"
+    );
+
     // cache-clear: the next read reaches the store and gets a new lease.
     let cleared = curl(
         &run,
@@ -331,8 +377,8 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     // The app's token, created through the proxy, is revoked too.
     assert_nothing_left(
         stack,
-        PROXY_ROLE,
-        &[&user, &own_user, &third_user],
+        &[PROXY_ROLE, SHORT_ROLE],
+        &[&user, &own_user, &third_user, &short_user],
         &[&app_accessor, &agent_accessor],
         &log,
     )
@@ -410,7 +456,7 @@ async fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
     let codes = run.stop().unwrap();
     assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
     let log = run.log("sidekey-agent");
-    assert_nothing_left(stack, QUIT_ROLE, &[&user], &[&accessor], &log).await;
+    assert_nothing_left(stack, &[QUIT_ROLE], &[&user], &[&accessor], &log).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
