@@ -197,10 +197,12 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     run.run_init_containers(no_app_init).unwrap();
     run.start_sidecars().unwrap();
     wait_for_log(&run, "sidekey-agent", "listening");
+    // The app container's own processes, with curl.
+    let app = |args: &str| curl(&run, "app", args);
     let agent_accessor = text(&state(&run), "/accessor");
 
     // A KV secret, with no token of the app's own: the agent's is added.
-    let kv = curl(&run, "app", "\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
+    let kv = app("\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
     assert_eq!(kv.status, 200, "{kv:?}");
     assert_eq!(kv.json()["data"]["data"]["api_key"], "PROXY-KEY-93d1");
     assert_eq!(
@@ -209,18 +211,14 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         "a static secret is not cached"
     );
     // A token of the app's own is sent as it is (use-auto-auth-token "true"): a bad one fails.
-    let own = curl(
-        &run,
-        "app",
-        "-H 'X-Vault-Token: not-a-token' \"$VAULT_ADDR/v1/secret/data/e2e/proxy\"",
-    );
+    let own = app("-H 'X-Vault-Token: not-a-token' \"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
     assert_eq!(own.status, 403, "{own:?}");
 
     // A dynamic database credential, twice: the same lease and user, the second from the cache.
     let db_url = format!("\"$VAULT_ADDR/v1/database/creds/{PROXY_ROLE}\"");
-    let first = curl(&run, "app", &db_url);
+    let first = app(&db_url);
     assert_eq!(first.status, 200, "{first:?}");
-    let second = curl(&run, "app", &db_url);
+    let second = app(&db_url);
     assert_eq!(second.status, 200);
     let (f, s) = (first.json(), second.json());
     let lease = text(&f, "/lease_id");
@@ -259,24 +257,20 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         "-X POST -d '{}' \"$VAULT_ADDR/v1/auth/kubernetes/login\"",
         json!({ "role": "app", "jwt": stack.pod_sa_token(&pod) })
     );
-    let logged_in = curl(&run, "app", &login);
+    let logged_in = app(&login);
     assert_eq!(logged_in.status, 200, "{logged_in:?}");
-    let again = curl(&run, "app", &login);
+    let again = app(&login);
     let app_token = text(&logged_in.json(), "/auth/client_token");
     let app_accessor = text(&logged_in.json(), "/auth/accessor");
     assert_eq!(again.json()["auth"]["client_token"], app_token.as_str());
-    let with_own = curl(
-        &run,
-        "app",
-        &format!("-H 'X-Vault-Token: {app_token}' {db_url}"),
-    );
+    let with_own = app(&format!("-H 'X-Vault-Token: {app_token}' {db_url}"));
     assert_eq!(with_own.status, 200, "{with_own:?}");
     let own_lease = text(&with_own.json(), "/lease_id");
     assert_ne!(own_lease, lease, "another token, another request");
     let own_user = text(&with_own.json(), "/data/username");
 
     // The counters show the proxied requests and the cache hits.
-    let metrics = curl(&run, "app", "\"$VAULT_ADDR/agent/v1/metrics\"");
+    let metrics = app("\"$VAULT_ADDR/agent/v1/metrics\"");
     assert_eq!(metrics.status, 200);
     for line in [
         "vault_agent_cache_hit 2\n",
@@ -288,11 +282,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     }
 
     // A lease obtained through the proxy is renewed as the agent's are: alive past its TTL.
-    let short = curl(
-        &run,
-        "app",
-        &format!("\"$VAULT_ADDR/v1/database/creds/{SHORT_ROLE}\""),
-    );
+    let short = app(&format!("\"$VAULT_ADDR/v1/database/creds/{SHORT_ROLE}\""));
     assert_eq!(short.status, 200, "{short:?}");
     let (short_lease, short_user) = (
         text(&short.json(), "/lease_id"),
@@ -306,7 +296,7 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    while renewed(&curl(&run, "app", "\"$VAULT_ADDR/agent/v1/metrics\"")) < 2
+    while renewed(&app("\"$VAULT_ADDR/agent/v1/metrics\"")) < 2
         || obtained.elapsed() < Duration::from_secs(6)
     {
         assert!(
@@ -329,34 +319,29 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     );
 
     // cache-clear: the next read reaches the store and gets a new lease.
-    let cleared = curl(
-        &run,
-        "app",
+    let cleared = app(
         "-X POST -d '{\"type\":\"request_path\",\"value\":\"/v1/database/\"}' \"$VAULT_ADDR/agent/v1/cache-clear\"",
     );
     assert_eq!(cleared.status, 200, "{cleared:?}");
-    let third = curl(&run, "app", &db_url);
+    let third = app(&db_url);
     assert_eq!(third.headers.get("x-cache"), None);
     let third_lease = text(&third.json(), "/lease_id");
     assert_ne!(third_lease, lease, "cleared: a new lease");
     let third_user = text(&third.json(), "/data/username");
     let third_password = text(&third.json(), "/data/password");
-    let bad_clear = curl(
-        &run,
-        "app",
-        "-X POST -d '{\"type\":\"everything\"}' \"$VAULT_ADDR/agent/v1/cache-clear\"",
-    );
+    let bad_clear =
+        app("-X POST -d '{\"type\":\"everything\"}' \"$VAULT_ADDR/agent/v1/cache-clear\"");
     assert_eq!(bad_clear.status, 400);
     assert!(bad_clear.body.contains("needs a value") || bad_clear.body.contains("not one of"));
 
     // The pod did not ask for quit.
-    let quit = curl(&run, "app", "-X POST \"$VAULT_ADDR/agent/v1/quit\"");
+    let quit = app("-X POST \"$VAULT_ADDR/agent/v1/quit\"");
     assert_eq!(quit.status, 404, "{quit:?}");
 
     // The store unreachable: a clear 502 naming it.
     forwarder.abort();
     let _ = forwarder.await;
-    let down = curl(&run, "app", "\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
+    let down = app("\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
     assert_eq!(down.status, 502, "{down:?}");
     assert!(
         down.json()["errors"][0]
