@@ -20,6 +20,8 @@ use sidekey_tests::{Stack, forward, free_port, workspace_root};
 
 const PROXY_ROLE: &str = "e2e-proxy";
 const QUIT_ROLE: &str = "e2e-quit";
+/// Leases of 4 s: alive later only if the cache renews them.
+const SHORT_ROLE: &str = "e2e-proxy-short";
 
 fn fixture(name: &str, stack: &Stack, listener_port: u16) -> Value {
     let text = std::fs::read_to_string(workspace_root().join("tests/fixtures").join(name)).unwrap();
@@ -39,6 +41,7 @@ async fn setup(stack: &Stack) {
         for role in [PROXY_ROLE, QUIT_ROLE] {
             stack.database_role(role, "10m", "1h").await.unwrap();
         }
+        stack.database_role(SHORT_ROLE, "4s", "1h").await.unwrap();
     })
     .await;
 }
@@ -120,23 +123,25 @@ fn wait_for_log(run: &PodRun, container: &str, what: &str) {
     }
 }
 
-/// Asserts that no lease of `role`, none of `users` and no token of `accessors` is left.
+/// Asserts that no lease of `roles`, none of `users` and no token of `accessors` is left.
 async fn assert_nothing_left(
     stack: &Stack,
-    role: &str,
+    roles: &[&str],
     users: &[&str],
     accessors: &[&str],
     log: &str,
 ) {
-    let leases = stack
-        .leases(&format!("database/creds/{role}"))
-        .await
-        .unwrap();
-    assert_eq!(
-        leases,
-        Vec::<String>::new(),
-        "leases outlived the pod; log:\n{log}"
-    );
+    for role in roles {
+        let leases = stack
+            .leases(&format!("database/creds/{role}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            leases,
+            Vec::<String>::new(),
+            "leases outlived the pod; log:\n{log}"
+        );
+    }
     for u in users {
         assert!(
             !stack.pg_role_exists(u).unwrap(),
@@ -192,10 +197,12 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     run.run_init_containers(no_app_init).unwrap();
     run.start_sidecars().unwrap();
     wait_for_log(&run, "sidekey-agent", "listening");
+    // The app container's own processes, with curl.
+    let app = |args: &str| curl(&run, "app", args);
     let agent_accessor = text(&state(&run), "/accessor");
 
     // A KV secret, with no token of the app's own: the agent's is added.
-    let kv = curl(&run, "app", "\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
+    let kv = app("\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
     assert_eq!(kv.status, 200, "{kv:?}");
     assert_eq!(kv.json()["data"]["data"]["api_key"], "PROXY-KEY-93d1");
     assert_eq!(
@@ -204,18 +211,14 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         "a static secret is not cached"
     );
     // A token of the app's own is sent as it is (use-auto-auth-token "true"): a bad one fails.
-    let own = curl(
-        &run,
-        "app",
-        "-H 'X-Vault-Token: not-a-token' \"$VAULT_ADDR/v1/secret/data/e2e/proxy\"",
-    );
+    let own = app("-H 'X-Vault-Token: not-a-token' \"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
     assert_eq!(own.status, 403, "{own:?}");
 
     // A dynamic database credential, twice: the same lease and user, the second from the cache.
     let db_url = format!("\"$VAULT_ADDR/v1/database/creds/{PROXY_ROLE}\"");
-    let first = curl(&run, "app", &db_url);
+    let first = app(&db_url);
     assert_eq!(first.status, 200, "{first:?}");
-    let second = curl(&run, "app", &db_url);
+    let second = app(&db_url);
     assert_eq!(second.status, 200);
     let (f, s) = (first.json(), second.json());
     let lease = text(&f, "/lease_id");
@@ -254,24 +257,20 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         "-X POST -d '{}' \"$VAULT_ADDR/v1/auth/kubernetes/login\"",
         json!({ "role": "app", "jwt": stack.pod_sa_token(&pod) })
     );
-    let logged_in = curl(&run, "app", &login);
+    let logged_in = app(&login);
     assert_eq!(logged_in.status, 200, "{logged_in:?}");
-    let again = curl(&run, "app", &login);
+    let again = app(&login);
     let app_token = text(&logged_in.json(), "/auth/client_token");
     let app_accessor = text(&logged_in.json(), "/auth/accessor");
     assert_eq!(again.json()["auth"]["client_token"], app_token.as_str());
-    let with_own = curl(
-        &run,
-        "app",
-        &format!("-H 'X-Vault-Token: {app_token}' {db_url}"),
-    );
+    let with_own = app(&format!("-H 'X-Vault-Token: {app_token}' {db_url}"));
     assert_eq!(with_own.status, 200, "{with_own:?}");
     let own_lease = text(&with_own.json(), "/lease_id");
     assert_ne!(own_lease, lease, "another token, another request");
     let own_user = text(&with_own.json(), "/data/username");
 
     // The counters show the proxied requests and the cache hits.
-    let metrics = curl(&run, "app", "\"$VAULT_ADDR/agent/v1/metrics\"");
+    let metrics = app("\"$VAULT_ADDR/agent/v1/metrics\"");
     assert_eq!(metrics.status, 200);
     for line in [
         "vault_agent_cache_hit 2\n",
@@ -282,35 +281,67 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
         assert!(metrics.body.contains(line), "{line:?} in\n{}", metrics.body);
     }
 
+    // A lease obtained through the proxy is renewed as the agent's are: alive past its TTL.
+    let short = app(&format!("\"$VAULT_ADDR/v1/database/creds/{SHORT_ROLE}\""));
+    assert_eq!(short.status, 200, "{short:?}");
+    let (short_lease, short_user) = (
+        text(&short.json(), "/lease_id"),
+        text(&short.json(), "/data/username"),
+    );
+    let obtained = Instant::now();
+    let renewed = |m: &Answer| {
+        m.body
+            .lines()
+            .find_map(|l| l.strip_prefix("sidekey_agent_cache_renewals "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    while renewed(&app("\"$VAULT_ADDR/agent/v1/metrics\"")) < 2
+        || obtained.elapsed() < Duration::from_secs(6)
+    {
+        assert!(
+            obtained.elapsed() < Duration::from_secs(30),
+            "the cache did not renew its 4 s lease:\n{}",
+            run.log("sidekey-agent")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let alive = stack
+        .api(
+            "POST",
+            "sys/leases/lookup",
+            Some(json!({ "lease_id": short_lease })),
+        )
+        .await;
+    assert!(
+        alive.is_ok(),
+        "a 4 s lease gone after 6 s: not renewed ({alive:?})"
+    );
+
     // cache-clear: the next read reaches the store and gets a new lease.
-    let cleared = curl(
-        &run,
-        "app",
+    let cleared = app(
         "-X POST -d '{\"type\":\"request_path\",\"value\":\"/v1/database/\"}' \"$VAULT_ADDR/agent/v1/cache-clear\"",
     );
     assert_eq!(cleared.status, 200, "{cleared:?}");
-    let third = curl(&run, "app", &db_url);
+    let third = app(&db_url);
     assert_eq!(third.headers.get("x-cache"), None);
     let third_lease = text(&third.json(), "/lease_id");
     assert_ne!(third_lease, lease, "cleared: a new lease");
     let third_user = text(&third.json(), "/data/username");
     let third_password = text(&third.json(), "/data/password");
-    let bad_clear = curl(
-        &run,
-        "app",
-        "-X POST -d '{\"type\":\"everything\"}' \"$VAULT_ADDR/agent/v1/cache-clear\"",
-    );
+    let bad_clear =
+        app("-X POST -d '{\"type\":\"everything\"}' \"$VAULT_ADDR/agent/v1/cache-clear\"");
     assert_eq!(bad_clear.status, 400);
     assert!(bad_clear.body.contains("needs a value") || bad_clear.body.contains("not one of"));
 
     // The pod did not ask for quit.
-    let quit = curl(&run, "app", "-X POST \"$VAULT_ADDR/agent/v1/quit\"");
+    let quit = app("-X POST \"$VAULT_ADDR/agent/v1/quit\"");
     assert_eq!(quit.status, 404, "{quit:?}");
 
     // The store unreachable: a clear 502 naming it.
     forwarder.abort();
     let _ = forwarder.await;
-    let down = curl(&run, "app", "\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
+    let down = app("\"$VAULT_ADDR/v1/secret/data/e2e/proxy\"");
     assert_eq!(down.status, 502, "{down:?}");
     assert!(
         down.json()["errors"][0]
@@ -331,8 +362,8 @@ async fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_ou
     // The app's token, created through the proxy, is revoked too.
     assert_nothing_left(
         stack,
-        PROXY_ROLE,
-        &[&user, &own_user, &third_user],
+        &[PROXY_ROLE, SHORT_ROLE],
+        &[&user, &own_user, &third_user, &short_user],
         &[&app_accessor, &agent_accessor],
         &log,
     )
@@ -410,7 +441,7 @@ async fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
     let codes = run.stop().unwrap();
     assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
     let log = run.log("sidekey-agent");
-    assert_nothing_left(stack, QUIT_ROLE, &[&user], &[&accessor], &log).await;
+    assert_nothing_left(stack, &[QUIT_ROLE], &[&user], &[&accessor], &log).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
