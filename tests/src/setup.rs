@@ -28,11 +28,14 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 path "sys/leases/lookup" { capabilities = ["update"] }
 "#;
 
-/// An HTTP client for the store that trusts only the tests' CA.
+/// An HTTP client for the store that trusts only the tests' CA. It keeps no idle connections:
+/// the shared stack's client serves tests that each run their own tokio runtime, and a pooled
+/// connection dies with the runtime that opened it ("dispatch task is gone" in the next test).
 pub(crate) fn store_http(pki: &crate::pki::Pki) -> Result<reqwest::Client> {
     let ca = reqwest::Certificate::from_pem(pki.ca_pem()?.as_bytes())?;
     Ok(reqwest::Client::builder()
         .tls_certs_only([ca])
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(30))
         .build()?)
 }
