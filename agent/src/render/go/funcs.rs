@@ -436,10 +436,12 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                 "" => Ok(Val::Float(0.0)),
                 s => match s.parse::<f64>() {
                     // Go refuses a number too large for a float64 (but not "inf" itself).
-                    Ok(f) if f.is_infinite() && !s.to_ascii_lowercase().contains("inf") => Err(
-                        format!("parseFloat: strconv.ParseFloat: parsing {s:?}: value out of range")
-                            .into(),
-                    ),
+                    Ok(f) if f.is_infinite() && !s.to_ascii_lowercase().contains("inf") => {
+                        Err(format!(
+                            "parseFloat: strconv.ParseFloat: parsing {s:?}: value out of range"
+                        )
+                        .into())
+                    }
                     Ok(f) => Ok(Val::Float(f)),
                     Err(_) => Err(format!(
                         "parseFloat: strconv.ParseFloat: parsing {s:?}: invalid syntax"
