@@ -744,13 +744,7 @@ fn template_verdict(text: &str, spec: &SecretSpec) -> Result<(), String> {
     config.right_delimiter = spec.right_delimiter.clone();
     let verdict = sidekey_agent::render::prepare(&config, None)
         .map(|_| ())
-        .map_err(|e| {
-            let problem = e.to_string();
-            problem
-                .strip_prefix(&format!("template {}: ", spec.name))
-                .unwrap_or(&problem)
-                .to_string()
-        });
+        .map_err(|e| e.problem());
     if let Ok(mut c) = cache.lock() {
         if c.len() >= 4096 {
             c.clear();

@@ -115,6 +115,20 @@ pub enum RenderError {
     Limit { template: String, limit: Limit },
 }
 
+impl RenderError {
+    /// What is wrong, without the template's name (for messages that name it already, such as
+    /// an admission denial that names the annotation).
+    pub fn problem(&self) -> String {
+        match self {
+            RenderError::Invalid { problem, .. } => problem.clone(),
+            RenderError::MissingKey { key, .. } => {
+                format!("key {key} is missing and error-on-missing-key is set")
+            }
+            RenderError::Limit { .. } => self.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The file's content (bytes: a decoded binary secret reaches the file unchanged), the keys
@@ -496,6 +510,11 @@ mod tests {
         assert_eq!(
             go.to_string(),
             "template db: does not parse: line 1: function \"nope\" not defined"
+        );
+        assert_eq!(
+            go.problem(),
+            "does not parse: line 1: function \"nope\" not defined",
+            "the problem alone, for messages that name the template already"
         );
         let mut t = template(Some("{{data.a}}"));
         t.left_delimiter = Some("[[".into());
