@@ -323,6 +323,8 @@ struct Sample {
     rss: u64,
     /// Anonymous resident memory (kB): what the process holds that no other process shares.
     anon: u64,
+    /// Peak resident set (kB).
+    hwm: u64,
     /// User + system CPU, in clock ticks.
     ticks: u64,
     /// Whether SIGTERM has a handler (the process is ready to be stopped gracefully).
@@ -359,6 +361,7 @@ fn proc_sample(pid: u32) -> Sample {
     Sample {
         rss: kb("VmRSS:"),
         anon: kb("RssAnon:"),
+        hwm: kb("VmHWM:"),
         ticks: tick(11) + tick(12),
         catches_term,
     }
@@ -642,11 +645,7 @@ async fn scale_section(out: &mut String, n: usize, secs: u64) -> Result<()> {
         peak_rss = peak_rss.max(proc_sample(sidecar.id()).rss);
     }
     let renewals: Vec<Instant> = b.renewals.lock().unwrap().clone();
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(sidecar.id() as i32, libc::SIGTERM);
-    }
-    let _ = sidecar.wait();
+    terminate(&mut sidecar)?;
     let mut per_second = std::collections::BTreeMap::<u64, u32>::new();
     for r in renewals.iter().filter(|r| **r >= t0) {
         *per_second.entry((*r - t0).as_secs()).or_default() += 1;
@@ -933,22 +932,9 @@ async fn proxy_section(out: &mut String, n: usize) -> Result<()> {
     .await?;
     let db = format!("http://127.0.0.1:{port}/v1/database/creds/bench");
     let mut hits = time_gets(&proxy_client, &db, None, n).await?;
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", sidecar.id())).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            .unwrap_or(0) as f64
-            / 1024.0
-    };
-    let (rss, hwm) = (field("VmRSS:"), field("VmHWM:"));
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(sidecar.id() as i32, libc::SIGTERM);
-    }
-    let _ = sidecar.wait();
+    let after = proc_sample(sidecar.id());
+    let (rss, hwm) = (after.rss as f64 / 1024.0, after.hwm as f64 / 1024.0);
+    terminate(&mut sidecar)?;
     let (dm, dp) = median_p99(&mut direct);
     let (pm, pp) = median_p99(&mut proxied);
     let (hm, hp) = median_p99(&mut hits);
