@@ -371,10 +371,36 @@ pub async fn forward(port: u16, target: String) -> Result<tokio::task::JoinHandl
     }))
 }
 
-/// Asks the OS for a free loopback TCP port.
+/// A loopback TCP port nothing listens on, for a server a test starts.
+///
+/// The port comes from below the kernel's ephemeral range: a port the kernel handed out with
+/// `bind(0)` is free again the moment it is returned, and any outbound connection on the machine
+/// (the tests make thousands) can take it before the server binds it. Below the range only
+/// another `bind` can take it. Each port is handed out once per process.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = ephemeral_low().clamp(20_001, 65_535);
+    let span = low - 20_000;
+    // Processes start at different points so that test binaries run side by side seldom meet.
+    let origin = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (origin + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (20_000 + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding an ephemeral loopback port")
+}
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }

@@ -146,24 +146,45 @@ fn start(tools: &Tools, dir: &Path, children: &mut Children) -> Result<Info> {
 
     let root_token = format!("root-{}", random_hex(8));
     let pki = crate::pki::pki()?;
-    let ports = Ports {
-        dev: free_port(),
-        main: free_port(),
-        mtls: free_port(),
-        named: free_port(),
-    };
-    let addr = format!("https://127.0.0.1:{}", ports.main);
-    children.bao = Some(start_bao(tools, dir, &ports, pki, &root_token)?);
-    let http = crate::setup::store_http(pki)?;
-
     let signer = JwtSigner::load_or_create(&crate::workspace_root().join(".stack"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let configured = runtime.block_on(async {
-        setup::wait_for_bao(&http, &addr).await?;
-        setup::configure(&http, &addr, &root_token, pg_port, &pg_password, &signer).await
-    })?;
+    let http = crate::setup::store_http(pki)?;
+    // A port can still be taken between choosing it and OpenBao binding it; OpenBao then exits at
+    // once, and the stack starts it again on other ports.
+    let mut attempt = 0;
+    let (addr, ports) = loop {
+        attempt += 1;
+        let ports = Ports {
+            dev: free_port(),
+            main: free_port(),
+            mtls: free_port(),
+            named: free_port(),
+        };
+        let addr = format!("https://127.0.0.1:{}", ports.main);
+        children.bao = Some(start_bao(tools, dir, &ports, pki, &root_token)?);
+        let bao = children.bao.as_mut().expect("just started");
+        match runtime.block_on(setup::wait_for_bao(&http, &addr, bao)) {
+            Ok(()) => break (addr, ports),
+            Err(setup::NotHealthy::Exited(status)) if attempt < 3 => {
+                // Only the reason: the dev server's log also carries the root token.
+                let log = fs::read_to_string(dir.join("bao.log")).unwrap_or_default();
+                let reason = log.lines().find(|l| l.contains("bind")).unwrap_or("");
+                eprintln!("bao server exited ({status}) on start, trying other ports: {reason}");
+                children.bao = None;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let configured = runtime.block_on(setup::configure(
+        &http,
+        &addr,
+        &root_token,
+        pg_port,
+        &pg_password,
+        &signer,
+    ))?;
     Ok(Info {
         addr,
         mtls_port: ports.mtls,

@@ -77,7 +77,23 @@ pub(crate) async fn api(
     Ok(serde_json::from_str(&text)?)
 }
 
-pub(crate) async fn wait_for_bao(client: &reqwest::Client, addr: &str) -> Result<()> {
+/// Why OpenBao did not come up.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotHealthy {
+    #[error("bao server exited before it became healthy: {0}")]
+    Exited(std::process::ExitStatus),
+    #[error("OpenBao at {0} did not become healthy within 60 s")]
+    Timeout(String),
+    #[error("waiting for bao server: {0}")]
+    Wait(#[from] std::io::Error),
+}
+
+/// Waits until OpenBao at `addr` answers its health check, or `bao` exits.
+pub(crate) async fn wait_for_bao(
+    client: &reqwest::Client,
+    addr: &str,
+    bao: &mut std::process::Child,
+) -> Result<(), NotHealthy> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(resp) = client
@@ -89,8 +105,11 @@ pub(crate) async fn wait_for_bao(client: &reqwest::Client, addr: &str) -> Result
         {
             return Ok(());
         }
+        if let Some(status) = bao.try_wait()? {
+            return Err(NotHealthy::Exited(status));
+        }
         if Instant::now() > deadline {
-            bail!("OpenBao at {addr} did not become healthy within 60 s");
+            return Err(NotHealthy::Timeout(addr.to_string()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
