@@ -268,42 +268,7 @@ impl PodRun {
             .args(["--name", &self.podman_name(name)])
             .args(["--hostname", &self.name()])
             .args(["--label", "sidekey-test-pod"]);
-        match (sc["runAsUser"].as_u64(), sc["runAsGroup"].as_u64()) {
-            (Some(u), Some(g)) => cmd.args(["--user", &format!("{u}:{g}")]),
-            (Some(u), None) => cmd.args(["--user", &u.to_string()]),
-            (None, _) => &mut cmd,
-        };
-        if sc["runAsNonRoot"] == true {
-            // The kubelet refuses to start such a container as root; so do we.
-            let uid = match sc["runAsUser"].as_u64() {
-                Some(u) => u,
-                None => image_uid(image)?,
-            };
-            if uid == 0 {
-                bail!("container {name}: runAsNonRoot is set but the container would run as root");
-            }
-        }
-        if sc["readOnlyRootFilesystem"] == true {
-            // No extra tmpfs on /tmp, /run (podman adds them by default; a kubelet does not).
-            cmd.args(["--read-only", "--read-only-tmpfs=false"]);
-        }
-        for cap in strings(&sc["capabilities"]["drop"]) {
-            cmd.args(["--cap-drop", &cap]);
-        }
-        for cap in strings(&sc["capabilities"]["add"]) {
-            cmd.args(["--cap-add", &cap]);
-        }
-        if sc["allowPrivilegeEscalation"] == false {
-            cmd.args(["--security-opt", "no-new-privileges"]);
-        }
-        match sc["seccompProfile"]["type"].as_str() {
-            // podman's default profile is the runtime's default, as RuntimeDefault asks.
-            Some("RuntimeDefault") | None => {}
-            Some("Unconfined") => {
-                cmd.args(["--security-opt", "seccomp=unconfined"]);
-            }
-            Some(other) => bail!("container {name}: seccomp profile {other} is not modelled"),
-        }
+        apply_security_context(&mut cmd, &sc, image, name)?;
         for alias in self.pod["spec"]["hostAliases"]
             .as_array()
             .into_iter()
@@ -699,4 +664,57 @@ pub fn files(dir: &Path) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Turns a container's (merged) security context into the `podman run` options the runtime
+/// enforces, as the kubelet hands them to its runtime: user and group, `runAsNonRoot` (refused
+/// for a root user, as the kubelet refuses), a read-only root file system with no extra tmpfs,
+/// dropped and added capabilities, no privilege escalation, the seccomp profile.
+pub fn apply_security_context(
+    cmd: &mut Command,
+    sc: &Value,
+    image: &str,
+    name: &str,
+) -> Result<()> {
+    match (sc["runAsUser"].as_u64(), sc["runAsGroup"].as_u64()) {
+        (Some(u), Some(g)) => {
+            cmd.args(["--user", &format!("{u}:{g}")]);
+        }
+        (Some(u), None) => {
+            cmd.args(["--user", &u.to_string()]);
+        }
+        (None, _) => {}
+    }
+    if sc["runAsNonRoot"] == true {
+        // The kubelet refuses to start such a container as root; so do we.
+        let uid = match sc["runAsUser"].as_u64() {
+            Some(u) => u,
+            None => image_uid(image)?,
+        };
+        if uid == 0 {
+            bail!("container {name}: runAsNonRoot is set but the container would run as root");
+        }
+    }
+    if sc["readOnlyRootFilesystem"] == true {
+        // No extra tmpfs on /tmp, /run (podman adds them by default; a kubelet does not).
+        cmd.args(["--read-only", "--read-only-tmpfs=false"]);
+    }
+    for cap in strings(&sc["capabilities"]["drop"]) {
+        cmd.args(["--cap-drop", &cap]);
+    }
+    for cap in strings(&sc["capabilities"]["add"]) {
+        cmd.args(["--cap-add", &cap]);
+    }
+    if sc["allowPrivilegeEscalation"] == false {
+        cmd.args(["--security-opt", "no-new-privileges"]);
+    }
+    match sc["seccompProfile"]["type"].as_str() {
+        // podman's default profile is the runtime's default, as RuntimeDefault asks.
+        Some("RuntimeDefault") | None => {}
+        Some("Unconfined") => {
+            cmd.args(["--security-opt", "seccomp=unconfined"]);
+        }
+        Some(other) => bail!("container {name}: seccomp profile {other} is not modelled"),
+    }
+    Ok(())
 }

@@ -660,25 +660,8 @@ fn run_container(
         "--name",
         &name,
     ]);
-    if let (Some(u), g) = (
-        security["runAsUser"].as_u64(),
-        security["runAsGroup"].as_u64(),
-    ) {
-        cmd.args(["--user", &format!("{u}:{}", g.unwrap_or(u))]);
-    }
-    if security["readOnlyRootFilesystem"] == true {
-        cmd.args(["--read-only", "--read-only-tmpfs=false"]);
-    }
-    if security["allowPrivilegeEscalation"] == false {
-        cmd.args(["--security-opt", "no-new-privileges"]);
-    }
-    for cap in security["capabilities"]["drop"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        cmd.args(["--cap-drop", cap.as_str().unwrap()]);
-    }
+    sidekey_tests::pod::apply_security_context(&mut cmd, security, image, "injector")
+        .expect("the chart's security context");
     for (path, folder) in mounts {
         // The kubelet's Secret volumes are readable by the container's user.
         for entry in std::fs::read_dir(folder).into_iter().flatten().flatten() {
