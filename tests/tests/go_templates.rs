@@ -630,11 +630,12 @@ fn normalize(text: &str) -> String {
     for part in text.split_inclusive(['"', ' ', '\n', ':']) {
         let word = part.trim_end_matches(['"', ' ', '\n', ':']);
         let tail = &part[word.len()..];
-        if word.starts_with("v-token-")
-            || word.starts_with("v-root-")
-            || (word.len() == 20 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        // Distinct placeholders, so a swapped username and password still differ.
+        if word.starts_with("v-token-") || word.starts_with("v-root-") {
+            out.push_str("<username>");
+        } else if word.len() == 20 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
-            out.push_str("<dynamic>");
+            out.push_str("<password>");
         } else {
             out.push_str(word);
         }
@@ -699,4 +700,17 @@ async fn failing_templates_fail_in_both_with_a_clear_message() {
         err.contains("secret secret/data/gotpl/nothing-here: does not exist"),
         "{err}"
     );
+}
+
+#[test]
+fn normalization_keeps_a_swapped_username_and_password_apart() {
+    let user = "v-token-app-Xq3n9Lk2mP0aZb7Yc4Wd-1764600000";
+    let password = "A1-b2C3d4E5f6G7h8I9j";
+    let right = format!("username: {user}\npassword: {password}\n");
+    let swapped = format!("username: {password}\npassword: {user}\n");
+    assert_eq!(
+        normalize(&right),
+        "username: <username>\npassword: <password>\n"
+    );
+    assert_ne!(normalize(&right), normalize(&swapped));
 }
