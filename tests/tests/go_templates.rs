@@ -633,8 +633,7 @@ fn normalize(text: &str) -> String {
         // Distinct placeholders, so a swapped username and password still differ.
         if word.starts_with("v-token-") || word.starts_with("v-root-") {
             out.push_str("<username>");
-        } else if word.len() == 20 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        } else if word.len() == 20 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             out.push_str("<password>");
         } else {
             out.push_str(word);
