@@ -150,3 +150,43 @@ fn check_method_files(
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{error, request, with};
+    use super::AuthType;
+
+    #[test]
+    fn auth_types_and_their_parameters() {
+        let (r, _) = request(&with(&[
+            ("auth-type", "approle"),
+            ("auth-config-role-id-file-path", "/vault/custom/role-id"),
+            ("auth-config-secret-id-file-path", "/vault/custom/secret-id"),
+        ]));
+        assert_eq!(r.auth.method, AuthType::Approle);
+        assert_eq!(r.auth.path, "auth/approle");
+        assert_eq!(r.auth.config["role_id_file_path"], "/vault/custom/role-id");
+        assert!(
+            error(&with(&[("auth-type", "approle")]))
+                .contains("auth-config-role-id-file-path: is required for approle auth")
+        );
+        assert!(
+            error(&with(&[("auth-type", "token")]))
+                .contains("auth-config-token-file-path: is required")
+        );
+        let (r, _) = request(&with(&[
+            ("auth-type", "jwt"),
+            ("auth-path", "jwt-cluster1"),
+        ]));
+        assert_eq!(r.auth.path, "auth/jwt-cluster1");
+        // A mount inside a namespace is addressed through the namespace's path.
+        let (r, _) = request(&with(&[("auth-path", "us-west-org/auth/kubernetes")]));
+        assert_eq!(r.auth.path, "us-west-org/auth/kubernetes");
+        // Vault Agent's name for token auth.
+        let (r, _) = request(&with(&[
+            ("auth-type", "token_file"),
+            ("auth-config-token-file-path", "/vault/custom/token"),
+        ]));
+        assert_eq!(r.auth.method, AuthType::Token);
+    }
+}

@@ -117,3 +117,74 @@ fn revoke_sidecar(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{BASE, annotations, defaults, with};
+    use super::super::{Decision, parse};
+    use crate::config::Defaults;
+
+    #[test]
+    fn pre_populate_only_pods_get_a_revoke_sidecar_or_a_capped_token() {
+        let job = with(&[("agent-pre-populate-only", "true")]);
+        let parse_with = |pairs: &[(&str, &str)], native: bool| {
+            let defaults = Defaults {
+                native_sidecars_available: native,
+                ..defaults()
+            };
+            match parse(&annotations(pairs), &defaults).unwrap() {
+                Decision::Inject(r, w) => (*r, w),
+                other => panic!("expected injection, got {other:?}"),
+            }
+        };
+        // Native sidecars: the guard, nothing capped, no warning about it.
+        let (r, w) = parse_with(&job, true);
+        assert!(
+            r.lifecycle.revoke_sidecar && r.lifecycle.init_token_ttl_cap.is_none(),
+            "{w:?}"
+        );
+        assert!(!w.iter().any(|w| w.contains("native sidecars")), "{w:?}");
+        // None: a warning naming the annotation, and the default cap.
+        let (r, w) = parse_with(&job, false);
+        assert!(!r.lifecycle.revoke_sidecar);
+        assert_eq!(r.lifecycle.init_token_ttl_cap, Some(3600));
+        assert!(
+            w.iter().any(
+                |w| w.contains("vault.hashicorp.com/agent-pre-populate-only")
+                    && w.contains("no native sidecars")
+            ),
+            "{w:?}"
+        );
+        // Opted out: no guard, but the cap (the annotation's own value).
+        let mut out = job.clone();
+        out.extend([
+            ("agent-revoke-sidecar", "false"),
+            ("agent-pre-populate-token-ttl", "15m"),
+        ]);
+        let (r, _) = parse_with(&out, true);
+        assert!(!r.lifecycle.revoke_sidecar);
+        assert_eq!(r.lifecycle.init_token_ttl_cap, Some(900));
+        // A pod that keeps its leases on purpose gets neither.
+        let mut keep = job.clone();
+        keep.push(("agent-revoke-on-shutdown", "false"));
+        let (r, _) = parse_with(&keep, true);
+        assert!(!r.lifecycle.revoke_sidecar && r.lifecycle.init_token_ttl_cap.is_none());
+        // A pod with a sidecar is unaffected.
+        let (r, _) = parse_with(&BASE, true);
+        assert!(!r.lifecycle.revoke_sidecar && r.lifecycle.init_token_ttl_cap.is_none());
+        // A bad cap is a denial naming it.
+        let mut bad = job.clone();
+        bad.push(("agent-pre-populate-token-ttl", "soon"));
+        let defaults = Defaults {
+            native_sidecars_available: false,
+            ..defaults()
+        };
+        let err = parse(&annotations(&bad), &defaults)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vault.hashicorp.com/agent-pre-populate-token-ttl"),
+            "{err}"
+        );
+    }
+}

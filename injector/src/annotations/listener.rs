@@ -75,3 +75,65 @@ pub(super) fn parse(
         exit_on_err,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{error, request, with};
+    use sidekey_agent::config::{AutoAuthToken, ListenerConfig};
+
+    #[test]
+    fn the_listener_is_there_only_when_asked_for() {
+        let (r, w) = request(&with(&[]));
+        assert_eq!(r.listener, None, "a pod that did not ask gets no listener");
+        assert!(w.is_empty(), "{w:?}");
+        let (r, _) = request(&with(&[("agent-cache-enable", "true")]));
+        assert_eq!(
+            r.listener,
+            Some(ListenerConfig {
+                port: 8200,
+                enable_quit: false,
+                use_auto_auth_token: AutoAuthToken::True,
+                exit_on_err: false,
+            })
+        );
+        let (r, _) = request(&with(&[
+            ("agent-cache-enable", "true"),
+            ("agent-cache-listener-port", "8300"),
+            ("agent-cache-use-auto-auth-token", "force"),
+            ("agent-cache-exit-on-err", "true"),
+            ("agent-enable-quit", "true"),
+        ]));
+        let l = r.listener.unwrap();
+        assert_eq!((l.port, l.enable_quit, l.exit_on_err), (8300, true, true));
+        assert_eq!(l.use_auto_auth_token, AutoAuthToken::Force);
+        // Quit alone: vault-k8s's empty cache block, a proxy that adds no token.
+        let (r, _) = request(&with(&[("agent-enable-quit", "true")]));
+        let l = r.listener.unwrap();
+        assert!(l.enable_quit);
+        assert_eq!(l.use_auto_auth_token, AutoAuthToken::False);
+        let (r, w) = request(&with(&[
+            ("agent-enable-quit", "true"),
+            ("agent-pre-populate-only", "true"),
+        ]));
+        assert_eq!(r.listener, None);
+        assert!(
+            w.iter()
+                .any(|w| w.contains("agent-enable-quit is ignored: a pre-populate-only pod")),
+            "{w:?}"
+        );
+        assert_eq!(
+            error(&with(&[
+                ("agent-cache-enable", "true"),
+                ("agent-cache-listener-port", "99999")
+            ])),
+            "annotation vault.hashicorp.com/agent-cache-listener-port: \"99999\" is not a TCP port (1-65535)"
+        );
+        assert_eq!(
+            error(&with(&[
+                ("agent-cache-enable", "true"),
+                ("agent-cache-use-auto-auth-token", "always")
+            ])),
+            "annotation vault.hashicorp.com/agent-cache-use-auto-auth-token: \"always\" is not true, false or force"
+        );
+    }
+}

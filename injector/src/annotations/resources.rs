@@ -169,3 +169,18 @@ fn request_and_limit(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{request, with};
+
+    #[test]
+    fn empty_resource_annotation_removes_the_default() {
+        let (r, _) = request(&with(&[
+            ("agent-limits-mem", ""),
+            ("agent-requests-cpu", "250m"),
+        ]));
+        assert_eq!(r.containers.resources.memory_limit, None);
+        assert_eq!(r.containers.resources.cpu_request.as_deref(), Some("250m"));
+    }
+}

@@ -130,3 +130,52 @@ fn client_pair(
     }
     Ok((cert, key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{error, request, with};
+    use crate::annotations::AuthType;
+
+    #[test]
+    fn cert_auth_takes_the_client_certificate_from_either_annotation() {
+        let (r, _) = request(&with(&[
+            ("auth-type", "cert"),
+            ("auth-config-name", "web"),
+            ("client-cert", "/vault/tls/tls.crt"),
+            ("client-key", "/vault/tls/tls.key"),
+        ]));
+        assert_eq!(
+            (
+                r.auth.method,
+                r.auth.path.as_str(),
+                r.auth.config["name"].as_str()
+            ),
+            (AuthType::Cert, "auth/cert", "web")
+        );
+        assert_eq!(r.store.client_cert.as_deref(), Some("/vault/tls/tls.crt"));
+        let (r, _) = request(&with(&[
+            ("auth-type", "cert"),
+            ("auth-config-client-cert", "/vault/custom/c.pem"),
+            ("auth-config-client-key", "/vault/custom/k.pem"),
+        ]));
+        assert_eq!(r.store.client_cert.as_deref(), Some("/vault/custom/c.pem"));
+        assert_eq!(r.store.client_key.as_deref(), Some("/vault/custom/k.pem"));
+        assert_eq!(
+            error(&with(&[("auth-type", "cert")])),
+            "annotation vault.hashicorp.com/client-cert: cert auth needs the client certificate: set client-cert and client-key to files in the agent container (tls-secret mounts at /vault/tls, agent-extra-secret at /vault/custom)"
+        );
+        assert!(
+            error(&with(&[
+                ("auth-type", "cert"),
+                ("client-cert", "/a.pem"),
+                ("client-key", "/k.pem"),
+                ("auth-config-client-cert", "/b.pem"),
+            ]))
+            .starts_with("annotation vault.hashicorp.com/auth-config-client-cert: \"/b.pem\" differs from annotation vault.hashicorp.com/client-cert")
+        );
+        assert_eq!(
+            error(&with(&[("auth-type", "aws")])),
+            "annotation vault.hashicorp.com/auth-type: \"aws\" is not a supported auth method (supported: kubernetes, jwt, approle, token (or token_file), cert)"
+        );
+    }
+}

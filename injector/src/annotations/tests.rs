@@ -1,108 +1,44 @@
-//! The annotation parser's unit tests: decisions, defaults, each group's annotations and the
-//! errors and warnings they give.
+//! The annotation parser's unit tests across the groups (decisions, defaults, per-secret
+//! annotations, prefixes, errors and warnings), and the helpers the groups' own tests use.
 
 use super::*;
-use sidekey_agent::config::{AutoAuthToken, Engine};
+use sidekey_agent::config::Engine;
 
-fn defaults() -> Defaults {
+pub(super) fn defaults() -> Defaults {
     Defaults {
         vault_address: "https://vault.vault.svc:8200".into(),
         ..Defaults::default()
     }
 }
 
-fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+pub(super) fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (format!("vault.hashicorp.com/{k}"), v.to_string()))
         .collect()
 }
 
-fn request(pairs: &[(&str, &str)]) -> (InjectionRequest, Vec<String>) {
+pub(super) fn request(pairs: &[(&str, &str)]) -> (InjectionRequest, Vec<String>) {
     match parse(&annotations(pairs), &defaults()).unwrap() {
         Decision::Inject(r, w) => (*r, w),
         other => panic!("expected injection, got {other:?}"),
     }
 }
 
-fn error(pairs: &[(&str, &str)]) -> String {
+pub(super) fn error(pairs: &[(&str, &str)]) -> String {
     parse(&annotations(pairs), &defaults())
         .unwrap_err()
         .to_string()
 }
 
-const BASE: [(&str, &str); 3] = [
+pub(super) const BASE: [(&str, &str); 3] = [
     ("agent-inject", "true"),
     ("role", "app"),
     ("agent-inject-secret-db", "database/creds/app"),
 ];
 
-fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+pub(super) fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     BASE.iter().chain(extra).copied().collect()
-}
-
-#[test]
-fn pre_populate_only_pods_get_a_revoke_sidecar_or_a_capped_token() {
-    let job = with(&[("agent-pre-populate-only", "true")]);
-    let parse_with = |pairs: &[(&str, &str)], native: bool| {
-        let defaults = Defaults {
-            native_sidecars_available: native,
-            ..defaults()
-        };
-        match parse(&annotations(pairs), &defaults).unwrap() {
-            Decision::Inject(r, w) => (*r, w),
-            other => panic!("expected injection, got {other:?}"),
-        }
-    };
-    // Native sidecars: the guard, nothing capped, no warning about it.
-    let (r, w) = parse_with(&job, true);
-    assert!(
-        r.lifecycle.revoke_sidecar && r.lifecycle.init_token_ttl_cap.is_none(),
-        "{w:?}"
-    );
-    assert!(!w.iter().any(|w| w.contains("native sidecars")), "{w:?}");
-    // None: a warning naming the annotation, and the default cap.
-    let (r, w) = parse_with(&job, false);
-    assert!(!r.lifecycle.revoke_sidecar);
-    assert_eq!(r.lifecycle.init_token_ttl_cap, Some(3600));
-    assert!(
-        w.iter().any(
-            |w| w.contains("vault.hashicorp.com/agent-pre-populate-only")
-                && w.contains("no native sidecars")
-        ),
-        "{w:?}"
-    );
-    // Opted out: no guard, but the cap (the annotation's own value).
-    let mut out = job.clone();
-    out.extend([
-        ("agent-revoke-sidecar", "false"),
-        ("agent-pre-populate-token-ttl", "15m"),
-    ]);
-    let (r, _) = parse_with(&out, true);
-    assert!(!r.lifecycle.revoke_sidecar);
-    assert_eq!(r.lifecycle.init_token_ttl_cap, Some(900));
-    // A pod that keeps its leases on purpose gets neither.
-    let mut keep = job.clone();
-    keep.push(("agent-revoke-on-shutdown", "false"));
-    let (r, _) = parse_with(&keep, true);
-    assert!(!r.lifecycle.revoke_sidecar && r.lifecycle.init_token_ttl_cap.is_none());
-    // A pod with a sidecar is unaffected.
-    let (r, _) = parse_with(&BASE, true);
-    assert!(!r.lifecycle.revoke_sidecar && r.lifecycle.init_token_ttl_cap.is_none());
-    // A bad cap is a denial naming it.
-    let mut bad = job.clone();
-    bad.push(("agent-pre-populate-token-ttl", "soon"));
-    let defaults = Defaults {
-        native_sidecars_available: false,
-        ..defaults()
-    };
-    let err = parse(&annotations(&bad), &defaults)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("vault.hashicorp.com/agent-pre-populate-token-ttl"),
-        "{err}"
-    );
 }
 
 #[test]
@@ -348,139 +284,6 @@ fn warnings_for_accepted_but_inert_annotations() {
 }
 
 #[test]
-fn the_listener_is_there_only_when_asked_for() {
-    let (r, w) = request(&with(&[]));
-    assert_eq!(r.listener, None, "a pod that did not ask gets no listener");
-    assert!(w.is_empty(), "{w:?}");
-    let (r, _) = request(&with(&[("agent-cache-enable", "true")]));
-    assert_eq!(
-        r.listener,
-        Some(ListenerConfig {
-            port: 8200,
-            enable_quit: false,
-            use_auto_auth_token: AutoAuthToken::True,
-            exit_on_err: false,
-        })
-    );
-    let (r, _) = request(&with(&[
-        ("agent-cache-enable", "true"),
-        ("agent-cache-listener-port", "8300"),
-        ("agent-cache-use-auto-auth-token", "force"),
-        ("agent-cache-exit-on-err", "true"),
-        ("agent-enable-quit", "true"),
-    ]));
-    let l = r.listener.unwrap();
-    assert_eq!((l.port, l.enable_quit, l.exit_on_err), (8300, true, true));
-    assert_eq!(l.use_auto_auth_token, AutoAuthToken::Force);
-    // Quit alone: vault-k8s's empty cache block, a proxy that adds no token.
-    let (r, _) = request(&with(&[("agent-enable-quit", "true")]));
-    let l = r.listener.unwrap();
-    assert!(l.enable_quit);
-    assert_eq!(l.use_auto_auth_token, AutoAuthToken::False);
-    let (r, w) = request(&with(&[
-        ("agent-enable-quit", "true"),
-        ("agent-pre-populate-only", "true"),
-    ]));
-    assert_eq!(r.listener, None);
-    assert!(
-        w.iter()
-            .any(|w| w.contains("agent-enable-quit is ignored: a pre-populate-only pod")),
-        "{w:?}"
-    );
-    assert_eq!(
-        error(&with(&[
-            ("agent-cache-enable", "true"),
-            ("agent-cache-listener-port", "99999")
-        ])),
-        "annotation vault.hashicorp.com/agent-cache-listener-port: \"99999\" is not a TCP port (1-65535)"
-    );
-    assert_eq!(
-        error(&with(&[
-            ("agent-cache-enable", "true"),
-            ("agent-cache-use-auto-auth-token", "always")
-        ])),
-        "annotation vault.hashicorp.com/agent-cache-use-auto-auth-token: \"always\" is not true, false or force"
-    );
-}
-
-#[test]
-fn auth_types_and_their_parameters() {
-    let (r, _) = request(&with(&[
-        ("auth-type", "approle"),
-        ("auth-config-role-id-file-path", "/vault/custom/role-id"),
-        ("auth-config-secret-id-file-path", "/vault/custom/secret-id"),
-    ]));
-    assert_eq!(r.auth.method, AuthType::Approle);
-    assert_eq!(r.auth.path, "auth/approle");
-    assert_eq!(r.auth.config["role_id_file_path"], "/vault/custom/role-id");
-    assert!(
-        error(&with(&[("auth-type", "approle")]))
-            .contains("auth-config-role-id-file-path: is required for approle auth")
-    );
-    assert!(
-        error(&with(&[("auth-type", "token")]))
-            .contains("auth-config-token-file-path: is required")
-    );
-    let (r, _) = request(&with(&[
-        ("auth-type", "jwt"),
-        ("auth-path", "jwt-cluster1"),
-    ]));
-    assert_eq!(r.auth.path, "auth/jwt-cluster1");
-    // A mount inside a namespace is addressed through the namespace's path.
-    let (r, _) = request(&with(&[("auth-path", "us-west-org/auth/kubernetes")]));
-    assert_eq!(r.auth.path, "us-west-org/auth/kubernetes");
-    // Vault Agent's name for token auth.
-    let (r, _) = request(&with(&[
-        ("auth-type", "token_file"),
-        ("auth-config-token-file-path", "/vault/custom/token"),
-    ]));
-    assert_eq!(r.auth.method, AuthType::Token);
-}
-
-#[test]
-fn cert_auth_takes_the_client_certificate_from_either_annotation() {
-    let (r, _) = request(&with(&[
-        ("auth-type", "cert"),
-        ("auth-config-name", "web"),
-        ("client-cert", "/vault/tls/tls.crt"),
-        ("client-key", "/vault/tls/tls.key"),
-    ]));
-    assert_eq!(
-        (
-            r.auth.method,
-            r.auth.path.as_str(),
-            r.auth.config["name"].as_str()
-        ),
-        (AuthType::Cert, "auth/cert", "web")
-    );
-    assert_eq!(r.store.client_cert.as_deref(), Some("/vault/tls/tls.crt"));
-    let (r, _) = request(&with(&[
-        ("auth-type", "cert"),
-        ("auth-config-client-cert", "/vault/custom/c.pem"),
-        ("auth-config-client-key", "/vault/custom/k.pem"),
-    ]));
-    assert_eq!(r.store.client_cert.as_deref(), Some("/vault/custom/c.pem"));
-    assert_eq!(r.store.client_key.as_deref(), Some("/vault/custom/k.pem"));
-    assert_eq!(
-        error(&with(&[("auth-type", "cert")])),
-        "annotation vault.hashicorp.com/client-cert: cert auth needs the client certificate: set client-cert and client-key to files in the agent container (tls-secret mounts at /vault/tls, agent-extra-secret at /vault/custom)"
-    );
-    assert!(
-        error(&with(&[
-            ("auth-type", "cert"),
-            ("client-cert", "/a.pem"),
-            ("client-key", "/k.pem"),
-            ("auth-config-client-cert", "/b.pem"),
-        ]))
-        .starts_with("annotation vault.hashicorp.com/auth-config-client-cert: \"/b.pem\" differs from annotation vault.hashicorp.com/client-cert")
-    );
-    assert_eq!(
-        error(&with(&[("auth-type", "aws")])),
-        "annotation vault.hashicorp.com/auth-type: \"aws\" is not a supported auth method (supported: kubernetes, jwt, approle, token (or token_file), cert)"
-    );
-}
-
-#[test]
 fn agent_configmap_takes_the_login_and_the_templates_from_the_config_map() {
     let (r, w) = request(&[
         ("agent-inject", "true"),
@@ -572,14 +375,4 @@ fn small_parsers() {
     assert_eq!(parse_bool("T"), Some(true));
     assert_eq!(parse_bool("0"), Some(false));
     assert_eq!(parse_bool("yes"), None);
-}
-
-#[test]
-fn empty_resource_annotation_removes_the_default() {
-    let (r, _) = request(&with(&[
-        ("agent-limits-mem", ""),
-        ("agent-requests-cpu", "250m"),
-    ]));
-    assert_eq!(r.containers.resources.memory_limit, None);
-    assert_eq!(r.containers.resources.cpu_request.as_deref(), Some("250m"));
 }
