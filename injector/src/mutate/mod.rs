@@ -61,6 +61,7 @@ pub struct Mutation {
     pub warnings: Vec<String>,
 }
 
+/// A denial about the annotation `suffix`, named under the prefix the pod's status key uses.
 fn annotation_error(
     req: &InjectionRequest,
     suffix: &str,
@@ -93,7 +94,7 @@ fn is_agent_container(c: &crate::pod::ContainerView) -> bool {
     c.command
         .as_ref()
         .and_then(|cmd| cmd.first())
-        .is_some_and(|program| program == "sidekey-agent")
+        .is_some_and(|program| program == AGENT_BINARY)
 }
 
 /// Decides everything the pod gains, from what the pod already has. `config_env` is
