@@ -228,7 +228,7 @@ fn decide(
         ));
     }
     let mode = match (&mutation.init_container, &mutation.sidecar) {
-        _ if request.native_sidecar => "native sidecar",
+        _ if request.lifecycle.native_sidecar => "native sidecar",
         _ if mutation.guard.is_some() => "init and revoke-only native sidecar",
         (Some(_), Some(_)) => "init and sidecar",
         (Some(_), None) => "init only",
@@ -242,7 +242,7 @@ fn decide(
             warnings,
         },
         Outcome::Injected,
-        format!("injected ({mode}, {} secrets)", request.secrets.len()),
+        format!("injected ({mode}, {} secrets)", request.secrets.specs.len()),
     ))
 }
 
