@@ -53,9 +53,14 @@ ca_bundle=/etc/ssl/certs/ca-certificates.crt
 [ -s "$ca_bundle" ] || { say "no CA bundle at $ca_bundle; install it with: apt-get install -y ca-certificates"; exit 1; }
 
 for name in sidekey-agent sidekey-injector; do
-  say "building $name alone (release, static)"
-  cargo build --release --locked -p "$name" --target "$triple" --bin "$name"
-  bin="target/$triple/release/$name"
+  # The agent has a profile of its own (agent-release: opt-level "z", see Cargo.toml).
+  case $name in
+    sidekey-agent) profile=agent-release ;;
+    *) profile=release ;;
+  esac
+  say "building $name alone ($profile, static)"
+  cargo build --profile "$profile" --locked -p "$name" --target "$triple" --bin "$name"
+  bin="target/$triple/$profile/$name"
   if ! file_out=$(LC_ALL=C readelf -l "$bin" 2>/dev/null) || grep -q 'Requesting program interpreter' <<<"$file_out"; then
     say "$bin is not a static executable"
     exit 1
