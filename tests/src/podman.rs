@@ -119,7 +119,7 @@ fn load_images() -> Result<Images> {
 }
 
 fn shipped_agent_path() -> PathBuf {
-    workspace_root().join(format!("target/{TRIPLE}/release/sidekey-agent"))
+    workspace_root().join(format!("target/{TRIPLE}/agent-release/sidekey-agent"))
 }
 
 /// The agent binary exactly as it ships: built alone, static, by `scripts/images.sh`, the file

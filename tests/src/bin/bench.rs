@@ -1003,7 +1003,7 @@ async fn main() -> Result<()> {
     writeln!(out, "# Benchmarks\n")?;
     writeln!(
         out,
-        "Written by `bench/run.sh` (do not edit by hand). Machine: {}. Release builds with fat LTO: the agent at `opt-level = \"s\"`, the injector and the baseline webhook at 3. Figures are ratios taken in one run: Sidekey and its reference measured side by side.\n",
+        "Written by `bench/run.sh` (do not edit by hand). Machine: {}. Release builds with fat LTO: the agent at `opt-level = \"z\"`, the injector and the baseline webhook at 3. Figures are ratios taken in one run: Sidekey and its reference measured side by side.\n",
         machine()
     )?;
     if wanted("agent") {

@@ -5,6 +5,7 @@ mod exec;
 mod funcs;
 mod lists;
 mod math;
+mod md5;
 pub mod parse;
 mod printf;
 mod sprig;

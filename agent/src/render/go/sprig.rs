@@ -818,7 +818,7 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         }
         "regexMatch" => Ok(Val::Bool(txt::regex_match(&s(0)?, &s(1)?)?)),
         "regexFind" | "regexFindAll" | "regexSplit" => {
-            let re = regex::Regex::new(&s(0)?)
+            let re = txt::go_regex(&s(0)?)
                 .map_err(|e| format!("sprig_{name}: error parsing regexp: {e}"))?;
             let text = s(1)?;
             let limit = match n(2) {
@@ -852,7 +852,7 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             if name == "regexReplaceAll" {
                 return Ok(Val::Str(txt::regex_replace_all(&pattern, &to, &text)?));
             }
-            let re = regex::Regex::new(&pattern)
+            let re = txt::go_regex(&pattern)
                 .map_err(|e| format!("sprig_{name}: error parsing regexp: {e}"))?;
             Ok(Val::Str(
                 re.replace_all(&text, regex::NoExpand(&to)).into_owned(),

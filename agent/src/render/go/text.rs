@@ -1,11 +1,9 @@
 //! Text functions as Go and consul-template define them: case mapping per rune (Go's simple
 //! Unicode mapping, not Rust's full one), `toTitle` (x/text/cases title casing without
 //! lowering), Go's `html`, `js` and `urlquery` escapers, regular expressions (RE2 syntax, which
-//! the regex crate shares), and the hex digests.
+//! the regex crate shares, with Go's ASCII Perl classes), and the hex digests (SHA-256 and HMAC
+//! from `ring`, which the TLS stack links anyway).
 
-use hmac::{Hmac, Mac};
-use md5::Md5;
-use sha2::{Digest, Sha256};
 use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 
 /// `strings.ToUpper`: each rune's simple upper case; a rune whose upper case is several runes
@@ -183,8 +181,88 @@ pub fn urlquery(s: &str) -> String {
     out
 }
 
+/// A Go (RE2) pattern in the regex crate's syntax. Both take RE2's syntax, but Go's Perl classes
+/// and word boundaries are ASCII (`\d` is `[0-9]`, `\w` `[0-9A-Za-z_]`, `\s` `[\t\n\f\r ]`, `\b`
+/// between an ASCII word character and anything else) where the crate's are Unicode; `\Q…\E` is
+/// literal text; and in a class `[` is a plain character (unless it opens `[:name:]`) where the
+/// crate nests classes and reads `&&` and `~~` as set operations.
+pub fn go_pattern(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut rest = pattern;
+    // Inside a class, and whether a `]` now is still the class's first character (a literal).
+    let (mut in_class, mut class_first) = (false, false);
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        let first = std::mem::take(&mut class_first);
+        match c {
+            '\\' => {
+                let Some(e) = rest.chars().next() else {
+                    out.push('\\');
+                    break;
+                };
+                rest = &rest[e.len_utf8()..];
+                let ascii = match e {
+                    'd' => "[0-9]",
+                    'D' => "[^0-9]",
+                    'w' => "[0-9A-Za-z_]",
+                    'W' => "[^0-9A-Za-z_]",
+                    's' => r"[\t\n\x0C\r\x20]",
+                    'S' => r"[^\t\n\x0C\r\x20]",
+                    'b' if !in_class => r"(?-u:\b)",
+                    'B' if !in_class => r"(?-u:\B)",
+                    'Q' if !in_class => {
+                        let (quoted, after) = rest.split_once(r"\E").unwrap_or((rest, ""));
+                        out.push_str(&regex::escape(quoted));
+                        rest = after;
+                        continue;
+                    }
+                    _ => {
+                        out.push('\\');
+                        out.push(e);
+                        continue;
+                    }
+                };
+                out.push_str(ascii);
+            }
+            '[' if !in_class => {
+                out.push('[');
+                in_class = true;
+                class_first = true;
+                if let Some(after) = rest.strip_prefix('^') {
+                    out.push('^');
+                    rest = after;
+                }
+            }
+            '[' => match rest.strip_prefix(':').and_then(|r| r.split_once(":]")) {
+                Some((name, after)) => {
+                    out.push_str("[:");
+                    out.push_str(name);
+                    out.push_str(":]");
+                    rest = after;
+                }
+                None => out.push_str(r"\["),
+            },
+            ']' if in_class && !first => {
+                out.push(']');
+                in_class = false;
+            }
+            '&' | '~' if in_class => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A Go pattern compiled, or the crate's reason for refusing it.
+pub fn go_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&go_pattern(pattern))
+}
+
 fn regex(name: &str, pattern: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(pattern).map_err(|e| {
+    go_regex(pattern).map_err(|e| {
         let first = e.to_string();
         let why = first.lines().last().unwrap_or_default().trim().to_string();
         format!("{name}: error parsing regexp {pattern:?}: {why}")
@@ -208,18 +286,17 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn sha256_hex(input: &[u8]) -> String {
-    hex(&Sha256::digest(input))
+    hex(ring::digest::digest(&ring::digest::SHA256, input).as_ref())
 }
 
 pub fn md5_hex(input: &[u8]) -> String {
-    hex(&Md5::digest(input))
+    hex(&super::md5::digest(input))
 }
 
 /// `hmacSHA256Hex message key`.
 pub fn hmac_sha256_hex(message: &[u8], key: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any size");
-    mac.update(message);
-    hex(&mac.finalize().into_bytes())
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    hex(ring::hmac::sign(&key, message).as_ref())
 }
 
 #[cfg(test)]
@@ -262,9 +339,52 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
         assert_eq!(
             hmac_sha256_hex(b"msg", b"key"),
             "2d93cbc1be167bcb1637a4a23cbff01a7878f0c50ee833954ea5221bb1b8c628"
         );
+    }
+
+    #[test]
+    fn go_perl_classes_and_word_boundaries_are_ascii() {
+        let m = |p: &str, s: &str| regex_match(p, s).unwrap();
+        assert!(m(r"^\d+$", "0123456789"));
+        assert!(!m(r"\d", "١٢٣"));
+        assert!(m(r"\D", "١"));
+        assert!(m(r"^\w+$", "aZ_09"));
+        assert!(!m(r"\w", "é"));
+        assert!(m(r"^\W$", "é"));
+        assert!(m(r"^\s+$", "\t\n\x0C\r "));
+        assert!(!m(r"\s", "\u{a0}\u{2003}\x0B"));
+        assert!(m(r"^\S$", "\u{a0}"));
+        assert_eq!(regex_replace_all(r"\bx", "_", "éx x").unwrap(), "é_ _");
+        assert_eq!(regex_replace_all(r"\B", "-", "ab é").unwrap(), "a-b -é-");
+        // In a class too, and negated classes nest.
+        assert_eq!(regex_replace_all(r"[\d\s]", "_", "1 ١").unwrap(), "__١");
+        assert_eq!(regex_replace_all(r"[^\W]", "_", "aé").unwrap(), "_é");
+        // Unicode where Go is: case folding, categories, scripts.
+        assert!(m(r"(?i)σ", "Σ"));
+        assert!(m(r"(?i)k", "\u{212a}"));
+        assert!(m(r"^\pL+$", "héllo"));
+        assert!(m(r"^\p{Greek}+$", "αβγ"));
+        assert!(!m(r"[[:alpha:]]", "é"));
+        assert!(m(r"^[[:^alpha:]]$", "é"));
+    }
+
+    #[test]
+    fn go_literal_text_and_class_syntax() {
+        let r = |p: &str, s: &str| regex_replace_all(p, "_", s).unwrap();
+        assert_eq!(r(r"\Q.*\E", "a.*b.c"), "a_b.c");
+        assert_eq!(r(r"a\Q+(", "a+(b"), "_b");
+        assert_eq!(r(r"\\d", r"\d1"), "_1");
+        // `[` in a class is a character; `&&` and `~~` are characters, not set operations.
+        assert_eq!(r(r"[[a]", "[a]"), "__]");
+        assert_eq!(r(r"[a&&b]", "a&b"), "___");
+        assert_eq!(r(r"[a~~b]", "a~b"), "___");
+        // A `]` first in a class is a character.
+        assert_eq!(r(r"[]a]", "]a"), "__");
+        assert_eq!(r(r"[^]a]", "]ab"), "]a_");
+        assert_eq!(go_pattern(r"x\"), r"x\");
     }
 }
