@@ -13,9 +13,10 @@
 #
 # How the binaries are static: only the x86_64-unknown-linux-gnu target exists on these machines,
 # so they link glibc statically (-C target-feature=+crt-static). --target is passed so that the
-# flag applies to the binaries only, not to build scripts and proc macros. The agent needs no libc
-# name service: it resolves names through /etc/hosts and /etc/resolv.conf itself (see
-# agent/src/resolve.rs), so no NSS module has to exist in the image.
+# flag applies to the binaries only, not to build scripts and proc macros. Names resolve through
+# getaddrinfo with no NSS module in the image: glibc (2.34 on) has its "files" and "dns" lookups
+# inside libc itself, so the static binary reads /etc/hosts and /etc/resolv.conf as the pod's
+# runtime writes them (tests/tests/pod_simulation.rs reaches the store by a hostAliases name).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
