@@ -296,7 +296,7 @@ pub fn revocation(path: &str, body_lease: Option<&str>, token: Option<&Token>) -
         return body_lease.map(|l| Clear::Lease(l.to_string()));
     }
     if api == "auth/token/revoke-self" {
-        return token.map(|t| Clear::Token(t.expose().to_string()));
+        return token.cloned().map(Clear::Token);
     }
     None
 }
@@ -384,7 +384,7 @@ mod tests {
         );
         assert_eq!(
             revocation("/v1/auth/token/revoke-self", None, Some(&t)),
-            Some(Clear::Token("app".into()))
+            Some(Clear::Token(Token::new("app")))
         );
         assert_eq!(revocation("/v1/database/creds/app", None, Some(&t)), None);
     }
