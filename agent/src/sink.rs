@@ -175,9 +175,12 @@ impl TokenFollower {
 
     /// Writes the current token if it changed since the last write.
     pub fn catch_up(&mut self) {
-        if !self.token.has_changed().unwrap_or(false) {
-            return;
+        if self.token.has_changed().unwrap_or(false) {
+            self.write_current();
         }
+    }
+
+    fn write_current(&mut self) {
         let current = self.token.borrow_and_update().clone();
         if let Some(token) = current {
             write_token(&self.sinks, &token);
@@ -187,12 +190,12 @@ impl TokenFollower {
     /// Writes every token the watch holds from now on; runs until dropped (once the sender is
     /// gone there is nothing more to write, and it waits to be dropped).
     pub async fn follow(mut self) -> std::convert::Infallible {
-        loop {
-            self.catch_up();
-            if self.token.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+        self.catch_up();
+        // `changed` marks the new value seen: it is written without asking again.
+        while self.token.changed().await.is_ok() {
+            self.write_current();
         }
+        std::future::pending().await
     }
 }
 
@@ -385,14 +388,20 @@ mod tests {
         follower.catch_up();
         assert_eq!(read().as_deref(), Some("s.first"));
         let following = tokio::spawn(follower.follow());
-        tx.send_replace(Some(Token::new("s.second")));
-        for _ in 0..100 {
-            if read().as_deref() == Some("s.second") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // The follower is waiting for a change before the next token comes.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
         }
-        assert_eq!(read().as_deref(), Some("s.second"));
+        for next in ["s.second", "s.third"] {
+            tx.send_replace(Some(Token::new(next)));
+            for _ in 0..100 {
+                if read().as_deref() == Some(next) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(read().as_deref(), Some(next));
+        }
         following.abort();
         let _ = following.await;
         tx.send_replace(Some(Token::new("s.third")));
