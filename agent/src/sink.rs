@@ -404,11 +404,11 @@ mod tests {
         }
         following.abort();
         let _ = following.await;
-        tx.send_replace(Some(Token::new("s.third")));
+        tx.send_replace(Some(Token::new("s.fourth")));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
             read().as_deref(),
-            Some("s.second"),
+            Some("s.third"),
             "a dropped follower writes nothing"
         );
     }
