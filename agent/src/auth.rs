@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 use crate::client::{ClientError, StoreClient, Token};
@@ -48,14 +49,19 @@ impl AuthError {
     }
 }
 
-fn read_credential(what: &'static str, path: &Path) -> Result<String, AuthError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AuthError::Credential {
-        what,
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })?;
-    let text = text.trim().to_string();
-    if text.is_empty() {
+/// A login credential (a service-account JWT, an approle role or secret id, a token) read from
+/// its file, trimmed, as a secret: it leaves [`SecretString`] only in the login request.
+fn read_credential(what: &'static str, path: &Path) -> Result<SecretString, AuthError> {
+    let text =
+        SecretString::from(
+            std::fs::read_to_string(path).map_err(|e| AuthError::Credential {
+                what,
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })?,
+        );
+    let text = SecretString::from(text.expose_secret().trim());
+    if text.expose_secret().is_empty() {
         return Err(AuthError::Credential {
             what,
             path: path.display().to_string(),
@@ -87,7 +93,10 @@ pub async fn login(client: &StoreClient, auth: &AuthConfig) -> Result<Session, A
             token_path,
         } => {
             let jwt = read_credential("service-account token", token_path)?;
-            (mount_path, json!({ "role": role, "jwt": jwt }))
+            (
+                mount_path,
+                json!({ "role": role, "jwt": jwt.expose_secret() }),
+            )
         }
         AuthConfig::Approle {
             mount_path,
@@ -98,7 +107,10 @@ pub async fn login(client: &StoreClient, auth: &AuthConfig) -> Result<Session, A
             let secret_id = read_credential("approle secret_id", secret_id_file)?;
             (
                 mount_path,
-                json!({ "role_id": role_id, "secret_id": secret_id }),
+                json!({
+                    "role_id": role_id.expose_secret(),
+                    "secret_id": secret_id.expose_secret(),
+                }),
             )
         }
         AuthConfig::Cert { mount_path, name } => {
@@ -110,7 +122,7 @@ pub async fn login(client: &StoreClient, auth: &AuthConfig) -> Result<Session, A
             (mount_path, body)
         }
         AuthConfig::Token { token_file } => {
-            let token = Token::new(read_credential("token", token_file)?);
+            let token = Token::new(read_credential("token", token_file)?.expose_secret());
             let info = client
                 .lookup_self(&token)
                 .await

@@ -1,12 +1,12 @@
 //! The Vault / OpenBao HTTP API client: one request type with retries, and the handful of calls
 //! the agent makes (login, read, write, token and lease calls). Values never reach its errors.
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::Method;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -15,23 +15,40 @@ use crate::backoff::Backoff;
 use crate::config::StoreConfig;
 use crate::tls::{TlsError, client_config};
 
-/// A store token. Its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Token(String);
+/// A store token, held as a [`SecretString`]: zeroed when dropped, shown as `[REDACTED]` by
+/// `Debug`, with no `Display`. [`Token::expose`] is the one way to the value, called where the
+/// token goes on the wire (`X-Vault-Token`) or into a file (token sinks, the state file).
+#[derive(Clone, Debug)]
+pub struct Token(SecretString);
 
 impl Token {
     pub fn new(value: impl Into<String>) -> Token {
-        Token(value.into())
+        Token(SecretString::from(value.into()))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
 
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
+impl PartialEq for Token {
+    fn eq(&self, other: &Token) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Token {}
+
+/// The state file holds the token itself: the sidecar adopts it from what the init container
+/// saved, and `revoke` revokes with it.
+impl Serialize for Token {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.expose())
+    }
+}
+
+impl<'de> Deserialize<'de> for Token {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Token, D::Error> {
+        String::deserialize(deserializer).map(Token::new)
     }
 }
 
@@ -317,7 +334,13 @@ impl StoreClient {
         let url = format!("{}/v1/{}{query}", self.addr, path.trim_start_matches('/'));
         let mut req = self.http.request(http_method, &url);
         if let Some(token) = token {
-            req = req.header("X-Vault-Token", token.expose());
+            // Marked sensitive: hyper and reqwest leave its value out of their Debug output.
+            let mut value =
+                reqwest::header::HeaderValue::from_str(token.expose()).map_err(|_| {
+                    ClientError::Build("the token holds a character a header cannot".into())
+                })?;
+            value.set_sensitive(true);
+            req = req.header("X-Vault-Token", value);
         }
         if let Some(ns) = &self.namespace {
             req = req.header("X-Vault-Namespace", ns);
@@ -596,16 +619,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_debug_is_redacted() {
+    fn a_token_shows_its_value_only_when_exposed() {
         let t = Token::new("hvs.very-secret");
-        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        assert_eq!(t.expose(), "hvs.very-secret");
+        for shown in [format!("{t:?}"), format!("{t:#?}")] {
+            assert!(!shown.contains("very-secret"), "{shown}");
+            assert!(shown.contains("REDACTED"), "{shown}");
+        }
         let auth = AuthInfo {
-            client_token: t,
+            client_token: t.clone(),
             accessor: "acc".into(),
             lease_duration: 1,
             renewable: true,
         };
         assert!(!format!("{auth:?}").contains("very-secret"));
+        // What goes on the wire and into files is the value itself, and it comes back whole.
+        assert_eq!(serde_json::to_string(&t).unwrap(), r#""hvs.very-secret""#);
+        let back: Token = serde_json::from_str(r#""hvs.very-secret""#).unwrap();
+        assert_eq!(back, t);
+        assert_ne!(Token::new("hvs.other"), t);
     }
 
     #[test]

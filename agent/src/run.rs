@@ -35,6 +35,8 @@ pub async fn render_and_save(config: &AgentConfig, out_dir: &Path) -> Result<Sta
         first_render(config, &client, &templates, out_dir)
     })
     .await?;
+    // One-shot: the sinks get the one token this run logged in with.
+    crate::sink::write_token(&config.token_sinks, &session.token);
     let mut state = state_of(&session, &fetcher);
     if let Some(cap) = config.lifecycle.token_ttl_cap_secs {
         state.token_ttl_secs = cap_token_ttl(&client, &session, cap).await;

@@ -7,6 +7,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::client::Token;
 use crate::config::{TokenSink, check_relative_file};
 
@@ -149,6 +151,51 @@ pub fn write_token(sinks: &[TokenSink], token: &Token) {
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "could not write the token sink"),
         }
+    }
+}
+
+/// The token sinks kept up to date from the sidecar's token watch: the one writer of the
+/// sidecar's sinks, so every login (first, adopted or again) reaches them.
+pub struct TokenFollower {
+    sinks: Vec<TokenSink>,
+    token: watch::Receiver<Option<Token>>,
+}
+
+impl TokenFollower {
+    /// Follows `token` from the value it holds now (written by the first [`catch_up`]).
+    ///
+    /// [`catch_up`]: TokenFollower::catch_up
+    pub fn new(sinks: &[TokenSink], mut token: watch::Receiver<Option<Token>>) -> TokenFollower {
+        token.mark_changed();
+        TokenFollower {
+            sinks: sinks.to_vec(),
+            token,
+        }
+    }
+
+    /// Writes the current token if it changed since the last write.
+    pub fn catch_up(&mut self) {
+        if self.token.has_changed().unwrap_or(false) {
+            self.write_current();
+        }
+    }
+
+    fn write_current(&mut self) {
+        let current = self.token.borrow_and_update().clone();
+        if let Some(token) = current {
+            write_token(&self.sinks, &token);
+        }
+    }
+
+    /// Writes every token the watch holds from now on; runs until dropped (once the sender is
+    /// gone there is nothing more to write, and it waits to be dropped).
+    pub async fn follow(mut self) -> std::convert::Infallible {
+        self.catch_up();
+        // `changed` marks the new value seen: it is written without asking again.
+        while self.token.changed().await.is_ok() {
+            self.write_current();
+        }
+        std::future::pending().await
     }
 }
 
@@ -323,6 +370,61 @@ mod tests {
         write_token(&sinks, &Token::new("s.second"));
         assert_eq!(fs::read_to_string(&sinks[0].path).unwrap(), "s.second");
         assert_eq!(fs::read_to_string(&sinks[1].path).unwrap(), "s.second");
+    }
+
+    #[tokio::test]
+    async fn the_follower_writes_each_token_the_watch_holds_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = [TokenSink {
+            path: dir.path().join("token"),
+            perms: "0600".into(),
+        }];
+        let read = || fs::read_to_string(&sinks[0].path).ok();
+        let (tx, rx) = watch::channel(None);
+        let mut follower = TokenFollower::new(&sinks, rx);
+        follower.catch_up();
+        assert_eq!(read(), None, "no token, no file");
+        tx.send_replace(Some(Token::new("s.first")));
+        follower.catch_up();
+        assert_eq!(read().as_deref(), Some("s.first"));
+        let following = tokio::spawn(follower.follow());
+        // The follower is waiting for a change before the next token comes.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        for next in ["s.second", "s.third"] {
+            tx.send_replace(Some(Token::new(next)));
+            for _ in 0..100 {
+                if read().as_deref() == Some(next) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(read().as_deref(), Some(next));
+        }
+        following.abort();
+        let _ = following.await;
+        tx.send_replace(Some(Token::new("s.fourth")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            read().as_deref(),
+            Some("s.third"),
+            "a dropped follower writes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_created_after_the_first_token_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = [TokenSink {
+            path: dir.path().join("token"),
+            perms: "0600".into(),
+        }];
+        let (tx, rx) = watch::channel(Some(Token::new("s.adopted")));
+        let mut follower = TokenFollower::new(&sinks, rx);
+        follower.catch_up();
+        assert_eq!(fs::read_to_string(&sinks[0].path).unwrap(), "s.adopted");
+        drop(tx);
     }
 
     #[tokio::test]

@@ -127,7 +127,6 @@ pub async fn first_render(
         }
         return Err(err.into());
     }
-    crate::sink::write_token(&config.token_sinks, &session.token);
     Ok((session, fetcher))
 }
 

@@ -114,7 +114,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
         let state = State {
-            token: Token::new("t"),
+            token: Token::new("hvs.state-token"),
             accessor: "a".into(),
             token_ttl_secs: 600,
             token_renewable: true,
@@ -134,6 +134,12 @@ mod tests {
         };
         save(dir.path(), &state).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(state.clone()));
+        // The hand-off format: the token as a plain string, which `revoke` and an older
+        // sidecar read; only the file holds it, never the state's Debug.
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(saved["token"], "hvs.state-token");
+        assert!(!format!("{state:?}").contains("state-token"));
         let mode = std::fs::metadata(dir.path().join(STATE_FILE))
             .unwrap()
             .permissions()

@@ -7,6 +7,7 @@
 //! exits without running destructors. Nothing depends on a server left running by hand.
 
 pub mod chart;
+pub mod connect;
 pub mod injector;
 mod jwt;
 pub mod pki;

@@ -353,6 +353,16 @@ fn fixtures(dir: &Path) {
 /// Renders every case in one `bao agent` run (exit_after_auth), each to its own file. Err
 /// carries the agent's output.
 fn bao_render_all(stack: &Stack, dir: &Path, cases: &[&Case]) -> Result<Vec<Vec<u8>>, String> {
+    bao_render_all_at(stack, &stack.addr, dir, cases)
+}
+
+/// [`bao_render_all`] with the store at `addr`.
+fn bao_render_all_at(
+    stack: &Stack,
+    addr: &str,
+    dir: &Path,
+    cases: &[&Case],
+) -> Result<Vec<Vec<u8>>, String> {
     let token = dir.join("token");
     std::fs::write(&token, &stack.app_token).unwrap();
     fixtures(dir);
@@ -372,7 +382,7 @@ fn bao_render_all(stack: &Stack, dir: &Path, cases: &[&Case]) -> Result<Vec<Vec<
     let config = json!({
         "exit_after_auth": true,
         "pid_file": dir.join("bao.pid"),
-        "vault": { "address": stack.addr, "ca_cert": stack.ca_file(), "retry": { "num_retries": 1 } },
+        "vault": { "address": addr, "ca_cert": stack.ca_file(), "retry": { "num_retries": 1 } },
         "auto_auth": {
             "method": { "type": "token_file", "config": { "token_file_path": token } },
             "sink": [{ "type": "file", "config": { "path": dir.join("sink") } }]
@@ -643,16 +653,62 @@ fn normalize(text: &str) -> String {
     out
 }
 
-/// Renders `c` with both; both must refuse it. Sidekey's one-line error.
+/// The error bao agent stopped on, when it is the template's own: Go's parser or executor
+/// (`(dynamic): parse: template: …`, `(dynamic): execute: template: …`) or a local file the
+/// template reads (`file(PATH): …`). A store it could not reach or read (`vault.read(…)`, an
+/// auth error) or an agent killed while retrying is not a refusal of the template: `None`.
+fn bao_template_error(output: &str) -> Option<&str> {
+    const STOPPED: &str = "runtime error encountered: error=\"template server: ";
+    let error = output.lines().find_map(|l| l.split_once(STOPPED))?.1;
+    let error = error.rsplit_once("\" exitCode=").map_or(error, |(e, _)| e);
+    [
+        "(dynamic): parse: template: ",
+        "(dynamic): execute: template: ",
+        "file(",
+    ]
+    .iter()
+    .any(|p| error.starts_with(p))
+    .then_some(error)
+}
+
+/// Renders `c` with both; both must refuse it, bao agent on the template itself. Sidekey's
+/// one-line error.
 fn refused_by_both(stack: &Stack, c: &Case) -> String {
     let dir = tempfile::tempdir().unwrap();
+    let bao = bao_render(stack, dir.path(), c).expect_err(c.name);
     assert!(
-        bao_render(stack, dir.path(), c).is_err(),
-        "{}: bao agent rendered it",
+        bao_template_error(&bao).is_some(),
+        "{}: bao agent failed, but not on the template:\n{bao}",
         c.name
     );
     let err = sidekey_render(stack, dir.path(), go_template(c, dir.path())).expect_err(c.name);
     err.lines().last().unwrap_or_default().to_string()
+}
+
+/// The check above tells a refused template from a bao agent that failed for another reason:
+/// a good template against a store that is not there fails, and is not taken for a refusal;
+/// a bad one against the real store is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bao_failure_counts_as_a_refusal_only_when_the_template_is_at_fault() {
+    let stack = Stack::shared();
+    seed(stack).await;
+    let good = case(
+        "good",
+        r#"{{ with secret "secret/data/gotpl/app" }}{{ .Data.data.port }}{{ end }}"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    assert!(bao_render(stack, dir.path(), &good).is_ok());
+    let nowhere = format!("https://127.0.0.1:{}", sidekey_tests::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let unreachable = bao_render_all_at(stack, &nowhere, dir.path(), &[&good]).unwrap_err();
+    assert_eq!(bao_template_error(&unreachable), None, "{unreachable}");
+    let dir = tempfile::tempdir().unwrap();
+    let refused = bao_render(stack, dir.path(), &case("bad", "{{ end }}")).unwrap_err();
+    assert_eq!(
+        bao_template_error(&refused),
+        Some("(dynamic): parse: template: :1: unexpected {{end}}"),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,15 +4,17 @@
 //! mutated pod checked by kubernetes-validate as the API server would check it:
 //! `agent-inject-token`, `secret-volume-path-NAME`, an app's own emptyDir at /vault/secrets,
 //! `auth-type: cert`, OpenBao namespaces (the `namespace` annotation, namespace-prefixed auth
-//! paths, nested namespaces and secret paths that reach into a child namespace) and
+//! paths, nested namespaces and secret paths that reach into a child namespace),
 //! `agent-configmap` (a Vault Agent HCL config in a ConfigMap, which the pod runner projects as
-//! the kubelet does).
+//! the kubelet does) and `proxy-address` (the agent's HTTPS proxy, a CONNECT proxy the test runs).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sidekey_tests::connect::ConnectProxy;
 use sidekey_tests::injector::Injector;
+use sidekey_tests::pki::STORE_HOST;
 use sidekey_tests::pod::{PodRun, SecretFiles};
 use sidekey_tests::podman::images;
 use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, validate, workspace_root};
@@ -178,21 +180,24 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 }
 
 /// The injector as the chart runs it, with the store's CA as its default for every agent.
-async fn injector(stack: &Stack) -> Injector {
+async fn injector(stack: &Stack, extra: &[&str]) -> Injector {
     let ca = std::fs::read_to_string(stack.ca_file()).unwrap();
     let flag = format!("--vault-cacert-bytes={ca}");
-    Injector::start(
-        &stack.addr,
-        &images().unwrap().agent,
-        &[flag.as_str(), "--revoke-grace", "0"],
-    )
-    .await
-    .unwrap()
+    let mut flags = vec![flag.as_str(), "--revoke-grace", "0"];
+    flags.extend_from_slice(extra);
+    Injector::start(&stack.addr, &images().unwrap().agent, &flags)
+        .await
+        .unwrap()
 }
 
 /// `pod` through the injector; the mutated pod must pass the API server's schema.
 async fn mutated(stack: &Stack, pod: &Value) -> (Value, Vec<String>) {
-    let injector = injector(stack).await;
+    mutated_with(stack, pod, &[]).await
+}
+
+/// [`mutated`] by an injector started with `extra` flags.
+async fn mutated_with(stack: &Stack, pod: &Value, extra: &[&str]) -> (Value, Vec<String>) {
+    let injector = injector(stack, extra).await;
     let answer = injector.review(pod).await.unwrap();
     let warnings = answer["response"]["warnings"]
         .as_array()
@@ -672,4 +677,124 @@ async fn an_unsupported_vault_agent_config_stops_the_init_container_with_file_an
         "sidekey-agent: /vault/configs/config-init.hcl:6: auth method \"aws\" is not supported (supported: kubernetes, jwt, approle, token_file, cert)",
         "{err}"
     );
+}
+
+/// `proxy-address`: the agent's store traffic goes through the HTTPS proxy it names. The pod's
+/// store is `openbao.test` (`service`), a name only the proxy resolves, so the agent has no other
+/// way to it: the file renders, and every tunnel the proxy opened (the init container's login
+/// and reads, the sidecar's adoption, the revocation at the stop) was a CONNECT to the store's
+/// host and port. Without the annotation the same pod reaches the store at its address and the
+/// proxy sees nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_address_takes_the_agents_store_traffic_through_the_proxy() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    let proxy = ConnectProxy::start(BTreeMap::from([(
+        STORE_HOST.to_string(),
+        "127.0.0.1".to_string(),
+    )]))
+    .await
+    .unwrap();
+    let port = stack.addr.rsplit_once(':').unwrap().1;
+    let store = format!("{STORE_HOST}:{port}");
+    let pod = |name: &str, proxied: bool| {
+        let mut pod = stack.fixture("billing-agent-inject-token.json");
+        pod["metadata"]["name"] = json!(name);
+        let notes = pod["metadata"]["annotations"].as_object_mut().unwrap();
+        notes.remove("vault.hashicorp.com/agent-inject-token");
+        notes.insert("vault.hashicorp.com/role".into(), json!("app"));
+        if proxied {
+            notes.insert(
+                "vault.hashicorp.com/service".into(),
+                json!(format!("https://{store}")),
+            );
+            notes.insert(
+                "vault.hashicorp.com/proxy-address".into(),
+                json!(proxy.url()),
+            );
+        }
+        pod
+    };
+    // A proxy the agent ignores fails the init container in seconds, not minutes.
+    let flags = ["--agent-init-timeout", "20"];
+    let proxies_of = |mutated: &Value| -> Vec<Value> {
+        let agents = mutated["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .chain(mutated["spec"]["containers"].as_array())
+            .flatten()
+            .filter(|c| c["name"].as_str().unwrap().starts_with("sidekey-agent"));
+        agents
+            .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["name"] == "HTTPS_PROXY")
+            .map(|e| e["value"].clone())
+            .collect()
+    };
+
+    let (mutated, _) = mutated_with(stack, &pod("billing-proxied", true), &flags).await;
+    assert_eq!(
+        proxies_of(&mutated),
+        [json!(proxy.url()), json!(proxy.url())],
+        "the init container and the sidecar get the proxy"
+    );
+    let sa = stack.signer.service_account_token(
+        APP_NAMESPACE,
+        APP_SERVICE_ACCOUNT,
+        "billing-proxied",
+        3600,
+    );
+    let mut run = PodRun::with_objects(mutated, &sa, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+    run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
+        .unwrap();
+    assert_eq!(
+        app(&run, "billing", "cat /vault/secrets/config"),
+        "STRIPE_KEY=sk_test_4eC39Hq\n"
+    );
+    let by_init = proxy.tunnels().len();
+    assert!(
+        by_init >= 1,
+        "the init container reached the store without the proxy"
+    );
+    run.start_sidecars().unwrap();
+    eventually(
+        "the sidecar's tunnel through the proxy",
+        Duration::from_secs(30),
+        async || proxy.tunnels().len() > by_init,
+    )
+    .await;
+    let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    assert!(token_alive_in(stack, "", &accessor).await);
+    let before_stop = proxy.tunnels().len();
+    stop(&mut run);
+    assert!(
+        !token_alive_in(stack, "", &accessor).await,
+        "the sidecar revoked its token at the stop"
+    );
+    let tunnels = proxy.tunnels();
+    assert!(
+        tunnels.len() > before_stop,
+        "the preStop revocation went around the proxy: {tunnels:?}"
+    );
+    assert!(tunnels.iter().all(|t| *t == store), "{tunnels:?}");
+    assert_eq!(proxy.refused(), Vec::<String>::new());
+
+    let seen = proxy.tunnels().len();
+    let (mutated, _) = mutated_with(stack, &pod("billing-direct", false), &flags).await;
+    assert!(proxies_of(&mutated).is_empty());
+    let sa = stack.signer.service_account_token(
+        APP_NAMESPACE,
+        APP_SERVICE_ACCOUNT,
+        "billing-direct",
+        3600,
+    );
+    let mut run = PodRun::with_objects(mutated, &sa, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+    run.run_init_containers(|_, name| panic!("unexpected app init container {name}"))
+        .unwrap();
+    run.start_sidecars().unwrap();
+    assert_eq!(
+        app(&run, "billing", "cat /vault/secrets/config"),
+        "STRIPE_KEY=sk_test_4eC39Hq\n"
+    );
+    stop(&mut run);
+    assert_eq!(proxy.tunnels().len(), seen, "no proxy-address, no tunnel");
 }

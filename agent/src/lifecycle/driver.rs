@@ -2,7 +2,9 @@
 //! task in flight; feeds the [`Machine`] its events (deadlines, outcomes, [`Inputs`]) and turns
 //! its actions into requests, renders and saves. A task is a future polled here, never spawned:
 //! cancelling it drops it, and every path out (SIGTERM, the preStop hook's record, a
-//! [`Control`] sender) goes through the machine's one stop.
+//! [`Control`] sender) goes through the machine's one stop. The token watch has two
+//! subscribers, the listener and the token sinks' [`TokenFollower`], which is polled beside the
+//! loop and dropped with it.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -19,6 +21,7 @@ use crate::fetch::{FetchError, Fetcher};
 use crate::listener::{self, Listener};
 use crate::render::SecretKey;
 use crate::revoke::{self, Replaced};
+use crate::sink::TokenFollower;
 use crate::start::{self, RunError, backoff, retry_until, state_of};
 use crate::state::{self, State};
 
@@ -50,7 +53,7 @@ impl<'a> Sidecar<'a> {
     }
 
     /// The sidecar's token, from its first login or adoption on, changed whenever it logs in
-    /// again: the one place a token change is seen.
+    /// again: the one place a token change is seen (the listener and the token sinks follow it).
     pub fn token(&self) -> watch::Receiver<Option<Token>> {
         self.token.subscribe()
     }
@@ -61,6 +64,7 @@ impl<'a> Sidecar<'a> {
         let config = self.config;
         let templates = cycle::prepare_all(config)?;
         let client = StoreClient::new(&config.store, backoff(config))?;
+        let mut sinks = TokenFollower::new(&config.token_sinks, self.token.subscribe());
         for dir in [&config.state_dir, &config.secrets_dir] {
             std::fs::create_dir_all(dir).map_err(|e| state_error(dir, e))?;
         }
@@ -79,14 +83,19 @@ impl<'a> Sidecar<'a> {
                     let _ = control.send(Input::Stop);
                 };
                 let client = held.client.clone();
-                Some(Listener::start(l, client, &held.session.token, backoff(config), quit).await?)
+                Some(Listener::start(l, client, self.token(), backoff(config), quit).await?)
             }
             None => None,
         };
+        // The sinks hold the first token before the pod is told the agent is ready.
+        sinks.catch_up();
         std::fs::write(config.state_dir.join(READY_FILE), b"")
             .map_err(|e| state_error(&config.state_dir, e))?;
         tracing::info!(leases = machine.lease_count(), "sidecar running");
-        drive(&mut held, machine, &mut self.inputs, listener).await
+        tokio::select! {
+            result = drive(&mut held, machine, &mut self.inputs, listener) => result,
+            never = sinks.follow() => match never {},
+        }
     }
 }
 
@@ -136,9 +145,6 @@ async fn drive(
     let state_dir = held.config.state_dir.clone();
     let mut queue: VecDeque<Action> = VecDeque::new();
     loop {
-        if let Some(l) = &listener {
-            l.set_token(&held.session.token);
-        }
         let Some(action) = queue.pop_front() else {
             let wake = machine.next_wake();
             let event = tokio::select! {
@@ -293,7 +299,6 @@ async fn start<'a>(
 ) -> Result<(Held<'a>, Machine), RunError> {
     let begin = |client, templates, session: Session, fetcher, grant: TokenGrant, leases| {
         token.send_replace(Some(Token::clone(&session.token)));
-        crate::sink::write_token(&config.token_sinks, &session.token);
         let machine = Machine::new(
             Instant::now(),
             policy(config),
@@ -481,7 +486,6 @@ impl Held<'_> {
         let old = std::mem::replace(&mut self.session, session);
         self.token_asked = self.session.ttl_secs;
         self.token.send_replace(Some(self.session.token.clone()));
-        crate::sink::write_token(&self.config.token_sinks, &self.session.token);
         let mut fresh = Fetcher::new(self.client.clone(), self.session.token.clone());
         for (key, secret) in self.fetcher.secrets() {
             if secret.lease_id.is_empty() {

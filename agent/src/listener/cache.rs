@@ -169,7 +169,7 @@ struct Entry {
 pub enum Clear {
     All,
     Lease(String),
-    Token(String),
+    Token(Token),
     TokenAccessor(String),
     RequestPath(String),
 }
@@ -187,7 +187,7 @@ impl Clear {
         match kind {
             "all" => Ok(Clear::All),
             "lease" => Ok(Clear::Lease(value)),
-            "token" => Ok(Clear::Token(value)),
+            "token" => Ok(Clear::Token(Token::new(value))),
             "token_accessor" => Ok(Clear::TokenAccessor(value)),
             "request_path" => Ok(Clear::RequestPath(value)),
             other => Err(format!(
@@ -358,8 +358,7 @@ fn matches_clear(e: &Entry, what: &Clear) -> bool {
         Clear::All => true,
         Clear::Lease(id) => matches!(&e.held, Held::Lease(l) if l == id),
         Clear::Token(t) => {
-            e.token.as_ref().is_some_and(|own| own.expose() == t)
-                || held_token.is_some_and(|(h, _)| h == t)
+            e.token.as_ref() == Some(t) || held_token.is_some_and(|(h, _)| h == t.expose())
         }
         Clear::TokenAccessor(a) => held_token.is_some_and(|(_, acc)| acc == a),
         Clear::RequestPath(p) => e.path.starts_with(p.as_str()),
@@ -603,7 +602,7 @@ mod tests {
         let b = put(&mut c, "/v1/db/a", "other", lease("lb", 60, true));
         c.revoked(&Clear::Lease("la".into()));
         assert!(c.get(&a, now).is_none() && c.get(&b, now).is_some());
-        c.revoked(&Clear::Token("other".into()));
+        c.revoked(&Clear::Token(Token::new("other")));
         assert!(c.is_empty());
         assert!(
             c.drain().is_empty(),

@@ -8,8 +8,9 @@
 //! - `GET /agent/v1/metrics`: the proxy's and the cache's counters (Prometheus text).
 //! - everything else: the API proxy (`proxy`), with the lease cache (`cache`).
 //!
-//! The interface to the sidecar is narrow: `Listener::start` with the agent's client and token
-//! and a `quit` callback (the sidecar's stop event); `set_token` after every login; `due` and
+//! The interface to the sidecar is narrow: `Listener::start` with the agent's client, a
+//! subscription to the sidecar's token (read whenever a request or renewal needs it, so every
+//! login reaches the listener) and a `quit` callback (the sidecar's stop event); `due` and
 //! `renew_due` in the sidecar's loop, which renews the cache's leases with its own; `shut_down`
 //! on the sidecar's one stop path, which revokes what the cache holds.
 
@@ -57,7 +58,8 @@ pub enum ListenerError {
 pub struct Shared {
     config: ListenerConfig,
     client: StoreClient,
-    token: watch::Receiver<Token>,
+    /// The sidecar's token watch: its current token, changed at every login.
+    token: watch::Receiver<Option<Token>>,
     cache: Mutex<LeaseCache>,
     /// Woken when an entry is added, so the sidecar's loop looks at the new deadline.
     changed: Notify,
@@ -66,6 +68,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The agent's current token (none before its first login).
+    fn agent_token(&self) -> Option<Token> {
+        self.token.borrow().clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LeaseCache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -110,7 +117,6 @@ impl Shared {
 /// The running listener. Dropping it stops accepting; `shut_down` also drains and revokes.
 pub struct Listener {
     shared: Arc<Shared>,
-    token: watch::Sender<Token>,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
     backoff: Backoff,
@@ -126,12 +132,12 @@ impl Drop for Listener {
 }
 
 impl Listener {
-    /// Binds 127.0.0.1:`port` and serves until `shut_down`. `quit` is called on `POST
-    /// /agent/v1/quit`.
+    /// Binds 127.0.0.1:`port` and serves until `shut_down`. `token` follows the sidecar's
+    /// token; `quit` is called on `POST /agent/v1/quit`.
     pub async fn start(
         config: &ListenerConfig,
         client: StoreClient,
-        token: &Token,
+        token: watch::Receiver<Option<Token>>,
         backoff: Backoff,
         quit: impl Fn() + Send + Sync + 'static,
     ) -> Result<Listener, ListenerError> {
@@ -139,11 +145,10 @@ impl Listener {
         let socket = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ListenerError::Bind { addr, source })?;
-        let (token_tx, token_rx) = watch::channel(token.clone());
         let shared = Arc::new(Shared {
             config: config.clone(),
             client,
-            token: token_rx,
+            token,
             cache: Mutex::new(LeaseCache::default()),
             changed: Notify::new(),
             metrics: Metrics::default(),
@@ -159,23 +164,11 @@ impl Listener {
         );
         Ok(Listener {
             shared,
-            token: token_tx,
             stop,
             server: Some(server),
             backoff,
             addr,
         })
-    }
-
-    /// The agent's current token, for requests that get it (after every login).
-    pub fn set_token(&self, token: &Token) {
-        self.token.send_if_modified(|t| {
-            let changed = t != token;
-            if changed {
-                *t = token.clone();
-            }
-            changed
-        });
     }
 
     /// How many responses the cache holds.
@@ -213,7 +206,13 @@ impl Listener {
                 tracing::info!("a cached lease reached its end; the next request gets a new one");
                 continue;
             };
-            let token = token.unwrap_or_else(|| self.shared.token.borrow().clone());
+            let Some(token) = token.or_else(|| self.shared.agent_token()) else {
+                tracing::warn!("no agent token yet to renew a cached lease with; will retry");
+                self.shared
+                    .lock()
+                    .renewal_failed(Instant::now(), &key, true, self.backoff);
+                continue;
+            };
             let client = &self.shared.client;
             let granted = match &held {
                 Held::Lease(id) => client
@@ -267,18 +266,25 @@ impl Listener {
             }
             return 0;
         }
-        let agent = self.shared.token.borrow().clone();
+        let agent = self.shared.agent_token();
         let client = &self.shared.client.until(deadline);
         let mut revoked = 0;
         for (held, token) in held {
-            let own = token.unwrap_or_else(|| agent.clone());
             let result = match &held {
-                Held::Lease(id) => match client.revoke_lease(&own, id).await {
-                    Err(e) if e.status() == Some(403) && own != agent => {
-                        client.revoke_lease(&agent, id).await
+                Held::Lease(id) => {
+                    let Some(own) = token.as_ref().or(agent.as_ref()) else {
+                        tracing::info!("no token to revoke a cached lease with");
+                        continue;
+                    };
+                    // Refused with the app's token: the agent's may still revoke it.
+                    let fallback = agent.as_ref().filter(|a| *a != own);
+                    match (client.revoke_lease(own, id).await, fallback) {
+                        (Err(e), Some(agent)) if e.status() == Some(403) => {
+                            client.revoke_lease(agent, id).await
+                        }
+                        (other, _) => other,
                     }
-                    other => other,
-                },
+                }
                 Held::Token { token, .. } => client.revoke_self(token).await,
             };
             match result {

@@ -53,8 +53,13 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// The token sent upstream: the request's own, or the agent's as `policy` says. A request that
-/// authenticates with `Authorization: Bearer` carries its own token too.
-pub fn upstream_token(policy: AutoAuthToken, headers: &HeaderMap, agent: &Token) -> Option<Token> {
+/// authenticates with `Authorization: Bearer` carries its own token too. `agent` is the agent's
+/// token, when it has one.
+pub fn upstream_token(
+    policy: AutoAuthToken,
+    headers: &HeaderMap,
+    agent: Option<&Token>,
+) -> Option<Token> {
     let own = headers
         .get(TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -70,8 +75,8 @@ pub fn upstream_token(policy: AutoAuthToken, headers: &HeaderMap, agent: &Token)
         });
     match policy {
         AutoAuthToken::False => own,
-        AutoAuthToken::True => own.or_else(|| Some(agent.clone())),
-        AutoAuthToken::Force => Some(agent.clone()),
+        AutoAuthToken::True => own.or_else(|| agent.cloned()),
+        AutoAuthToken::Force => agent.cloned(),
     }
 }
 
@@ -121,12 +126,12 @@ fn no_body(req: &Request<Incoming>) -> bool {
 /// Forwards one request and answers it, from the cache when the same request with the same
 /// token was answered with a lease or token before.
 pub async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<reqwest::Body> {
-    let agent_token = shared.token.borrow().clone();
-    let own = upstream_token(AutoAuthToken::False, req.headers(), &agent_token);
+    let agent_token = shared.agent_token();
+    let own = upstream_token(AutoAuthToken::False, req.headers(), agent_token.as_ref());
     let token = upstream_token(
         shared.config.use_auto_auth_token,
         req.headers(),
-        &agent_token,
+        agent_token.as_ref(),
     );
     let agent_token_used = token.is_some() && token != own;
     let namespace = shared.client.namespace().map(str::to_string);
@@ -296,7 +301,7 @@ pub fn revocation(path: &str, body_lease: Option<&str>, token: Option<&Token>) -
         return body_lease.map(|l| Clear::Lease(l.to_string()));
     }
     if api == "auth/token/revoke-self" {
-        return token.map(|t| Clear::Token(t.expose().to_string()));
+        return token.cloned().map(Clear::Token);
     }
     None
 }
@@ -322,7 +327,8 @@ mod tests {
         let none = headers(&[]);
         let own = headers(&[("X-Vault-Token", "app")]);
         let bearer = headers(&[("Authorization", "Bearer app")]);
-        let t = |p, h: &HeaderMap| upstream_token(p, h, &agent).map(|t| t.expose().to_string());
+        let t =
+            |p, h: &HeaderMap| upstream_token(p, h, Some(&agent)).map(|t| t.expose().to_string());
         assert_eq!(t(AutoAuthToken::False, &none), None);
         assert_eq!(t(AutoAuthToken::False, &own).as_deref(), Some("app"));
         assert_eq!(t(AutoAuthToken::True, &none).as_deref(), Some("agent"));
@@ -330,6 +336,12 @@ mod tests {
         assert_eq!(t(AutoAuthToken::True, &bearer).as_deref(), Some("app"));
         assert_eq!(t(AutoAuthToken::Force, &own).as_deref(), Some("agent"));
         assert_eq!(t(AutoAuthToken::Force, &bearer).as_deref(), Some("agent"));
+        // Before the agent has a token, only the request's own is sent.
+        assert_eq!(upstream_token(AutoAuthToken::Force, &none, None), None);
+        assert_eq!(
+            upstream_token(AutoAuthToken::True, &own, None).map(|t| t.expose().to_string()),
+            Some("app".into())
+        );
     }
 
     #[test]
@@ -384,7 +396,7 @@ mod tests {
         );
         assert_eq!(
             revocation("/v1/auth/token/revoke-self", None, Some(&t)),
-            Some(Clear::Token("app".into()))
+            Some(Clear::Token(Token::new("app")))
         );
         assert_eq!(revocation("/v1/database/creds/app", None, Some(&t)), None);
     }
