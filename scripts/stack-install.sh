@@ -5,6 +5,7 @@
 #   - kubernetes-validate (PyPI): strict Kubernetes schemas for the rendered chart
 #   - PostgreSQL server binaries (Debian package postgresql) when initdb is missing
 #   - buildah, podman and runc (Debian packages) when missing: images are built and run with them
+#   - dnsmasq (Debian package dnsmasq-base) when missing: the pod tests' cluster DNS
 # Prints nothing on success when everything is already installed.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -73,6 +74,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq buildah podman runc >/dev/null
+fi
+
+# A real DNS server for the pods' cluster DNS (tests/src/dns.rs): dnsmasq, the binary alone.
+if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then
+  say "installing dnsmasq (Debian package dnsmasq-base)"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dnsmasq-base >/dev/null
 fi
 
 if ! command -v openssl >/dev/null 2>&1; then

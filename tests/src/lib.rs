@@ -8,6 +8,7 @@
 
 pub mod chart;
 pub mod connect;
+pub mod dns;
 pub mod injector;
 mod jwt;
 pub mod pki;

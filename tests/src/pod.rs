@@ -11,7 +11,8 @@
 //! **What the kubelet does and podman does not, this runner does itself, as the kubelet does
 //! it:** it writes the projected service-account token and the Secret and ConfigMap
 //! volumes' files (the kubelet fetches them from the API server), resolves downward-API env vars, turns
-//! `hostAliases` into /etc/hosts entries, runs init containers one after another, starts a native
+//! `hostAliases` into /etc/hosts entries and a `dnsPolicy: None` pod's `dnsConfig` into its
+//! resolv.conf, runs init containers one after another, starts a native
 //! sidecar (`restartPolicy: Always`) and waits for its startup probe (`podman exec`, every
 //! `periodSeconds`), runs preStop hooks with `podman exec` before SIGTERM, stops regular
 //! containers before native sidecars, and sends SIGKILL when the grace period
@@ -269,6 +270,25 @@ impl PodRun {
             .args(["--hostname", &self.name()])
             .args(["--label", "sidekey-test-pod"]);
         apply_security_context(&mut cmd, &sc, image, name)?;
+        // dnsPolicy None: the kubelet writes the pod's resolv.conf from dnsConfig alone, as
+        // the runtime does from these options (with another policy the host's resolv.conf
+        // stands in for the cluster's, as for hostNetwork pods).
+        if self.pod["spec"]["dnsPolicy"] == "None" {
+            let dns = &self.pod["spec"]["dnsConfig"];
+            for server in strings(&dns["nameservers"]) {
+                cmd.args(["--dns", &server]);
+            }
+            for search in strings(&dns["searches"]) {
+                cmd.args(["--dns-search", &search]);
+            }
+            for option in dns["options"].as_array().into_iter().flatten() {
+                let name = option["name"].as_str().unwrap_or_default();
+                match option["value"].as_str() {
+                    Some(value) => cmd.args(["--dns-option", &format!("{name}:{value}")]),
+                    None => cmd.args(["--dns-option", name]),
+                };
+            }
+        }
         for alias in self.pod["spec"]["hostAliases"]
             .as_array()
             .into_iter()

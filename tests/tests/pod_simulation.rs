@@ -580,6 +580,47 @@ async fn init_fails(stack: &Stack, address: &str, pod: Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_agent_finds_the_store_through_the_pods_cluster_dns() {
+    let stack = Stack::shared();
+    setup(stack).await;
+    // In a cluster the store's name (openbao.openbao.svc) is answered by the cluster DNS, whose
+    // address the kubelet writes into each container's resolv.conf. Here a real DNS server
+    // answers the name the store's certificate carries, and the pod names that server the way
+    // a pod with `dnsPolicy: None` does; no hostAliases, and the host cannot resolve the name.
+    let host = sidekey_tests::pki::STORE_HOST;
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    assert!(!hosts.contains(host), "/etc/hosts already names {host}");
+    let dns = sidekey_tests::dns::Dns::start(&[(host, std::net::Ipv4Addr::LOCALHOST)]).unwrap();
+    // The listener whose certificate names only the host: the name is what is verified.
+    let address = format!("https://{host}:{}", stack.named_port);
+    let with_dns = |mut pod: Value| {
+        pod["spec"]["dnsPolicy"] = "None".into();
+        pod["spec"]["dnsConfig"] = json!({ "nameservers": [dns.address.to_string()] });
+        pod
+    };
+    let mut run =
+        render_with_annotations_only(stack, &address, with_dns(tls_pod(stack, &[]))).await;
+    let rendered = files(&run.volume("sidekey-secrets"));
+    assert!(rendered["app.env"].contains("k-12345"), "{rendered:?}");
+    run.start_sidecars().unwrap();
+    let codes = run.stop().unwrap();
+    assert_eq!(codes, [("sidekey-agent".to_string(), Some(0))]);
+    let asked = dns.queries().iter().filter(|q| q.as_str() == host).count();
+    assert!(
+        asked >= 2,
+        "the init container and the sidecar asked the DNS for {host}: {:?}",
+        dns.queries()
+    );
+
+    // Without the pod's DNS the name does not resolve: the init container fails and says so.
+    let last = init_fails(stack, &address, tls_pod(stack, &[])).await;
+    assert!(
+        last.contains(&address),
+        "the last line names the address: {last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tls_server_name_verifies_a_store_certificate_issued_for_another_name() {
     let stack = Stack::shared();
     setup(stack).await;
