@@ -43,13 +43,43 @@ impl Prepared {
 
 /// The annotation sets remembered at once; the memory is emptied when it is full.
 const CAPACITY: usize = 1024;
+/// The bytes of annotations and agent configs remembered at once: any pod author can send
+/// reviews of up to 3 MiB, and a thousand of those must not take the webhook's memory.
+const BYTES: usize = 32 << 20;
+/// The API server refuses a pod whose annotations exceed 256 KiB (after the webhooks run), so a
+/// larger set is decided each time and never remembered.
+const LARGEST: usize = 256 << 10;
 
 type Entry = (Vec<(String, String)>, Arc<Prepared>);
+
+#[derive(Default)]
+struct Memory {
+    entries: HashMap<u64, Entry>,
+    /// What the entries hold, as [`size`] counts it.
+    bytes: usize,
+}
 
 /// Decisions by annotation set, for the one `Defaults` a server runs with.
 #[derive(Default)]
 pub struct Decisions {
-    entries: Mutex<HashMap<u64, Entry>>,
+    memory: Mutex<Memory>,
+}
+
+/// The bytes an entry holds: its annotations and, the largest part of a decision, the agent
+/// config it encodes.
+fn size(annotations: &[(String, String)], prepared: &Prepared) -> usize {
+    let config = match prepared {
+        Prepared::Inject {
+            config_env: Ok(env),
+            ..
+        } => env.len(),
+        _ => 0,
+    };
+    annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+        + config
 }
 
 impl Decisions {
@@ -72,7 +102,7 @@ impl Decisions {
                     .zip(&key)
                     .all(|((a, b), (c, d))| a == *c && b == *d)
         };
-        if let Some((stored, prepared)) = self.lock().get(&hash)
+        if let Some((stored, prepared)) = self.lock().entries.get(&hash)
             && same(stored)
         {
             return prepared.clone();
@@ -82,21 +112,36 @@ impl Decisions {
             .map(|(k, v)| ((*k).clone(), (*v).clone()))
             .collect();
         let prepared = Arc::new(Prepared::new(&owned.iter().cloned().collect(), defaults));
-        let mut entries = self.lock();
-        if entries.len() >= CAPACITY {
-            entries.clear();
+        let bytes = size(&owned, &prepared);
+        if bytes > LARGEST {
+            return prepared;
         }
-        entries.insert(hash, (owned, prepared.clone()));
+        let mut memory = self.lock();
+        if memory.entries.len() >= CAPACITY || memory.bytes + bytes > BYTES {
+            memory.entries.clear();
+            memory.bytes = 0;
+        }
+        if let Some((old, replaced)) = memory.entries.insert(hash, (owned, prepared.clone())) {
+            // A different set with the same hash: the newer one stays.
+            memory.bytes -= size(&old, &replaced);
+        }
+        memory.bytes += bytes;
         prepared
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        // A panic elsewhere cannot leave a half-written entry: inserts are single calls.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        // A panic elsewhere cannot leave a half-written entry: the memory is changed under the
+        // lock by calls that do not panic.
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
+    }
+
+    /// The bytes the remembered entries hold.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -187,5 +232,42 @@ mod tests {
             );
         }
         assert!(d.len() <= CAPACITY, "{}", d.len());
+    }
+
+    #[test]
+    fn large_annotation_sets_are_not_remembered_and_the_memory_stays_bounded() {
+        let d = Decisions::default();
+        let with_template = |i: usize, bytes: usize| {
+            let template = format!(
+                "{{{{ with secret \"kv/data/app\" }}}}{i}{}{{{{ end }}}}",
+                "x".repeat(bytes)
+            );
+            annotations(&[
+                ("vault.hashicorp.com/agent-inject", "true"),
+                ("vault.hashicorp.com/role", "app"),
+                ("vault.hashicorp.com/agent-inject-secret-a", "kv/data/app"),
+                ("vault.hashicorp.com/agent-inject-template-a", &template),
+            ])
+        };
+        // Over the API server's annotation limit: decided, not remembered.
+        let huge = d.get(&with_template(0, 300 << 10), &defaults());
+        assert!(matches!(*huge, Prepared::Deny(_)), "{huge:?}");
+        assert_eq!((d.len(), d.bytes()), (0, 0));
+        // Many distinct large sets: never more than the byte budget held.
+        for i in 0..400 {
+            d.get(&with_template(i, 200 << 10), &defaults());
+            assert!(d.bytes() <= BYTES, "{} bytes after {i}", d.bytes());
+        }
+        assert!(d.len() < 400 && d.len() > 0, "{} entries", d.len());
+        // Small sets are remembered as before.
+        let small = with_template(1000, 10);
+        d.get(&small, &defaults());
+        let (len, bytes) = (d.len(), d.bytes());
+        d.get(&small, &defaults());
+        assert_eq!(
+            (d.len(), d.bytes()),
+            (len, bytes),
+            "the same set again adds nothing"
+        );
     }
 }
