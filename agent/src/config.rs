@@ -324,6 +324,12 @@ pub struct LifecycleConfig {
     /// with it, every lease the token created) that dies soon instead of at the role's TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ttl_cap_secs: Option<u64>,
+    /// How long the whole stop may take, from the preStop hook's start (or SIGTERM, without a
+    /// hook) to the last revocation: the hook's grace, the listener's drain and every
+    /// revocation share it. The injector writes the pod's terminationGracePeriodSeconds less a
+    /// margin, so the agent is done before the kubelet kills it.
+    #[serde(default = "default_stop_deadline")]
+    pub stop_deadline_secs: u64,
 }
 
 impl Default for LifecycleConfig {
@@ -337,6 +343,7 @@ impl Default for LifecycleConfig {
             max_backoff_ms: default_max_backoff_ms(),
             native_sidecar: false,
             token_ttl_cap_secs: None,
+            stop_deadline_secs: default_stop_deadline(),
         }
     }
 }
@@ -410,6 +417,11 @@ fn default_true() -> bool {
 }
 fn default_revoke_grace() -> u64 {
     5
+}
+/// Kubernetes' default terminationGracePeriodSeconds (30) less a margin for the kubelet.
+pub const DEFAULT_STOP_DEADLINE_SECS: u64 = 25;
+fn default_stop_deadline() -> u64 {
+    DEFAULT_STOP_DEADLINE_SECS
 }
 fn default_init_timeout() -> u64 {
     120

@@ -14,6 +14,10 @@ use crate::fetch::Fetcher;
 use crate::revoke::{self, Revocation};
 use crate::state::{self, HeldSecret, State, StateError};
 
+/// How long the revocation of a failed attempt's leases may take (a handed token's leases do
+/// not die with it).
+const FAILED_ATTEMPT_REVOCATION: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -122,7 +126,7 @@ pub async fn first_render(
             }
         } else {
             let state = state_of(&session, &fetcher);
-            let deadline = tokio::time::Instant::now() + revoke::BUDGET;
+            let deadline = tokio::time::Instant::now() + FAILED_ATTEMPT_REVOCATION;
             revoke::revoke_held(client, &state, Vec::new(), deadline).await;
         }
         return Err(err.into());
@@ -153,5 +157,6 @@ pub fn state_of(session: &Session, fetcher: &Fetcher) -> State {
         revoked: false,
         stopping: false,
         token_owned: session.owned,
+        retired: Vec::new(),
     }
 }

@@ -135,7 +135,10 @@ async fn after_a_complete_prestop_revocation_sigterm_just_exits() {
         [],
         "a revocation recorded stays recorded"
     );
-    assert_eq!(m.step(Event::Stop, Instant::now()), [Action::Exit]);
+    assert_eq!(
+        m.step(Event::Stop, Instant::now()),
+        [Action::Exit { replaced: vec![] }]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -513,7 +516,7 @@ async fn every_event_in_every_phase_keeps_the_invariants() {
                     assert_eq!(busy, m.in_flight.is_some(), "{first:?} then {second:?}");
                     ended += actions
                         .iter()
-                        .filter(|a| matches!(a, Action::Shutdown { .. } | Action::Exit))
+                        .filter(|a| matches!(a, Action::Shutdown { .. } | Action::Exit { .. }))
                         .count();
                     if event == Event::Stop && !was_stopped {
                         assert_eq!(m.phase, Phase::Stopped);
