@@ -191,6 +191,7 @@ pub struct TokenGrant {
     pub renewable: bool,
 }
 
+#[derive(Clone)]
 pub struct Machine {
     schedule: Schedule,
     policy: Policy,

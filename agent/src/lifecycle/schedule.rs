@@ -14,6 +14,7 @@ use crate::render::SecretKey;
 use crate::revoke::Replaced;
 
 /// The source of the jitter that spreads renewals and retries of agents started together.
+#[derive(Clone)]
 pub struct Jitter(SmallRng);
 
 impl Jitter {
@@ -92,7 +93,7 @@ struct LeaseClock {
 }
 
 /// Every deadline the sidecar keeps.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Schedule {
     token: Option<(Instant, Duty)>,
     token_attempt: u32,
