@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 /// The environment variable that carries the base64-encoded JSON config.
 pub const CONFIG_ENV: &str = "SIDEKEY_AGENT_CONFIG";
+/// The pod's own stop deadline in seconds (its terminationGracePeriodSeconds less a margin),
+/// over `lifecycle.stop_deadline_secs`: the injector sets it per pod, beside a config that is
+/// shared by every pod annotated alike.
+pub const STOP_DEADLINE_ENV: &str = "SIDEKEY_STOP_DEADLINE_SECS";
 pub const DEFAULT_SECRETS_DIR: &str = "/vault/secrets";
 pub const DEFAULT_STATE_DIR: &str = "/home/sidekey";
 
@@ -550,10 +554,26 @@ impl AgentConfig {
             })?,
             None => {
                 let encoded = std::env::var(CONFIG_ENV).map_err(|_| ConfigError::Missing)?;
-                return AgentConfig::from_env_value(&encoded);
+                let config = AgentConfig::from_env_value(&encoded)?;
+                return config.with_stop_deadline(std::env::var(STOP_DEADLINE_ENV).ok().as_deref());
             }
         };
         AgentConfig::from_json(&json)
+    }
+
+    /// The pod's stop deadline ([`STOP_DEADLINE_ENV`]) over the config's, when it is set.
+    pub fn with_stop_deadline(mut self, secs: Option<&str>) -> Result<AgentConfig, ConfigError> {
+        if let Some(secs) = secs {
+            let secs: u64 = secs
+                .trim()
+                .parse()
+                .map_err(|_| invalid(STOP_DEADLINE_ENV, "not a whole number of seconds"))?;
+            if secs == 0 {
+                return Err(invalid(STOP_DEADLINE_ENV, "must be at least 1"));
+            }
+            self.lifecycle.stop_deadline_secs = secs;
+        }
+        Ok(self)
     }
 
     /// With `vault_agent_config_dir` set, reads `file` from it over this config (the HCL's
@@ -740,6 +760,25 @@ fn check_mount(field: &str, mount: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pods_stop_deadline_overrides_the_configs() {
+        let config = AgentConfig::from_json(br#"{"store":{"address":"https://s"},"auth":{"type":"token","token_file":"/t"}}"#);
+        let Ok(config) = config else {
+            panic!("{config:?}")
+        };
+        assert_eq!(config.lifecycle.stop_deadline_secs, DEFAULT_STOP_DEADLINE_SECS);
+        let set = config.clone().with_stop_deadline(Some("55")).unwrap();
+        assert_eq!(set.lifecycle.stop_deadline_secs, 55);
+        let kept = config.clone().with_stop_deadline(None).unwrap();
+        assert_eq!(kept.lifecycle.stop_deadline_secs, DEFAULT_STOP_DEADLINE_SECS);
+        for bad in ["0", "-1", "ten", ""] {
+            match config.clone().with_stop_deadline(Some(bad)) {
+                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, STOP_DEADLINE_ENV),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
 
     fn minimal() -> serde_json::Value {
         serde_json::json!({

@@ -194,7 +194,8 @@ pub fn watch(
 }
 
 /// A CA and a serving certificate it signed (`cert_pem` holds the leaf and then the CA).
-#[derive(Debug, Clone)]
+/// `Debug` leaves the private keys out.
+#[derive(Clone)]
 pub struct Generated {
     pub ca_pem: String,
     pub ca_key_pem: String,
@@ -202,6 +203,16 @@ pub struct Generated {
     pub key_pem: String,
     /// Unix seconds when the serving certificate expires.
     pub not_after: u64,
+}
+
+impl std::fmt::Debug for Generated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generated")
+            .field("ca_pem", &self.ca_pem)
+            .field("cert_pem", &self.cert_pem)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 const CA_NAME: &str = "Sidekey injector CA";

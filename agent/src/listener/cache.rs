@@ -123,12 +123,22 @@ pub fn grant_of(status: u16, body: &[u8]) -> Option<Grant> {
     })
 }
 
-/// A response as the store gave it.
-#[derive(Debug, Clone)]
+/// A response as the store gave it. `Debug` gives the status and the body's length: the body
+/// holds the secret (or a token).
+#[derive(Clone)]
 pub struct Stored {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("status", &self.status)
+            .field("body", &format_args!("<{} byte(s)>", self.body.len()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// A response worth caching, with the request's path and the token it was sent with.
@@ -660,7 +670,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_renewal_never_plans_past_the_grant() {
-        let backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(30));
+        let backoff = Backoff::new(Duration::from_secs(60), Duration::from_secs(60));
         let mut c = LeaseCache::default();
         let t0 = Instant::now();
         let k = put(&mut c, "/v1/database/creds/app", "t", lease("l1", 60, true));

@@ -102,10 +102,12 @@ impl Shared {
         let path = path.as_str();
         let kept = self.lock().insert(Instant::now(), key, got, rand::random());
         if kept {
-            tracing::info!(path, kind, "cached a {kind} obtained through the proxy");
+            let path = proxy::loggable(path);
+            tracing::info!(%path, kind, "cached a {kind} obtained through the proxy");
             self.changed.notify_waiters();
         } else {
-            tracing::warn!(path, "the lease cache is full; the answer was not cached");
+            let path = proxy::loggable(path);
+            tracing::warn!(%path, "the lease cache is full; the answer was not cached");
         }
     }
 

@@ -19,7 +19,9 @@ use crate::config::{DefaultFormat, Engine, TemplateConfig};
 pub use limits::Limit;
 
 /// One secret request: a read of `path`, or with parameters a write (for example a PKI issue).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// `Debug`, like `Display`, names the parameters, never their values (a ciphertext to decrypt,
+/// say).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SecretKey {
     pub path: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -60,6 +62,15 @@ impl SecretKey {
     }
     pub fn is_write(&self) -> bool {
         !self.params.is_empty() && !self.is_list() && !self.is_file()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretKey")
+            .field("path", &self.path)
+            .field("params", &self.params.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -129,7 +140,8 @@ impl RenderError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` gives the rendered text's length and the written files' paths, never content.
+#[derive(Clone, PartialEq)]
 pub enum Outcome {
     /// The file's content (bytes: a decoded binary secret reaches the file unchanged), the keys
     /// that were missing (rendered empty) for a warning, and the files a Go template's
@@ -141,6 +153,27 @@ pub enum Outcome {
     },
     /// Fetch these and render again.
     Needs(Vec<SecretKey>),
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Rendered {
+                text,
+                missing,
+                writes,
+            } => f
+                .debug_struct("Rendered")
+                .field("text", &format_args!("<{} byte(s)>", text.len()))
+                .field("missing", missing)
+                .field(
+                    "writes",
+                    &writes.iter().map(|w| &w.0).collect::<Vec<_>>(),
+                )
+                .finish(),
+            Outcome::Needs(keys) => f.debug_tuple("Needs").field(keys).finish(),
+        }
+    }
 }
 
 /// Picks the engine when the annotation did not: handlebars block syntax (`{{#`, `{{/` that is

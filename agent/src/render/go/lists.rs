@@ -44,7 +44,12 @@ fn int_of(name: &str, v: &Val) -> Result<i64, String> {
         Val::Int(n) => Ok(*n),
         Val::Str(s) | Val::Number(s) => s
             .parse()
-            .map_err(|_| format!("{name}: strconv.ParseInt: parsing {s:?}: invalid syntax")),
+            .map_err(|_| {
+                format!(
+                    "{name}: strconv.ParseInt: parsing {}: invalid syntax",
+                    super::funcs::withheld(s)
+                )
+            }),
         Val::Float(f) => Ok(*f as i64),
         other => Err(format!("{name}: unknown type {}", other.type_name())),
     }
