@@ -31,8 +31,6 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
     #[error("no agent config: set {CONFIG_ENV} or pass --config FILE")]
     Missing,
-    #[error(transparent)]
-    Hcl(#[from] crate::hcl_config::HclError),
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -547,18 +545,30 @@ pub fn check_relative_file(file: &str) -> Result<(), String> {
 impl AgentConfig {
     /// Reads the config from `--config FILE` when given, otherwise from `SIDEKEY_AGENT_CONFIG`.
     pub fn load(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
-        let json = match file {
-            Some(path) => std::fs::read(path).map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?,
-            None => {
-                let encoded = std::env::var(CONFIG_ENV).map_err(|_| ConfigError::Missing)?;
-                let config = AgentConfig::from_env_value(&encoded)?;
-                return config.with_stop_deadline(std::env::var(STOP_DEADLINE_ENV).ok().as_deref());
-            }
+        AgentConfig::load_from(
+            file,
+            std::env::var(CONFIG_ENV).ok(),
+            std::env::var(STOP_DEADLINE_ENV).ok(),
+        )
+    }
+
+    /// `load` with the environment's two values given: the file's config or `env_config`'s
+    /// (base64), with the pod's stop deadline over it.
+    pub fn load_from(
+        file: Option<&Path>,
+        env_config: Option<String>,
+        stop_deadline: Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let config = match file {
+            Some(path) => AgentConfig::from_json(&std::fs::read(path).map_err(|source| {
+                ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?)?,
+            None => AgentConfig::from_env_value(&env_config.ok_or(ConfigError::Missing)?)?,
         };
-        AgentConfig::from_json(&json)
+        config.with_stop_deadline(stop_deadline.as_deref())
     }
 
     /// The pod's stop deadline ([`STOP_DEADLINE_ENV`]) over the config's, when it is set.
@@ -574,23 +584,6 @@ impl AgentConfig {
             self.lifecycle.stop_deadline_secs = secs;
         }
         Ok(self)
-    }
-
-    /// With `vault_agent_config_dir` set, reads `file` from it over this config (the HCL's
-    /// errors name the file and line) and checks the result; otherwise returns it as it is.
-    pub fn with_vault_agent_config(self, file: &str) -> Result<AgentConfig, ConfigError> {
-        let Some(dir) = self.vault_agent_config_dir.clone() else {
-            return Ok(self);
-        };
-        let mut path = dir.join(file);
-        // A pre-populate-only pod's ConfigMap may hold only the init config; its revoke-only
-        // sidecar and preStop hook need just the store and the state from it.
-        if file == crate::hcl_config::SIDECAR_FILE && !path.exists() {
-            path = dir.join(crate::hcl_config::INIT_FILE);
-        }
-        let config = crate::hcl_config::overlay_file(self, &path)?;
-        config.validate()?;
-        Ok(config)
     }
 
     /// Decodes the value of `SIDEKEY_AGENT_CONFIG` (base64 of the JSON, surrounding space allowed).
@@ -936,18 +929,19 @@ mod tests {
         for ok in ["db", "app/db.env", "a/b/c.json", ".hidden"] {
             assert!(check_relative_file(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "/etc/passwd",
-            "../x",
-            "a/../../x",
-            "a//b",
-            "./a",
-            "a/./b",
-            "dir/",
-            "a\0b",
+        for (bad, why) in [
+            ("", "is empty"),
+            ("/etc/passwd", "is an absolute path"),
+            ("../x", "leaves the secrets folder"),
+            ("a/../../x", "leaves the secrets folder"),
+            ("a//b", "is not a plain relative path"),
+            ("./a", "is not a plain relative path"),
+            ("a/./b", "is not a plain relative path"),
+            ("dir/", "names a folder"),
+            ("a\0b", "contains a NUL byte"),
         ] {
-            assert!(check_relative_file(bad).is_err(), "{bad:?}");
+            let error = check_relative_file(bad).unwrap_err();
+            assert!(error.contains(why), "{bad:?}: {error}");
         }
     }
 
@@ -959,5 +953,17 @@ mod tests {
         assert!(AgentConfig::load(Some(&path)).is_ok());
         let err = AgentConfig::load(Some(&dir.path().join("nope.json"))).unwrap_err();
         assert!(err.to_string().starts_with("cannot read agent config file"));
+        // Neither a file nor the environment's config: says how to give one.
+        let missing = AgentConfig::load_from(None, None, None).unwrap_err();
+        assert!(matches!(missing, ConfigError::Missing), "{missing:?}");
+        assert_eq!(
+            missing.to_string(),
+            "no agent config: set SIDEKEY_AGENT_CONFIG or pass --config FILE"
+        );
+        let encoded = AgentConfig::from_json(&std::fs::read(&path).unwrap())
+            .unwrap()
+            .to_env_value();
+        let from_env = AgentConfig::load_from(None, Some(encoded), Some("42".into())).unwrap();
+        assert_eq!(from_env.lifecycle.stop_deadline_secs, 42);
     }
 }

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod cycle;
+pub mod error;
 pub mod fetch;
 pub mod hcl_config;
 pub mod lifecycle;
@@ -19,6 +20,7 @@ pub mod run;
 pub mod sink;
 pub mod start;
 pub mod state;
+pub mod timing;
 mod tls;
 
 pub use config::AgentConfig;

@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::client::{ClientError, StoreClient, Token};
 use crate::config::AgentConfig;
-use crate::start::{RunError, backoff};
-use crate::state::{self, State, StopRecord};
+use crate::backoff::Backoff;
+use crate::state::{self, State, StateError, StopRecord};
 
 /// At most this many lease revocations are in flight at once; the tokens' never wait for them.
 const PARALLEL_LEASES: usize = 16;
@@ -55,6 +54,18 @@ impl StopClock {
     }
 }
 
+/// Why a revocation of the saved state did not end well.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Something is left alive (the report says what).
+    #[error("{0}")]
+    Incomplete(Revocation),
+}
+
 /// What became of the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenFate {
@@ -67,14 +78,8 @@ pub enum TokenFate {
     Left(String),
 }
 
-/// Something the sidecar replaced (a lease at its max TTL, a token by a new login) and keeps
-/// alive for an overlap, so the app can move to the new credentials.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Replaced {
-    Lease(String),
-    Token(Token),
-}
+pub use crate::state::Replaced;
+
 
 /// What a revocation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,7 +295,10 @@ async fn revoke_all(
 /// everything is gone a running sidecar stops renewing and revokes only what the record does
 /// not cover; when something is left, the sidecar renews nothing more and tries again on
 /// SIGTERM, and the report comes back as the error.
-pub async fn revoke_saved(config: &AgentConfig, clock: StopClock) -> Result<Revocation, RunError> {
+pub async fn revoke_saved(
+    config: &AgentConfig,
+    clock: StopClock,
+) -> Result<Revocation, RevokeError> {
     if state::load_record(&config.state_dir)?.is_some_and(|r| r.complete) {
         tracing::info!("already revoked");
         return Ok(Revocation::nothing());
@@ -303,7 +311,7 @@ pub async fn revoke_saved(config: &AgentConfig, clock: StopClock) -> Result<Revo
         tracing::info!("already revoked");
         return Ok(Revocation::nothing());
     }
-    let client = StoreClient::new(&config.store, backoff(config))?;
+    let client = StoreClient::new(&config.store, Backoff::of(config))?;
     let report = revoke_held(&client, &state, Vec::new(), clock.deadline).await;
     let complete = report.is_complete();
     record(config, &state, clock, complete)?;
@@ -313,7 +321,7 @@ pub async fn revoke_saved(config: &AgentConfig, clock: StopClock) -> Result<Revo
     if complete {
         Ok(report)
     } else {
-        Err(RunError::Revocation(report))
+        Err(RevokeError::Incomplete(report))
     }
 }
 
@@ -323,13 +331,13 @@ pub fn record(
     state: &State,
     clock: StopClock,
     complete: bool,
-) -> Result<(), RunError> {
+) -> Result<(), StateError> {
     let record = StopRecord {
         complete,
         began_ms: clock.began_ms,
         covered: state.credentials().iter().map(state::fingerprint).collect(),
     };
-    Ok(state::save_record(&config.state_dir, &record)?)
+    state::save_record(&config.state_dir, &record)
 }
 
 async fn revoke_token(client: &StoreClient, token: &Token) -> TokenFate {

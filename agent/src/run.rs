@@ -81,5 +81,5 @@ pub async fn revoke(config: &AgentConfig, grace: Duration) -> Result<Revocation,
     let clock = revoke::StopClock::begin(config);
     let budget = Duration::from_secs(config.lifecycle.stop_deadline_secs);
     tokio::time::sleep(grace.min(budget / 2)).await;
-    revoke::revoke_saved(config, clock).await
+    Ok(revoke::revoke_saved(config, clock).await?)
 }

@@ -12,10 +12,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{Secret, Token};
 use crate::render::SecretKey;
-use crate::revoke::Replaced;
 use crate::sink;
 
 pub const STATE_FILE: &str = "state.json";
+
+/// Something the sidecar replaced (a lease at its max TTL, a token by a new login) and keeps
+/// alive for an overlap, so the app can move to the new credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Replaced {
+    Lease(String),
+    Token(Token),
+}
+
 /// The stop's record: written by whoever revoked (the preStop hook, the sidecar's SIGTERM path,
 /// the guard), never by a save of the state, so no save can overwrite it.
 pub const RECORD_FILE: &str = "stopped.json";

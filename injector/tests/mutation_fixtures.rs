@@ -219,7 +219,21 @@ fn common_checks(name: &str, pod: &Pod) {
         for var in ["NAMESPACE", "POD_NAME", "POD_IP", "HOST_IP"] {
             assert!(env.contains(&var), "{name}: {} lacks {var}", agent.name);
         }
-        if let Some(sc) = &agent.security_context {
+        // Hardened unless the pod opted out (agent-set-security-context: "false"): a missing
+        // security context is a failure, not a reason to skip the checks.
+        let opted_out = annotations
+            .iter()
+            .any(|(k, v)| k.ends_with("/agent-set-security-context") && v == "false");
+        if opted_out {
+            assert!(
+                agent.security_context.is_none(),
+                "{name}: {} has a security context the pod opted out of",
+                agent.name
+            );
+        } else {
+            let sc = agent.security_context.as_ref().unwrap_or_else(|| {
+                panic!("{name}: {} has no security context", agent.name)
+            });
             assert_eq!(
                 sc.capabilities.as_ref().unwrap().drop.as_deref(),
                 Some(&["ALL".to_string()][..])

@@ -142,7 +142,10 @@ async fn stop_early(config: &AgentConfig, stop: Event) -> Result<(), RunError> {
         return Ok(());
     }
     let clock = StopClock::resume(config, stop_record(&config.state_dir).as_ref());
-    revoke::revoke_saved(config, clock).await.map(|_| ())
+    revoke::revoke_saved(config, clock)
+        .await
+        .map(|_| ())
+        .map_err(RunError::from)
 }
 
 /// The loop: wait for a deadline or an input; run each action; while a task runs, inputs still

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::client::Token;
 use crate::render::SecretKey;
-use crate::revoke::Replaced;
+use crate::state::Replaced;
 
 use super::schedule::{Duty, Granted, Jitter, Schedule};
 

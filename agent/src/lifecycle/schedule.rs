@@ -6,45 +6,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng, rngs::SmallRng};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::render::SecretKey;
-use crate::revoke::Replaced;
+use crate::state::Replaced;
 
-/// The source of the jitter that spreads renewals and retries of agents started together.
-#[derive(Clone)]
-pub struct Jitter(SmallRng);
-
-impl Jitter {
-    /// Seeded from the OS: what the agent uses.
-    pub fn random() -> Jitter {
-        Jitter(SmallRng::from_rng(&mut rand::rng()))
-    }
-
-    /// The same sequence every time: what tests use.
-    pub fn seeded(seed: u64) -> Jitter {
-        Jitter(SmallRng::seed_from_u64(seed))
-    }
-
-    /// A number in [0, 1).
-    pub fn draw(&mut self) -> f64 {
-        self.0.random::<f64>()
-    }
-}
-
-/// When a renewal of something with `ttl` left is due: between 60 % and 70 % of the TTL, so
-/// that agents started together spread out. `jitter` is in [0, 1).
-pub fn renew_after(ttl: Duration, jitter: f64) -> Duration {
-    ttl.mul_f64(0.6 + 0.1 * jitter.clamp(0.0, 1.0))
-}
-
-/// When a lease just obtained (or adopted) is first renewed: between a third and two thirds of
-/// its TTL, so that many leases obtained together do not renew together.
-pub fn first_renewal(ttl: Duration, jitter: f64) -> Duration {
-    ttl.mul_f64((1.0 + jitter.clamp(0.0, 1.0)) / 3.0)
-}
+pub use crate::timing::{Jitter, first_renewal, renew_after};
 
 /// What a deadline is for.
 #[derive(Debug, Clone, PartialEq, Eq)]

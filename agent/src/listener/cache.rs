@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::client::Token;
-use crate::lifecycle::schedule::renew_after;
+use crate::timing::renew_after;
 
 /// Responses larger than this are forwarded but not cached.
 pub const MAX_CACHED_BODY: usize = 1024 * 1024;
