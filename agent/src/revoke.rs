@@ -19,6 +19,13 @@ use crate::state::{self, State, StateError, StopRecord};
 const PARALLEL_LEASES: usize = 16;
 /// The least a SIGTERM path gets when the preStop hook used up the shared deadline: one try.
 const LEAST: Duration = Duration::from_secs(1);
+/// How long the tokens' revocations wait for the leases' first requests to reach the store. A
+/// lease revoked by itself is gone when the store answers (the store waits for the database
+/// to drop the user); one the store revokes with its token is queued, and outlives the pod
+/// when the database is slow. A request the store has begun is not refused when its token is
+/// revoked meanwhile, so the leases' requests go first and the token's follows at once: never
+/// behind a lease that stalls.
+const TOKEN_AFTER: Duration = Duration::from_millis(250);
 
 /// The one deadline of a pod's stop: `stop_deadline_secs` (the pod's grace less a margin) from
 /// when the stop began. The preStop hook begins it; the SIGTERM path that follows a hook ends
@@ -217,8 +224,8 @@ enum Revoked {
 }
 
 /// Every request at once (leases [`PARALLEL_LEASES`] at a time), each retried until
-/// `deadline`: `own` first, since revoking it revokes every lease it created, and it never
-/// waits behind a lease that stalls.
+/// `deadline`; the tokens' [`TOKEN_AFTER`] the leases' first requests. `own` revokes every
+/// lease it created, so whatever the leases' requests meet, the token's is never cut short.
 async fn revoke_all(
     client: &StoreClient,
     lease_token: &Token,
@@ -239,21 +246,32 @@ async fn revoke_all(
     }
     let mut requests = JoinSet::new();
     let kept = own.is_none();
-    if let Some(token) = own {
-        let client = client.clone();
-        requests.spawn(async move { Revoked::Own(revoke_token(&client, &token).await) });
-    }
-    for token in unique {
-        let client = client.clone();
-        requests.spawn(async move { Revoked::Other(revoke_token(&client, &token).await) });
-    }
     let slots = std::sync::Arc::new(Semaphore::new(PARALLEL_LEASES));
+    let head_start = if leases.is_empty() {
+        Duration::ZERO
+    } else {
+        TOKEN_AFTER.min(deadline.saturating_duration_since(Instant::now()) / 10)
+    };
     for lease in leases {
         let (client, token, slots) = (client.clone(), lease_token.clone(), slots.clone());
         requests.spawn(async move {
             let _slot = slots.acquire_owned().await.ok();
             let outcome = client.revoke_lease(&token, &lease).await;
             Revoked::Lease(lease, outcome)
+        });
+    }
+    if let Some(token) = own {
+        let client = client.clone();
+        requests.spawn(async move {
+            tokio::time::sleep(head_start).await;
+            Revoked::Own(revoke_token(&client, &token).await)
+        });
+    }
+    for token in unique {
+        let client = client.clone();
+        requests.spawn(async move {
+            tokio::time::sleep(head_start).await;
+            Revoked::Other(revoke_token(&client, &token).await)
         });
     }
     let mut token = TokenFate::Kept;

@@ -16,6 +16,9 @@ use sidekey_tests::Stack;
 /// The kubelet's default termination grace period.
 const KUBELET_GRACE: Duration = Duration::from_secs(30);
 
+/// PostgreSQL is the shared stack's: one test at a time pauses it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A login role like the tests' `app` role, with its own token TTLs.
 async fn login_role(stack: &Stack, name: &str, ttl: &str, max_ttl: &str) {
     let app = stack
@@ -69,6 +72,7 @@ impl Drop for Paused<'_> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_relogin_revokes_the_old_token_and_the_new_one() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let stack = Stack::shared();
     let db = "cut_relogin";
     db_role(stack, db, "10m", "1h").await;
@@ -122,6 +126,7 @@ async fn sigterm_during_a_relogin_revokes_the_old_token_and_the_new_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_rotation_revokes_every_lease_and_the_token() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let stack = Stack::shared();
     let db = "cut_rotate";
     // A 30 s lease: first renewed 10-20 s after the init container obtained it.

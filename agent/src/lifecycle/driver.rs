@@ -165,9 +165,10 @@ async fn drive(
             let event = tokio::select! {
                 () = sleep_until(wake) => Some(Event::Tick),
                 input = inputs.next() => event_of(input, &state_dir),
-                // The proxy's cached leases: renewed here, given up for any input that comes
-                // meanwhile (a stop must not wait for them).
-                () = listener::due(listener.as_ref()) => match &listener {
+                // The proxy's cached leases: renewed here while the machine renews its own,
+                // given up for any input that comes meanwhile (a stop must not wait for them;
+                // the cache plans a dropped renewal again).
+                () = listener::due(listener.as_ref().filter(|_| machine.is_running())) => match &listener {
                     Some(l) => tokio::select! {
                         () = l.renew_due() => None,
                         input = inputs.next() => event_of(input, &state_dir),
@@ -182,6 +183,7 @@ async fn drive(
         };
         match action {
             Action::Perform(task) => {
+                let logging_in = task == Task::Login;
                 let outcome = {
                     let work = held.perform(task);
                     tokio::pin!(work);
@@ -194,6 +196,9 @@ async fn drive(
                                 let cancelled = actions.first() == Some(&Action::Cancel);
                                 queue.extend(actions.into_iter().filter(|a| a != &Action::Cancel));
                                 if cancelled {
+                                    if logging_in {
+                                        settle_login(work.as_mut(), &ledger).await;
+                                    }
                                     tracing::info!("the task in flight is cancelled");
                                     break None;
                                 }
@@ -225,11 +230,19 @@ async fn drive(
                     "the preStop revocation left something; renewing nothing more, revoking again on SIGTERM"
                 );
             }
-            Action::Shutdown { revoke, replaced } => {
+            Action::Shutdown {
+                revoke,
+                mut replaced,
+            } => {
+                replaced.extend(std::mem::take(&mut lock(&ledger).obtained));
                 held.token_asked = machine.token_asked();
                 return held.shutdown(revoke, replaced, listener.take()).await;
             }
-            Action::GiveUp { revoke, replaced } => {
+            Action::GiveUp {
+                revoke,
+                mut replaced,
+            } => {
+                replaced.extend(std::mem::take(&mut lock(&ledger).obtained));
                 held.token_asked = machine.token_asked();
                 let stopped = held.shutdown(revoke, replaced, listener.take()).await;
                 if let Err(e) = &stopped {
@@ -240,7 +253,8 @@ async fn drive(
                     None => stopped,
                 };
             }
-            Action::Exit { replaced } => {
+            Action::Exit { mut replaced } => {
+                replaced.extend(std::mem::take(&mut lock(&ledger).obtained));
                 return held.exit(replaced).await;
             }
         }
@@ -271,6 +285,33 @@ fn tell(machine: &mut Machine, ledger: &Mutex<Ledger>, event: Event) -> Vec<Acti
     let actions = machine.step(event, now);
     ledger.outstanding = machine.outstanding();
     actions
+}
+
+/// How long a stop waits for a login on the wire to answer.
+const LOGIN_SETTLE: Duration = Duration::from_secs(3);
+
+/// A login being cancelled may have made a token already, one the agent would never see: the
+/// login's own request is given [`LOGIN_SETTLE`] to answer, so its token reaches the ledger
+/// (and is revoked with the rest); the fetches after it are not waited for.
+async fn settle_login(
+    mut work: std::pin::Pin<&mut impl std::future::Future<Output = Outcome>>,
+    ledger: &Mutex<Ledger>,
+) {
+    let obtained = async {
+        loop {
+            if !lock(ledger).obtained.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let _ = tokio::time::timeout(LOGIN_SETTLE, async {
+        tokio::select! {
+            _ = work.as_mut() => {}
+            () = obtained => {}
+        }
+    })
+    .await;
 }
 
 async fn sleep_until(at: Option<Instant>) {

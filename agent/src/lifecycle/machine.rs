@@ -244,6 +244,12 @@ impl Machine {
         }
     }
 
+    /// Whether the sidecar still renews (no preStop record, no stop): the proxy's cached
+    /// leases are renewed only then, as the agent's own are.
+    pub fn is_running(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
     pub fn lease_count(&self) -> usize {
         self.schedule.lease_count()
     }
