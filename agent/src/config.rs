@@ -756,15 +756,23 @@ mod tests {
 
     #[test]
     fn the_pods_stop_deadline_overrides_the_configs() {
-        let config = AgentConfig::from_json(br#"{"store":{"address":"https://s"},"auth":{"type":"token","token_file":"/t"}}"#);
+        let config = AgentConfig::from_json(
+            br#"{"store":{"address":"https://s"},"auth":{"type":"token","token_file":"/t"}}"#,
+        );
         let Ok(config) = config else {
             panic!("{config:?}")
         };
-        assert_eq!(config.lifecycle.stop_deadline_secs, DEFAULT_STOP_DEADLINE_SECS);
+        assert_eq!(
+            config.lifecycle.stop_deadline_secs,
+            DEFAULT_STOP_DEADLINE_SECS
+        );
         let set = config.clone().with_stop_deadline(Some("55")).unwrap();
         assert_eq!(set.lifecycle.stop_deadline_secs, 55);
         let kept = config.clone().with_stop_deadline(None).unwrap();
-        assert_eq!(kept.lifecycle.stop_deadline_secs, DEFAULT_STOP_DEADLINE_SECS);
+        assert_eq!(
+            kept.lifecycle.stop_deadline_secs,
+            DEFAULT_STOP_DEADLINE_SECS
+        );
         for bad in ["0", "-1", "ten", ""] {
             match config.clone().with_stop_deadline(Some(bad)) {
                 Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, STOP_DEADLINE_ENV),

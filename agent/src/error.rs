@@ -6,7 +6,7 @@ use crate::client::ClientError;
 use crate::config::ConfigError;
 use crate::cycle::CycleError;
 use crate::hcl_config::HclError;
-use crate::revoke::{RevokeError, Revocation};
+use crate::revoke::{Revocation, RevokeError};
 use crate::state::StateError;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,6 @@ impl RunError {
         }
     }
 }
-
 
 impl From<RevokeError> for RunError {
     fn from(e: RevokeError) -> RunError {

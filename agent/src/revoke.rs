@@ -10,9 +10,9 @@ use tokio::time::Instant;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::backoff::Backoff;
 use crate::client::{ClientError, StoreClient, Token};
 use crate::config::AgentConfig;
-use crate::backoff::Backoff;
 use crate::state::{self, State, StateError, StopRecord};
 
 /// At most this many lease revocations are in flight at once; the tokens' never wait for them.
@@ -86,7 +86,6 @@ pub enum TokenFate {
 }
 
 pub use crate::state::Replaced;
-
 
 /// What a revocation did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,6 @@ pub fn backoff(config: &AgentConfig) -> Backoff {
 /// not die with it).
 const FAILED_ATTEMPT_REVOCATION: Duration = Duration::from_secs(10);
 
-
 /// Retries `attempt` with backoff while it fails with a transient error, up to `limit`.
 pub async fn retry_until<T, F, Fut>(
     limit: Duration,

@@ -37,4 +37,3 @@ pub fn renew_after(ttl: Duration, jitter: f64) -> Duration {
 pub fn first_renewal(ttl: Duration, jitter: f64) -> Duration {
     ttl.mul_f64((1.0 + jitter.clamp(0.0, 1.0)) / 3.0)
 }
-

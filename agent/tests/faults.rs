@@ -179,7 +179,9 @@ async fn a_canary_secret_reaches_no_error_message() {
         read(r#"regexMatch .Data.data.re "x""#),
         read(r#"sprig_regexReplaceAll .Data.data.re "x" "y""#),
         // A write refused by the store, its parameter a secret (a ciphertext, say).
-        format!("{{{{ with secret \"transit/decrypt/no-such-key\" \"ciphertext={CANARY}\" }}}}{{{{ .Data.plaintext }}}}{{{{ end }}}}"),
+        format!(
+            "{{{{ with secret \"transit/decrypt/no-such-key\" \"ciphertext={CANARY}\" }}}}{{{{ .Data.plaintext }}}}{{{{ end }}}}"
+        ),
     ] {
         let sb = Sandbox::new();
         let templates = json!([{ "name": "t", "file": "t", "contents": contents }]);

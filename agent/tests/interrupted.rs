@@ -89,7 +89,10 @@ async fn sigterm_during_a_relogin_revokes_the_old_token_and_the_new_one() {
     let (user, _) = creds(&sb);
     let leases = db_leases(stack, db).await;
     assert_eq!(leases.len(), 1, "the init container's lease");
-    assert!(stack.token_alive(&old).await, "the init token to begin with");
+    assert!(
+        stack.token_alive(&old).await,
+        "the init token to begin with"
+    );
 
     // Nothing but the re-login's fetch needs PostgreSQL before the stop (the lease is renewed
     // only minutes from now): pausing it holds the re-login at that await.
@@ -100,8 +103,14 @@ async fn sigterm_during_a_relogin_revokes_the_old_token_and_the_new_one() {
     let new = relogin_accessor(&sb.sidecar_log()).unwrap();
     assert_ne!(new, old);
     // Both tokens are alive and the sidecar is still at the fetch (it has not re-rendered).
-    assert!(stack.token_alive(&old).await, "the old token, before the stop");
-    assert!(stack.token_alive(&new).await, "the new token, before the stop");
+    assert!(
+        stack.token_alive(&old).await,
+        "the old token, before the stop"
+    );
+    assert!(
+        stack.token_alive(&new).await,
+        "the new token, before the stop"
+    );
     assert_eq!(creds(&sb).0, user, "the re-login has not finished");
     assert_eq!(db_leases(stack, db).await, leases);
 
@@ -162,7 +171,10 @@ async fn sigterm_during_a_rotation_revokes_every_lease_and_the_token() {
         !sb.sidecar_log().contains("fetched a new secret in place"),
         "the fetch was not held"
     );
-    assert!(stack.token_alive(&accessor).await, "the token, before the stop");
+    assert!(
+        stack.token_alive(&accessor).await,
+        "the token, before the stop"
+    );
 
     sigterm(&sidecar);
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -139,9 +139,11 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
     let rereads = || sb.sidecar_log().matches("RefreshStatics").count();
     let before = stamp();
     let seen = rereads();
-    wait_for(Duration::from_secs(10), "two re-reads of the secret", || {
-        rereads() >= seen + 2
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "two re-reads of the secret",
+        || rereads() >= seen + 2,
+    );
     assert_eq!(
         stamp(),
         before,

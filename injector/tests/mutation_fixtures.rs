@@ -231,9 +231,10 @@ fn common_checks(name: &str, pod: &Pod) {
                 agent.name
             );
         } else {
-            let sc = agent.security_context.as_ref().unwrap_or_else(|| {
-                panic!("{name}: {} has no security context", agent.name)
-            });
+            let sc = agent
+                .security_context
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: {} has no security context", agent.name));
             assert_eq!(
                 sc.capabilities.as_ref().unwrap().drop.as_deref(),
                 Some(&["ALL".to_string()][..])

@@ -462,7 +462,10 @@ fn every_answer_is_a_valid_review_and_every_patch_applies() {
                     prop_assert!(false, "{problem}");
                 }
                 let status = pod.metadata.annotations.clone().unwrap_or_default();
-                prop_assert_eq!(status.get(&status_key).map(String::as_str), Some("injected"));
+                prop_assert_eq!(
+                    status.get(&status_key).map(String::as_str),
+                    Some("injected")
+                );
                 // Every agent container carries every template exactly as annotated.
                 let configs = agent_configs(&pod);
                 prop_assert!(!configs.is_empty(), "an injected pod has an agent");

@@ -713,7 +713,9 @@ impl Held<'_> {
         {
             let mut ledger = lock(&self.ledger);
             if let Some(grant) = &new {
-                ledger.obtained.push(Replaced::Lease(grant.lease_id.clone()));
+                ledger
+                    .obtained
+                    .push(Replaced::Lease(grant.lease_id.clone()));
             }
             if let Some((id, _)) = &old {
                 ledger.obtained.push(Replaced::Lease(id.clone()));
@@ -794,7 +796,11 @@ impl Held<'_> {
         if self.session.owned {
             all.push(Replaced::Token(self.session.token.clone()));
         }
-        all.extend(leases_of(&self.fetcher).into_iter().map(|(_, g)| Replaced::Lease(g.lease_id)));
+        all.extend(
+            leases_of(&self.fetcher)
+                .into_iter()
+                .map(|(_, g)| Replaced::Lease(g.lease_id)),
+        );
         all
     }
 

@@ -110,7 +110,9 @@ pub enum Action {
     /// Exit without revoking what the preStop hook revoked; `replaced` (credentials retired,
     /// or obtained by a task that never finished) are revoked unless the hook's record covers
     /// them.
-    Exit { replaced: Vec<Replaced> },
+    Exit {
+        replaced: Vec<Replaced>,
+    },
     /// The store refuses every login: revoke everything held (with `replaced`) when `revoke`,
     /// then exit with the login's error, so the pod shows it (restarts) instead of an agent
     /// that retries forever.

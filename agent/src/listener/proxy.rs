@@ -330,9 +330,18 @@ mod tests {
     #[test]
     fn a_token_in_a_request_path_is_never_logged() {
         for (path, logged) in [
-            ("/v1/auth/token/lookup/hvs.canary", "/v1/auth/token/lookup/<withheld>"),
-            ("/v1/auth/token/revoke/hvs.canary/", "/v1/auth/token/revoke/<withheld>"),
-            ("/v1/auth/token/renew/s.canary", "/v1/auth/token/renew/<withheld>"),
+            (
+                "/v1/auth/token/lookup/hvs.canary",
+                "/v1/auth/token/lookup/<withheld>",
+            ),
+            (
+                "/v1/auth/token/revoke/hvs.canary/",
+                "/v1/auth/token/revoke/<withheld>",
+            ),
+            (
+                "/v1/auth/token/renew/s.canary",
+                "/v1/auth/token/renew/<withheld>",
+            ),
             ("/v1/auth/token/lookup-self", "/v1/auth/token/lookup-self"),
             ("/v1/auth/token/create", "/v1/auth/token/create"),
             ("/v1/database/creds/app", "/v1/database/creds/app"),

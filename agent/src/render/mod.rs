@@ -166,10 +166,7 @@ impl fmt::Debug for Outcome {
                 .debug_struct("Rendered")
                 .field("text", &format_args!("<{} byte(s)>", text.len()))
                 .field("missing", missing)
-                .field(
-                    "writes",
-                    &writes.iter().map(|w| &w.0).collect::<Vec<_>>(),
-                )
+                .field("writes", &writes.iter().map(|w| &w.0).collect::<Vec<_>>())
                 .finish(),
             Outcome::Needs(keys) => f.debug_tuple("Needs").field(keys).finish(),
         }

@@ -9,9 +9,9 @@
 //! them; `inert` warns about what changes nothing; `verdict` remembers which templates parse.
 //! When several annotations are wrong, the denial names the first found in that group order.
 
-mod defaults;
 mod auth;
 mod containers;
+mod defaults;
 mod inert;
 mod lifecycle;
 mod listener;

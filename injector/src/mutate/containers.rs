@@ -275,7 +275,11 @@ mod tests {
 
     #[test]
     fn the_stop_deadline_leaves_the_kubelet_a_margin_of_the_pods_grace() {
-        assert_eq!(stop_deadline(None), None, "the agent's default (25 s of 30)");
+        assert_eq!(
+            stop_deadline(None),
+            None,
+            "the agent's default (25 s of 30)"
+        );
         assert_eq!(stop_deadline(Some(30)), Some(25));
         assert_eq!(stop_deadline(Some(120)), Some(115));
         assert_eq!(stop_deadline(Some(12)), Some(10));

@@ -589,8 +589,15 @@ async fn what_a_stopped_task_obtained_is_revoked_and_what_a_finished_one_obtaine
     let mut m = machine(true);
     m.step(Event::CredentialRotated, Instant::now());
     done(&mut m, Outcome::TokenChecked { alive: Some(false) });
-    assert_eq!(m.step(Event::Obtained(new_token.clone()), Instant::now()), []);
-    assert_eq!(m.outstanding(), [new_token.clone()], "saved for the hook");
+    assert_eq!(
+        m.step(Event::Obtained(new_token.clone()), Instant::now()),
+        []
+    );
+    assert_eq!(
+        m.outstanding(),
+        std::slice::from_ref(&new_token),
+        "saved for the hook"
+    );
     assert_eq!(
         m.step(Event::Stop, Instant::now()),
         [
@@ -907,12 +914,13 @@ mod interleavings {
                         let l = self.fresh("l");
                         self.parent.insert(l.clone(), self.token.clone());
                         self.obtained.push(Replaced::Lease(l.clone()));
-                        let old = std::mem::replace(&mut self.lease, Some(l.clone()));
+                        let old = self.lease.replace(l.clone());
                         if let Some(old) = &old {
                             self.obtained.push(Replaced::Lease(old.clone()));
                         }
                         self.task = Some((Task::Rotate { key }, 1));
-                        self.trace.push(format!("rotated {l} for {old:?} -> render"));
+                        self.trace
+                            .push(format!("rotated {l} for {old:?} -> render"));
                         self.rotated = Some((l, old));
                     }
                     1 => self.done(Outcome::Failed(Failure::Transient)),
@@ -983,7 +991,9 @@ mod interleavings {
                     for what in covered.clone() {
                         self.revoke(&what);
                     }
-                    self.covered.get_or_insert_with(BTreeSet::new).extend(covered);
+                    self.covered
+                        .get_or_insert_with(BTreeSet::new)
+                        .extend(covered);
                     self.step(Event::PreStopRevoked);
                 }
                 Choice::PreStopIncomplete => self.step(Event::PreStopIncomplete),
@@ -1010,7 +1020,10 @@ mod interleavings {
         fn what(&self) -> Option<(String, u8)> {
             self.task.as_ref().map(|(t, p)| {
                 let kind = format!("{t:?}");
-                (kind.split([' ', '(', '{']).next().unwrap_or("").to_string(), *p)
+                (
+                    kind.split([' ', '(', '{']).next().unwrap_or("").to_string(),
+                    *p,
+                )
             })
         }
 

@@ -409,7 +409,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Bool(false)),
                 s => crate_parse_bool(s).map(Val::Bool).ok_or_else(|| {
-                    format!("parseBool: strconv.ParseBool: parsing {}: invalid syntax", withheld(s)).into()
+                    format!(
+                        "parseBool: strconv.ParseBool: parsing {}: invalid syntax",
+                        withheld(s)
+                    )
+                    .into()
                 }),
             }
         }
@@ -418,7 +422,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Int(0)),
                 s => s.parse::<i64>().map(Val::Int).map_err(|_| {
-                    format!("parseInt: strconv.ParseInt: parsing {}: invalid syntax", withheld(s)).into()
+                    format!(
+                        "parseInt: strconv.ParseInt: parsing {}: invalid syntax",
+                        withheld(s)
+                    )
+                    .into()
                 }),
             }
         }
@@ -432,8 +440,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                     .and_then(|n| i64::try_from(n).ok())
                     .map(Val::Int)
                     .ok_or_else(|| {
-                        format!("parseUint: strconv.ParseUint: parsing {}: invalid syntax", withheld(s))
-                            .into()
+                        format!(
+                            "parseUint: strconv.ParseUint: parsing {}: invalid syntax",
+                            withheld(s)
+                        )
+                        .into()
                     }),
             }
         }
@@ -445,13 +456,15 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                     // Go refuses a number too large for a float64 (but not "inf" itself).
                     Ok(f) if f.is_infinite() && !s.to_ascii_lowercase().contains("inf") => {
                         Err(format!(
-                            "parseFloat: strconv.ParseFloat: parsing {}: value out of range", withheld(s)
+                            "parseFloat: strconv.ParseFloat: parsing {}: value out of range",
+                            withheld(s)
                         )
                         .into())
                     }
                     Ok(f) => Ok(Val::Float(f)),
                     Err(_) => Err(format!(
-                        "parseFloat: strconv.ParseFloat: parsing {}: invalid syntax", withheld(s)
+                        "parseFloat: strconv.ParseFloat: parsing {}: invalid syntax",
+                        withheld(s)
                     )
                     .into()),
                 },

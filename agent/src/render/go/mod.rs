@@ -97,7 +97,8 @@ mod tests {
             r#"sprig_regexFind .Data.data.re "x""#,
             r#"secret "pki/issue/x" .Data.data.v"#,
         ] {
-            let text = format!(r#"{{{{ with secret "secret/data/c" }}}}{{{{ {body} }}}}{{{{ end }}}}"#);
+            let text =
+                format!(r#"{{{{ with secret "secret/data/c" }}}}{{{{ {body} }}}}{{{{ end }}}}"#);
             let tree = compile(&text, "{{", "}}").unwrap();
             let pass = render(&tree, &known, false);
             let error = match pass.result {
