@@ -434,6 +434,10 @@ type Adopted = (Session, Fetcher, TokenGrant, Vec<(SecretKey, Granted)>);
 
 /// Takes over the init container's state when its token is still valid.
 async fn adopt(config: &AgentConfig, client: &StoreClient) -> Result<Option<Adopted>, RunError> {
+    if stop_record(&config.state_dir).is_some_and(|r| r.complete) {
+        // The preStop hook revoked what the state holds.
+        return Ok(None);
+    }
     let saved = match state::load(&config.state_dir) {
         Ok(Some(s)) if !s.revoked => s,
         Ok(_) => return Ok(None),
