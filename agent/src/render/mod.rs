@@ -91,7 +91,46 @@ impl fmt::Display for SecretKey {
 }
 
 /// Fetched secrets, as the JSON the API returned (`data`, `lease_id`, `lease_duration`, …).
-pub type Known = HashMap<SecretKey, Value>;
+/// A map (through `Deref`) whose `Debug` names the keys and never shows the secrets.
+#[derive(Clone, Default, PartialEq)]
+pub struct Known(HashMap<SecretKey, Value>);
+
+impl Known {
+    pub fn new() -> Known {
+        Known::default()
+    }
+}
+
+impl std::ops::Deref for Known {
+    type Target = HashMap<SecretKey, Value>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Known {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<const N: usize> From<[(SecretKey, Value); N]> for Known {
+    fn from(pairs: [(SecretKey, Value); N]) -> Known {
+        Known(HashMap::from(pairs))
+    }
+}
+
+impl FromIterator<(SecretKey, Value)> for Known {
+    fn from_iter<I: IntoIterator<Item = (SecretKey, Value)>>(pairs: I) -> Known {
+        Known(pairs.into_iter().collect())
+    }
+}
+
+impl fmt::Debug for Known {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
@@ -413,6 +452,32 @@ pub fn default_format(format: DefaultFormat, data: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_debug_output_shows_secret_data_or_rendered_text() {
+        const CANARY: &str = "canary-debug-7a1";
+        let key = SecretKey {
+            path: "transit/decrypt/app".into(),
+            params: BTreeMap::from([("ciphertext".to_string(), CANARY.to_string())]),
+        };
+        let known = Known::from([(key.clone(), serde_json::json!({"data": {"v": CANARY}}))]);
+        let rendered = Outcome::Rendered {
+            text: CANARY.as_bytes().to_vec(),
+            missing: Vec::new(),
+            writes: Vec::new(),
+        };
+        for shown in [
+            format!("{key:?}"),
+            format!("{key:#?}"),
+            format!("{key}"),
+            format!("{known:?}"),
+            format!("{rendered:?}"),
+        ] {
+            assert!(!shown.contains(CANARY), "{shown}");
+        }
+        assert!(format!("{key:?}").contains("ciphertext"));
+        assert!(format!("{rendered:?}").contains("16 byte(s)"));
+    }
     use serde_json::json;
 
     fn template(contents: Option<&str>) -> TemplateConfig {
