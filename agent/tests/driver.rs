@@ -3,7 +3,8 @@
 //! the store until the test releases it: a stop (SIGTERM, or the preStop hook then SIGTERM)
 //! lands at each await of a re-login, a rotation and a replaced lease's revocation, and at exit
 //! the ledger must show nothing alive. OpenBao cannot hold one request on command; the ledger
-//! and the hold are all this store adds, and it answers as OpenBao does (403 for a dead token).
+//! and the hold are all this store adds, and it answers as OpenBao does (403 for a dead token),
+//! except that nothing expires: what the agent does not revoke stays alive.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -68,9 +69,11 @@ impl Store {
         (l.tokens.len(), l.leases.len())
     }
 
+    /// What `id` has left of its max TTL, at least a second: this store never lets anything
+    /// expire (only a revocation ends it), so a slow run cannot pass by waiting things out.
     fn left(&self, id: &str, max: u64) -> u64 {
         let born = self.born.lock().unwrap()[id];
-        max.saturating_sub(born.elapsed().as_secs())
+        max.saturating_sub(born.elapsed().as_secs()).max(1)
     }
 
     fn answer(&self, method: &str, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
