@@ -213,7 +213,21 @@ pub async fn revoke_uncovered(
     if leases.is_empty() && tokens.is_empty() {
         return Revocation::nothing();
     }
-    revoke_all(client, lease_token, None, leases, tokens, deadline).await
+    // The leases' own token, when it is among what is left, revokes them too.
+    let own = tokens
+        .iter()
+        .position(|t| t == lease_token)
+        .map(|i| tokens.remove(i));
+    let token_revoked =
+        record.is_some_and(|rec| rec.complete && rec.covers(&Replaced::Token(lease_token.clone())));
+    let mut report = revoke_all(client, lease_token, own, leases, tokens, deadline).await;
+    if token_revoked && report.token == TokenFate::Kept {
+        // The hook revoked the token these leases were made with: they went with it, and
+        // their own revocation, refused for that token, leaves nothing.
+        report.leases_left.clear();
+        report.token = TokenFate::AlreadyGone;
+    }
+    report
 }
 
 enum Revoked {

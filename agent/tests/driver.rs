@@ -359,6 +359,8 @@ async fn stopped_at(pattern: &str, nth: usize, stop: Stop, token: (u64, u64), le
         alive.is_empty(),
         "{at}: left alive {alive:?} (exit {ended:?}); requests {log:#?}"
     );
+    // And the sidecar knows it: it reports a complete revocation.
+    assert!(ended.is_ok(), "{at}: {ended:?}; requests {log:#?}");
 }
 
 /// The re-login: a 3 s token that cannot live past 4 s is renewed once for less than asked,
