@@ -5,8 +5,9 @@
 //! thirds of their TTL, evicted when the store will not extend them any further, and revoked
 //! with the agent's own at shutdown.
 //!
-//! Pure: no I/O and no clock. The listener's driver asks `next_due`, takes the duties that are
-//! due, performs them and reports back (`renewed`, `renewal_failed`).
+//! Pure: no I/O, no clock and no randomness of its own (the caller gives the time and the
+//! jitter). The listener's driver asks `next_due`, takes the duties that are due, performs them
+//! and reports back (`renewed`, `renewal_failed`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -325,13 +326,14 @@ impl LeaseCache {
         key: &CacheKey,
         transient: bool,
         backoff: Backoff,
+        jitter: f64,
     ) {
         if !transient {
             self.entries.remove(key);
             return;
         }
         if let Some(e) = self.entries.get_mut(key) {
-            let retry = now + backoff.delay_random(e.attempt);
+            let retry = now + backoff.delay(e.attempt, jitter);
             // Never past the grant: at its end the entry is evicted, not renewed.
             e.due = Some(match e.expires {
                 Some(end) if end <= retry => (end, true),
@@ -560,7 +562,7 @@ mod tests {
             "in flight: due again only if its outcome never comes"
         );
         // The store is down: asked again soon.
-        c.renewal_failed(now, &k, true, backoff);
+        c.renewal_failed(now, &k, true, backoff, 0.5);
         let retry = c.next_due().unwrap();
         assert!(retry > now && retry <= now + Duration::from_secs(5));
         c.take_due(retry);
@@ -604,7 +606,7 @@ mod tests {
         assert_eq!(c.len(), 3);
         // A lease that cannot be renewed is evicted when it runs out, never renewed.
         assert_eq!(c.next_due(), Some(now + Duration::from_secs(39)));
-        c.renewal_failed(now, &a, false, backoff);
+        c.renewal_failed(now, &a, false, backoff, 0.5);
         assert!(c.get(&a, now).is_none(), "refused: evicted");
         assert_eq!(c.clear(&Clear::RequestPath("/v1/db/".into())), 1);
         assert_eq!(c.clear(&Clear::TokenAccessor("nope".into())), 0);
@@ -676,7 +678,7 @@ mod tests {
         let k = put(&mut c, "/v1/database/creds/app", "t", lease("l1", 60, true));
         let at = c.next_due().unwrap();
         c.take_due(at);
-        c.renewal_failed(at, &k, true, backoff);
+        c.renewal_failed(at, &k, true, backoff, 0.5);
         assert_eq!(c.next_due(), Some(t0 + Duration::from_secs(60)));
         assert_eq!(
             c.take_due(t0 + Duration::from_secs(60)),

@@ -210,9 +210,13 @@ impl Listener {
             };
             let Some(token) = token.or_else(|| self.shared.agent_token()) else {
                 tracing::warn!("no agent token yet to renew a cached lease with; will retry");
-                self.shared
-                    .lock()
-                    .renewal_failed(Instant::now(), &key, true, self.backoff);
+                self.shared.lock().renewal_failed(
+                    Instant::now(),
+                    &key,
+                    true,
+                    self.backoff,
+                    rand::random(),
+                );
                 continue;
             };
             let client = &self.shared.client;
@@ -237,9 +241,13 @@ impl Listener {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew a cached lease or token");
-                    self.shared
-                        .lock()
-                        .renewal_failed(now, &key, e.is_transient(), self.backoff);
+                    self.shared.lock().renewal_failed(
+                        now,
+                        &key,
+                        e.is_transient(),
+                        self.backoff,
+                        rand::random(),
+                    );
                 }
             }
         }
