@@ -304,6 +304,19 @@ enum Stop {
 /// Runs a sidecar; when the `nth` request matching `pattern` reaches the store, stops it as
 /// `stop` says, releases the request, and checks that nothing the store issued is alive.
 async fn stopped_at(pattern: &str, nth: usize, stop: Stop, token: (u64, u64), lease: (u64, u64)) {
+    stopped_after(pattern, nth, stop, token, lease, false).await
+}
+
+/// `stopped_at`, after rotating the login credential (the approle secret id) once the sidecar
+/// is running when `rotate_credential`: the sidecar then checks its token.
+async fn stopped_after(
+    pattern: &str,
+    nth: usize,
+    stop: Stop,
+    token: (u64, u64),
+    lease: (u64, u64),
+    rotate_credential: bool,
+) {
     let (store, addr) = store(token, lease).await;
     let (reached, release) = store.hold(pattern, nth);
     let dir = tempfile::tempdir().unwrap();
@@ -313,6 +326,18 @@ async fn stopped_at(pattern: &str, nth: usize, stop: Stop, token: (u64, u64), le
     let run = sidecar.run();
     tokio::pin!(run);
     let at = format!("{pattern} #{nth}, {stop:?}");
+    if rotate_credential {
+        let ready = dir.path().join("home/ready");
+        tokio::select! {
+            ended = &mut run => panic!("{at}: the sidecar ended: {ended:?}"),
+            () = async {
+                while !ready.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            } => {}
+        }
+        std::fs::write(dir.path().join("secret-id"), "secret-2").unwrap();
+    }
     let ended = tokio::select! {
         ended = &mut run => Some(ended),
         () = reached.notified() => None,
@@ -385,5 +410,24 @@ async fn a_stop_at_any_await_of_a_rotation_leaves_nothing_alive() {
         ] {
             stopped_at(pattern, nth, stop, (600, 3600), (3, 4)).await;
         }
+    }
+}
+
+/// The simple tasks: a token renewal, a lease renewal, and the token check that follows a
+/// rotated login credential, each held when the stop lands.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_during_a_renewal_or_a_check_leaves_nothing_alive() {
+    for stop in [Stop::Sigterm, Stop::HookThenSigterm] {
+        stopped_at("/v1/auth/token/renew-self", 1, stop, (3, 60), (600, 3600)).await;
+        stopped_at("/v1/sys/leases/renew", 1, stop, (600, 3600), (3, 60)).await;
+        stopped_after(
+            "/v1/auth/token/lookup-self",
+            1,
+            stop,
+            (600, 3600),
+            (600, 3600),
+            true,
+        )
+        .await;
     }
 }
