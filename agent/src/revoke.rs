@@ -1,14 +1,14 @@
-//! Revoking what a pod holds when it stops: every lease, then the token (when the agent created
-//! it), every request bounded by one deadline. The report says what was revoked and what was
-//! left, so a revocation that left something is never taken for one that did not.
+//! Revoking what a pod holds when it stops: every lease and the token (when the agent created
+//! it), all at once, every request bounded by the stop's one deadline ([`StopClock`]). The
+//! report says what was revoked and what was left, so a revocation that left something is never
+//! taken for one that did not; the record ([`StopRecord`]) tells the others.
 
 use std::fmt;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::client::{ClientError, StoreClient, Token};
