@@ -387,6 +387,32 @@ async fn revoke_token(client: &StoreClient, token: &Token) -> TokenFate {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_sigterm_path_ends_by_the_deadline_the_hook_began() {
+        let config: AgentConfig = AgentConfig::from_json(
+            br#"{"store":{"address":"https://s"},"auth":{"type":"token","token_file":"/t"},
+                 "lifecycle":{"stop_deadline_secs":25}}"#,
+        )
+        .unwrap();
+        let record = |ago: u64| StopRecord {
+            complete: false,
+            began_ms: state::now_ms() - ago * 1000,
+            covered: Vec::new(),
+        };
+        let left = |clock: StopClock| clock.deadline.saturating_duration_since(Instant::now());
+        // No hook: the whole budget from now.
+        let own = StopClock::resume(&config, None);
+        assert!(left(own) > Duration::from_secs(24) && left(own) <= Duration::from_secs(25));
+        // A hook that began 10 s ago: what is left of the same 25 s.
+        let hook = record(10);
+        let after = StopClock::resume(&config, Some(&hook));
+        assert!(left(after) > Duration::from_secs(14) && left(after) <= Duration::from_secs(15));
+        assert_eq!(after.began_ms, hook.began_ms, "the stop is the hook's");
+        // A hook that used it all: one short try.
+        let late = StopClock::resume(&config, Some(&record(40)));
+        assert!(left(late) <= LEAST && left(late) > Duration::ZERO);
+    }
+
     fn refused() -> Result<(), ClientError> {
         Err(ClientError::Deadline {
             method: "PUT".into(),
