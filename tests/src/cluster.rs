@@ -101,7 +101,12 @@ impl Cluster {
 
     /// Runs kubectl with `input` on its stdin.
     pub fn kubectl_with_input(&self, input: &str, args: &[&str]) -> Result<String> {
-        checked(self.tool("kubectl").args(args), Some(input), "kubectl", args)
+        checked(
+            self.tool("kubectl").args(args),
+            Some(input),
+            "kubectl",
+            args,
+        )
     }
 
     /// Runs kubectl and returns its whole outcome (for tests that expect a refusal).
@@ -310,7 +315,13 @@ impl Cluster {
     }
 
     /// `kubectl exec` in a container; the error carries stderr.
-    pub fn exec(&self, namespace: &str, pod: &str, container: &str, cmd: &[&str]) -> Result<String> {
+    pub fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
         let mut args = vec!["-n", namespace, "exec", pod, "-c", container, "--"];
         args.extend_from_slice(cmd);
         self.kubectl(&args)
@@ -422,8 +433,13 @@ impl Inventory {
     pub async fn of(stack: &Stack, namespace: &str, db_role: &str) -> Result<Inventory> {
         let listed = stack.api("LIST", "auth/token/accessors", None).await?;
         let mut tokens = Vec::new();
-        for accessor in listed["data"]["keys"].as_array().context("no accessor list")? {
-            let accessor = accessor.as_str().context("an accessor that is not a string")?;
+        for accessor in listed["data"]["keys"]
+            .as_array()
+            .context("no accessor list")?
+        {
+            let accessor = accessor
+                .as_str()
+                .context("an accessor that is not a string")?;
             let found = stack
                 .api(
                     "POST",

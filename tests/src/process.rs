@@ -338,14 +338,38 @@ fn start_bao(
         )
     };
     let mut config = [
-        listener("127.0.0.1", ports.main, &pki.server_cert, &pki.server_key, false),
-        listener("127.0.0.1", ports.mtls, &pki.server_cert, &pki.server_key, true),
-        listener("127.0.0.1", ports.named, &pki.named_cert, &pki.named_key, false),
+        listener(
+            "127.0.0.1",
+            ports.main,
+            &pki.server_cert,
+            &pki.server_key,
+            false,
+        ),
+        listener(
+            "127.0.0.1",
+            ports.mtls,
+            &pki.server_cert,
+            &pki.server_key,
+            true,
+        ),
+        listener(
+            "127.0.0.1",
+            ports.named,
+            &pki.named_cert,
+            &pki.named_key,
+            false,
+        ),
     ]
     .concat();
     if let Some(port) = ports.pod {
         let host = crate::cluster::HOST_IP;
-        config.push_str(&listener(host, port, &pki.server_cert, &pki.server_key, false));
+        config.push_str(&listener(
+            host,
+            port,
+            &pki.server_cert,
+            &pki.server_key,
+            false,
+        ));
     }
     let config_path = dir.join("bao-listeners.hcl");
     fs::write(&config_path, config)?;

@@ -111,15 +111,36 @@ fn issue_certs(dir: &Path, ca_name: &str, leaf_name: &str) {
     };
     if !dir.join(format!("{ca_name}.key")).exists() {
         run(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "30", "-subj", "/CN=operator-ca",
-            "-keyout", &format!("{ca_name}.key"), "-out", &format!("{ca_name}.crt"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=operator-ca",
+            "-keyout",
+            &format!("{ca_name}.key"),
+            "-out",
+            &format!("{ca_name}.crt"),
         ]);
     }
     run(&[
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-subj", &format!("/CN={host}"), "-keyout", &format!("{leaf_name}.key"),
-        "-out", &format!("{leaf_name}.csr"),
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        &format!("/CN={host}"),
+        "-keyout",
+        &format!("{leaf_name}.key"),
+        "-out",
+        &format!("{leaf_name}.csr"),
     ]);
     std::fs::write(
         dir.join("ext"),
@@ -127,9 +148,21 @@ fn issue_certs(dir: &Path, ca_name: &str, leaf_name: &str) {
     )
     .unwrap();
     run(&[
-        "x509", "-req", "-in", &format!("{leaf_name}.csr"), "-CA", &format!("{ca_name}.crt"),
-        "-CAkey", &format!("{ca_name}.key"), "-CAcreateserial", "-days", "30",
-        "-extfile", "ext", "-out", &format!("{leaf_name}.crt"),
+        "x509",
+        "-req",
+        "-in",
+        &format!("{leaf_name}.csr"),
+        "-CA",
+        &format!("{ca_name}.crt"),
+        "-CAkey",
+        &format!("{ca_name}.key"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "ext",
+        "-out",
+        &format!("{leaf_name}.crt"),
     ]);
 }
 
@@ -232,7 +265,11 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
     wait_injecting(cluster, &ns.name, "injection with tls.mode secret");
     let one = file_serial(&certs.path().join("one.crt"));
     for ip in injector_pod_ips(cluster) {
-        assert_eq!(served_serial(cluster, &ip).as_deref(), Some(one.as_str()), "{ip}");
+        assert_eq!(
+            served_serial(cluster, &ip).as_deref(),
+            Some(one.as_str()),
+            "{ip}"
+        );
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -258,20 +295,27 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
     tls_secret(cluster, certs.path(), "two", "ca");
     let two = file_serial(&certs.path().join("two.crt"));
     cluster
-        .wait_until("every injector to serve the rotated certificate", TIMEOUT, || {
-            let ips = injector_pod_ips(cluster);
-            Ok((!ips.is_empty()
-                && ips
-                    .iter()
-                    .all(|ip| served_serial(cluster, ip).as_deref() == Some(two.as_str())))
-            .then_some(()))
-        })
+        .wait_until(
+            "every injector to serve the rotated certificate",
+            TIMEOUT,
+            || {
+                let ips = injector_pod_ips(cluster);
+                Ok((!ips.is_empty()
+                    && ips
+                        .iter()
+                        .all(|ip| served_serial(cluster, ip).as_deref() == Some(two.as_str())))
+                .then_some(()))
+            },
+        )
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let (admitted, failures) = prober.join().unwrap();
     assert!(admitted >= 5, "the prober ran ({admitted} admissions)");
-    assert!(failures.is_empty(), "admissions failed during the rotation: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "admissions failed during the rotation: {failures:?}"
+    );
 
     // tls.mode auto: the injector makes its certificate and patches its own caBundle.
     cluster
@@ -294,19 +338,31 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
         .install_sidekey(stack, &["tls.mode=chart"])
         .expect("helm upgrade back to tls.mode chart");
     rollout(cluster);
-    wait_injecting(cluster, &ns.name, "injection after returning to tls.mode chart");
+    wait_injecting(
+        cluster,
+        &ns.name,
+        "injection after returning to tls.mode chart",
+    );
 
     // The injector scaled to zero: the policy refuses an annotated pod, with its message, and
     // admits an unannotated one.
     cluster
-        .kubectl(&["-n", SIDEKEY_NAMESPACE, "scale", "deployment/sidekey", "--replicas=0"])
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "scale",
+            "deployment/sidekey",
+            "--replicas=0",
+        ])
         .unwrap();
     let refused = cluster
         .wait_until("the injector to be gone", TIMEOUT, || {
-            Ok(match dry_run(cluster, &annotated_pod(&ns.name, "while-down", true)) {
-                Err(e) => Some(e),
-                Ok(_) => None,
-            })
+            Ok(
+                match dry_run(cluster, &annotated_pod(&ns.name, "while-down", true)) {
+                    Err(e) => Some(e),
+                    Ok(_) => None,
+                },
+            )
         })
         .unwrap();
     assert!(
@@ -316,14 +372,23 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
     let plain = dry_run(cluster, &annotated_pod(&ns.name, "plain", false));
     assert!(plain.is_ok(), "an unannotated pod is admitted: {plain:?}");
     cluster
-        .kubectl(&["-n", SIDEKEY_NAMESPACE, "scale", "deployment/sidekey", "--replicas=2"])
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "scale",
+            "deployment/sidekey",
+            "--replicas=2",
+        ])
         .unwrap();
     rollout(cluster);
     wait_injecting(cluster, &ns.name, "injection after the injector came back");
 
     // The pod admitted at the start is the same pod, still Ready, still with its file.
     let kept = cluster.get(&ns.name, "pod/keeper").unwrap();
-    assert_eq!(kept["metadata"]["uid"], uid, "the kept pod was not replaced");
+    assert_eq!(
+        kept["metadata"]["uid"], uid,
+        "the kept pod was not replaced"
+    );
     cluster.wait_ready(&ns.name, "keeper", TIMEOUT).unwrap();
     let secret = cluster
         .exec(&ns.name, "keeper", "app", &["cat", "/vault/secrets/config"])

@@ -79,9 +79,12 @@ fn every_mutation_fixture_is_admitted_by_the_real_api_server() {
             continue;
         }
         let admitted: Value = serde_json::from_slice(&out.stdout).expect("the admitted pod");
-        let status = &admitted["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"];
+        let status =
+            &admitted["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"];
         if status != "injected" {
-            failures.push(format!("{name}: admitted but not injected (status {status})"));
+            failures.push(format!(
+                "{name}: admitted but not injected (status {status})"
+            ));
             continue;
         }
         let agents = ["initContainers", "containers"]
@@ -127,7 +130,11 @@ fn an_init_container_that_cannot_log_in_says_why_in_one_line() {
             let pod = env.cluster.get(&ns.name, "pod/refused")?;
             let status = pod["status"]["initContainerStatuses"]
                 .as_array()
-                .and_then(|s| s.iter().find(|c| c["name"] == "sidekey-agent-init").cloned())
+                .and_then(|s| {
+                    s.iter()
+                        .find(|c| c["name"] == "sidekey-agent-init")
+                        .cloned()
+                })
                 .unwrap_or(Value::Null);
             Ok(status["state"]["terminated"]["message"]
                 .as_str()

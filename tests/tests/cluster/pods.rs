@@ -115,14 +115,11 @@ impl Scenario {
     fn rollout(&self, deployment: &str) {
         let target = format!("deployment/{deployment}");
         let timeout = format!("--timeout={}s", TIMEOUT.as_secs());
-        if let Err(e) = env().cluster.kubectl(&[
-            "-n",
-            self.name(),
-            "rollout",
-            "status",
-            &target,
-            &timeout,
-        ]) {
+        if let Err(e) =
+            env()
+                .cluster
+                .kubectl(&["-n", self.name(), "rollout", "status", &target, &timeout])
+        {
             let describe = env()
                 .cluster
                 .kubectl(&["-n", self.name(), "describe", "pods"])
@@ -187,8 +184,14 @@ fn a_deployment_renders_before_the_app_and_leaves_nothing_when_scaled_to_zero() 
         spec["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"],
         "injected"
     );
-    assert_eq!(container_names(&spec, "initContainers"), ["sidekey-agent-init"]);
-    assert_eq!(container_names(&spec, "containers"), ["app", "sidekey-agent"]);
+    assert_eq!(
+        container_names(&spec, "initContainers"),
+        ["sidekey-agent-init"]
+    );
+    assert_eq!(
+        container_names(&spec, "containers"),
+        ["app", "sidekey-agent"]
+    );
     s.assert_files(&pod);
     s.assert_live();
     s.scale_to_zero("app", &pod);
@@ -308,11 +311,7 @@ fn a_cronjobs_runs_leave_nothing() {
             let pods = env().cluster.get(s.name(), "pods -l app=cron")?;
             Ok(pods["items"]
                 .as_array()
-                .and_then(|items| {
-                    items
-                        .iter()
-                        .find(|p| p["status"]["phase"] == "Succeeded")
-                })
+                .and_then(|items| items.iter().find(|p| p["status"]["phase"] == "Succeeded"))
                 .and_then(|p| p["metadata"]["name"].as_str().map(String::from)))
         })
         .expect("a CronJob run");
@@ -364,7 +363,11 @@ fn an_app_container_that_restarts_keeps_its_files_and_one_token() {
     );
     s.assert_files(&pod);
     let live = s.assert_live();
-    assert_eq!(live.tokens.len(), 1, "one token for the pod, not one per restart");
+    assert_eq!(
+        live.tokens.len(),
+        1,
+        "one token for the pod, not one per restart"
+    );
     s.scale_to_zero("app", &pod);
     s.assert_nothing_left("a pod whose app container restarted");
 }
@@ -425,9 +428,11 @@ fn the_sidecar_keeps_working_when_the_kubelet_rotates_its_token() {
     let first = projected_token(&uid).expect("the node holds the pod's projected token");
     env()
         .cluster
-        .wait_until("the kubelet to rotate the projected token", Duration::from_secs(660), || {
-            Ok(projected_token(&uid).filter(|t| *t != first))
-        })
+        .wait_until(
+            "the kubelet to rotate the projected token",
+            Duration::from_secs(660),
+            || Ok(projected_token(&uid).filter(|t| *t != first)),
+        )
         .expect("a rotated token");
     // After the rotation the sidecar still re-reads and renders: a new value reaches the file.
     block(env().stack.put_kv2(
@@ -438,9 +443,10 @@ fn the_sidecar_keeps_working_when_the_kubelet_rotates_its_token() {
     env()
         .cluster
         .wait_until("the new value in the file", Duration::from_secs(60), || {
-            let text = env()
-                .cluster
-                .exec(s.name(), "rotate", "app", &["cat", "/vault/secrets/config"])?;
+            let text =
+                env()
+                    .cluster
+                    .exec(s.name(), "rotate", "app", &["cat", "/vault/secrets/config"])?;
             Ok((text == "api_key=rotated-value").then_some(()))
         })
         .expect("the sidecar renders after the rotation");
