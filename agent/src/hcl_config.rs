@@ -644,8 +644,21 @@ fn template(
     Ok(t)
 }
 
-/// `command = "…"` or, as Vault Agent also takes it, a list of arguments (quoted for /bin/sh).
+/// `command = "…"` or, as Vault Agent also takes it, a list of arguments (quoted as for
+/// /bin/sh). The agent performs it itself, so a command it cannot perform is refused here,
+/// with the file and line.
 fn command(doc: &Doc, a: &Attr, at: &str) -> Result<String, HclError> {
+    let text = command_text(doc, a, at)?;
+    crate::command::parse(&text).map_err(|e| {
+        doc.err(
+            &a.place,
+            format!("{at} {text:?}: {e}; {}", crate::command::BUILT_IN),
+        )
+    })?;
+    Ok(text)
+}
+
+fn command_text(doc: &Doc, a: &Attr, at: &str) -> Result<String, HclError> {
     match &a.value {
         hcl::Value::Array(args) => Ok(args
             .iter()

@@ -90,6 +90,7 @@ impl Metrics {
         out.push_str(&format!(
             "# HELP sidekey_agent_cache_entries Responses held in the lease cache.\n# TYPE sidekey_agent_cache_entries gauge\nsidekey_agent_cache_entries {cache_entries}\n"
         ));
+        out.push_str(&crate::action::COUNTERS.render());
         out
     }
 }
