@@ -42,7 +42,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{text:?}: {problem}")]
+#[error("{}: {problem}", crate::command::quoted(.text))]
 pub struct ActionError {
     pub text: String,
     pub problem: String,

@@ -18,6 +18,14 @@ use crate::signal::Signal;
 /// What the agent does itself, for error messages.
 pub const BUILT_IN: &str = "the agent image has no shell or other programs; the agent itself performs kill, pkill, killall (with $(pidof NAME) or $(pgrep NAME) as kill's PID), touch, chmod, true, sh -c '…' of these, and curl or wget to http://127.0.0.1, joined by &&, || or ;; for more, agent-inject-action-NAME offers signal:SIG:PROCESS, reload:URL and restart:CONTAINER";
 
+/// A command as error messages quote it: its first 60 characters.
+pub fn quoted(command: &str) -> String {
+    match command.char_indices().nth(60) {
+        Some((cut, _)) => format!("\"{}…\"", command[..cut].escape_debug()),
+        None => format!("{command:?}"),
+    }
+}
+
 /// The deepest `sh -c '…'` nesting read.
 const MAX_DEPTH: usize = 4;
 /// The longest command read, in bytes.
@@ -37,7 +45,7 @@ pub enum CommandError {
     Unclosed(&'static str),
     #[error("{0} needs a shell")]
     ShellSyntax(String),
-    #[error("{0:?} is not a program the agent performs")]
+    #[error("{} is not a program the agent performs", quoted(.0))]
     UnknownProgram(String),
     #[error("{program}: {problem}")]
     Arguments {

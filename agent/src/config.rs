@@ -690,7 +690,11 @@ impl AgentConfig {
                 crate::command::parse(command).map_err(|e| {
                     invalid(
                         field("command"),
-                        format!("{command:?}: {e}; {}", crate::command::BUILT_IN),
+                        format!(
+                            "{}: {e}; {}",
+                            crate::command::quoted(command),
+                            crate::command::BUILT_IN
+                        ),
                     )
                 })?;
             }

@@ -652,7 +652,11 @@ fn command(doc: &Doc, a: &Attr, at: &str) -> Result<String, HclError> {
     crate::command::parse(&text).map_err(|e| {
         doc.err(
             &a.place,
-            format!("{at} {text:?}: {e}; {}", crate::command::BUILT_IN),
+            format!(
+                "{at} {}: {e}; {}",
+                crate::command::quoted(&text),
+                crate::command::BUILT_IN
+            ),
         )
     })?;
     Ok(text)

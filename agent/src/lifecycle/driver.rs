@@ -705,6 +705,7 @@ impl Held<'_> {
         }
         let mut state: State = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
+        state.actions_done = self.reactions.done().clone();
         let report = revoke::revoke_held(&self.client, &state, replaced, deadline).await;
         if !report.is_complete() {
             return Err(RunError::Revocation(report));

@@ -352,7 +352,7 @@ fn parse_specs(
             Some(c) => Some(command::parse(c).map_err(|e| {
                 look.error(
                     &key_of("agent-inject-command-"),
-                    format!("{c:?}: {e}; {}", command::BUILT_IN),
+                    format!("{}: {e}; {}", command::quoted(c), command::BUILT_IN),
                 )
             })?),
         };
