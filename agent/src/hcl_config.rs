@@ -999,6 +999,20 @@ auto_auth {
     }
 
     #[test]
+    fn a_command_the_agent_cannot_perform_is_refused_at_its_line() {
+        let text = "template {\n  destination = \"/vault/secrets/db\"\n  contents = \"x\"\n  command = \"nginx -s reload\"\n}\n";
+        let e = read(text).unwrap_err();
+        assert!(
+            e.starts_with("/vault/configs/config.hcl:4: template.command \"nginx -s reload\": \"nginx\" is not a program the agent performs; the agent image has no shell"),
+            "{e}"
+        );
+        let exec = "template {\n  destination = \"/vault/secrets/db\"\n  contents = \"x\"\n  exec {\n    command = [\"sh\", \"-c\", \"ps | grep app\"]\n  }\n}\n";
+        let e = read(exec).unwrap_err();
+        assert!(e.starts_with("/vault/configs/config.hcl:5: template.exec.command"), "{e}");
+        assert!(e.contains("\"|\" (a pipe) needs a shell"), "{e}");
+    }
+
+    #[test]
     fn a_missing_file_is_named() {
         let err = overlay_file(base(), Path::new("/nonexistent/config-init.hcl")).unwrap_err();
         assert!(
