@@ -73,10 +73,11 @@ impl Action {
         })?;
         match kind {
             "signal" => {
-                let (sig, process) = rest
-                    .split_once(':')
-                    .ok_or_else(|| err("a signal action is signal:SIG:PROCESS, e.g. signal:HUP:nginx"))?;
-                let signal = Signal::parse(sig).ok_or_else(|| err(&format!("{sig:?} is not a signal")))?;
+                let (sig, process) = rest.split_once(':').ok_or_else(|| {
+                    err("a signal action is signal:SIG:PROCESS, e.g. signal:HUP:nginx")
+                })?;
+                let signal =
+                    Signal::parse(sig).ok_or_else(|| err(&format!("{sig:?} is not a signal")))?;
                 if process.is_empty() || process.contains(['/', ' ', '\0']) || process.len() > 255 {
                     return Err(err(&format!("{process:?} is not a process name")));
                 }
@@ -203,11 +204,19 @@ pub enum ActionFailure {
 async fn restart(proc: &Path, container: &str) -> Result<(), ActionFailure> {
     let pid = signal::container_main(proc, container)?;
     signal::send(Signal::TERM, pid)?;
-    tracing::info!(container, pid, "stopping the container's main process so the kubelet restarts it");
+    tracing::info!(
+        container,
+        pid,
+        "stopping the container's main process so the kubelet restarts it"
+    );
     if gone_within(proc, pid, RESTART_GRACE).await {
         return Ok(());
     }
-    tracing::warn!(container, pid, "still running after SIGTERM; sending SIGKILL");
+    tracing::warn!(
+        container,
+        pid,
+        "still running after SIGTERM; sending SIGKILL"
+    );
     match signal::send(Signal::KILL, pid) {
         Ok(()) | Err(SignalError::Gone { .. }) => {}
         Err(e) => return Err(e.into()),
@@ -452,7 +461,9 @@ impl Counters {
             ),
         ] {
             let v = c.load(Ordering::Relaxed);
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
         }
         out
     }

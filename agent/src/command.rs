@@ -155,9 +155,7 @@ pub struct LocalUrl {
 pub fn local_url(text: &str) -> Result<LocalUrl, String> {
     let rest = text.strip_prefix("http://").ok_or_else(|| {
         if text.starts_with("https://") {
-            format!(
-                "{text:?}: https is not supported; the call stays inside the pod, use http://"
-            )
+            format!("{text:?}: https is not supported; the call stays inside the pod, use http://")
         } else {
             format!("{text:?} is not an http:// URL")
         }
@@ -168,7 +166,9 @@ pub fn local_url(text: &str) -> Result<LocalUrl, String> {
         None => (rest, "/".to_string()),
     };
     if authority.contains('@') {
-        return Err(format!("{text:?}: credentials in the URL are not supported"));
+        return Err(format!(
+            "{text:?}: credentials in the URL are not supported"
+        ));
     }
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && !p.contains(']') => (
@@ -190,7 +190,9 @@ pub fn local_url(text: &str) -> Result<LocalUrl, String> {
         }
     };
     if target.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!("{text:?}: the path holds spaces or control characters"));
+        return Err(format!(
+            "{text:?}: the path holds spaces or control characters"
+        ));
     }
     Ok(LocalUrl {
         text: text.to_string(),
@@ -455,7 +457,9 @@ fn lex(text: &str) -> Result<Vec<Token>, CommandError> {
             '>' | '<' => {
                 // `2>/dev/null`: the digits before it are the file descriptor, not a word.
                 let fd = match word.literal() {
-                    Some(t) if started && !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                    Some(t)
+                        if started && !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
                         word = Word::default();
                         started = false;
                         true
@@ -497,7 +501,10 @@ fn redirect(chars: &[char], mut i: usize, both: bool) -> Result<usize, CommandEr
     if !both && chars.get(i) == Some(&'&') {
         let start = i + 1;
         let mut end = start;
-        while chars.get(end).is_some_and(|c| c.is_ascii_digit() || *c == '-') {
+        while chars
+            .get(end)
+            .is_some_and(|c| c.is_ascii_digit() || *c == '-')
+        {
             end += 1;
         }
         if end > start {
@@ -597,9 +604,9 @@ fn literals(program: &'static str, words: &[Word]) -> Result<Vec<String>, Comman
 
 /// One simple command (its words) into what the agent does for it.
 fn simple_command(words: &[Word], depth: usize) -> Result<Step, CommandError> {
-    let first = words[0].literal().ok_or_else(|| {
-        CommandError::ShellSyntax("a command substitution as the program".into())
-    })?;
+    let first = words[0]
+        .literal()
+        .ok_or_else(|| CommandError::ShellSyntax("a command substitution as the program".into()))?;
     let assigned = first.split_once('=').is_some_and(|(n, _)| {
         !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     });
@@ -695,8 +702,8 @@ fn kill(args: &[Word]) -> Result<Step, CommandError> {
         if !a.starts_with('-') {
             break;
         }
-        signal =
-            signal_option(&a).ok_or_else(|| args_error("kill", format!("{a:?} is not a signal")))?;
+        signal = signal_option(&a)
+            .ok_or_else(|| args_error("kill", format!("{a:?} is not a signal")))?;
         i += 1;
     }
     let mut targets = Vec::new();
@@ -706,7 +713,10 @@ fn kill(args: &[Word]) -> Result<Step, CommandError> {
             continue;
         }
         let a = w.literal().ok_or_else(|| {
-            args_error("kill", "a PID is a number or $(pidof NAME), not a mix of both")
+            args_error(
+                "kill",
+                "a PID is a number or $(pidof NAME), not a mix of both",
+            )
         })?;
         // `kill -HUP $(pidof a b)` splits into several words; a literal PID list also may.
         let pid: i32 = a
@@ -792,11 +802,16 @@ fn pattern(program: &'static str, args: &[String]) -> Result<ProcessName, Comman
         .trim_start_matches('^')
         .trim_end_matches('$')
         .to_string();
-    if core.is_empty() || core.contains(['*', '+', '?', '(', ')', '[', ']', '{', '}', '|', '\\', '^', '$'])
+    if core.is_empty()
+        || core.contains([
+            '*', '+', '?', '(', ')', '[', ']', '{', '}', '|', '\\', '^', '$',
+        ])
     {
         return Err(args_error(
             program,
-            format!("{name:?}: only a plain name (optionally ^anchored$) is taken, not a regular expression"),
+            format!(
+                "{name:?}: only a plain name (optionally ^anchored$) is taken, not a regular expression"
+            ),
         ));
     }
     let how = if full {
@@ -922,7 +937,9 @@ fn header(program: &'static str, text: &str) -> Result<(String, String), Command
         .ok_or_else(|| args_error(program, format!("{text:?} is not a header (Name: value)")))?;
     let name = name.trim();
     if name.is_empty()
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
         || value.chars().any(|c| c.is_control())
     {
         return Err(args_error(program, format!("{text:?} is not a header")));
@@ -974,7 +991,10 @@ fn curl(args: &[String]) -> Result<HttpCall, CommandError> {
             "-o" | "--output" => {
                 let target = value(i, a)?;
                 if target != "/dev/null" && target != "-" {
-                    return Err(args_error(P, "output to a file is not taken (only -o /dev/null)"));
+                    return Err(args_error(
+                        P,
+                        "output to a file is not taken (only -o /dev/null)",
+                    ));
                 }
                 step = 2;
             }
@@ -1016,7 +1036,10 @@ fn curl(args: &[String]) -> Result<HttpCall, CommandError> {
 
 fn checked_method(program: &'static str, method: String) -> Result<String, CommandError> {
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(args_error(program, format!("{method:?} is not an HTTP method")));
+        return Err(args_error(
+            program,
+            format!("{method:?} is not an HTTP method"),
+        ));
     }
     Ok(method)
 }
@@ -1052,9 +1075,16 @@ fn wget(args: &[String]) -> Result<HttpCall, CommandError> {
         match name {
             "-q" | "--quiet" | "-nv" | "--no-verbose" | "--spider" | "--no-check-certificate" => {}
             "-O-" | "-qO-" | "-qO" | "-O" | "--output-document" => {
-                let target = if name.ends_with('-') { "-".into() } else { take(i)? };
+                let target = if name.ends_with('-') {
+                    "-".into()
+                } else {
+                    take(i)?
+                };
                 if target != "-" && target != "/dev/null" {
-                    return Err(args_error(P, "output to a file is not taken (only -O- or -O /dev/null)"));
+                    return Err(args_error(
+                        P,
+                        "output to a file is not taken (only -O- or -O /dev/null)",
+                    ));
                 }
             }
             "--post-data" => {
@@ -1166,8 +1196,12 @@ fn touch(path: &Path) -> Result<(), StepError> {
         .open(path)
         .map_err(|e| file_error(path, e))?;
     let now = std::time::SystemTime::now();
-    file.set_times(std::fs::FileTimes::new().set_accessed(now).set_modified(now))
-        .map_err(|e| file_error(path, e))
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(now)
+            .set_modified(now),
+    )
+    .map_err(|e| file_error(path, e))
 }
 
 #[cfg(test)]

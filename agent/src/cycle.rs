@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::command;
 use crate::config::{AgentConfig, TemplateConfig};
 use crate::fetch::{FetchError, Fetcher};
 use crate::render::{self, Outcome, Prepared, RenderError};
-use crate::command;
 use crate::sink::{self, SinkError};
 
 /// How many fetch-and-render rounds one template may need (secrets whose path comes from

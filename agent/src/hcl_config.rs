@@ -1008,7 +1008,10 @@ auto_auth {
         );
         let exec = "template {\n  destination = \"/vault/secrets/db\"\n  contents = \"x\"\n  exec {\n    command = [\"sh\", \"-c\", \"ps | grep app\"]\n  }\n}\n";
         let e = read(exec).unwrap_err();
-        assert!(e.starts_with("/vault/configs/config.hcl:5: template.exec.command"), "{e}");
+        assert!(
+            e.starts_with("/vault/configs/config.hcl:5: template.exec.command"),
+            "{e}"
+        );
         assert!(e.contains("\"|\" (a pipe) needs a shell"), "{e}");
     }
 

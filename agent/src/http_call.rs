@@ -142,7 +142,11 @@ fn status_of(line: &[u8]) -> Option<u16> {
     if !parts.next()?.starts_with("HTTP/") {
         return None;
     }
-    parts.next()?.parse().ok().filter(|s| (100..600).contains(s))
+    parts
+        .next()?
+        .parse()
+        .ok()
+        .filter(|s| (100..600).contains(s))
 }
 
 /// A POST with no body to `url`, failing on 400 or more: a reload action.
@@ -204,10 +208,15 @@ mod tests {
     async fn a_reload_posts_and_reads_the_status() {
         let (port, mut rx) = server(200).await;
         let url = local_url(&format!("http://127.0.0.1:{port}/-/reload?x=1")).unwrap();
-        let status = call(&reload("POST", url, Duration::from_secs(5))).await.unwrap();
+        let status = call(&reload("POST", url, Duration::from_secs(5)))
+            .await
+            .unwrap();
         assert_eq!(status, 200);
         let request = rx.recv().await.unwrap();
-        assert!(request.starts_with("POST /-/reload?x=1 HTTP/1.1\r\n"), "{request}");
+        assert!(
+            request.starts_with("POST /-/reload?x=1 HTTP/1.1\r\n"),
+            "{request}"
+        );
         assert!(request.contains(&format!("Host: 127.0.0.1:{port}\r\n")));
         assert!(request.contains("Content-Length: 0\r\n"));
     }
@@ -218,7 +227,10 @@ mod tests {
         let url = local_url(&format!("http://localhost:{port}/")).unwrap();
         let mut c = reload("POST", url, Duration::from_secs(5));
         let err = call(&c).await.unwrap_err();
-        assert!(matches!(err, HttpError::Status { status: 503, .. }), "{err}");
+        assert!(
+            matches!(err, HttpError::Status { status: 503, .. }),
+            "{err}"
+        );
         c.fail_on_error_status = false;
         c.body = Some("a=b".into());
         assert_eq!(call(&c).await.unwrap(), 503);
@@ -234,7 +246,9 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let url = local_url(&format!("http://127.0.0.1:{port}/")).unwrap();
-        let err = call(&reload("POST", url, Duration::from_secs(5))).await.unwrap_err();
+        let err = call(&reload("POST", url, Duration::from_secs(5)))
+            .await
+            .unwrap_err();
         assert!(matches!(err, HttpError::Unreachable { .. }), "{err}");
 
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -68,7 +68,10 @@ impl Signal {
         let upper = text.to_ascii_uppercase();
         let name = upper.strip_prefix("SIG").unwrap_or(&upper);
         let name = if name == "POLL" { "IO" } else { name };
-        NAMES.iter().find(|(n, _)| *n == name).map(|(_, s)| Signal(*s))
+        NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| Signal(*s))
     }
 
     pub fn name(self) -> String {
@@ -84,7 +87,9 @@ impl Signal {
 pub enum SignalError {
     #[error("no process named {0:?} (does the pod set shareProcessNamespace: true?)")]
     NoProcess(String),
-    #[error("{signal} to process {pid}: not permitted (the agent must run as the app's user, agent-run-as-same-user, or hold CAP_KILL)")]
+    #[error(
+        "{signal} to process {pid}: not permitted (the agent must run as the app's user, agent-run-as-same-user, or hold CAP_KILL)"
+    )]
     NotPermitted { signal: String, pid: i32 },
     #[error("{signal} to process {pid}: no such process")]
     Gone { signal: String, pid: i32 },
@@ -94,7 +99,9 @@ pub enum SignalError {
         pid: i32,
         detail: String,
     },
-    #[error("no running process of container {0:?} (does the pod set shareProcessNamespace: true, and does the agent run as the app's user?)")]
+    #[error(
+        "no running process of container {0:?} (does the pod set shareProcessNamespace: true, and does the agent run as the app's user?)"
+    )]
     NoContainer(String),
     #[error("cannot list the processes in {path}: {detail}")]
     List { path: PathBuf, detail: String },
@@ -143,7 +150,11 @@ pub fn processes(proc: &Path) -> Result<Vec<Process>, SignalError> {
     })?;
     let mut out = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid == me {
@@ -276,7 +287,11 @@ pub fn container_main(proc: &Path, container: &str) -> Result<i32, SignalError> 
     let me = std::process::id() as i32;
     let mut marked: Vec<(i32, Stat)> = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid == me {
@@ -327,7 +342,9 @@ mod tests {
 
     #[test]
     fn stat_with_spaces_in_the_name() {
-        let s = stat_fields("42 (my app) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 0 0").unwrap();
+        let s =
+            stat_fields("42 (my app) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 0 0")
+                .unwrap();
         assert_eq!((s.state, s.ppid, s.start), ('S', 7, 12345));
     }
 

@@ -201,8 +201,8 @@ impl TokenFollower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
 
     #[test]
     fn writes_with_mode_and_only_on_change() {

@@ -121,7 +121,9 @@ impl Hits {
         let counted = count.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { return };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
                 let mut got = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -165,7 +167,10 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
     config["lifecycle"]["static_secret_render_interval_secs"] = 1.into();
     sb.init_ok(&config);
     assert_eq!(app.count(), 1, "the first render runs the command");
-    assert!(sb.secrets().join("../command-ran").exists(), "in the secrets folder");
+    assert!(
+        sb.secrets().join("../command-ran").exists(),
+        "in the secrets folder"
+    );
     let mut sidecar = sb.start_sidecar(&config);
     let stamp = || {
         let meta = std::fs::metadata(sb.secrets().join("kv")).unwrap();
@@ -222,7 +227,11 @@ async fn a_burst_of_changes_reaches_the_app_once_and_a_restart_does_not_repeat_i
             .unwrap();
     }
     wait_for(Duration::from_secs(15), "the reload", || app.count() >= 1);
-    assert_eq!(sb.read("act"), "10", "the reload comes with the last content in place");
+    assert_eq!(
+        sb.read("act"),
+        "10",
+        "the reload comes with the last content in place"
+    );
     tokio::time::sleep(Duration::from_millis(4000)).await;
     assert_eq!(app.count(), 1, "ten updates, one reload");
     assert!(sb.sidecar_log().contains("action performed"));

@@ -6,8 +6,14 @@ fn actions_read_and_write_back() {
         ("signal:HUP:nginx", "signal:HUP:nginx"),
         ("signal:SIGUSR1:my-app", "signal:USR1:my-app"),
         ("signal:15:app", "signal:TERM:app"),
-        ("reload:http://127.0.0.1:8080/-/reload", "reload:POST:http://127.0.0.1:8080/-/reload"),
-        ("reload:GET:http://localhost:9090/reload?x=1", "reload:GET:http://localhost:9090/reload?x=1"),
+        (
+            "reload:http://127.0.0.1:8080/-/reload",
+            "reload:POST:http://127.0.0.1:8080/-/reload",
+        ),
+        (
+            "reload:GET:http://localhost:9090/reload?x=1",
+            "reload:GET:http://localhost:9090/reload?x=1",
+        ),
         ("restart:app", "restart:app"),
         ("  restart:web-2  ", "restart:web-2"),
     ] {
@@ -17,7 +23,8 @@ fn actions_read_and_write_back() {
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<Action>(&json).unwrap(), a);
     }
-    let list = Action::parse_list("signal:HUP:nginx\n\n# and then\nreload:http://localhost:1/r\n").unwrap();
+    let list = Action::parse_list("signal:HUP:nginx\n\n# and then\nreload:http://localhost:1/r\n")
+        .unwrap();
     assert_eq!(list.len(), 2);
     assert!(list[0].needs_processes() && !list[1].needs_processes());
 }
@@ -25,23 +32,37 @@ fn actions_read_and_write_back() {
 #[test]
 fn bad_actions_say_why() {
     for (text, problem) in [
-        ("nginx", "an action is signal:SIG:PROCESS, reload:URL or restart:CONTAINER"),
+        (
+            "nginx",
+            "an action is signal:SIG:PROCESS, reload:URL or restart:CONTAINER",
+        ),
         ("signal:HUP", "a signal action is signal:SIG:PROCESS"),
         ("signal:LOUD:nginx", "\"LOUD\" is not a signal"),
         ("signal:HUP:", "\"\" is not a process name"),
         ("signal:HUP:/usr/bin/x", "is not a process name"),
         ("reload:http://example.com/reload", "is not inside the pod"),
         ("reload:https://localhost/reload", "https is not supported"),
-        ("reload:DELETE:http://localhost/x", "the method is POST, PUT or GET"),
+        (
+            "reload:DELETE:http://localhost/x",
+            "the method is POST, PUT or GET",
+        ),
         ("restart:App", "\"App\" is not a container name"),
         ("restart:", "\"\" is not a container name"),
         ("exec:/bin/true", "\"exec\" is not an action"),
     ] {
         let e = Action::parse(text).unwrap_err();
         assert!(e.to_string().contains(problem), "{text}: {e}");
-        assert!(e.to_string().starts_with(&format!("{:?}: ", text.trim())), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("{:?}: ", text.trim())),
+            "{e}"
+        );
     }
-    assert!(Action::parse_list(" \n# nothing\n").unwrap_err().to_string().contains("names no action"));
+    assert!(
+        Action::parse_list(" \n# nothing\n")
+            .unwrap_err()
+            .to_string()
+            .contains("names no action")
+    );
     assert!(serde_json::from_str::<Action>("\"restart:App\"").is_err());
 }
 
@@ -90,7 +111,11 @@ fn a_burst_that_never_settles_is_acted_on_after_max_wait() {
     for i in 0..30u64 {
         r.rendered("db", &format!("v{i}"), t0 + s(i));
     }
-    assert_eq!(r.next_wake(), Some(t0 + s(10)), "the first change plus max_wait");
+    assert_eq!(
+        r.next_wake(),
+        Some(t0 + s(10)),
+        "the first change plus max_wait"
+    );
 }
 
 #[test]
@@ -128,10 +153,17 @@ fn failures_retry_with_backoff_then_give_up() {
     assert_eq!(r.finished("db", "b", false, at), Verdict::Retry(at + s(1)));
     assert!(r.due(at + Duration::from_millis(999)).is_empty());
     assert_eq!(r.due(at + s(1)).len(), 1);
-    assert_eq!(r.finished("db", "b", false, at + s(1)), Verdict::Retry(at + s(3)));
+    assert_eq!(
+        r.finished("db", "b", false, at + s(1)),
+        Verdict::Retry(at + s(3))
+    );
     assert_eq!(r.finished("db", "b", false, at + s(3)), Verdict::GivenUp);
     assert_eq!(r.next_wake(), None);
-    assert_eq!(r.done()["db"], "a", "a change given up is not recorded as acted on");
+    assert_eq!(
+        r.done()["db"],
+        "a",
+        "a change given up is not recorded as acted on"
+    );
     // The next change is acted on again, with fresh attempts.
     r.rendered("db", "c", at + s(10));
     assert_eq!(r.due(at + s(12)).len(), 1);
@@ -171,7 +203,13 @@ async fn a_reload_action_calls_the_url_and_fails_on_an_error_status() {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
             let n = s.read(&mut buf).await.unwrap();
-            seen.push(String::from_utf8_lossy(&buf[..n]).lines().next().unwrap().to_string());
+            seen.push(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .to_string(),
+            );
             s.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
@@ -182,8 +220,17 @@ async fn a_reload_action_calls_the_url_and_fails_on_an_error_status() {
     let proc = Path::new("/proc");
     action.perform(proc).await.unwrap();
     let err = action.perform(proc).await.unwrap_err();
-    assert!(matches!(err, ActionFailure::Http(crate::http_call::HttpError::Status { status: 500, .. })), "{err}");
-    assert_eq!(server.await.unwrap(), ["POST /-/reload HTTP/1.1", "POST /-/reload HTTP/1.1"]);
+    assert!(
+        matches!(
+            err,
+            ActionFailure::Http(crate::http_call::HttpError::Status { status: 500, .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        server.await.unwrap(),
+        ["POST /-/reload HTTP/1.1", "POST /-/reload HTTP/1.1"]
+    );
 }
 
 #[tokio::test]
@@ -192,7 +239,11 @@ async fn a_restart_stops_the_marked_containers_main_process() {
     let container = format!("web-{}", std::process::id());
     // Stands for the container's main process: a child marked as the injector marks it.
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "command::tests::waits_to_be_signalled", "--ignored"])
+        .args([
+            "--exact",
+            "command::tests::waits_to_be_signalled",
+            "--ignored",
+        ])
         .env("SIDEKEY_WAIT_FOR_SIGNAL", "1")
         .env(signal::CONTAINER_ENV, &container)
         .stdout(std::process::Stdio::null())
@@ -202,20 +253,42 @@ async fn a_restart_stops_the_marked_containers_main_process() {
     let proc = Path::new("/proc");
     let deadline = std::time::Instant::now() + s(10);
     while signal::container_main(proc, &container).is_err() {
-        assert!(std::time::Instant::now() < deadline, "the child never showed up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never showed up"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(signal::container_main(proc, &container).unwrap(), child.id() as i32);
+    assert_eq!(
+        signal::container_main(proc, &container).unwrap(),
+        child.id() as i32
+    );
     // The child becomes a zombie until waited for; restart counts that as gone.
-    Action::parse(&format!("restart:{container}")).unwrap().perform(proc).await.unwrap();
+    Action::parse(&format!("restart:{container}"))
+        .unwrap()
+        .perform(proc)
+        .await
+        .unwrap();
     assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
-    let err = Action::parse("restart:nobody-here").unwrap().perform(proc).await.unwrap_err();
-    assert!(err.to_string().starts_with("no running process of container \"nobody-here\""), "{err}");
+    let err = Action::parse("restart:nobody-here")
+        .unwrap()
+        .perform(proc)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("no running process of container \"nobody-here\""),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_signal_action_with_no_such_process_fails() {
     let action = Action::parse("signal:HUP:sk-no-such-process").unwrap();
     assert!(!perform_all("db", &[action], Path::new("/proc")).await);
-    assert!(COUNTERS.render().contains("# TYPE sidekey_agent_actions_failed counter\n"));
+    assert!(
+        COUNTERS
+            .render()
+            .contains("# TYPE sidekey_agent_actions_failed counter\n")
+    );
 }

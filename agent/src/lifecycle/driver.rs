@@ -466,7 +466,9 @@ impl Held<'_> {
                     tracing::info!(template = %name, retry_in_ms = in_ms, "the actions will be tried again");
                 }
                 action::Verdict::GivenUp => {
-                    action::COUNTERS.given_up.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    action::COUNTERS
+                        .given_up
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(template = %name, "the actions failed every attempt; giving up until the content changes again");
                 }
                 action::Verdict::Superseded => {}

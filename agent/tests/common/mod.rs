@@ -12,7 +12,6 @@ use sidekey_tests::Stack;
 
 /// The shipped agent binary.
 pub fn agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("LOCAL_AGENT") { return p.into(); }
     sidekey_tests::podman::shipped_agent().expect("the shipped sidekey-agent")
 }
 

@@ -77,7 +77,10 @@ pub(super) fn check(
                         },
                     ));
                 }
-                let uid = apps[index].security_context.as_ref().and_then(|s| s.run_as_user);
+                let uid = apps[index]
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.run_as_user);
                 if uid.is_some_and(|u| u != agent_uid) {
                     warnings.push(format!(
                         "{}: container {container:?} runs as user {}, the agent as {agent_uid}: the agent can neither find nor stop its process; set agent-run-as-same-user: \"true\" (or agent-run-as-user to the same user)",
