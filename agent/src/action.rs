@@ -78,7 +78,12 @@ impl Action {
                 })?;
                 let signal =
                     Signal::parse(sig).ok_or_else(|| err(&format!("{sig:?} is not a signal")))?;
-                if process.is_empty() || process.contains(['/', ' ', '\0']) || process.len() > 255 {
+                if process.is_empty()
+                    || process.len() > 255
+                    || process
+                        .chars()
+                        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+                {
                     return Err(err(&format!("{process:?} is not a process name")));
                 }
                 Ok(Action::Signal {
@@ -136,10 +141,7 @@ impl Action {
     /// The action as written (what [`Action::parse`] reads back).
     pub fn text(&self) -> String {
         match self {
-            Action::Signal { signal, process } => {
-                let name = signal.name();
-                format!("signal:{}:{process}", name.trim_start_matches("SIG"))
-            }
+            Action::Signal { signal, process } => format!("signal:{}:{process}", signal.short()),
             Action::Reload { method, url } => format!("reload:{method}:{}", url.text),
             Action::Restart { container } => format!("restart:{container}"),
         }

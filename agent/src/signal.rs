@@ -74,6 +74,15 @@ impl Signal {
             .map(|(_, s)| Signal(*s))
     }
 
+    /// `HUP`, or the number of a signal without a name: what [`Signal::parse`] reads back.
+    pub fn short(self) -> String {
+        NAMES
+            .iter()
+            .find(|(_, s)| *s == self.0)
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_else(|| self.0.to_string())
+    }
+
     pub fn name(self) -> String {
         NAMES
             .iter()
@@ -266,7 +275,7 @@ struct Stat {
 
 /// The fields of `/proc/PID/stat` that matter here; the name in parentheses may hold spaces.
 fn stat_fields(stat: &str) -> Option<Stat> {
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split(' ').collect();
     Some(Stat {
         state: fields.first()?.chars().next()?,

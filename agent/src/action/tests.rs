@@ -6,6 +6,8 @@ fn actions_read_and_write_back() {
         ("signal:HUP:nginx", "signal:HUP:nginx"),
         ("signal:SIGUSR1:my-app", "signal:USR1:my-app"),
         ("signal:15:app", "signal:TERM:app"),
+        ("signal:34:app", "signal:34:app"),
+        ("signal:HUP:a:b", "signal:HUP:a:b"),
         (
             "reload:http://127.0.0.1:8080/-/reload",
             "reload:POST:http://127.0.0.1:8080/-/reload",

@@ -598,3 +598,68 @@ async fn touch_and_chmod_work_in_the_secrets_folder() {
         .unwrap_err();
     assert!(err.to_string().contains("missing/x"), "{err}");
 }
+
+/// What the fuzz target (fuzz/fuzz_targets/command.rs) checks, over pseudo-random text made of
+/// the characters the lexer treats specially: every input is read or refused, never a panic.
+#[test]
+fn any_text_is_read_or_refused() {
+    const ALPHABET: &[&str] = &[
+        " ",
+        "\t",
+        "\n",
+        "'",
+        "\"",
+        "\\",
+        "$",
+        "(",
+        ")",
+        "`",
+        "&",
+        "|",
+        ";",
+        ">",
+        "<",
+        "2",
+        "#",
+        "*",
+        "?",
+        "[",
+        "~",
+        "=",
+        "-",
+        "kill",
+        "pidof",
+        "pgrep",
+        "sh",
+        "-c",
+        "curl",
+        "wget",
+        "http://localhost:80/",
+        "touch",
+        "x",
+        "é",
+        ":",
+        "@",
+        "-HUP",
+        "$(",
+        "{",
+        "}",
+    ];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..20_000 {
+        let len = (next() % 12) as usize;
+        let text: String = (0..len)
+            .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
+            .collect();
+        if let Err(e) = parse(&text) {
+            let _ = e.to_string();
+        }
+        let _ = crate::action::Action::parse_list(&text);
+    }
+}
