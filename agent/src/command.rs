@@ -292,6 +292,19 @@ impl Word {
         Some(out)
     }
 
+    /// The word as an inner shell reads it: `sh -c "kill -HUP $(pidof app)"` has the outer
+    /// shell put the PIDs in the text; keeping the substitution for the inner reading gives the
+    /// same PIDs.
+    fn as_shell_text(&self) -> String {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.clone(),
+                Piece::Substitution(s) => format!("$({s})"),
+            })
+            .collect()
+    }
+
     /// The inner command when the word is one substitution and nothing else.
     fn substitution(&self) -> Option<&str> {
         match self.pieces.as_slice() {
@@ -629,7 +642,8 @@ fn simple_command(words: &[Word], depth: usize) -> Result<Step, CommandError> {
         // `busybox kill …`: the applet is the program.
         "busybox" if !args.is_empty() => simple_command(args, depth)?,
         "sh" | "bash" | "ash" | "dash" => {
-            let mut inner = parse_at(&shell_c(&literals("sh", args)?)?, depth + 1)?;
+            let args: Vec<String> = args.iter().map(Word::as_shell_text).collect();
+            let mut inner = parse_at(&shell_c(&args)?, depth + 1)?;
             match inner.steps.len() {
                 1 => inner.steps.remove(0).1,
                 _ => Step::Script(inner),

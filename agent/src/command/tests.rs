@@ -183,6 +183,18 @@ fn pkill_and_killall() {
 
 #[test]
 fn shells_files_http_and_joins() {
+    // Expanded by the outer shell or by the inner one: the same PIDs.
+    for command in [
+        "sh -c \"kill -HUP $(pidof client)\"",
+        "sh -c 'kill -HUP $(pidof client)'",
+        "sh -c \"kill -HUP `pidof client`\"",
+    ] {
+        assert_eq!(
+            one(command),
+            signal(libc::SIGHUP, vec![named("client", Match::Exact)]),
+            "{command}"
+        );
+    }
     assert_eq!(
         one("sh -c 'pkill -HUP nginx'"),
         signal(libc::SIGHUP, vec![named("nginx", Match::Contains)])
