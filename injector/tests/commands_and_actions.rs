@@ -295,6 +295,43 @@ fn actions_the_pod_cannot_allow_are_denied() {
 }
 
 #[test]
+fn signalling_pid_1_or_another_users_processes_is_warned_about() {
+    let (_, warnings) = injected(&[("agent-inject-command-db", "kill -HUP 1")], shared());
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{P}/agent-inject-command-db: the command signals PID 1"
+        )),
+        "{warnings:?}"
+    );
+    // Every app container says its user, and none is the agent's (100).
+    let both = json!({
+        "shareProcessNamespace": true,
+        "containers": [
+            { "name": "app", "image": "x", "securityContext": { "runAsUser": 1000 } },
+            { "name": "web", "image": "y", "securityContext": { "runAsUser": 1001 } }
+        ]
+    });
+    let (_, warnings) = injected(
+        &[("agent-inject-action-db", "signal:HUP:nginx")],
+        both.clone(),
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("the agent runs as user 100 and the app containers as 1000, 1001"),
+        "{warnings:?}"
+    );
+    let (_, warnings) = injected(
+        &[
+            ("agent-inject-action-db", "signal:HUP:nginx"),
+            ("agent-run-as-same-user", "true"),
+        ],
+        both,
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+#[test]
 fn doubtful_actions_are_warned_about() {
     let (_, warnings) = injected(
         &[("agent-inject-action-db", "restart:web")],

@@ -454,11 +454,14 @@ impl Held<'_> {
     async fn react(&mut self, now: Instant) {
         let mut acted = false;
         for (name, digest) in self.reactions.due(now) {
-            let Some(t) = self.templates.iter().find(|t| t.config.name == name) else {
-                continue;
-            };
+            // Every template with a digest has actions; none found is nothing to do.
+            let actions = self
+                .templates
+                .iter()
+                .find(|t| t.config.name == name)
+                .map_or(&[][..], |t| &t.config.actions[..]);
             let proc = Path::new(crate::signal::PROC);
-            let ok = action::perform_all(&name, &t.config.actions, proc).await;
+            let ok = action::perform_all(&name, actions, proc).await;
             match self.reactions.finished(&name, &digest, ok, Instant::now()) {
                 action::Verdict::Done => acted = true,
                 action::Verdict::Retry(at) => {

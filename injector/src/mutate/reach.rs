@@ -8,7 +8,7 @@
 
 use k8s_openapi::api::core::v1::EnvVar;
 use sidekey_agent::action::Action;
-use sidekey_agent::command::{Script, Step};
+use sidekey_agent::command::{Script, Step, Target};
 use sidekey_agent::signal::CONTAINER_ENV;
 
 use super::annotation_error;
@@ -25,6 +25,27 @@ fn signals(script: &Script) -> bool {
         Step::Script(inner) => signals(inner),
         _ => false,
     })
+}
+
+/// Whether a command signals PID 1: the pause process when the pod shares its process
+/// namespace, the agent itself when it does not; never the app.
+fn signals_pid_1(script: &Script) -> bool {
+    script.steps.iter().any(|(_, step)| match step {
+        Step::Signal { targets, .. } => targets.contains(&Target::Pid(1)),
+        Step::Script(inner) => signals_pid_1(inner),
+        _ => false,
+    })
+}
+
+/// Whether the agent's user is none of the app containers' (when every one says its user):
+/// it may then signal none of their processes.
+fn foreign_user(view: &PodView, agent_uid: i64) -> Option<Vec<i64>> {
+    let uids: Option<Vec<i64>> = view
+        .containers(Section::Containers)
+        .iter()
+        .map(|c| c.security_context.as_ref().and_then(|s| s.run_as_user))
+        .collect();
+    uids.filter(|u| !u.is_empty() && !u.contains(&agent_uid))
 }
 
 /// Checks every secret's command and actions against the pod; returns the containers to mark.
@@ -44,6 +65,26 @@ pub(super) fn check(
             warnings.push(format!(
                 "{}: the command sends a signal, but the pod does not share its process namespace, so the agent sees no process of the app; set spec.shareProcessNamespace: true or agent-share-process-namespace: \"true\"",
                 key(req, &command_key)
+            ));
+        }
+        if spec.script.as_ref().is_some_and(signals_pid_1) {
+            warnings.push(format!(
+                "{}: the command signals PID 1, which is the pod's pause process when the pod shares its process namespace and the agent itself when it does not, never the app; name the app's process: kill -HUP $(pidof APP), or agent-inject-action-{}: signal:HUP:APP",
+                key(req, &command_key),
+                spec.raw_name
+            ));
+        }
+        let signalling = spec.script.as_ref().is_some_and(signals)
+            || spec
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::Signal { .. }));
+        if let (true, Some(uids)) = (signalling, foreign_user(view, agent_uid)) {
+            let uids: Vec<String> = uids.iter().map(i64::to_string).collect();
+            warnings.push(format!(
+                "{}: the agent runs as user {agent_uid} and the app containers as {}: it may signal none of their processes; set agent-run-as-same-user: \"true\" (or agent-run-as-user to the app's user)",
+                key(req, &format!("agent-inject-{}-{}", if spec.actions.is_empty() { "command" } else { "action" }, spec.raw_name)),
+                uids.join(", ")
             ));
         }
         let action_key = format!("agent-inject-action-{}", spec.raw_name);
