@@ -222,7 +222,14 @@ fn parse_at(command: &str, depth: usize) -> Result<Script, CommandError> {
     for token in lex(command)? {
         match token {
             Token::Word(w) => words.push(w),
-            // Blank lines and a leading or doubled newline or `;`.
+            // Blank lines, and a line break after `&&` or `||` (the command goes on).
+            Token::Newline if words.is_empty() => {}
+            Token::Newline => {
+                steps.push((join, simple_command(&words, depth)?));
+                words.clear();
+                join = Join::Always;
+            }
+            // A leading or doubled `;`.
             Token::Op(Join::Always) if words.is_empty() && join == Join::Always => {}
             Token::Op(op) if words.is_empty() => {
                 return Err(CommandError::ShellSyntax(format!(
@@ -318,6 +325,8 @@ impl Word {
 enum Token {
     Word(Word),
     Op(Join),
+    /// Ends a command as `;` does, except after `&&` or `||`.
+    Newline,
 }
 
 /// Splits a command into words and operators as a POSIX shell does, refusing what only a shell
@@ -348,7 +357,7 @@ fn lex(text: &str) -> Result<Vec<Token>, CommandError> {
             }
             '\n' => {
                 end_word!();
-                tokens.push(Token::Op(Join::Always));
+                tokens.push(Token::Newline);
                 i += 1;
             }
             '#' if !started => {
@@ -759,8 +768,8 @@ fn lookup(inner: &str) -> Result<ProcessName, CommandError> {
             Token::Word(w) => words.push(w.literal().ok_or_else(|| {
                 CommandError::ShellSyntax("a command substitution inside another".into())
             })?),
-            Token::Op(Join::Always) if words.is_empty() => {}
-            Token::Op(_) => {
+            Token::Op(Join::Always) | Token::Newline if words.is_empty() => {}
+            Token::Op(_) | Token::Newline => {
                 return Err(args_error(
                     "kill",
                     "$(…) holds one pidof or pgrep, nothing joined to it",

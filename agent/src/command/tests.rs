@@ -42,6 +42,7 @@ fn words_split_as_a_shell_splits_them() {
             .map(|t| match t {
                 Token::Word(w) => w.literal().unwrap(),
                 Token::Op(op) => op_text(op).to_string(),
+                Token::Newline => "\\n".to_string(),
             })
             .collect()
     };
@@ -236,6 +237,8 @@ fn shells_files_http_and_joins() {
         2,
         "a YAML block's blank lines"
     );
+    let s = steps("pkill -HUP app ||\n  true\n");
+    assert_eq!(s[1].0, Join::IfFailed, "a line break after || goes on");
 
     let Step::Http(c) = one("curl -s -X POST http://localhost:8080/-/reload") else {
         panic!()
