@@ -1,6 +1,8 @@
 //! The sidecar against the real OpenBao and PostgreSQL with short TTLs (default 6 s, max 20 s):
 //! renewal, replacement at the max TTL, the init→sidecar hand-off, static re-reads, an outage,
-//! revocation on preStop and SIGTERM, and many pod lifecycles leaving nothing behind.
+//! revocation on preStop and SIGTERM, many pod lifecycles leaving nothing behind, and a change
+//! reaching the app: a template command (performed by the agent, no shell), a reload URL once for
+//! a burst, a signal to a process found by name, and a container's main process stopped.
 
 mod common;
 
@@ -242,6 +244,93 @@ async fn a_burst_of_changes_reaches_the_app_once_and_a_restart_does_not_repeat_i
     let mut sidecar = sb.start_sidecar(&config);
     tokio::time::sleep(Duration::from_millis(4000)).await;
     assert_eq!(app.count(), 1, "no reload after an agent restart");
+    assert!(terminate(&mut sidecar).success());
+}
+
+/// Run only as a child of `signal_and_restart_actions_reach_their_processes`: waits (at most a
+/// minute) to be signalled.
+#[test]
+#[ignore]
+fn waits_to_be_signalled() {
+    if std::env::var_os("SIDEKEY_WAIT_FOR_SIGNAL").is_some() {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// This test binary started as `name` (the kernel names a process after the file it runs),
+/// with `env`, waiting to be signalled: an app process without a shell or another program.
+fn waiting_process(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let link = dir.join(name);
+    std::os::unix::fs::symlink(std::env::current_exe().unwrap(), &link).unwrap();
+    let mut cmd = std::process::Command::new(&link);
+    cmd.args(["--exact", "waits_to_be_signalled", "--ignored"])
+        .env("SIDEKEY_WAIT_FOR_SIGNAL", "1")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let comm = format!("/proc/{}/comm", child.id());
+    wait_for(Duration::from_secs(10), "the app process", || {
+        std::fs::read_to_string(&comm).unwrap_or_default().trim() == name
+    });
+    child
+}
+
+fn ended_by(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = wait_exit(child, limit);
+    status.signal()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_and_restart_actions_reach_their_processes() {
+    let stack = Stack::shared();
+    stack
+        .put_kv2("lifecycle/procs", json!({ "v": "one" }))
+        .await
+        .unwrap();
+    let sb = Sandbox::new();
+    let apps = tempfile::tempdir().unwrap();
+    let name = format!("skapp{}", std::process::id() % 100_000);
+    let container = format!("web-{}", std::process::id());
+    let mut signalled = waiting_process(apps.path(), &name, &[]);
+    // Stands for container `web`'s main process, marked as the injector marks it.
+    let mut restarted = waiting_process(
+        apps.path(),
+        "skweb",
+        &[("SIDEKEY_CONTAINER", container.as_str())],
+    );
+    let templates = json!([{
+        "name": "procs",
+        "path": "secret/data/lifecycle/procs",
+        "file": "procs",
+        "contents": "{{data.data.v}}",
+        "actions": [format!("signal:USR1:{name}"), format!("restart:{container}")],
+    }]);
+    let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), templates);
+    config["lifecycle"]["static_secret_render_interval_secs"] = 1.into();
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(
+        signalled.try_wait().unwrap().is_none(),
+        "nothing changed yet"
+    );
+
+    stack
+        .put_kv2("lifecycle/procs", json!({ "v": "two" }))
+        .await
+        .unwrap();
+    // The render interval (1 s), the quiet period (2 s), then the actions.
+    assert_eq!(
+        ended_by(&mut signalled, Duration::from_secs(15)),
+        Some(libc::SIGUSR1)
+    );
+    assert_eq!(
+        ended_by(&mut restarted, Duration::from_secs(15)),
+        Some(libc::SIGTERM)
+    );
+    assert_eq!(sb.read("procs"), "two");
     assert!(terminate(&mut sidecar).success());
 }
 
