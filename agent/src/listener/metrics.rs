@@ -119,6 +119,7 @@ mod tests {
             "vault_agent_cache_miss 2\n",
             "sidekey_agent_cache_entries 3\n",
             "# TYPE vault_agent_cache_hit counter\n",
+            "# TYPE sidekey_agent_actions_performed counter\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
