@@ -151,10 +151,22 @@ async fn drive(
             let react = held.reactions.next_wake();
             let event = tokio::select! {
                 () = sleep_until(wake) => Some(Event::Tick),
-                // A changed file's actions, once its content has settled (`action`).
+                // A changed file's actions, once its content has settled (`action`). Inputs
+                // still reach the machine meanwhile; a stop does not wait for an action (a
+                // restart may take 20 s): what was not finished stays due.
                 () = sleep_until(react) => {
-                    held.react(Instant::now()).await;
-                    None
+                    let work = held.react(Instant::now());
+                    tokio::pin!(work);
+                    loop {
+                        tokio::select! {
+                            () = &mut work => break None,
+                            input = inputs.next() => match event_of(input, &state_dir) {
+                                Some(e) if stops(&e) => break Some(e),
+                                Some(e) => queue.extend(machine.step(e, Instant::now())),
+                                None => {}
+                            },
+                        }
+                    }
                 }
                 input = inputs.next() => event_of(input, &state_dir),
                 // The proxy's cached leases: renewed here, given up for any input that comes
@@ -231,6 +243,14 @@ async fn drive(
             }
         }
     }
+}
+
+/// Whether an event ends the sidecar's work (it does not wait for an action).
+fn stops(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Stop | Event::PreStopRevoked | Event::PreStopIncomplete
+    )
 }
 
 async fn sleep_until(at: Option<Instant>) {
