@@ -153,5 +153,6 @@ pub fn state_of(session: &Session, fetcher: &Fetcher) -> State {
         revoked: false,
         stopping: false,
         token_owned: session.owned,
+        actions_done: Default::default(),
     }
 }

@@ -43,6 +43,10 @@ pub struct State {
     /// False for a token handed to the agent (token auth): its leases are revoked, the token not.
     #[serde(default = "owned_by_default")]
     pub token_owned: bool,
+    /// By template, the SHA-256 of the content its actions last ran for (or the app started
+    /// with): a restarted sidecar does not act again on it. Digests only, never content.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub actions_done: std::collections::BTreeMap<String, String>,
 }
 
 fn owned_by_default() -> bool {
@@ -131,6 +135,7 @@ mod tests {
             revoked: false,
             stopping: false,
             token_owned: true,
+            actions_done: [("db".to_string(), "ab12".to_string())].into(),
         };
         save(dir.path(), &state).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(state.clone()));

@@ -77,6 +77,9 @@ pub struct Spec {
     pub init_containers: Option<Vec<ContainerView>>,
     #[serde(default)]
     pub share_process_namespace: Option<bool>,
+    /// Whether the kubelet starts a stopped container again (a `restart:` action needs it).
+    #[serde(default)]
+    pub restart_policy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +111,9 @@ pub struct ContainerView {
     pub volume_mounts: Option<Vec<VolumeMount>>,
     #[serde(default)]
     pub security_context: Option<SecurityContextView>,
+    /// Present when the container has an `env` array (its entries are not read).
+    #[serde(default)]
+    pub env: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +187,10 @@ impl PodView {
 
     pub fn share_process_namespace(&self) -> Option<bool> {
         self.spec.as_ref()?.share_process_namespace
+    }
+
+    pub fn restart_policy(&self) -> Option<&str> {
+        self.spec.as_ref()?.restart_policy.as_deref()
     }
 }
 
