@@ -260,9 +260,14 @@ pub struct TemplateConfig {
     /// Octal file mode, for example "0640".
     #[serde(default = "default_perms")]
     pub perms: String,
-    /// Shell command run after the file is (re)written.
+    /// Command run after the file is (re)written, as vault-k8s writes it for `/bin/sh -c`; the
+    /// agent performs it itself (`command`), so only what `command::parse` takes is valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// What reaches the app when the file's content changes (`agent-inject-action-NAME`),
+    /// debounced and keyed on the content's digest (`action`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<crate::action::Action>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub error_on_missing_key: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +291,7 @@ impl TemplateConfig {
             dir: None,
             perms: default_perms(),
             command: None,
+            actions: Vec::new(),
             error_on_missing_key: false,
             left_delimiter: None,
             right_delimiter: None,
@@ -704,6 +710,18 @@ impl AgentConfig {
                     field("path"),
                     "a template needs a secret path, contents or a source file",
                 ));
+            }
+            if let Some(command) = &t.command {
+                crate::command::parse(command).map_err(|e| {
+                    invalid(
+                        field("command"),
+                        format!(
+                            "{}: {e}; {}",
+                            crate::command::quoted(command),
+                            crate::command::BUILT_IN
+                        ),
+                    )
+                })?;
             }
             if t.left_delimiter.as_deref() == Some("") || t.right_delimiter.as_deref() == Some("") {
                 return Err(invalid(

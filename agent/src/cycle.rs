@@ -5,10 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::command;
 use crate::config::{AgentConfig, TemplateConfig};
 use crate::fetch::{FetchError, Fetcher};
 use crate::render::{self, Outcome, Prepared, RenderError};
-use crate::sink::{self, CommandOutcome, SinkError};
+use crate::sink::{self, SinkError};
 
 /// How many fetch-and-render rounds one template may need (secrets whose path comes from
 /// another secret need more than one).
@@ -120,7 +121,7 @@ pub async fn render_one(
     let out_dir = t.config.dir.as_deref().unwrap_or(out_dir);
     let written = sink::write_if_changed(out_dir, &t.config.file, &text, t.config.mode())?;
     let command = match (&t.config.command, written) {
-        (Some(cmd), true) => Some(sink::run_command(cmd, out_dir, COMMAND_TIME_LIMIT).await),
+        (Some(cmd), true) => Some(run_command(cmd, out_dir).await),
         _ => None,
     };
     if let Some(CommandOutcome::Failed(why)) = &command {
@@ -132,6 +133,30 @@ pub async fn render_one(
         written,
         command,
     })
+}
+
+/// The outcome of a template's command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandOutcome {
+    Succeeded,
+    Failed(String),
+}
+
+/// Performs a template's command in the agent itself (the image has no shell), within a time
+/// limit, in the folder its file is rendered into. The config was checked, so it parses.
+async fn run_command(text: &str, dir: &Path) -> CommandOutcome {
+    let script = match command::parse(text) {
+        Ok(s) => s,
+        Err(e) => return CommandOutcome::Failed(e.to_string()),
+    };
+    match tokio::time::timeout(COMMAND_TIME_LIMIT, script.run(dir)).await {
+        Ok(Ok(())) => CommandOutcome::Succeeded,
+        Ok(Err(e)) => CommandOutcome::Failed(e.to_string()),
+        Err(_) => CommandOutcome::Failed(format!(
+            "still running after {}s; abandoned",
+            COMMAND_TIME_LIMIT.as_secs()
+        )),
+    }
 }
 
 /// Fetches what every template needs before any is rendered, each round concurrently, so the

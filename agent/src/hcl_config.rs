@@ -665,8 +665,25 @@ fn template(
     Ok(t)
 }
 
-/// `command = "…"` or, as Vault Agent also takes it, a list of arguments (quoted for /bin/sh).
+/// `command = "…"` or, as Vault Agent also takes it, a list of arguments (quoted as for
+/// /bin/sh). The agent performs it itself, so a command it cannot perform is refused here,
+/// with the file and line.
 fn command(doc: &Doc, a: &Attr, at: &str) -> Result<String, HclError> {
+    let text = command_text(doc, a, at)?;
+    crate::command::parse(&text).map_err(|e| {
+        doc.err(
+            &a.place,
+            format!(
+                "{at} {}: {e}; {}",
+                crate::command::quoted(&text),
+                crate::command::BUILT_IN
+            ),
+        )
+    })?;
+    Ok(text)
+}
+
+fn command_text(doc: &Doc, a: &Attr, at: &str) -> Result<String, HclError> {
     match &a.value {
         hcl::Value::Array(args) => Ok(args
             .iter()
@@ -1000,6 +1017,23 @@ auto_auth {
             assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
             assert!(!got.contains('\n'), "one line: {got}");
         }
+    }
+
+    #[test]
+    fn a_command_the_agent_cannot_perform_is_refused_at_its_line() {
+        let text = "template {\n  destination = \"/vault/secrets/db\"\n  contents = \"x\"\n  command = \"nginx -s reload\"\n}\n";
+        let e = read(text).unwrap_err();
+        assert!(
+            e.starts_with("/vault/configs/config.hcl:4: template.command \"nginx -s reload\": \"nginx\" is not a program the agent performs; the agent image has no shell"),
+            "{e}"
+        );
+        let exec = "template {\n  destination = \"/vault/secrets/db\"\n  contents = \"x\"\n  exec {\n    command = [\"sh\", \"-c\", \"ps | grep app\"]\n  }\n}\n";
+        let e = read(exec).unwrap_err();
+        assert!(
+            e.starts_with("/vault/configs/config.hcl:5: template.exec.command"),
+            "{e}"
+        );
+        assert!(e.contains("\"|\" (a pipe) needs a shell"), "{e}");
     }
 
     #[test]

@@ -2,16 +2,19 @@
 //! revokes them when the pod stops. The pipeline: `config → auth → client → fetch → render →
 //! sink`, driven by `run` (one-shot commands) and `lifecycle` (the sidecar, which owns time).
 //!
-//! Without the `runtime` feature (on by default) only the contract is built: `config` (the
-//! agent config the injector writes) and `render` (the template engines, which the injector
-//! runs to deny at admission what the agent would refuse).
+//! Without the `runtime` feature (on by default) only what the injector shares is built:
+//! `config` (the agent config it writes), `render` (the template engines, run at admission to
+//! deny what the agent would refuse) and the command and action model (`command`, `action`,
+//! `signal`, `http_call`, checked at admission).
 
+pub mod action;
 #[cfg(feature = "runtime")]
 pub mod auth;
 #[cfg(feature = "runtime")]
 pub mod backoff;
 #[cfg(feature = "runtime")]
 pub mod client;
+pub mod command;
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod cycle;
@@ -21,6 +24,7 @@ pub mod error;
 pub mod fetch;
 #[cfg(feature = "runtime")]
 pub mod hcl_config;
+pub mod http_call;
 #[cfg(feature = "runtime")]
 pub mod lifecycle;
 #[cfg(feature = "runtime")]
@@ -34,6 +38,7 @@ pub mod render;
 pub mod revoke;
 #[cfg(feature = "runtime")]
 pub mod run;
+pub mod signal;
 #[cfg(feature = "runtime")]
 pub mod sink;
 #[cfg(feature = "runtime")]

@@ -38,6 +38,8 @@ pub async fn render_and_save(config: &AgentConfig, out_dir: &Path) -> Result<Sta
     // One-shot: the sinks get the one token this run logged in with.
     crate::sink::write_token(&config.token_sinks, &session.token);
     let mut state = state_of(&session, &fetcher);
+    // The app starts with these files: the actions are for later changes.
+    state.actions_done = crate::action::digests(config, out_dir);
     if let Some(cap) = config.lifecycle.token_ttl_cap_secs {
         state.token_ttl_secs = cap_token_ttl(&client, &session, cap).await;
     }

@@ -5,7 +5,6 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -199,42 +198,11 @@ impl TokenFollower {
     }
 }
 
-/// The outcome of a template's command; its output is not kept (it may print secrets).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandOutcome {
-    Succeeded,
-    Failed(String),
-}
-
-/// Runs a template's command through `/bin/sh -c` in the secrets folder, with a time limit.
-pub async fn run_command(command: &str, dir: &Path, limit: Duration) -> CommandOutcome {
-    let child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(command)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return CommandOutcome::Failed(format!("cannot start /bin/sh: {e}")),
-    };
-    match tokio::time::timeout(limit, child.wait()).await {
-        Ok(Ok(status)) if status.success() => CommandOutcome::Succeeded,
-        Ok(Ok(status)) => CommandOutcome::Failed(format!("exited with {status}")),
-        Ok(Err(e)) => CommandOutcome::Failed(e.to_string()),
-        Err(_) => {
-            CommandOutcome::Failed(format!("still running after {}s; killed", limit.as_secs()))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
 
     #[test]
     fn writes_with_mode_and_only_on_change() {
@@ -425,23 +393,5 @@ mod tests {
         follower.catch_up();
         assert_eq!(fs::read_to_string(&sinks[0].path).unwrap(), "s.adopted");
         drop(tx);
-    }
-
-    #[tokio::test]
-    async fn commands_run_in_the_folder_and_report_failure() {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = run_command("touch ran", dir.path(), Duration::from_secs(5)).await;
-        assert_eq!(ok, CommandOutcome::Succeeded);
-        assert!(dir.path().join("ran").exists());
-        let failed = run_command("exit 3", dir.path(), Duration::from_secs(5)).await;
-        assert!(
-            matches!(failed, CommandOutcome::Failed(ref m) if m.contains("3")),
-            "{failed:?}"
-        );
-        let slow = run_command("sleep 5", dir.path(), Duration::from_millis(100)).await;
-        assert!(
-            matches!(slow, CommandOutcome::Failed(ref m) if m.contains("killed")),
-            "{slow:?}"
-        );
     }
 }

@@ -108,5 +108,6 @@ pub fn state_of(session: &Session, fetcher: &Fetcher) -> State {
         stopping: false,
         token_owned: session.owned,
         retired: Vec::new(),
+        actions_done: Default::default(),
     }
 }

@@ -63,6 +63,10 @@ pub struct State {
     /// rest, so the preStop hook leaves none of them behind.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<Replaced>,
+    /// By template, the SHA-256 of the content its actions last ran for (or the app started
+    /// with): a restarted sidecar does not act again on it. Digests only, never content.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub actions_done: std::collections::BTreeMap<String, String>,
 }
 
 /// What a revocation at the pod's stop did, for the others to read: the sidecar (which stops
@@ -222,6 +226,7 @@ mod tests {
             stopping: false,
             token_owned: true,
             retired: vec![Replaced::Token(Token::new("hvs.retired-token"))],
+            actions_done: [("db".to_string(), "ab12".to_string())].into(),
         };
         save(dir.path(), &state).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(state.clone()));

@@ -1,6 +1,8 @@
 //! The sidecar against the real OpenBao and PostgreSQL with short TTLs (default 6 s, max 20 s):
 //! renewal, replacement at the max TTL, the init→sidecar hand-off, static re-reads, an outage,
-//! revocation on preStop and SIGTERM, and many pod lifecycles leaving nothing behind.
+//! revocation on preStop and SIGTERM, many pod lifecycles leaving nothing behind, and a change
+//! reaching the app: a template command (performed by the agent, no shell), a reload URL once for
+//! a burst, a signal to a process found by name, and a container's main process stopped.
 
 mod common;
 
@@ -105,6 +107,47 @@ async fn the_sidecar_keeps_the_init_containers_credentials() {
     assert!(!stack.pg_role_exists(&user).unwrap());
 }
 
+/// A local HTTP endpoint standing in for an app: it counts the requests it answers (what a
+/// template command's `curl` or a reload action calls). No shell or other program is needed.
+struct Hits {
+    port: u16,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hits {
+    async fn start() -> Hits {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        Hits { port, count }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
     let stack = Stack::shared();
@@ -113,23 +156,23 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
         .await
         .unwrap();
     let sb = Sandbox::new();
+    let app = Hits::start().await;
+    // Performed by the agent itself: no /bin/sh, no curl binary.
     let templates = json!([{
         "name": "kv",
         "path": "secret/data/lifecycle/kv",
         "file": "kv",
         "contents": "{{data.data.color}}",
-        "command": "echo ran >> ../command.log",
+        "command": format!("sh -c 'curl -fsS -X POST http://127.0.0.1:{}/ran && touch ../command-ran'", app.port),
     }]);
     let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), templates);
     config["lifecycle"]["static_secret_render_interval_secs"] = 1.into();
     sb.init_ok(&config);
-    let runs = || {
-        std::fs::read_to_string(sb.secrets().join("../command.log"))
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
-    assert_eq!(runs(), 1, "the first render runs the command");
+    assert_eq!(app.count(), 1, "the first render runs the command");
+    assert!(
+        sb.secrets().join("../command-ran").exists(),
+        "in the secrets folder"
+    );
     let mut sidecar = sb.start_sidecar(&config);
     let stamp = || {
         let meta = std::fs::metadata(sb.secrets().join("kv")).unwrap();
@@ -149,7 +192,7 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
         before,
         "unchanged secret, untouched file (same inode, same mtime)"
     );
-    assert_eq!(runs(), 1, "no change, no command");
+    assert_eq!(app.count(), 1, "no change, no command");
 
     stack
         .put_kv2("lifecycle/kv", json!({ "color": "green" }))
@@ -163,7 +206,142 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
     wait_for(Duration::from_secs(10), "two more re-reads", || {
         rereads() >= seen + 2
     });
-    assert_eq!(runs(), 2, "one change, one command run");
+    assert_eq!(app.count(), 2, "one change, one command run");
+    assert!(terminate(&mut sidecar).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_changes_reaches_the_app_once_and_a_restart_does_not_repeat_it() {
+    let stack = Stack::shared();
+    stack
+        .put_kv2("lifecycle/act", json!({ "n": 0 }))
+        .await
+        .unwrap();
+    let sb = Sandbox::new();
+    let app = Hits::start().await;
+    let templates = json!([{
+        "name": "act",
+        "path": "secret/data/lifecycle/act",
+        "file": "act",
+        "contents": "{{data.data.n}}",
+        "actions": [format!("reload:http://127.0.0.1:{}/-/reload", app.port)],
+    }]);
+    let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), templates);
+    config["lifecycle"]["static_secret_render_interval_secs"] = 1.into();
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(app.count(), 0, "the app starts with the first content");
+
+    for n in 1..=10 {
+        stack
+            .put_kv2("lifecycle/act", json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    wait_for(Duration::from_secs(15), "the reload", || app.count() >= 1);
+    assert_eq!(
+        sb.read("act"),
+        "10",
+        "the reload comes with the last content in place"
+    );
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    assert_eq!(app.count(), 1, "ten updates, one reload");
+    assert!(sb.sidecar_log().contains("action performed"));
+
+    // A sidecar that dies and starts again does not reload for what the app already has.
+    sidecar.kill().unwrap();
+    sidecar.wait().unwrap();
+    let mut sidecar = sb.start_sidecar(&config);
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    assert_eq!(app.count(), 1, "no reload after an agent restart");
+    assert!(terminate(&mut sidecar).success());
+}
+
+/// Run only as a child of `signal_and_restart_actions_reach_their_processes`: waits (at most a
+/// minute) to be signalled.
+#[test]
+#[ignore]
+fn waits_to_be_signalled() {
+    if std::env::var_os("SIDEKEY_WAIT_FOR_SIGNAL").is_some() {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// This test binary started as `name` (the kernel names a process after the file it runs),
+/// with `env`, waiting to be signalled: an app process without a shell or another program.
+fn waiting_process(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let link = dir.join(name);
+    std::os::unix::fs::symlink(std::env::current_exe().unwrap(), &link).unwrap();
+    let mut cmd = std::process::Command::new(&link);
+    cmd.args(["--exact", "waits_to_be_signalled", "--ignored"])
+        .env("SIDEKEY_WAIT_FOR_SIGNAL", "1")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let comm = format!("/proc/{}/comm", child.id());
+    wait_for(Duration::from_secs(10), "the app process", || {
+        std::fs::read_to_string(&comm).unwrap_or_default().trim() == name
+    });
+    child
+}
+
+fn ended_by(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = wait_exit(child, limit);
+    status.signal()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_and_restart_actions_reach_their_processes() {
+    let stack = Stack::shared();
+    stack
+        .put_kv2("lifecycle/procs", json!({ "v": "one" }))
+        .await
+        .unwrap();
+    let sb = Sandbox::new();
+    let apps = tempfile::tempdir().unwrap();
+    let name = format!("skapp{}", std::process::id() % 100_000);
+    let container = format!("web-{}", std::process::id());
+    let mut signalled = waiting_process(apps.path(), &name, &[]);
+    // Stands for container `web`'s main process, marked as the injector marks it.
+    let mut restarted = waiting_process(
+        apps.path(),
+        "skweb",
+        &[("SIDEKEY_CONTAINER", container.as_str())],
+    );
+    let templates = json!([{
+        "name": "procs",
+        "path": "secret/data/lifecycle/procs",
+        "file": "procs",
+        "contents": "{{data.data.v}}",
+        "actions": [format!("signal:USR1:{name}"), format!("restart:{container}")],
+    }]);
+    let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), templates);
+    config["lifecycle"]["static_secret_render_interval_secs"] = 1.into();
+    sb.init_ok(&config);
+    let mut sidecar = sb.start_sidecar(&config);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(
+        signalled.try_wait().unwrap().is_none(),
+        "nothing changed yet"
+    );
+
+    stack
+        .put_kv2("lifecycle/procs", json!({ "v": "two" }))
+        .await
+        .unwrap();
+    // The render interval (1 s), the quiet period (2 s), then the actions.
+    assert_eq!(
+        ended_by(&mut signalled, Duration::from_secs(15)),
+        Some(libc::SIGUSR1)
+    );
+    assert_eq!(
+        ended_by(&mut restarted, Duration::from_secs(15)),
+        Some(libc::SIGTERM)
+    );
+    assert_eq!(sb.read("procs"), "two");
     assert!(terminate(&mut sidecar).success());
 }
 

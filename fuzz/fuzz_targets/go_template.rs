@@ -42,6 +42,7 @@ fuzz_target!(|bytes: &[u8]| {
         dir: None,
         perms: "0644".into(),
         command: None,
+        actions: Vec::new(),
         error_on_missing_key: bytes.len() % 2 == 1,
         left_delimiter: square.then(|| "[[".to_string()),
         right_delimiter: square.then(|| "]]".to_string()),

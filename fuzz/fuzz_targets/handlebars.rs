@@ -23,6 +23,7 @@ fuzz_target!(|bytes: &[u8]| {
             dir: None,
             perms: "0644".into(),
             command: None,
+            actions: Vec::new(),
             error_on_missing_key: false,
             left_delimiter: None,
             right_delimiter: None,

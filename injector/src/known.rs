@@ -77,6 +77,7 @@ pub const NAMES: &[&str] = &[
 /// Families of annotations whose name ends in a part the pod chooses (a secret's NAME, an auth
 /// parameter, a telemetry setting).
 pub const FAMILIES: &[&str] = &[
+    "agent-inject-action-",
     "agent-inject-command-",
     "agent-inject-file-",
     "agent-inject-perms-",

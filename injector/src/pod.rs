@@ -79,6 +79,9 @@ pub struct Spec {
     pub share_process_namespace: Option<bool>,
     #[serde(default)]
     pub termination_grace_period_seconds: Option<i64>,
+    /// Whether the kubelet starts a stopped container again (a `restart:` action needs it).
+    #[serde(default)]
+    pub restart_policy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +113,9 @@ pub struct ContainerView {
     pub volume_mounts: Option<Vec<VolumeMount>>,
     #[serde(default)]
     pub security_context: Option<SecurityContextView>,
+    /// Present when the container has an `env` array (its entries are not read).
+    #[serde(default)]
+    pub env: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +194,10 @@ impl PodView {
     /// The pod's terminationGracePeriodSeconds, when it sets one.
     pub fn termination_grace(&self) -> Option<i64> {
         self.spec.as_ref()?.termination_grace_period_seconds
+    }
+
+    pub fn restart_policy(&self) -> Option<&str> {
+        self.spec.as_ref()?.restart_policy.as_deref()
     }
 }
 

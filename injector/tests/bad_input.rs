@@ -390,8 +390,21 @@ fn thirty_plus_bad_inputs_get_exact_answers() {
         ),
         (
             "huge annotation value, still fine",
-            annotated(&[("agent-inject-command-db", big.as_str())]),
+            annotated(&[("agent-inject-template-db", big.as_str())]),
             Want::Injected,
+        ),
+        (
+            // A command is performed by the agent, within limits; the message quotes its start.
+            "huge command",
+            annotated(&[("agent-inject-command-db", big.as_str())]),
+            Want::Denied(Box::leak(
+                format!(
+                    "{A}agent-inject-command-db: \"{}…\": the command is longer than 16384 bytes; {}",
+                    &big[..60],
+                    sidekey_agent::command::BUILT_IN
+                )
+                .into_boxed_str(),
+            )),
         ),
         (
             "huge bad annotation value",

@@ -7,6 +7,7 @@
 //! exits without running destructors. Nothing depends on a server left running by hand.
 
 pub mod chart;
+pub mod cluster;
 pub mod connect;
 pub mod dns;
 pub mod injector;
@@ -46,6 +47,8 @@ pub struct Stack {
     pub mtls_port: u16,
     /// A listener whose certificate names only [`pki::STORE_HOST`].
     pub named_port: u16,
+    /// The main listener as pods reach it, `https://10.200.0.1:PORT`, when a cluster is up.
+    pub pod_addr: Option<String>,
     http: reqwest::Client,
     pub root_token: String,
     pub pg_port: u16,
@@ -133,6 +136,7 @@ impl Stack {
             addr: info.addr,
             mtls_port: info.mtls_port,
             named_port: info.named_port,
+            pod_addr: info.pod_addr,
             http: info.http,
             root_token: info.root_token,
             pg_port: info.pg_port,

@@ -20,7 +20,8 @@ pub struct Pki {
     pub dir: PathBuf,
     /// The CA that signed every certificate below.
     pub ca: PathBuf,
-    /// Served by the main listener: SANs 127.0.0.1, localhost and `STORE_HOST`.
+    /// Served by the main listener: SANs 127.0.0.1, the cluster's host address
+    /// ([`crate::cluster::HOST_IP`]), localhost and `STORE_HOST`.
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     /// Served by the listener that only `STORE_HOST` names (no IP SAN): reached at 127.0.0.1
@@ -59,7 +60,7 @@ impl Pki {
 pub fn pki() -> Result<&'static Pki> {
     static PKI: OnceLock<Result<Pki, String>> = OnceLock::new();
     PKI.get_or_init(|| {
-        load_or_create(&crate::workspace_root().join(".stack/test-pki"))
+        load_or_create(&crate::workspace_root().join(".stack/test-pki-2"))
             .map_err(|e| format!("{e:#}"))
     })
     .as_ref()
@@ -108,7 +109,10 @@ fn load_or_create(dir: &Path) -> Result<Pki> {
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     )?;
-    let sans_server = format!("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{STORE_HOST}");
+    let sans_server = format!(
+        "subjectAltName=IP:127.0.0.1,IP:{},DNS:localhost,DNS:{STORE_HOST}",
+        crate::cluster::HOST_IP
+    );
     let sans_named = format!("subjectAltName=DNS:{STORE_HOST}");
     issue(
         &tmp,

@@ -29,6 +29,7 @@ pub(crate) struct Info {
     pub addr: String,
     pub mtls_port: u16,
     pub named_port: u16,
+    pub pod_addr: Option<String>,
     pub http: reqwest::Client,
     pub root_token: String,
     pub pg_port: u16,
@@ -161,6 +162,7 @@ fn start(tools: &Tools, dir: &Path, children: &mut Children) -> Result<Info> {
             main: free_port(),
             mtls: free_port(),
             named: free_port(),
+            pod: crate::cluster::host_ip_is_local().then(free_port),
         };
         let addr = format!("https://127.0.0.1:{}", ports.main);
         children.bao = Some(start_bao(tools, dir, &ports, pki, &root_token)?);
@@ -189,6 +191,9 @@ fn start(tools: &Tools, dir: &Path, children: &mut Children) -> Result<Info> {
         addr,
         mtls_port: ports.mtls,
         named_port: ports.named,
+        pod_addr: ports
+            .pod
+            .map(|port| format!("https://{}:{port}", crate::cluster::HOST_IP)),
         http,
         root_token,
         pg_port,
@@ -306,6 +311,9 @@ struct Ports {
     mtls: u16,
     /// A certificate for `pki::STORE_HOST` only: 127.0.0.1 verifies only with a TLS server name.
     named: u16,
+    /// Like `main`, on the cluster's host address, where pods reach the store; only when a
+    /// cluster is up (scripts/cluster.sh), since that address exists only then.
+    pod: Option<u16>,
 }
 
 fn start_bao(
@@ -320,21 +328,49 @@ fn start_bao(
     let dev_tls = dir.join("bao-dev-tls");
     fs::create_dir_all(&home)?;
     fs::create_dir_all(&dev_tls)?;
-    let listener = |port: u16, cert: &Path, key: &Path, require_client_cert: bool| {
+    let listener = |ip: &str, port: u16, cert: &Path, key: &Path, require_client_cert: bool| {
         format!(
-            "listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster}\"\n  tls_cert_file = \"{cert}\"\n  tls_key_file = \"{key}\"\n  tls_client_ca_file = \"{ca}\"\n  tls_require_and_verify_client_cert = {require_client_cert}\n}}\n",
+            "listener \"tcp\" {{\n  address = \"{ip}:{port}\"\n  cluster_address = \"{ip}:{cluster}\"\n  tls_cert_file = \"{cert}\"\n  tls_key_file = \"{key}\"\n  tls_client_ca_file = \"{ca}\"\n  tls_require_and_verify_client_cert = {require_client_cert}\n}}\n",
             cluster = free_port(),
             cert = cert.display(),
             key = key.display(),
             ca = pki.ca.display(),
         )
     };
-    let config = [
-        listener(ports.main, &pki.server_cert, &pki.server_key, false),
-        listener(ports.mtls, &pki.server_cert, &pki.server_key, true),
-        listener(ports.named, &pki.named_cert, &pki.named_key, false),
+    let mut config = [
+        listener(
+            "127.0.0.1",
+            ports.main,
+            &pki.server_cert,
+            &pki.server_key,
+            false,
+        ),
+        listener(
+            "127.0.0.1",
+            ports.mtls,
+            &pki.server_cert,
+            &pki.server_key,
+            true,
+        ),
+        listener(
+            "127.0.0.1",
+            ports.named,
+            &pki.named_cert,
+            &pki.named_key,
+            false,
+        ),
     ]
     .concat();
+    if let Some(port) = ports.pod {
+        let host = crate::cluster::HOST_IP;
+        config.push_str(&listener(
+            host,
+            port,
+            &pki.server_cert,
+            &pki.server_key,
+            false,
+        ));
+    }
     let config_path = dir.join("bao-listeners.hcl");
     fs::write(&config_path, config)?;
     let mut cmd = std::process::Command::new(&tools.bao);

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::action::{self, Reactions};
 use crate::auth::{self, AuthError, Session};
 use crate::client::{ClientError, StoreClient, Token};
 use crate::config::AgentConfig;
@@ -162,8 +163,26 @@ async fn drive(
     loop {
         let Some(action) = queue.pop_front() else {
             let wake = machine.next_wake();
+            let react = held.reactions.next_wake();
             let event = tokio::select! {
                 () = sleep_until(wake) => Some(Event::Tick),
+                // A changed file's actions, once its content has settled (`action`). Inputs
+                // still reach the machine meanwhile; a stop does not wait for an action (a
+                // restart may take 20 s): what was not finished stays due.
+                () = sleep_until(react) => {
+                    let work = held.react(Instant::now());
+                    tokio::pin!(work);
+                    loop {
+                        tokio::select! {
+                            () = &mut work => break None,
+                            input = inputs.next() => match event_of(input, &state_dir) {
+                                Some(e) if stops(&e) => break Some(e),
+                                Some(e) => queue.extend(tell(&mut machine, &ledger, e)),
+                                None => {}
+                            },
+                        }
+                    }
+                }
                 input = inputs.next() => event_of(input, &state_dir),
                 // The proxy's cached leases: renewed here while the machine renews its own,
                 // given up for any input that comes meanwhile (a stop must not wait for them;
@@ -314,6 +333,14 @@ async fn settle_login(
     .await;
 }
 
+/// Whether an event ends the sidecar's work (it does not wait for an action).
+fn stops(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Stop | Event::PreStopRevoked | Event::PreStopIncomplete
+    )
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -379,6 +406,8 @@ struct Held<'a> {
     ledger: Arc<Mutex<Ledger>>,
     /// The login error that made the machine give up.
     refused: Option<AuthError>,
+    /// When the templates' actions are due (`agent-inject-action-NAME`).
+    reactions: Reactions,
 }
 
 /// Adopts the init container's state, or does the init container's work here.
@@ -388,6 +417,11 @@ async fn start<'a>(
     templates: Vec<Template>,
     token: watch::Sender<Option<Token>>,
 ) -> Result<(Held<'a>, Machine), RunError> {
+    // What the actions last ran for (or the app started with), as saved.
+    let done = match state::load(&config.state_dir) {
+        Ok(Some(s)) => s.actions_done,
+        _ => Default::default(),
+    };
     let begin = |client, templates, session: Session, fetcher, grant: TokenGrant, leases| {
         token.send_replace(Some(Token::clone(&session.token)));
         let machine = Machine::new(
@@ -407,11 +441,14 @@ async fn start<'a>(
             token: token.clone(),
             ledger: Arc::default(),
             refused: None,
+            reactions: Reactions::new(action::Policy::default(), done.clone()),
         };
         (held, machine)
     };
     if let Some((session, fetcher, grant, leases)) = adopt(config, &client).await? {
-        return Ok(begin(client, templates, session, fetcher, grant, leases));
+        let (mut held, machine) = begin(client, templates, session, fetcher, grant, leases);
+        held.observe(Instant::now());
+        return Ok((held, machine));
     }
     // No usable init state (native sidecar, pre-populate off, or an expired token).
     let limit = Duration::from_secs(config.lifecycle.init_timeout_secs);
@@ -425,7 +462,8 @@ async fn start<'a>(
         renewable: session.renewable,
     };
     let leases = leases_of(&fetcher);
-    let (held, machine) = begin(client, templates, session, fetcher, grant, leases);
+    let (mut held, machine) = begin(client, templates, session, fetcher, grant, leases);
+    held.observe(Instant::now());
     held.save();
     Ok((held, machine))
 }
@@ -500,6 +538,7 @@ impl Held<'_> {
     fn save(&self) {
         let mut state = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
+        state.actions_done = self.reactions.done().clone();
         {
             let ledger = lock(&self.ledger);
             state.retired = ledger.outstanding.clone();
@@ -531,6 +570,46 @@ impl Held<'_> {
                 failed,
                 "some templates could not be rendered; their previous files are kept"
             );
+        }
+        self.observe(Instant::now());
+    }
+
+    /// Tells the reactions what each file with actions now holds (its digest).
+    fn observe(&mut self, now: Instant) {
+        for (template, digest) in action::digests(self.config, &self.config.secrets_dir) {
+            self.reactions.rendered(&template, &digest, now);
+        }
+    }
+
+    /// Performs the actions that are due, each template's in order, and records the outcome.
+    async fn react(&mut self, now: Instant) {
+        let mut acted = false;
+        for (name, digest) in self.reactions.due(now) {
+            // Every template with a digest has actions; none found is nothing to do.
+            let actions = self
+                .templates
+                .iter()
+                .find(|t| t.config.name == name)
+                .map_or(&[][..], |t| &t.config.actions[..]);
+            let proc = Path::new(crate::signal::PROC);
+            let ok = action::perform_all(&name, actions, proc).await;
+            match self.reactions.finished(&name, &digest, ok, Instant::now()) {
+                action::Verdict::Done => acted = true,
+                action::Verdict::Retry(at) => {
+                    let in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64;
+                    tracing::info!(template = %name, retry_in_ms = in_ms, "the actions will be tried again");
+                }
+                action::Verdict::GivenUp => {
+                    action::COUNTERS
+                        .given_up
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(template = %name, "the actions failed every attempt; giving up until the content changes again");
+                }
+                action::Verdict::Superseded => {}
+            }
+        }
+        if acted {
+            self.save();
         }
     }
 
@@ -634,6 +713,7 @@ impl Held<'_> {
         // The commit: no await from here on.
         let old = std::mem::replace(&mut self.session, session);
         self.fetcher = fresh;
+        self.observe(Instant::now());
         self.token_asked = self.session.ttl_secs;
         self.token.send_replace(Some(self.session.token.clone()));
         let replaced = (old.owned && old.token != self.session.token).then_some(old.token);
@@ -847,6 +927,7 @@ impl Held<'_> {
         }
         let mut state: State = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
+        state.actions_done = self.reactions.done().clone();
         state.retired = replaced;
         let held = revoke::revoke_held(&self.client, &state, Vec::new(), clock.deadline);
         let ((), report) = tokio::join!(proxy, held);

@@ -90,6 +90,7 @@ impl Metrics {
         out.push_str(&format!(
             "# HELP sidekey_agent_cache_entries Responses held in the lease cache.\n# TYPE sidekey_agent_cache_entries gauge\nsidekey_agent_cache_entries {cache_entries}\n"
         ));
+        out.push_str(&crate::action::COUNTERS.render());
         out
     }
 }
@@ -118,6 +119,7 @@ mod tests {
             "vault_agent_cache_miss 2\n",
             "sidekey_agent_cache_entries 3\n",
             "# TYPE vault_agent_cache_hit counter\n",
+            "# TYPE sidekey_agent_actions_performed counter\n",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }

@@ -492,6 +492,7 @@ mod tests {
             dir: None,
             perms: "0644".into(),
             command: None,
+            actions: Vec::new(),
             error_on_missing_key: false,
             left_delimiter: None,
             right_delimiter: None,

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use sidekey_agent::action::Action;
+use sidekey_agent::command;
 use sidekey_agent::config::{DefaultFormat, Engine, check_relative_file, parse_mode};
 
 use super::lookup::{Lookup, parse_duration};
@@ -45,7 +47,12 @@ pub struct SecretSpec {
     /// file is rendered there, in a volume of its own.
     pub volume_path: Option<String>,
     pub perms: String,
+    /// `agent-inject-command-NAME`, checked to be one the agent performs itself.
     pub command: Option<String>,
+    /// The parsed command, for the pod checks (`mutate`).
+    pub script: Option<command::Script>,
+    /// `agent-inject-action-NAME`: what reaches the app when the file changes.
+    pub actions: Vec<Action>,
     pub error_on_missing_key: bool,
     pub left_delimiter: Option<String>,
     pub right_delimiter: Option<String>,
@@ -168,11 +175,12 @@ const SECRET_PREFIXES: [&str; 3] = [
 ];
 
 /// Per-secret annotation families (their NAME is looked up, not defined, by them).
-const PER_SECRET: [&str; 9] = [
+const PER_SECRET: [&str; 10] = [
     "agent-inject-template-engine-",
     "agent-inject-file-",
     "agent-inject-perms-",
     "agent-inject-command-",
+    "agent-inject-action-",
     "agent-template-left-delim-",
     "agent-template-right-delim-",
     "error-on-missing-key-",
@@ -338,6 +346,21 @@ fn parse_specs(
                 return Err(look.error(&key_of(family), "a delimiter cannot be empty"));
             }
         }
+        let command = look.nonempty(&key_of("agent-inject-command-"));
+        let script = match &command {
+            None => None,
+            Some(c) => Some(command::parse(c).map_err(|e| {
+                look.error(
+                    &key_of("agent-inject-command-"),
+                    format!("{}: {e}; {}", command::quoted(c), command::BUILT_IN),
+                )
+            })?),
+        };
+        let actions = match look.text(&key_of("agent-inject-action-")) {
+            None => Vec::new(),
+            Some(text) => Action::parse_list(text)
+                .map_err(|e| look.error(&key_of("agent-inject-action-"), e.to_string()))?,
+        };
         let spec = SecretSpec {
             raw_name: raw.to_string(),
             name,
@@ -348,7 +371,9 @@ fn parse_specs(
             file,
             volume_path,
             perms,
-            command: look.nonempty(&key_of("agent-inject-command-")),
+            command,
+            script,
+            actions,
             error_on_missing_key: look.bool_or(&key_of("error-on-missing-key-"), global_missing)?,
             left_delimiter: left,
             right_delimiter: right,

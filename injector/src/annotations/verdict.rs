@@ -137,6 +137,8 @@ mod tests {
             volume_path: None,
             perms: "0644".into(),
             command: None,
+            script: None,
+            actions: Vec::new(),
             error_on_missing_key: false,
             left_delimiter: None,
             right_delimiter: None,

@@ -68,6 +68,7 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
             dir: s.volume_path.clone().map(Into::into),
             perms: s.perms.clone(),
             command: s.command.clone(),
+            actions: s.actions.clone(),
             error_on_missing_key: s.error_on_missing_key,
             left_delimiter: s.left_delimiter.clone(),
             right_delimiter: s.right_delimiter.clone(),

@@ -23,6 +23,10 @@ fn outline(pod: &PodView) -> Value {
                     if let Some(ms) = &c.volume_mounts {
                         o.insert("volumeMounts".into(), nulls(ms.len()));
                     }
+                    // Only appended to: its length does not matter.
+                    if c.env.is_some() {
+                        o.insert("env".into(), Value::Array(Vec::new()));
+                    }
                     Value::Object(o)
                 })
                 .collect(),

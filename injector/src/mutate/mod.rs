@@ -11,6 +11,7 @@ mod agent_config;
 mod check;
 mod containers;
 mod patch;
+mod reach;
 mod volumes;
 
 use std::collections::BTreeSet;
@@ -56,6 +57,8 @@ pub struct Mutation {
     pub sidecar: Option<Container>,
     pub init_first: bool,
     pub share_process_namespace: bool,
+    /// App containers marked for `restart:` actions: (index in `containers`, the variable).
+    pub markers: Vec<reach::Marker>,
     pub status_key: String,
     /// Admission warnings about what the pod brought (its own secrets volume on disk).
     pub warnings: Vec<String>,
@@ -153,6 +156,10 @@ pub fn build(
         (init, sidecar)
     };
 
+    let share = share_process_namespace(req, view)?;
+    let shared = share || view.share_process_namespace() == Some(true);
+    let markers = reach::check(req, view, shared, run_as_user, &mut warnings)?;
+
     Ok(Mutation {
         volumes,
         mounts,
@@ -160,7 +167,8 @@ pub fn build(
         guard,
         sidecar,
         init_first: req.lifecycle.init_first,
-        share_process_namespace: share_process_namespace(req, view)?,
+        share_process_namespace: share,
+        markers,
         status_key: req.status_key.clone(),
         warnings,
     })

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use json_patch::Patch;
 use json_patch::jsonptr::PointerBuf;
-use k8s_openapi::api::core::v1::{Container, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Volume, VolumeMount};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -43,6 +43,8 @@ pub enum Added<'a> {
     Mount(&'a VolumeMount),
     Containers(&'a [Container]),
     Container(&'a Container),
+    Envs(&'a [EnvVar]),
+    Env(&'a EnvVar),
     Flag(bool),
     /// The status annotation's value.
     Status,
@@ -64,6 +66,8 @@ impl Serialize for Added<'_> {
             Added::Mount(v) => v.serialize(s),
             Added::Containers(v) => v.serialize(s),
             Added::Container(v) => v.serialize(s),
+            Added::Envs(v) => v.serialize(s),
+            Added::Env(v) => v.serialize(s),
             Added::Flag(b) => s.serialize_bool(b),
             Added::Status => s.serialize_str(STATUS),
             Added::Annotations(key) => {
@@ -88,6 +92,7 @@ impl Added<'_> {
             Added::Volumes(v) => nulls(v.len()),
             Added::Mounts(v) => nulls(v.len()),
             Added::Containers(v) => nulls(v.len()),
+            Added::Envs(v) => nulls(v.len()),
             Added::Annotations(key) => serde_json::json!({ key: null }),
             Added::Metadata(key) => serde_json::json!({ "annotations": { key: null } }),
             _ => Value::Null,
@@ -145,6 +150,26 @@ pub fn to_patch<'a>(pod: &PodView, m: &'a Mutation) -> Vec<Op<'a>> {
                 Added::Mounts(std::slice::from_ref(mount)),
             ));
             created.insert((*section, *i));
+        }
+    }
+
+    // The marks of containers a `restart:` action names (before the sidecar is appended).
+    for (i, var) in &m.markers {
+        let index = i.to_string();
+        let has_env = pod
+            .containers(Section::Containers)
+            .get(*i)
+            .is_some_and(|c| c.env.is_some());
+        if has_env {
+            ops.push(add(
+                ptr(&["spec", "containers", &index, "env", "-"]),
+                Added::Env(var),
+            ));
+        } else {
+            ops.push(add(
+                ptr(&["spec", "containers", &index, "env"]),
+                Added::Envs(std::slice::from_ref(var)),
+            ));
         }
     }
 

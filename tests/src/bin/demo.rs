@@ -1,182 +1,212 @@
-//! The local end-to-end demo (`./scripts/demo.sh`): a real OpenBao (over TLS) and PostgreSQL, the
-//! injector and agent images as they ship (run under podman), and a sample Deployment's pod
-//! injected, run, renewed, stopped and cleaned up.
+//! The end-to-end demo (`./scripts/demo.sh`), on the real single-node cluster of
+//! `scripts/cluster.sh`: a store (OpenBao over TLS, PostgreSQL) stands in for the user's, then the
+//! README's install block runs command for command (read from README.md between its
+//! `demo:install` markers), and the demo shows the injected pod, the files as the app sees them
+//! (values masked), a lease renewal, and the scale-down that revokes everything.
 
 use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use sidekey_tests::injector::Injector;
-use sidekey_tests::pod::{PodRun, files};
-use sidekey_tests::{APP_NAMESPACE, APP_SERVICE_ACCOUNT, Stack, workspace_root};
+use sidekey_tests::cluster::{Cluster, NODE_IP};
+use sidekey_tests::{Stack, workspace_root};
 
 fn step(title: &str) {
     println!("\n\x1b[1m==> {title}\x1b[0m");
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// The shell block of README.md between `<!-- demo:install -->` and `<!-- /demo:install -->`.
+fn readme_install_block() -> Result<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md"))?;
+    let start = readme
+        .find("<!-- demo:install -->")
+        .context("README.md has no <!-- demo:install --> marker")?;
+    let end = readme
+        .find("<!-- /demo:install -->")
+        .context("README.md has no <!-- /demo:install --> marker")?;
+    let block = &readme[start..end];
+    let body = block
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.rsplit_once("```"))
+        .map(|(body, _)| body.to_string())
+        .context("the demo:install block holds no ```sh fence")?;
+    Ok(body)
+}
+
+fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "the demo runs the images under podman with runc and mounts tmpfs volumes: it needs root"
+            "the demo runs a Kubernetes node (network namespace, cgroups, mounts): it needs root"
         );
     }
     let started = Instant::now();
-    step("Starting OpenBao (bao server -dev, TLS listeners) and PostgreSQL on loopback");
+    let cluster = Cluster::shared();
+    let kubectl = |args: &[&str]| cluster.kubectl(args);
+
+    step("Your store: OpenBao (bao server -dev, TLS) and PostgreSQL, on this machine");
     let stack = Stack::start()?;
-    println!(
-        "OpenBao at {}, PostgreSQL on 127.0.0.1:{}",
-        stack.addr, stack.pg_port
-    );
-    stack
-        .put_kv2(
-            "shop/config",
-            json!({ "api_key": "sk-live-4f9a1c77e2", "feature_flags": "checkout-v2" }),
-        )
-        .await?;
-    stack
-        .api(
-            "POST",
-            "database/roles/orders",
-            Some(json!({
-                "db_name": "pg",
-                "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
-                "default_ttl": "9s",
-                "max_ttl": "1h",
-            })),
-        )
-        .await?;
-    println!(
-        "wrote secret/shop/config (KV v2) and database role orders (dynamic PostgreSQL users, TTL 9 s)"
-    );
-
-    step("Loading the images (target/images/*.tar, built by scripts/images.sh) into podman");
-    let images = sidekey_tests::podman::images()?;
-    println!("{} and {}", images.agent, images.injector);
-    step(
-        "Starting the sidekey-injector image over TLS, with the store's CA as the agents' default",
-    );
-    let ca = std::fs::read_to_string(stack.ca_file())?;
-    let injector = Injector::start(
-        &stack.addr,
-        &images.agent,
-        &["--revoke-grace", "1", &format!("--vault-cacert-bytes={ca}")],
-    )
-    .await?;
-    println!("listening on https://127.0.0.1:{}", injector.port);
-
-    let pod_text = std::fs::read_to_string(
-        workspace_root().join("tests/fixtures/demo-orders-deployment-pod.json"),
-    )?;
-    let pod: Value =
-        serde_json::from_str(&pod_text.replace("PG_PORT", &stack.pg_port.to_string()))?;
-    step("Sending the AdmissionReview of a Deployment's pod (orders, 2 annotated secrets)");
-    for (k, v) in pod["metadata"]["annotations"]
-        .as_object()
-        .context("annotations")?
-    {
-        let v = v.as_str().unwrap_or_default().replace('\n', "\\n");
-        println!(
-            "  {k}: {}",
-            if v.len() > 70 {
-                format!("{}…", &v[..70])
-            } else {
-                v
-            }
-        );
-    }
-    let t = Instant::now();
-    let (mutated, patch) = injector.mutate(&pod).await?;
-    println!(
-        "allowed, {} patch operations in {:.1} ms:",
-        patch.0.len(),
-        t.elapsed().as_secs_f64() * 1000.0
-    );
-    for op in &patch.0 {
-        let op = serde_json::to_value(op)?;
-        let value = &op["value"];
-        let what = value["name"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| match value {
-                Value::Array(items) => items
-                    .iter()
-                    .filter_map(|i| i["name"].as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                Value::String(s) => s.clone(),
-                _ => String::new(),
-            });
-        println!(
-            "  {} {} {}",
-            op["op"].as_str().unwrap_or("?"),
-            op["path"].as_str().unwrap_or("?"),
-            what
-        );
-    }
-
-    step(
-        "Running the pod: the init container, then the sidecar, from the agent image under podman/runc",
-    );
-    let sa_token = stack.signer.service_account_token(
-        APP_NAMESPACE,
-        APP_SERVICE_ACCOUNT,
-        "orders-6f7d8c9b5-h4k2p",
-        3600,
-    );
-    let mut run = PodRun::new(mutated, &sa_token)?;
-    let t = Instant::now();
-    run.run_init_containers(|_, name| {
-        println!("  (app init container {name} would run here)");
-        Ok(())
+    let store = stack
+        .pod_addr
+        .clone()
+        .context("the store has no listener on the cluster's host address")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // The stack mounts a jwt stand-in at auth/kubernetes for other tests; the README's
+        // commands enable the real kubernetes auth method there.
+        stack.api("DELETE", "sys/auth/kubernetes", None).await?;
+        stack
+            .put_kv2(
+                "shop/config",
+                json!({ "api_key": "sk-live-4f9a1c77e2", "feature_flags": "checkout-v2" }),
+            )
+            .await?;
+        stack.database_role("orders", "12s", "1h").await
     })?;
     println!(
-        "sidekey-agent-init rendered every file in {:.0} ms (container start to exit)",
-        t.elapsed().as_secs_f64() * 1000.0
+        "OpenBao at {store} (pods reach it there), PostgreSQL on 127.0.0.1:{}",
+        stack.pg_port
     );
-    run.start_sidecars()?;
+    println!(
+        "wrote secret/shop/config (KV v2) and database role orders (PostgreSQL users, TTL 12 s)"
+    );
+
+    // A previous demo on this cluster is removed first, so the README's commands run as on a new one.
+    let _ = kubectl(&[
+        "delete",
+        "namespace",
+        "demo",
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
+    let _ = cluster.helm(&[
+        "uninstall",
+        "sidekey",
+        "--namespace",
+        "sidekey",
+        "--ignore-not-found",
+        "--wait",
+    ]);
+    let _ = kubectl(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "serviceaccount",
+        "openbao-reviewer",
+        "--ignore-not-found",
+    ]);
+    let _ = kubectl(&[
+        "delete",
+        "clusterrolebinding",
+        "openbao-reviewer",
+        "--ignore-not-found",
+    ]);
+
+    step("The README's install block (README.md, demo:install), command for command");
+    let block = readme_install_block()?;
+    let stack_bin = workspace_root().join(".stack/bin");
+    let path = format!(
+        "{}:{}:{}",
+        cluster.bin.display(),
+        stack_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let status = Command::new("bash")
+        .args(["-euxo", "pipefail", "-c", &block])
+        .current_dir(workspace_root())
+        .env("PATH", path)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("VAULT_ADDR", &store)
+        .env("VAULT_CACERT", stack.ca_file())
+        .env("BAO_ADDR", &store)
+        .env("BAO_CACERT", stack.ca_file())
+        .env("BAO_TOKEN", &stack.root_token)
+        .env("KUBE_API", format!("https://{NODE_IP}:6443"))
+        .env("KUBE_CA", cluster.ca_file())
+        .env(
+            "CONTAINERD_ADDRESS",
+            sidekey_tests::cluster::CONTAINERD_SOCKET,
+        )
+        .env("PS4", "\x1b[36m$ \x1b[0m")
+        .status()?;
+    if !status.success() {
+        bail!("the README's install block failed ({status})");
+    }
+
+    step("The pod the API server admitted: the injector added an init container and a sidecar");
+    let pods = cluster.pods("demo", "app=orders")?;
+    let pod = pods.first().context("no orders pod")?.clone();
+    let spec = cluster.get("demo", &format!("pod/{pod}"))?;
+    for list in ["initContainers", "containers"] {
+        for c in spec["spec"][list].as_array().into_iter().flatten() {
+            println!(
+                "  {list:<15} {:<20} {}",
+                c["name"].as_str().unwrap_or("?"),
+                c["image"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    println!(
+        "{}",
+        kubectl(&["-n", "demo", "get", "pods", "-o", "wide"])?.trim_end()
+    );
 
     step("What the app sees in /vault/secrets (values masked)");
-    let secrets_dir = run
-        .host_path("orders", "/vault/secrets")
-        .context("the app has no /vault/secrets")?;
-    let state_path = run.volume("sidekey-home").join("state.json");
-    let state: Value = serde_json::from_slice(&std::fs::read(&state_path)?)?;
-    let mut values = BTreeSet::new();
-    collect_strings(&state["secrets"], &mut values);
-    for (name, text) in files(&secrets_dir) {
+    let mut secrets = BTreeSet::new();
+    let mut files = Vec::new();
+    for name in ["config.json", "db.env"] {
+        let text = cluster.exec(
+            "demo",
+            &pod,
+            "orders",
+            &["cat", &format!("/vault/secrets/{name}")],
+        )?;
+        files.push((name, text));
+    }
+    let env: Vec<(String, String)> = files[1]
+        .1
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let user = env
+        .iter()
+        .find(|(k, _)| k == "PGUSER")
+        .map(|(_, v)| v.clone())
+        .context("PGUSER")?;
+    let password = env
+        .iter()
+        .find(|(k, _)| k == "PGPASSWORD")
+        .map(|(_, v)| v.clone())
+        .context("PGPASSWORD")?;
+    secrets.extend(["sk-live-4f9a1c77e2".to_string(), password.clone()]);
+    for (name, text) in &files {
         println!("--- /vault/secrets/{name}");
-        println!("{}", mask(&text, &values).trim_end());
+        println!("{}", mask(text, &secrets).trim_end());
     }
-    let out = run.app_exec(
-        "orders",
-        "psql \"$(cat /vault/secrets/db.uri)\" -Atc 'select current_user'",
-    )?;
-    let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() {
-        bail!(
-            "the app could not log in: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    println!("the app logged in to PostgreSQL as {user}");
+    let who = stack.psql_as(&user, &password, "SELECT current_user")?;
+    println!(
+        "the credentials the app read log in to PostgreSQL as {}",
+        who.trim()
+    );
 
     step(
-        "Waiting for the sidecar to renew the database lease (TTL 9 s; a new lease renews between a third and two thirds of it)",
+        "The sidecar renews the database lease (TTL 12 s; renewed between a third and two thirds of it)",
     );
-    let lease = stack
-        .leases("database/creds/orders")
-        .await?
+    let lease = rt
+        .block_on(stack.leases("database/creds/orders"))?
         .into_iter()
         .next()
         .context("no lease")?;
-    let before = lease_lookup(&stack, &lease).await?;
+    let before = rt.block_on(lease_lookup(&stack, &lease))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let after = loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = lease_lookup(&stack, &lease).await?;
+        std::thread::sleep(Duration::from_millis(500));
+        let now = rt.block_on(lease_lookup(&stack, &lease))?;
         if now["last_renewal"] != before["last_renewal"] && !now["last_renewal"].is_null() {
             break now;
         }
@@ -186,7 +216,7 @@ async fn main() -> Result<()> {
     };
     println!("lease {lease}");
     println!(
-        "  issued {} ttl then {} s; renewed {} ttl now {} s; same user: {}",
+        "  issued {} with ttl {} s; renewed {}, ttl now {} s; same user still exists: {}",
         before["issue_time"],
         before["ttl"],
         after["last_renewal"],
@@ -194,30 +224,41 @@ async fn main() -> Result<()> {
         stack.pg_role_exists(&user)?
     );
 
-    step("Stopping the pod: preStop hook (sidekey-agent revoke --grace 1), then SIGTERM");
-    let leases_before = stack.leases("database/creds/orders").await?.len();
-    let accessor = state["accessor"].as_str().unwrap_or_default().to_string();
-    for (name, code) in run.stop()? {
-        println!(
-            "  {name} exited with {}",
-            code.map(|c| c.to_string()).unwrap_or("signal".into())
-        );
-    }
-    let leases_after = stack.leases("database/creds/orders").await?.len();
-    let token_alive = stack.token_alive(&accessor).await;
-    println!("database leases: {leases_before} before stop, {leases_after} after");
+    step("kubectl scale --replicas=0: the preStop hook revokes the token and the lease");
+    let leases_before = rt.block_on(stack.leases("database/creds/orders"))?.len();
+    kubectl(&["-n", "demo", "scale", "deployment/orders", "--replicas=0"])?;
+    kubectl(&[
+        "-n",
+        "demo",
+        "wait",
+        "--for=delete",
+        &format!("pod/{pod}"),
+        "--timeout=120s",
+    ])?;
+    let leases_after = rt.block_on(stack.leases("database/creds/orders"))?.len();
+    let tokens = rt.block_on(sidekey_tests::cluster::Inventory::of(
+        &stack, "demo", "orders",
+    ))?;
+    println!("database leases: {leases_before} while the pod ran, {leases_after} after it went");
     println!(
         "PostgreSQL user {user} exists: {}",
         stack.pg_role_exists(&user)?
     );
-    println!("the pod's token is still valid: {token_alive}");
-    if leases_after != 0 || token_alive || stack.pg_role_exists(&user)? {
+    println!(
+        "tokens of namespace demo still valid: {}",
+        tokens.tokens.len()
+    );
+    if leases_after != 0 || !tokens.tokens.is_empty() || stack.pg_role_exists(&user)? {
         bail!("something outlived the pod");
     }
     step(&format!(
-        "Done in {:.1} s: injected, rendered, renewed, revoked, nothing left behind",
+        "Done in {:.0} s: installed as the README says, injected, rendered, renewed, revoked, nothing left",
         started.elapsed().as_secs_f64()
     ));
+    println!(
+        "The cluster keeps running: KUBECONFIG={} kubectl get pods -A; ./scripts/cluster.sh down stops it.",
+        cluster.kubeconfig.display()
+    );
     Ok(())
 }
 
@@ -230,32 +271,6 @@ async fn lease_lookup(stack: &Stack, lease: &str) -> Result<Value> {
         )
         .await?;
     Ok(v["data"].clone())
-}
-
-fn collect_strings(v: &Value, out: &mut BTreeSet<String>) {
-    match v {
-        Value::String(s) if s.len() >= 4 => {
-            out.insert(s.clone());
-        }
-        Value::Array(items) => items.iter().for_each(|i| collect_strings(i, out)),
-        Value::Object(map) => {
-            for (k, v) in map {
-                // Only the secret data is secret; ids and metadata are shown.
-                if ![
-                    "lease_id",
-                    "request_id",
-                    "path",
-                    "created_time",
-                    "deletion_time",
-                ]
-                .contains(&k.as_str())
-                {
-                    collect_strings(v, out);
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 /// Replaces every secret value with its first two characters and asterisks.

@@ -1,0 +1,508 @@
+//! The real single-node Kubernetes of `scripts/cluster.sh` (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, containerd and the kubelet, built from their Go
+//! modules), as the end-to-end tests use it.
+//!
+//! Sidekey is installed on it the way the README tells a user to: the images imported into the
+//! node's containerd with `ctr images import`, the chart with `helm upgrade --install`. The store is
+//! the tests' OpenBao, reached by pods at [`HOST_IP`] and logging pods in through its real
+//! `kubernetes` auth method, which asks this API server's TokenReview.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{Stack, workspace_root};
+
+/// This machine's end of the veth pair to the node's network namespace; pods reach the store here.
+pub const HOST_IP: &str = "10.200.0.1";
+/// The node's address: the kubelet's node IP and the API server's advertise address.
+pub const NODE_IP: &str = "10.200.0.2";
+/// The node's network namespace (`nsenter --net=/run/netns/NAME`).
+pub const NODE_NETNS: &str = "sidekey-node";
+/// The node's containerd socket.
+pub const CONTAINERD_SOCKET: &str = "/run/sidekey-cluster/containerd.sock";
+/// The namespace and release the tests install Sidekey as (the README's names).
+pub const SIDEKEY_NAMESPACE: &str = "sidekey";
+pub const SIDEKEY_RELEASE: &str = "sidekey";
+/// The image every test app container runs: Debian's static busybox, imported by cluster.sh.
+pub const APP_IMAGE: &str = "sidekey.local/busybox:1";
+
+/// Whether [`HOST_IP`] is an address of this machine, that is, whether a cluster is up.
+pub fn host_ip_is_local() -> bool {
+    UdpSocket::bind((HOST_IP, 0)).is_ok()
+}
+
+/// A running cluster.
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    /// The folder of the cluster's binaries (kubectl, ctr, ...), from scripts/cluster-build.sh.
+    pub bin: PathBuf,
+}
+
+impl Cluster {
+    /// Brings the cluster up once per test process. `scripts/cluster.sh up` is idempotent and
+    /// takes a lock, so test binaries that ask at once share one cluster.
+    pub fn shared() -> &'static Cluster {
+        static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+        CLUSTER
+            .get_or_init(|| Cluster::up().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .unwrap_or_else(|e| panic!("the test cluster: {e}"))
+    }
+
+    fn up() -> Result<Cluster> {
+        let root = workspace_root();
+        let out = Command::new(root.join("scripts/cluster.sh"))
+            .arg("up")
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running scripts/cluster.sh up")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/cluster.sh up failed ({}); its messages are above",
+                out.status
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let kubeconfig = PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .context("scripts/cluster.sh up printed no kubeconfig path")?
+                .trim(),
+        );
+        let state = kubeconfig
+            .parent()
+            .context("the kubeconfig has no folder")?
+            .to_path_buf();
+        let bin = PathBuf::from(
+            std::fs::read_to_string(state.join("bin"))
+                .context("reading the cluster's bin folder")?
+                .trim(),
+        );
+        Ok(Cluster { kubeconfig, bin })
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(name));
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// Runs kubectl; the error carries its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        checked(self.tool("kubectl").args(args), None, "kubectl", args)
+    }
+
+    /// Runs kubectl with `input` on its stdin.
+    pub fn kubectl_with_input(&self, input: &str, args: &[&str]) -> Result<String> {
+        checked(
+            self.tool("kubectl").args(args),
+            Some(input),
+            "kubectl",
+            args,
+        )
+    }
+
+    /// Runs kubectl and returns its whole outcome (for tests that expect a refusal).
+    pub fn kubectl_output(&self, input: Option<&str>, args: &[&str]) -> Result<Output> {
+        run(self.tool("kubectl").args(args), input)
+    }
+
+    /// `kubectl apply` of objects given as JSON.
+    pub fn apply(&self, objects: &[Value]) -> Result<String> {
+        let list = json!({ "apiVersion": "v1", "kind": "List", "items": objects });
+        self.kubectl_with_input(&list.to_string(), &["apply", "-f", "-"])
+    }
+
+    /// The object as JSON (`kubectl get WHAT -o json`; WHAT may hold several words, such as
+    /// `pods -l app=x`).
+    pub fn get(&self, namespace: &str, what: &str) -> Result<Value> {
+        let mut args = vec!["-n", namespace, "get"];
+        args.extend(what.split_whitespace());
+        args.extend(["-o", "json"]);
+        let text = self.kubectl(&args)?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Runs helm against this cluster; the error carries its stderr.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        let tools = crate::tools()?;
+        let mut cmd = Command::new(&tools.helm);
+        cmd.env("KUBECONFIG", &self.kubeconfig).args(args);
+        checked(&mut cmd, None, "helm", args)
+    }
+
+    /// Runs containerd's `ctr` against the node's containerd, in the node's network namespace.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        let netns = format!("--net=/run/netns/{NODE_NETNS}");
+        let ctr = self.bin.join("ctr");
+        let mut cmd = Command::new("nsenter");
+        cmd.args([netns.as_str(), "--"])
+            .arg(&ctr)
+            .args(["--address", CONTAINERD_SOCKET, "--namespace", "k8s.io"])
+            .args(args);
+        checked(&mut cmd, None, "ctr", args)
+    }
+
+    /// A kube-rs client for this cluster.
+    pub async fn client(&self) -> Result<kube::Client> {
+        crate::install_crypto_provider();
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Imports the two images into the node's containerd, as the README says (once per process;
+    /// `ctr images import` of an image already there is a no-op).
+    pub fn import_images(&self) -> Result<()> {
+        static DONE: Mutex<bool> = Mutex::new(false);
+        let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            return Ok(());
+        }
+        // Builds the archives with scripts/images.sh when they are missing.
+        crate::podman::images()?;
+        for name in ["sidekey-agent", "sidekey-injector"] {
+            let archive = workspace_root().join(format!("target/images/{name}.tar"));
+            let path = archive.display().to_string();
+            self.ctr(&["images", "import", "--snapshotter", "overlayfs", &path])?;
+        }
+        *done = true;
+        Ok(())
+    }
+
+    /// Installs (or upgrades) Sidekey from `charts/sidekey` for `stack`'s store: its defaults,
+    /// plus the store's address and CA, plus `extra` `--set` values. Waits for the injector.
+    pub fn install_sidekey(&self, stack: &Stack, extra: &[&str]) -> Result<()> {
+        self.import_images()?;
+        let address = stack
+            .pod_addr
+            .clone()
+            .context("the store has no listener for pods: was the cluster up when it started?")?;
+        let ca = crate::pki::pki()?.ca_pem()?;
+        let chart = workspace_root().join("charts/sidekey");
+        let chart = chart.display().to_string();
+        let address_value = format!("vault.address={address}");
+        let ca_value = format!("vault.caCertBytes={ca}");
+        let mut args = vec![
+            "upgrade",
+            "--install",
+            SIDEKEY_RELEASE,
+            chart.as_str(),
+            "--namespace",
+            SIDEKEY_NAMESPACE,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "180s",
+            "--set",
+            address_value.as_str(),
+            "--set-string",
+            ca_value.as_str(),
+        ];
+        for value in extra {
+            args.extend(["--set", value]);
+        }
+        self.helm(&args)?;
+        // `helm --wait` returns once the new pods are ready; the old ones may still answer
+        // reviews with the old settings for a moment. Wait until only the new ones are left.
+        self.kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/sidekey",
+            "--timeout=180s",
+        ])?;
+        self.wait_until(
+            "the old injector pods to go",
+            Duration::from_secs(120),
+            || {
+                let pods = self.get(SIDEKEY_NAMESPACE, "pods -l app.kubernetes.io/name=sidekey")?;
+                let items = pods["items"].as_array().cloned().unwrap_or_default();
+                let terminating = items
+                    .iter()
+                    .any(|p| !p["metadata"]["deletionTimestamp"].is_null());
+                Ok((!items.is_empty() && !terminating).then_some(()))
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Points the store's `auth/kubernetes` at this API server: a real `kubernetes` auth method
+    /// whose TokenReview calls use a reviewer service account bound to `system:auth-delegator`
+    /// (what a store outside the cluster is given), and the test role `app` for service account
+    /// `app` in any namespace.
+    pub async fn configure_store(&self, stack: &Stack) -> Result<()> {
+        self.kubectl_with_input(REVIEWER, &["apply", "-f", "-"])?;
+        let reviewer = self.kubectl(&[
+            "-n",
+            "kube-system",
+            "create",
+            "token",
+            "openbao-reviewer",
+            "--duration=24h",
+        ])?;
+        let ca = std::fs::read_to_string(self.ca_file())?;
+        stack.api("DELETE", "sys/auth/kubernetes", None).await?;
+        stack
+            .api(
+                "POST",
+                "sys/auth/kubernetes",
+                Some(json!({ "type": "kubernetes" })),
+            )
+            .await?;
+        stack
+            .api(
+                "POST",
+                "auth/kubernetes/config",
+                Some(json!({
+                    "kubernetes_host": format!("https://{NODE_IP}:6443"),
+                    "kubernetes_ca_cert": ca,
+                    "token_reviewer_jwt": reviewer.trim(),
+                    "disable_local_ca_jwt": true,
+                })),
+            )
+            .await?;
+        stack
+            .api(
+                "POST",
+                &format!("auth/kubernetes/role/{}", crate::APP_ROLE),
+                Some(json!({
+                    "bound_service_account_names": [crate::APP_SERVICE_ACCOUNT],
+                    "bound_service_account_namespaces": ["*"],
+                    "token_policies": ["app"],
+                    "token_ttl": "10m",
+                    "token_max_ttl": "1h",
+                })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The cluster CA (what the API server's certificate chains to).
+    pub fn ca_file(&self) -> PathBuf {
+        self.kubeconfig
+            .parent()
+            .map(|d| d.join("pki/ca.crt"))
+            .unwrap_or_default()
+    }
+
+    /// Waits until `pod` in `namespace` is Ready; on failure the error carries its description.
+    pub fn wait_ready(&self, namespace: &str, pod: &str, timeout: Duration) -> Result<()> {
+        let timeout = format!("--timeout={}s", timeout.as_secs());
+        let target = format!("pod/{pod}");
+        if let Err(e) = self.kubectl(&[
+            "-n",
+            namespace,
+            "wait",
+            "--for=condition=Ready",
+            &target,
+            &timeout,
+        ]) {
+            let describe = self
+                .kubectl(&["-n", namespace, "describe", &target])
+                .unwrap_or_default();
+            bail!("{e:#}\n--- kubectl describe {target}:\n{describe}");
+        }
+        Ok(())
+    }
+
+    /// Waits until `check` returns Some, polling every 250 ms.
+    pub fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            match check() {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `kubectl exec` in a container; the error carries stderr.
+    pub fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
+        let mut args = vec!["-n", namespace, "exec", pod, "-c", container, "--"];
+        args.extend_from_slice(cmd);
+        self.kubectl(&args)
+    }
+
+    /// The names of the pods matching `selector`.
+    pub fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<String>> {
+        let list = self.get(namespace, &format!("pods -l {selector}"))?;
+        Ok(list["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// A namespace of one test, with the service account the store's test role is bound to. Deleted
+/// (without waiting) when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    cluster: &'static Cluster,
+}
+
+impl TestNamespace {
+    pub fn create(cluster: &'static Cluster, prefix: &str) -> Result<TestNamespace> {
+        let name = format!("{prefix}-{}", crate::process::random_hex(3));
+        cluster.apply(&[
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } }),
+            json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": { "name": crate::APP_SERVICE_ACCOUNT, "namespace": name } }),
+        ])?;
+        Ok(TestNamespace { name, cluster })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// The reviewer service account the store's kubernetes auth calls TokenReview with.
+const REVIEWER: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: openbao-reviewer, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: openbao-reviewer-auth-delegator}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:auth-delegator"}
+subjects: [{kind: ServiceAccount, name: openbao-reviewer, namespace: kube-system}]
+"#;
+
+fn run(cmd: &mut Command, input: Option<&str>) -> Result<Output> {
+    use std::io::Write;
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().context("no stdin")?;
+        stdin.write_all(input.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn checked(cmd: &mut Command, input: Option<&str>, tool: &str, args: &[&str]) -> Result<String> {
+    let out = run(cmd, input)?;
+    if !out.status.success() {
+        bail!(
+            "{tool} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The path of a file in this crate's fixtures.
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// What the store and the database hold for one test namespace: the tokens its pods logged in
+/// for (by the service-account namespace the `kubernetes` auth method records on each token), the
+/// leases of its database role and the database users that role created.
+#[derive(Debug, Default, PartialEq, Eq, Clone)]
+pub struct Inventory {
+    pub tokens: Vec<String>,
+    pub leases: Vec<String>,
+    pub db_users: Vec<String>,
+}
+
+impl Inventory {
+    pub async fn of(stack: &Stack, namespace: &str, db_role: &str) -> Result<Inventory> {
+        let listed = stack.api("LIST", "auth/token/accessors", None).await?;
+        let mut tokens = Vec::new();
+        for accessor in listed["data"]["keys"]
+            .as_array()
+            .context("no accessor list")?
+        {
+            let accessor = accessor
+                .as_str()
+                .context("an accessor that is not a string")?;
+            let found = stack
+                .api(
+                    "POST",
+                    "auth/token/lookup-accessor",
+                    Some(json!({ "accessor": accessor })),
+                )
+                .await;
+            // A token can expire or be revoked between the list and the lookup.
+            let Ok(found) = found else { continue };
+            if found["data"]["meta"]["service_account_namespace"].as_str() == Some(namespace) {
+                tokens.push(accessor.to_string());
+            }
+        }
+        let leases = stack.leases(&format!("database/creds/{db_role}")).await?;
+        // OpenBao's PostgreSQL user names: v-<display name, 8>-<role, 8>-<random>-<time>.
+        let short: String = db_role.chars().take(8).collect();
+        let db_users = stack
+            .psql(&format!(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%-{short}-%' ORDER BY 1"
+            ))?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        Ok(Inventory {
+            tokens,
+            leases,
+            db_users,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty() && self.leases.is_empty() && self.db_users.is_empty()
+    }
+}
+
+/// A database role name of one test: eight characters that no other test's role shares, so the
+/// database user names (which keep eight) tell the tests apart.
+pub fn db_role_name() -> String {
+    format!("d{}", &crate::process::random_hex(4)[..7])
+}

@@ -1,0 +1,158 @@
+//! What the real API server makes of Sidekey's patches: every mutation fixture is admitted
+//! (webhook called through the chart's Service and caBundle, patch applied, pod validated, the
+//! chart's ValidatingAdmissionPolicy evaluated), and an init container that cannot log in says why
+//! in one line where `kubectl describe pod` shows it.
+
+use serde_json::{Value, json};
+use sidekey_tests::cluster::{TestNamespace, fixture_path};
+
+use crate::{TIMEOUT, app_container, block, env, pod_template};
+
+/// A fixture as its author would have written it: what the API server added on the way in
+/// (the service-account token volume, uid, status, node) is taken out again, so the real API
+/// server adds its own.
+fn as_authored(mut pod: Value, namespace: &str) -> Value {
+    let metadata = pod["metadata"].take();
+    pod["metadata"] = json!({
+        "name": metadata["name"].as_str().or(metadata["generateName"].as_str().map(|g| g.trim_end_matches('-'))).unwrap_or("fixture"),
+        "namespace": namespace,
+        "labels": metadata["labels"],
+        "annotations": metadata["annotations"],
+    });
+    if pod["metadata"]["labels"].is_null() {
+        pod["metadata"]["labels"] = json!({});
+    }
+    if let Some(o) = pod.as_object_mut() {
+        o.remove("status");
+    }
+    let spec = &mut pod["spec"];
+    if let Some(o) = spec.as_object_mut() {
+        o.remove("nodeName");
+    }
+    let is_token_volume = |name: &str| name.starts_with("kube-api-access-");
+    if let Some(volumes) = spec["volumes"].as_array_mut() {
+        volumes.retain(|v| !v["name"].as_str().is_some_and(is_token_volume));
+    }
+    for list in ["initContainers", "containers"] {
+        if let Some(containers) = spec[list].as_array_mut() {
+            for c in containers {
+                if let Some(mounts) = c["volumeMounts"].as_array_mut() {
+                    mounts.retain(|m| !m["name"].as_str().is_some_and(is_token_volume));
+                }
+            }
+        }
+    }
+    pod
+}
+
+#[test]
+fn every_mutation_fixture_is_admitted_by_the_real_api_server() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "fixtures").expect("namespace");
+    let dir = fixture_path("");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the fixtures folder")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 15, "fixtures: {names:?}");
+    let mut failures = Vec::new();
+    for name in &names {
+        let text = std::fs::read_to_string(dir.join(name)).expect("reading a fixture");
+        let pod = as_authored(serde_json::from_str(&text).expect("a JSON pod"), &ns.name);
+        // A server-side dry run goes through every admission step (the webhook is sideEffects:
+        // None) and validation, and stores nothing.
+        let out = env
+            .cluster
+            .kubectl_output(
+                Some(&pod.to_string()),
+                &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+            )
+            .expect("running kubectl");
+        if !out.status.success() {
+            failures.push(format!(
+                "{name}: refused: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+            continue;
+        }
+        let admitted: Value = serde_json::from_slice(&out.stdout).expect("the admitted pod");
+        let status =
+            &admitted["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"];
+        if status != "injected" {
+            failures.push(format!(
+                "{name}: admitted but not injected (status {status})"
+            ));
+            continue;
+        }
+        let agents = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|l| admitted["spec"][l].as_array().cloned().unwrap_or_default())
+            .filter(|c| {
+                c["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("sidekey-agent"))
+            })
+            .count();
+        if agents == 0 {
+            failures.push(format!("{name}: injected but no agent container"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn an_init_container_that_cannot_log_in_says_why_in_one_line() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "refused").expect("namespace");
+    block(env.stack.put_kv2(
+        &format!("{}/config", ns.name),
+        json!({ "api_key": "unused" }),
+    ))
+    .expect("a secret");
+    let annotations = json!({
+        "vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/role": "no-such-role",
+        "vault.hashicorp.com/agent-inject-secret-config": format!("secret/data/{}/config", ns.name),
+    });
+    let mut pod = pod_template("refused", annotations, vec![app_container("app")]);
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["name"] = json!("refused");
+    pod["metadata"]["namespace"] = json!(ns.name);
+    pod["spec"]["restartPolicy"] = json!("Never");
+    env.cluster.apply(&[pod]).expect("creating the pod");
+    let message = env
+        .cluster
+        .wait_until("the init container to fail", TIMEOUT, || {
+            let pod = env.cluster.get(&ns.name, "pod/refused")?;
+            let status = pod["status"]["initContainerStatuses"]
+                .as_array()
+                .and_then(|s| {
+                    s.iter()
+                        .find(|c| c["name"] == "sidekey-agent-init")
+                        .cloned()
+                })
+                .unwrap_or(Value::Null);
+            Ok(status["state"]["terminated"]["message"]
+                .as_str()
+                .map(String::from))
+        })
+        .expect("a termination message");
+    let message = message.trim();
+    assert_eq!(message.lines().count(), 1, "one line: {message:?}");
+    assert!(
+        message.contains("no-such-role") || message.contains("login"),
+        "the line says the login was refused: {message:?}"
+    );
+    let describe = env
+        .cluster
+        .kubectl(&["-n", &ns.name, "describe", "pod", "refused"])
+        .expect("kubectl describe");
+    assert!(
+        describe.contains(message),
+        "kubectl describe shows the line: {describe}"
+    );
+}

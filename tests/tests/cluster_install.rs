@@ -1,0 +1,392 @@
+//! The chart on the real cluster, in the ways an operator changes it: each `tls.mode` after
+//! `helm upgrade`, a running injected pod kept through the upgrades, a rotated serving
+//! certificate picked up with no admission failing, and the ValidatingAdmissionPolicy rejecting an
+//! annotated pod (and only such a pod) while the injector is scaled to zero.
+//!
+//! These change the one Sidekey install the cluster has, so they run one after another in a single
+//! test, in a binary of their own (cargo runs test binaries one at a time).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sidekey_tests::Stack;
+use sidekey_tests::cluster::{APP_IMAGE, Cluster, SIDEKEY_NAMESPACE, TestNamespace};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn block<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
+fn annotated_pod(namespace: &str, name: &str, inject: bool) -> Value {
+    let mut annotations = json!({});
+    if inject {
+        annotations = json!({
+            "vault.hashicorp.com/agent-inject": "true",
+            "vault.hashicorp.com/role": sidekey_tests::APP_ROLE,
+            "vault.hashicorp.com/agent-inject-secret-config": format!("secret/data/{namespace}/config"),
+        });
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace, "annotations": annotations },
+        "spec": {
+            "serviceAccountName": sidekey_tests::APP_SERVICE_ACCOUNT,
+            "containers": [{
+                "name": "app", "image": APP_IMAGE,
+                "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+            }],
+        },
+    })
+}
+
+/// What the API server makes of a pod, without storing it: Ok(the admitted pod) or Err(its
+/// refusal).
+fn dry_run(cluster: &Cluster, pod: &Value) -> Result<Value, String> {
+    let out = cluster
+        .kubectl_output(
+            Some(&pod.to_string()),
+            &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+        )
+        .map_err(|e| format!("{e:#}"))?;
+    if out.status.success() {
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn injected(pod: &Value) -> bool {
+    pod["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"] == "injected"
+}
+
+/// Waits until an annotated pod is admitted and injected (after an install or upgrade, the
+/// webhook's endpoints and, with auto-TLS, its caBundle take a moment).
+fn wait_injecting(cluster: &Cluster, namespace: &str, what: &str) {
+    let pod = annotated_pod(namespace, "probe", true);
+    cluster
+        .wait_until(what, TIMEOUT, || match dry_run(cluster, &pod) {
+            Ok(p) if injected(&p) => Ok(Some(())),
+            Ok(_) => Err(anyhow::anyhow!("admitted without injection")),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn rollout(cluster: &Cluster) {
+    cluster
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/sidekey",
+            "--timeout=180s",
+        ])
+        .expect("the injector rolls out");
+}
+
+/// A CA and a serving certificate for the injector's Service name, made with openssl.
+fn issue_certs(dir: &Path, ca_name: &str, leaf_name: &str) {
+    let host = format!("sidekey.{SIDEKEY_NAMESPACE}.svc");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    if !dir.join(format!("{ca_name}.key")).exists() {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=operator-ca",
+            "-keyout",
+            &format!("{ca_name}.key"),
+            "-out",
+            &format!("{ca_name}.crt"),
+        ]);
+    }
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        &format!("/CN={host}"),
+        "-keyout",
+        &format!("{leaf_name}.key"),
+        "-out",
+        &format!("{leaf_name}.csr"),
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        format!("subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &format!("{leaf_name}.csr"),
+        "-CA",
+        &format!("{ca_name}.crt"),
+        "-CAkey",
+        &format!("{ca_name}.key"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "ext",
+        "-out",
+        &format!("{leaf_name}.crt"),
+    ]);
+}
+
+fn tls_secret(cluster: &Cluster, dir: &Path, leaf: &str, ca: &str) {
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+    let b64 = |s: String| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": { "name": "operator-tls", "namespace": SIDEKEY_NAMESPACE },
+        "data": {
+            "tls.crt": b64(read(&format!("{leaf}.crt"))),
+            "tls.key": b64(read(&format!("{leaf}.key"))),
+            "ca.crt": b64(read(&format!("{ca}.crt"))),
+        },
+    });
+    cluster.apply(&[secret]).expect("the operator's TLS Secret");
+}
+
+/// The serial of the certificate an injector pod serves, asked at its pod IP from this machine.
+fn served_serial(cluster: &Cluster, pod_ip: &str) -> Option<String> {
+    let _ = cluster;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {pod_ip}:8080 -servername sidekey.{SIDEKEY_NAMESPACE}.svc </dev/null 2>/dev/null | openssl x509 -noout -serial"
+        ))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    text.strip_prefix("serial=").map(str::to_string)
+}
+
+fn file_serial(path: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_string()
+}
+
+fn injector_pod_ips(cluster: &Cluster) -> Vec<String> {
+    let pods = cluster
+        .get(SIDEKEY_NAMESPACE, "pods -l app.kubernetes.io/name=sidekey")
+        .unwrap();
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter_map(|p| p["status"]["podIP"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
+    let cluster = Cluster::shared();
+    let stack = Stack::shared();
+    block(cluster.configure_store(stack)).expect("the store's kubernetes auth");
+    cluster.install_sidekey(stack, &[]).expect("helm install");
+    let ns = TestNamespace::create(cluster, "install").expect("namespace");
+    block(stack.put_kv2(&format!("{}/config", ns.name), json!({ "api_key": "k" }))).unwrap();
+
+    // A running injected pod, to be kept through everything below.
+    let keeper = annotated_pod(&ns.name, "keeper", true);
+    cluster.apply(&[keeper]).expect("the kept pod");
+    cluster.wait_ready(&ns.name, "keeper", TIMEOUT).unwrap();
+    let uid = cluster.get(&ns.name, "pod/keeper").unwrap()["metadata"]["uid"].clone();
+
+    // tls.mode chart (the default) admits and injects.
+    wait_injecting(cluster, &ns.name, "injection with tls.mode chart");
+
+    // tls.mode secret, with an operator's certificate, then that certificate rotated in place:
+    // no admission may fail while the injector picks it up.
+    let certs = tempfile::tempdir().unwrap();
+    issue_certs(certs.path(), "ca", "one");
+    tls_secret(cluster, certs.path(), "one", "ca");
+    let ca_bundle = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(certs.path().join("ca.crt")).unwrap())
+    };
+    cluster
+        .install_sidekey(
+            stack,
+            &[
+                "tls.mode=secret",
+                "tls.secret.name=operator-tls",
+                &format!("tls.secret.caBundle={ca_bundle}"),
+            ],
+        )
+        .expect("helm upgrade to tls.mode secret");
+    rollout(cluster);
+    wait_injecting(cluster, &ns.name, "injection with tls.mode secret");
+    let one = file_serial(&certs.path().join("one.crt"));
+    for ip in injector_pod_ips(cluster) {
+        assert_eq!(
+            served_serial(cluster, &ip).as_deref(),
+            Some(one.as_str()),
+            "{ip}"
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let ns = ns.name.clone();
+        std::thread::spawn(move || {
+            let cluster = Cluster::shared();
+            let pod = annotated_pod(&ns, "probe", true);
+            let (mut admitted, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match dry_run(cluster, &pod) {
+                    Ok(p) if injected(&p) => admitted += 1,
+                    Ok(_) => failures.push("admitted without injection".to_string()),
+                    Err(e) => failures.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (admitted, failures)
+        })
+    };
+    issue_certs(certs.path(), "ca", "two");
+    tls_secret(cluster, certs.path(), "two", "ca");
+    let two = file_serial(&certs.path().join("two.crt"));
+    cluster
+        .wait_until(
+            "every injector to serve the rotated certificate",
+            TIMEOUT,
+            || {
+                let ips = injector_pod_ips(cluster);
+                Ok((!ips.is_empty()
+                    && ips
+                        .iter()
+                        .all(|ip| served_serial(cluster, ip).as_deref() == Some(two.as_str())))
+                .then_some(()))
+            },
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (admitted, failures) = prober.join().unwrap();
+    assert!(admitted >= 5, "the prober ran ({admitted} admissions)");
+    assert!(
+        failures.is_empty(),
+        "admissions failed during the rotation: {failures:?}"
+    );
+
+    // tls.mode auto: the injector makes its certificate and patches its own caBundle.
+    cluster
+        .install_sidekey(stack, &["tls.mode=auto"])
+        .expect("helm upgrade to tls.mode auto");
+    rollout(cluster);
+    wait_injecting(cluster, &ns.name, "injection with tls.mode auto");
+    let webhook = cluster
+        .get("default", "mutatingwebhookconfiguration/sidekey-webhook")
+        .unwrap();
+    assert!(
+        webhook["webhooks"][0]["clientConfig"]["caBundle"]
+            .as_str()
+            .is_some_and(|b| !b.is_empty() && b != ca_bundle),
+        "auto-TLS put its own CA in the caBundle"
+    );
+
+    // Back to the defaults.
+    cluster
+        .install_sidekey(stack, &["tls.mode=chart"])
+        .expect("helm upgrade back to tls.mode chart");
+    rollout(cluster);
+    wait_injecting(
+        cluster,
+        &ns.name,
+        "injection after returning to tls.mode chart",
+    );
+
+    // The injector scaled to zero: the policy refuses an annotated pod, with its message, and
+    // admits an unannotated one.
+    cluster
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "scale",
+            "deployment/sidekey",
+            "--replicas=0",
+        ])
+        .unwrap();
+    let refused = cluster
+        .wait_until("the injector to be gone", TIMEOUT, || {
+            Ok(dry_run(cluster, &annotated_pod(&ns.name, "while-down", true)).err())
+        })
+        .unwrap();
+    assert!(
+        refused.contains("did not process it") && refused.contains("ValidatingAdmissionPolicy"),
+        "the policy's message: {refused}"
+    );
+    let plain = dry_run(cluster, &annotated_pod(&ns.name, "plain", false));
+    assert!(plain.is_ok(), "an unannotated pod is admitted: {plain:?}");
+    cluster
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "scale",
+            "deployment/sidekey",
+            "--replicas=2",
+        ])
+        .unwrap();
+    rollout(cluster);
+    wait_injecting(cluster, &ns.name, "injection after the injector came back");
+
+    // The pod admitted at the start is the same pod, still Ready, still with its file.
+    let kept = cluster.get(&ns.name, "pod/keeper").unwrap();
+    assert_eq!(
+        kept["metadata"]["uid"], uid,
+        "the kept pod was not replaced"
+    );
+    cluster.wait_ready(&ns.name, "keeper", TIMEOUT).unwrap();
+    let secret = cluster
+        .exec(&ns.name, "keeper", "app", &["cat", "/vault/secrets/config"])
+        .unwrap();
+    assert!(secret.contains("api_key"), "{secret}");
+}
