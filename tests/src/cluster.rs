@@ -224,14 +224,18 @@ impl Cluster {
             "deployment/sidekey",
             "--timeout=180s",
         ])?;
-        self.wait_until("the old injector pods to go", Duration::from_secs(120), || {
-            let pods = self.get(SIDEKEY_NAMESPACE, "pods -l app.kubernetes.io/name=sidekey")?;
-            let items = pods["items"].as_array().cloned().unwrap_or_default();
-            let terminating = items
-                .iter()
-                .any(|p| !p["metadata"]["deletionTimestamp"].is_null());
-            Ok((!items.is_empty() && !terminating).then_some(()))
-        })?;
+        self.wait_until(
+            "the old injector pods to go",
+            Duration::from_secs(120),
+            || {
+                let pods = self.get(SIDEKEY_NAMESPACE, "pods -l app.kubernetes.io/name=sidekey")?;
+                let items = pods["items"].as_array().cloned().unwrap_or_default();
+                let terminating = items
+                    .iter()
+                    .any(|p| !p["metadata"]["deletionTimestamp"].is_null());
+                Ok((!items.is_empty() && !terminating).then_some(()))
+            },
+        )?;
         Ok(())
     }
 
