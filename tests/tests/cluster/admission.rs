@@ -169,3 +169,50 @@ fn an_init_container_that_cannot_log_in_says_why_in_one_line() {
         "kubectl describe shows the line: {describe}"
     );
 }
+
+/// Issue: the sidecar's local API must never serve anyone outside its pod. In a host-network pod
+/// 127.0.0.1 is the node's, so the real API server refuses such a pod with the injector's
+/// message; the same pod without hostNetwork is admitted with its listener.
+#[test]
+fn a_host_network_pod_with_the_local_api_is_refused_by_the_api_server() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "hostnet").expect("namespace");
+    let annotations = json!({
+        "vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/role": sidekey_tests::APP_ROLE,
+        "vault.hashicorp.com/agent-inject-secret-config": format!("secret/data/{}/config", ns.name),
+        "vault.hashicorp.com/agent-cache-enable": "true",
+    });
+    let mut pod = pod_template("hostnet", annotations, vec![app_container("app")]);
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["name"] = json!("hostnet");
+    pod["metadata"]["namespace"] = json!(ns.name);
+    let dry_run = |pod: &Value| {
+        env.cluster
+            .kubectl_output(
+                Some(&pod.to_string()),
+                &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+            )
+            .expect("kubectl")
+    };
+    let admitted = dry_run(&pod);
+    assert!(
+        admitted.status.success(),
+        "without hostNetwork the pod is admitted: {}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
+    pod["spec"]["hostNetwork"] = json!(true);
+    let refused = dry_run(&pod);
+    assert!(
+        !refused.status.success(),
+        "a host-network pod with the local API was admitted"
+    );
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("vault.hashicorp.com/agent-cache-enable")
+            && message.contains("hostNetwork: true")
+            && message.contains("127.0.0.1:8200"),
+        "the refusal names the annotation, hostNetwork and the address: {message}"
+    );
+}
