@@ -184,6 +184,17 @@ impl Cluster {
     /// Installs (or upgrades) Sidekey from `charts/sidekey` for `stack`'s store: its defaults,
     /// plus the store's address and CA, plus `extra` `--set` values. Waits for the injector.
     pub fn install_sidekey(&self, stack: &Stack, extra: &[&str]) -> Result<()> {
+        self.install_sidekey_with(stack, extra, &[])
+    }
+
+    /// The same with extra helm flags (`--force-conflicts` when leaving `tls.mode: auto`, whose
+    /// injector owns the webhook's caBundle field).
+    pub fn install_sidekey_with(
+        &self,
+        stack: &Stack,
+        extra: &[&str],
+        flags: &[&str],
+    ) -> Result<()> {
         self.import_images()?;
         let address = stack
             .pod_addr
@@ -213,6 +224,7 @@ impl Cluster {
         for value in extra {
             args.extend(["--set", value]);
         }
+        args.extend(flags);
         self.helm(&args)?;
         // `helm --wait` returns once the new pods are ready; the old ones may still answer
         // reviews with the old settings for a moment. Wait until only the new ones are left.
