@@ -92,6 +92,19 @@ fn rollout(cluster: &Cluster) {
         .expect("the injector rolls out");
 }
 
+fn scale_injector(cluster: &Cluster, replicas: u32) {
+    let replicas = format!("--replicas={replicas}");
+    cluster
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "scale",
+            "deployment/sidekey",
+            &replicas,
+        ])
+        .expect("scaling the injector");
+}
+
 /// A CA and a serving certificate for the injector's Service name, made with openssl.
 fn issue_certs(dir: &Path, ca_name: &str, leaf_name: &str) {
     let host = format!("sidekey.{SIDEKEY_NAMESPACE}.svc");
@@ -310,15 +323,7 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
 
     // The injector scaled to zero: the policy refuses an annotated pod, with its message, and
     // admits an unannotated one.
-    cluster
-        .kubectl(&[
-            "-n",
-            SIDEKEY_NAMESPACE,
-            "scale",
-            "deployment/sidekey",
-            "--replicas=0",
-        ])
-        .unwrap();
+    scale_injector(cluster, 0);
     let refused = cluster
         .wait_until("the injector to be gone", TIMEOUT, || {
             Ok(dry_run(cluster, &annotated_pod(&ns.name, "while-down", true)).err())
@@ -330,15 +335,7 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
     );
     let plain = dry_run(cluster, &annotated_pod(&ns.name, "plain", false));
     assert!(plain.is_ok(), "an unannotated pod is admitted: {plain:?}");
-    cluster
-        .kubectl(&[
-            "-n",
-            SIDEKEY_NAMESPACE,
-            "scale",
-            "deployment/sidekey",
-            "--replicas=2",
-        ])
-        .unwrap();
+    scale_injector(cluster, 2);
     rollout(cluster);
     wait_injecting(cluster, &ns.name, "injection after the injector came back");
 

@@ -256,6 +256,14 @@ fn job_output(s: &Scenario, pod: &str) -> String {
     user
 }
 
+/// The Job's database user existed (its app printed it); it no longer does, and nothing else of
+/// the scenario is left.
+fn assert_job_left_nothing(s: &Scenario, pod: &str, what: &str) {
+    let user = job_output(s, pod);
+    assert!(!env().stack.pg_role_exists(&user).unwrap(), "{user} left");
+    s.assert_nothing_left(what);
+}
+
 #[test]
 fn a_pre_populate_only_job_completes_and_leaves_nothing() {
     let s = Scenario::new("job");
@@ -284,10 +292,7 @@ fn a_pre_populate_only_job_completes_and_leaves_nothing() {
     let pod = s.only_pod("app=job");
     let spec = env().cluster.get(s.name(), &format!("pod/{pod}")).unwrap();
     assert_eq!(spec["status"]["phase"], "Succeeded");
-    let user = job_output(&s, &pod);
-    // The Job's database user existed (the app printed it); it no longer does.
-    assert!(!env().stack.pg_role_exists(&user).unwrap(), "{user} left");
-    s.assert_nothing_left("a pre-populate-only Job (revoke-only sidecar)");
+    assert_job_left_nothing(&s, &pod, "a pre-populate-only Job (revoke-only sidecar)");
 }
 
 #[test]
@@ -326,9 +331,7 @@ fn a_cronjobs_runs_leave_nothing() {
             r#"{"spec":{"suspend":true}}"#,
         ])
         .expect("suspending the CronJob");
-    let user = job_output(&s, &pod);
-    assert!(!env().stack.pg_role_exists(&user).unwrap(), "{user} left");
-    s.assert_nothing_left("a CronJob run");
+    assert_job_left_nothing(&s, &pod, "a CronJob run");
 }
 
 #[test]
