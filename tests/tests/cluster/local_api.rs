@@ -66,7 +66,7 @@ fn request(
         req.push_str("\r\n");
     }
     let script = format!(
-        "f=/tmp/req.$$; rm -f $f; mkfifo $f; nc 127.0.0.1 8200 < $f & exec 3>$f; printf '%s' {} >&3; wait $!; exec 3>&-; rm -f $f",
+        "f=/dev/shm/req.$$; rm -f $f; mkfifo $f; nc 127.0.0.1 8200 < $f & exec 3>$f; printf '%s' {} >&3; wait $!; exec 3>&-; rm -f $f",
         shell_quote(&req)
     );
     let out = c.sh(pod, container, &script);
@@ -316,7 +316,7 @@ fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
         &mut pod,
         "containers",
         "export",
-        "while [ ! -f /tmp/done ]; do sleep 0.2; done",
+        "while [ ! -f /dev/shm/done ]; do sleep 0.2; done",
     );
     env()
         .cluster
@@ -370,7 +370,7 @@ fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
     assert_eq!(sidecar["exitCode"], 0, "{sidecar:?}");
     c.assert_nothing_left("a Job whose sidecar quit");
     // The Job's own work ends; with the sidecar gone, the Job completes.
-    c.sh(&name, "export", "touch /tmp/done");
+    c.sh(&name, "export", "touch /dev/shm/done");
     env()
         .cluster
         .kubectl(&[

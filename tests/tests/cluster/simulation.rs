@@ -148,7 +148,7 @@ fn a_native_sidecar_renders_before_the_app_and_revokes_on_sigterm() {
         &mut pod,
         "containers",
         "app",
-        &format!("cat /vault/secrets/db > /tmp/at-start 2>&1; {IDLE}"),
+        &format!("cat /vault/secrets/db > /dev/shm/at-start 2>&1; {IDLE}"),
     );
     let name = c.run(&pod);
     let spec = c.get(&name);
@@ -163,7 +163,7 @@ fn a_native_sidecar_renders_before_the_app_and_revokes_on_sigterm() {
         migrate.contains("migrate saw: []") || migrate.contains("No such file"),
         "migrate ran before the agent rendered anything: {migrate}"
     );
-    let user = c.sh(&name, "app", "cat /tmp/at-start");
+    let user = c.sh(&name, "app", "cat /dev/shm/at-start");
     assert!(user.starts_with("v-"), "the file at the app's start: {user:?}");
     assert!(env().stack.pg_role_exists(&user).unwrap());
     c.assert_live(1);
@@ -518,7 +518,9 @@ fn tls_server_name_verifies_a_store_certificate_issued_for_another_name() {
 /// server of the test's own stands in for it, on the machine's address pods reach (port 53, as
 /// a resolv.conf names servers by address only); the pod names it as `dnsPolicy: None` pods do,
 /// and the kubelet writes it into each container's resolv.conf. Only one such server can listen
-/// there, so this is the only test that starts one.
+/// there, so this is the only test that starts one (while it runs, pods of the node's default
+/// DNS settings, which name the same address, are answered by it too: it answers only the
+/// store's name).
 #[test]
 fn the_agent_finds_the_store_through_the_pods_dns() {
     let c = Case::new("dns");
@@ -547,8 +549,10 @@ fn the_agent_finds_the_store_through_the_pods_dns() {
     c.delete(&name);
     c.assert_nothing_left("the DNS pod");
 
-    // With the node's own DNS settings the name does not resolve: the init container fails and
-    // says so.
+    // With the node's own DNS settings (scripts/cluster.sh names the machine's address, where
+    // nothing answers once the test's server is gone) the name does not resolve: the init
+    // container fails and says so.
+    drop(dns);
     let last = c.init_failure(&never_restarted(tls_pod(&c, "nodns", &address, &[])));
     assert!(last.contains(&address), "the last line names the address: {last}");
     drop(forward);
