@@ -587,7 +587,12 @@ impl Drop for PodForward {
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }
-        for s in self.open.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }

@@ -104,7 +104,10 @@ impl Case {
     /// Creates `pod` and waits until it is Ready; returns its name.
     pub fn run(&self, pod: &Value) -> String {
         let name = pod["metadata"]["name"].as_str().expect("a pod name");
-        env().cluster.apply(&[pod.clone()]).expect("creating the pod");
+        env()
+            .cluster
+            .apply(&[pod.clone()])
+            .expect("creating the pod");
         env()
             .cluster
             .wait_ready(self.name(), name, TIMEOUT)
@@ -160,8 +163,8 @@ impl Case {
             .cluster
             .empty_dir(&uid, "sidekey-home")
             .join("state.json");
-        let text = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let text =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         serde_json::from_slice(&text).expect("the agent's state as JSON")
     }
 
@@ -205,7 +208,10 @@ impl Case {
     /// message of `sidekey-agent-init`: the line `kubectl describe pod` shows.
     pub fn init_failure(&self, pod: &Value) -> String {
         let name = pod["metadata"]["name"].as_str().expect("a pod name");
-        env().cluster.apply(&[pod.clone()]).expect("creating the pod");
+        env()
+            .cluster
+            .apply(&[pod.clone()])
+            .expect("creating the pod");
         self.init_message(name)
     }
 

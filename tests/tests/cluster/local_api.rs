@@ -149,7 +149,11 @@ fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_outlives
     let read = get(&kv_path, &[]);
     assert_eq!(read.status, 200, "{read:?}");
     assert_eq!(read.json()["data"]["data"]["api_key"], "PROXY-KEY-93d1");
-    assert_eq!(read.headers.get("x-cache"), None, "a static secret is not cached");
+    assert_eq!(
+        read.headers.get("x-cache"),
+        None,
+        "a static secret is not cached"
+    );
     // A token of the app's own is sent as it is (use-auto-auth-token "true"): a bad one fails.
     let own = get(&kv_path, &[("X-Vault-Token", "not-a-token")]);
     assert_eq!(own.status, 403, "{own:?}");
@@ -162,14 +166,26 @@ fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_outlives
     assert_eq!(second.status, 200);
     let (f, s) = (first.json(), second.json());
     let lease = text(&f, "/lease_id");
-    assert!(lease.starts_with(&format!("database/creds/{}/", c.db_role)), "{lease}");
-    assert_eq!(s["lease_id"], f["lease_id"], "the same request gets the same lease");
+    assert!(
+        lease.starts_with(&format!("database/creds/{}/", c.db_role)),
+        "{lease}"
+    );
+    assert_eq!(
+        s["lease_id"], f["lease_id"],
+        "the same request gets the same lease"
+    );
     assert_eq!(s["data"], f["data"]);
-    assert_eq!(second.headers.get("x-cache").map(String::as_str), Some("HIT"));
+    assert_eq!(
+        second.headers.get("x-cache").map(String::as_str),
+        Some("HIT")
+    );
     let user = text(&f, "/data/username");
     let password = text(&f, "/data/password");
     assert_eq!(
-        env().stack.psql_as(&user, &password, "select current_user").unwrap(),
+        env()
+            .stack
+            .psql_as(&user, &password, "select current_user")
+            .unwrap(),
         user
     );
     let leases = block(env().stack.leases(&format!("database/creds/{}", c.db_role))).unwrap();
@@ -220,7 +236,8 @@ fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_outlives
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    while renewals(&get("/agent/v1/metrics", &[])) < 2 || obtained.elapsed() < Duration::from_secs(6)
+    while renewals(&get("/agent/v1/metrics", &[])) < 2
+        || obtained.elapsed() < Duration::from_secs(6)
     {
         assert!(
             obtained.elapsed() < Duration::from_secs(30),
@@ -234,7 +251,10 @@ fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_outlives
         "sys/leases/lookup",
         Some(json!({ "lease_id": short_lease })),
     ));
-    assert!(alive.is_ok(), "a 4 s lease gone after 6 s: not renewed ({alive:?})");
+    assert!(
+        alive.is_ok(),
+        "a 4 s lease gone after 6 s: not renewed ({alive:?})"
+    );
 
     // cache-clear: the next read reaches the store and gets a new lease.
     let cleared = post(
@@ -274,15 +294,20 @@ fn an_app_reads_through_the_proxy_with_no_token_and_nothing_it_obtained_outlives
     // Pod stop: every lease and token obtained through the proxy is revoked with the agent's,
     // the app's own token (created through the proxy) included.
     let live = c.inventory();
-    assert!(live.tokens.len() >= 2, "the agent's and the app's tokens: {live:?}");
+    assert!(
+        live.tokens.len() >= 2,
+        "the agent's and the app's tokens: {live:?}"
+    );
     let sidecar = env().cluster.follow_logs(c.name(), &name, "sidekey-agent");
     c.delete(&name);
     drop(forward);
     let log = sidecar.join().unwrap().unwrap_or_default();
     c.assert_nothing_left("the proxy pod");
-    let short_leases =
-        block(env().stack.leases(&format!("database/creds/{short_role}"))).unwrap();
-    assert!(short_leases.is_empty(), "short leases left: {short_leases:?}");
+    let short_leases = block(env().stack.leases(&format!("database/creds/{short_role}"))).unwrap();
+    assert!(
+        short_leases.is_empty(),
+        "short leases left: {short_leases:?}"
+    );
     for u in [&user, &own_user, &third_user, &short_user] {
         assert!(
             !env().stack.pg_role_exists(u).unwrap(),
@@ -344,7 +369,10 @@ fn a_job_that_calls_quit_completes_and_leaves_nothing_behind() {
         .map(|(u, p)| (u.to_string(), p.to_string()))
         .expect("a database URI");
     assert_eq!(
-        env().stack.psql_as(&user, &password, "select current_user").unwrap(),
+        env()
+            .stack
+            .psql_as(&user, &password, "select current_user")
+            .unwrap(),
         user
     );
     c.assert_live(1);

@@ -12,7 +12,10 @@ use crate::{TIMEOUT, deployment, env};
 #[test]
 fn a_pre_populate_only_deployment_scaled_to_zero_leaves_nothing() {
     let c = Case::new("ledger");
-    let pod = c.pod("ledger-deployment-pre-populate-only.json", Some("e2e-guard"));
+    let pod = c.pod(
+        "ledger-deployment-pre-populate-only.json",
+        Some("e2e-guard"),
+    );
     let mut template = json!({
         "metadata": { "labels": { "app": "ledger" }, "annotations": pod["metadata"]["annotations"] },
         "spec": pod["spec"],
@@ -61,13 +64,7 @@ fn a_pre_populate_only_deployment_scaled_to_zero_leaves_nothing() {
 
     env()
         .cluster
-        .kubectl(&[
-            "-n",
-            c.name(),
-            "scale",
-            "deployment/ledger",
-            "--replicas=0",
-        ])
+        .kubectl(&["-n", c.name(), "scale", "deployment/ledger", "--replicas=0"])
         .expect("scaling to zero");
     env()
         .cluster

@@ -164,7 +164,10 @@ fn a_native_sidecar_renders_before_the_app_and_revokes_on_sigterm() {
         "migrate ran before the agent rendered anything: {migrate}"
     );
     let user = c.sh(&name, "app", "cat /dev/shm/at-start");
-    assert!(user.starts_with("v-"), "the file at the app's start: {user:?}");
+    assert!(
+        user.starts_with("v-"),
+        "the file at the app's start: {user:?}"
+    );
     assert!(env().stack.pg_role_exists(&user).unwrap());
     c.assert_live(1);
     c.delete(&name);
@@ -241,8 +244,15 @@ fn no_secret_token_or_rendered_content_reaches_any_log() {
         .iter()
         .chain(spec["spec"]["containers"].as_array().unwrap())
     {
-        let mounts = container["volumeMounts"].as_array().cloned().unwrap_or_default();
-        if container["name"].as_str().unwrap().starts_with("sidekey-agent") {
+        let mounts = container["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if container["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("sidekey-agent")
+        {
             let security = &container["securityContext"];
             assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
             assert_eq!(security["allowPrivilegeEscalation"], false);
@@ -300,7 +310,10 @@ fn no_secret_token_or_rendered_content_reaches_any_log() {
         logs.contains("TRACE") || logs.contains("DEBUG"),
         "verbose logging was on"
     );
-    assert!(logs.contains("revok"), "the sidecar's log ran to its revocation");
+    assert!(
+        logs.contains("revok"),
+        "the sidecar's log ran to its revocation"
+    );
     let secrets = [
         token,
         password,
@@ -540,7 +553,11 @@ fn the_agent_finds_the_store_through_the_pods_dns() {
         c.sh(&name, "app", "cat /vault/secrets/app.env")
             .contains("k-12345")
     );
-    let asked = dns.queries().iter().filter(|q| q.as_str() == STORE_HOST).count();
+    let asked = dns
+        .queries()
+        .iter()
+        .filter(|q| q.as_str() == STORE_HOST)
+        .count();
     assert!(
         asked >= 2,
         "the init container and the sidecar asked the DNS for {STORE_HOST}: {:?}",
@@ -554,7 +571,10 @@ fn the_agent_finds_the_store_through_the_pods_dns() {
     // container fails and says so.
     drop(dns);
     let last = c.init_failure(&never_restarted(tls_pod(&c, "nodns", &address, &[])));
-    assert!(last.contains(&address), "the last line names the address: {last}");
+    assert!(
+        last.contains(&address),
+        "the last line names the address: {last}"
+    );
     drop(forward);
 }
 
