@@ -106,7 +106,7 @@ impl Case {
         let name = pod["metadata"]["name"].as_str().expect("a pod name");
         env()
             .cluster
-            .apply(&[pod.clone()])
+            .apply(std::slice::from_ref(pod))
             .expect("creating the pod");
         env()
             .cluster
@@ -210,7 +210,7 @@ impl Case {
         let name = pod["metadata"]["name"].as_str().expect("a pod name");
         env()
             .cluster
-            .apply(&[pod.clone()])
+            .apply(std::slice::from_ref(pod))
             .expect("creating the pod");
         self.init_message(name)
     }
