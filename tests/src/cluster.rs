@@ -518,3 +518,155 @@ impl Inventory {
 pub fn db_role_name() -> String {
     format!("d{}", &crate::process::random_hex(4)[..7])
 }
+
+/// A TCP forwarder on [`HOST_IP`] to a store listener of this machine, for pods: the listeners
+/// that require a client certificate or serve a certificate for a name only listen on loopback,
+/// which pods cannot reach. The bytes pass through untouched, so TLS is between the agent and
+/// OpenBao. Dropping it stops listening and cuts every connection it carries: a store address
+/// that refuses connections until [`PodForward::start`] is called again on the same port.
+pub struct PodForward {
+    /// `https://HOST_IP:PORT`, the address a pod is given.
+    pub address: String,
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<Mutex<Vec<std::net::TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PodForward {
+    /// Forwards `HOST_IP:port` to `target` (host:port). Port 0 takes any free port.
+    pub fn start(port: u16, target: &str) -> Result<PodForward> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind((HOST_IP, port))
+            .with_context(|| format!("binding {HOST_IP}:{port} for pods"))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let target = target.to_string();
+        let accept = {
+            let (stop, open) = (stop.clone(), open.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let inbound = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                        Err(_) => break,
+                    };
+                    let _ = inbound.set_nonblocking(false);
+                    let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+                    for s in [&inbound, &outbound] {
+                        if let Ok(s) = s.try_clone() {
+                            open.push(s);
+                        }
+                    }
+                    pipe(&inbound, &outbound);
+                    pipe(&outbound, &inbound);
+                }
+            })
+        };
+        Ok(PodForward {
+            address: format!("https://{HOST_IP}:{port}"),
+            port,
+            stop,
+            open,
+            accept: Some(accept),
+        })
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until either end closes.
+fn pipe(from: &std::net::TcpStream, to: &std::net::TcpStream) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+impl Drop for PodForward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Cluster {
+    /// The log of a container (`kubectl logs`).
+    pub fn logs(&self, namespace: &str, pod: &str, container: &str) -> Result<String> {
+        self.kubectl(&["-n", namespace, "logs", pod, "-c", container])
+    }
+
+    /// Follows a container's log until the container ends (`kubectl logs -f`), on a thread: what
+    /// a container logs while its pod is deleted is gone from the API once the pod is.
+    pub fn follow_logs(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> std::thread::JoinHandle<Result<String>> {
+        let mut cmd = self.tool("kubectl");
+        cmd.args(["-n", namespace, "logs", "-f", pod, "-c", container]);
+        std::thread::spawn(move || {
+            let out = run(&mut cmd, None)?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+    }
+
+    /// The node's folder of a pod's volume (`emptyDir` volumes are plain folders, or tmpfs
+    /// mounts for `medium: Memory`, under the kubelet's root). The tests run on the node's
+    /// machine, so they read it as the kubelet does.
+    pub fn empty_dir(&self, pod_uid: &str, volume: &str) -> PathBuf {
+        self.kubeconfig
+            .parent()
+            .map(|state| {
+                state.join(format!(
+                    "kubelet/pods/{pod_uid}/volumes/kubernetes.io~empty-dir/{volume}"
+                ))
+            })
+            .unwrap_or_default()
+    }
+
+    /// The machine's process id of a running container's first process, found by the container
+    /// id in the processes' cgroup paths (containerd names each container's cgroup after it).
+    pub fn container_pid(&self, namespace: &str, pod: &str, container: &str) -> Result<u32> {
+        let spec = self.get(namespace, &format!("pod/{pod}"))?;
+        let id = ["containerStatuses", "initContainerStatuses"]
+            .iter()
+            .flat_map(|l| spec["status"][l].as_array().cloned().unwrap_or_default())
+            .find(|c| c["name"] == container)
+            .and_then(|c| c["containerID"].as_str().map(String::from))
+            .with_context(|| format!("{pod} has no running container {container}"))?;
+        let id = id.rsplit("://").next().unwrap_or_default().to_string();
+        let mut pids: Vec<u32> = std::fs::read_dir("/proc")?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|pid: &u32| {
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|cgroups| cgroups.contains(&id))
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.first()
+            .copied()
+            .with_context(|| format!("no process of container {id} ({container} of {pod})"))
+    }
+}

@@ -22,15 +22,21 @@ impl Dns {
     /// Starts dnsmasq answering each `(name, address)` with an A record, and nothing else
     /// (other names are refused: no upstream, no /etc/hosts). Needs root, for port 53.
     pub fn start(records: &[(&str, Ipv4Addr)]) -> Result<Dns> {
+        // An address of 127.53.0.0/16 of its own, so that test binaries run side by side do not meet.
+        let pid = std::process::id();
+        let address = Ipv4Addr::new(127, 53, (pid >> 8) as u8, (pid as u8).max(1));
+        Dns::start_at(address, records)
+    }
+
+    /// Like [`Dns::start`], on port 53 of `address`, an address of this machine (for pods of the
+    /// test cluster: the machine's address they reach, [`crate::cluster::HOST_IP`]).
+    pub fn start_at(address: Ipv4Addr, records: &[(&str, Ipv4Addr)]) -> Result<Dns> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("dnsmasq.log");
         let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .context("dnsmasq is not installed (scripts/stack-install.sh installs it)")?;
-        // An address of 127.53.0.0/16 of its own, so that test binaries run side by side do not meet.
-        let pid = std::process::id();
-        let address = Ipv4Addr::new(127, 53, (pid >> 8) as u8, (pid as u8).max(1));
         let mut cmd = Command::new(binary);
         cmd.args(["--keep-in-foreground", "--port=53", "--bind-interfaces"])
             .arg(format!("--listen-address={address}"))

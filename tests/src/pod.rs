@@ -1,4 +1,10 @@
-//! Running a mutated pod the way a kubelet would, without a cluster.
+//! Running a mutated pod the way a kubelet would, without a cluster: what is left of the
+//! emulation now that the pod scenarios run on the real kubelet (`tests/tests/cluster/`). Its
+//! remaining users, and why they are not on the cluster: `no_lease_outlives_its_pod` (a cluster
+//! without native sidecars, which a 1.35 node cannot be) and `vault_k8s_compat` (not ported yet:
+//! it needs OpenBao namespaces with the real `kubernetes` auth, and a CONNECT proxy and a store
+//! host name that pods reach). `apply_security_context` is also how `chart_tls` runs the
+//! injector image with the chart's security context.
 //!
 //! **The injected agent containers run from the shipped image under a real OCI runtime**
 //! (podman with runc, see [`crate::podman`]): the runtime itself enforces the container's
@@ -10,9 +16,8 @@
 //!
 //! **What the kubelet does and podman does not, this runner does itself, as the kubelet does
 //! it:** it writes the projected service-account token and the Secret and ConfigMap
-//! volumes' files (the kubelet fetches them from the API server), resolves downward-API env vars, turns
-//! `hostAliases` into /etc/hosts entries and a `dnsPolicy: None` pod's `dnsConfig` into its
-//! resolv.conf, runs init containers one after another, starts a native
+//! volumes' files (the kubelet fetches them from the API server), resolves downward-API env vars,
+//! runs init containers one after another, starts a native
 //! sidecar (`restartPolicy: Always`) and waits for its startup probe (`podman exec`, every
 //! `periodSeconds`), runs preStop hooks with `podman exec` before SIGTERM, stops regular
 //! containers before native sidecars, and sends SIGKILL when the grace period
@@ -78,19 +83,10 @@ fn strings(v: &Value) -> Vec<String> {
 impl PodRun {
     /// Lays out the pod's volumes; `sa_token` is what the projected service-account token holds.
     pub fn new(pod: Value, sa_token: &str) -> Result<PodRun> {
-        PodRun::with_secrets(pod, sa_token, &BTreeMap::new())
+        PodRun::with_objects(pod, sa_token, &BTreeMap::new(), &BTreeMap::new())
     }
 
-    /// The same, with the Secrets that the pod's `secret` volumes name (Secret name → files).
-    pub fn with_secrets(
-        pod: Value,
-        sa_token: &str,
-        secrets: &BTreeMap<String, SecretFiles>,
-    ) -> Result<PodRun> {
-        PodRun::with_objects(pod, sa_token, secrets, &BTreeMap::new())
-    }
-
-    /// The same, with the Secrets and the ConfigMaps that the pod's `secret` and `configMap`
+    /// The pod with the Secrets and the ConfigMaps that the pod's `secret` and `configMap`
     /// volumes name (object name → files), projected as the kubelet projects them.
     pub fn with_objects(
         pod: Value,
@@ -180,16 +176,6 @@ impl PodRun {
         self.dir.path().join("volumes").join(name)
     }
 
-    /// The host folder an app container sees at `mount_path`.
-    pub fn host_path(&self, container: &str, mount_path: &str) -> Option<PathBuf> {
-        let c = self.container(container)?;
-        let m = c["volumeMounts"]
-            .as_array()?
-            .iter()
-            .find(|m| m["mountPath"] == mount_path)?;
-        Some(self.volume(m["name"].as_str()?))
-    }
-
     fn container(&self, name: &str) -> Option<Value> {
         containers(&self.pod, "initContainers")
             .into_iter()
@@ -270,35 +256,6 @@ impl PodRun {
             .args(["--hostname", &self.name()])
             .args(["--label", "sidekey-test-pod"]);
         apply_security_context(&mut cmd, &sc, image, name)?;
-        // dnsPolicy None: the kubelet writes the pod's resolv.conf from dnsConfig alone, as
-        // the runtime does from these options (with another policy the host's resolv.conf
-        // stands in for the cluster's, as for hostNetwork pods).
-        if self.pod["spec"]["dnsPolicy"] == "None" {
-            let dns = &self.pod["spec"]["dnsConfig"];
-            for server in strings(&dns["nameservers"]) {
-                cmd.args(["--dns", &server]);
-            }
-            for search in strings(&dns["searches"]) {
-                cmd.args(["--dns-search", &search]);
-            }
-            for option in dns["options"].as_array().into_iter().flatten() {
-                let name = option["name"].as_str().unwrap_or_default();
-                match option["value"].as_str() {
-                    Some(value) => cmd.args(["--dns-option", &format!("{name}:{value}")]),
-                    None => cmd.args(["--dns-option", name]),
-                };
-            }
-        }
-        for alias in self.pod["spec"]["hostAliases"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            let ip = alias["ip"].as_str().unwrap_or(POD_IP);
-            for host in strings(&alias["hostnames"]) {
-                cmd.args(["--add-host", &format!("{host}:{ip}")]);
-            }
-        }
         for m in c["volumeMounts"].as_array().into_iter().flatten() {
             let volume = m["name"]
                 .as_str()
@@ -458,19 +415,6 @@ impl PodRun {
         Ok(())
     }
 
-    /// The host pid of a running agent container's main process (its PID 1).
-    pub fn host_pid(&self, container: &str) -> Result<u32> {
-        let out = podman::run(&[
-            "inspect",
-            "--format",
-            "{{.State.Pid}}",
-            &self.podman_name(container),
-        ])?;
-        out.trim()
-            .parse()
-            .with_context(|| format!("podman inspect gave no pid for {container}: {out}"))
-    }
-
     /// Runs `script` with `/bin/sh` as the app container `container` would: its mounts, its user
     /// (1000 when it sets none, as an unprivileged app). See the module doc: app containers are
     /// simulated with host tools in a mount namespace.
@@ -538,29 +482,11 @@ impl PodRun {
         Ok(cmd)
     }
 
-    /// The containers still running.
-    pub fn running(&mut self) -> Vec<String> {
-        self.running
-            .iter_mut()
-            .filter_map(|r| matches!(r.child.try_wait(), Ok(None)).then(|| r.name.clone()))
-            .collect()
-    }
-
     /// Stops the pod as the kubelet does: regular containers first (each one's preStop hook in
     /// the container, then SIGTERM, then SIGKILL when the grace period is over), native sidecars
     /// after them, in reverse order of start. Returns each container's exit code (None when it
     /// had to be killed).
     pub fn stop(&mut self) -> Result<Vec<(String, Option<i32>)>> {
-        self.stop_with(true)
-    }
-
-    /// Stops the pod as a kubelet does when a container's preStop hook does not run (the hook
-    /// timed out, or the container was being restarted): SIGTERM alone.
-    pub fn stop_without_prestop(&mut self) -> Result<Vec<(String, Option<i32>)>> {
-        self.stop_with(false)
-    }
-
-    fn stop_with(&mut self, prestop: bool) -> Result<Vec<(String, Option<i32>)>> {
         let grace = Duration::from_secs(
             self.pod["spec"]["terminationGracePeriodSeconds"]
                 .as_u64()
@@ -580,8 +506,7 @@ impl PodRun {
                 let hook = strings(&c["lifecycle"]["preStop"]["exec"]["command"]);
                 // A container that already exited (a sidecar told to quit) runs no hook, as in
                 // a pod.
-                if prestop
-                    && !hook.is_empty()
+                if !hook.is_empty()
                     && r.child.try_wait()?.is_none()
                     && !self.exec(&r.name, &hook, &format!("{}-prestop", r.name))?
                 {
@@ -664,26 +589,6 @@ fn image_uid(image: &str) -> Result<u64> {
     }
     uid.parse()
         .with_context(|| format!("image {image} runs as user {uid:?}, not a numeric uid"))
-}
-
-/// Reads every file under `dir` (relative name → content).
-pub fn files(dir: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(text) = std::fs::read_to_string(&p) {
-                out.insert(
-                    p.strip_prefix(dir).unwrap_or(&p).display().to_string(),
-                    text,
-                );
-            }
-        }
-    }
-    out
 }
 
 /// Turns a container's (merged) security context into the `podman run` options the runtime

@@ -13,7 +13,11 @@
 //! its own with a database role of its own, so each inventories only what its pods created.
 
 mod admission;
+mod fixture_pods;
+mod local_api;
 mod pods;
+mod pre_populate;
+mod simulation;
 
 use std::future::Future;
 use std::sync::OnceLock;
