@@ -9,6 +9,8 @@ pub mod client;
 pub mod command;
 pub mod config;
 pub mod cycle;
+pub mod env_file;
+pub mod exec;
 pub mod fetch;
 pub mod hcl_config;
 pub mod http_call;

@@ -28,6 +28,8 @@ pub enum RunError {
     State(#[from] StateError),
     #[error(transparent)]
     Listener(#[from] crate::listener::ListenerError),
+    #[error(transparent)]
+    Env(#[from] crate::env_file::EnvFileError),
     #[error("gave up after {secs}s of retrying; last error: {last}")]
     Timeout { secs: u64, last: Box<RunError> },
     /// A revocation that left something alive (the report says what).
@@ -41,6 +43,7 @@ impl RunError {
             RunError::Client(e) => e.is_transient(),
             RunError::Auth(e) => e.is_transient(),
             RunError::Cycle(e) => e.is_transient(),
+            RunError::Env(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -59,6 +62,11 @@ impl RunError {
             RunError::Cycle(CycleError::Sink(_)) | RunError::State(_) | RunError::Listener(_) => 5,
             RunError::Cycle(e) if e.is_transient() => 1,
             RunError::Cycle(_) => 4,
+            RunError::Env(
+                crate::env_file::EnvFileError::Sink(_) | crate::env_file::EnvFileError::Copy { .. },
+            ) => 5,
+            RunError::Env(e) if e.is_transient() => 1,
+            RunError::Env(_) => 4,
         }
     }
 }
@@ -115,19 +123,30 @@ pub async fn first_render(
     let mut fetcher = Fetcher::new(client.clone(), session.token.clone());
     let results = cycle::render_all(templates, &mut fetcher, out_dir).await;
     if let Some(err) = results.into_iter().find_map(Result::err) {
-        // Whatever this attempt obtained dies with its token (when the token is ours to revoke).
-        if session.owned {
-            if let Err(e) = client.revoke_self(&session.token).await {
-                tracing::warn!(error = %e, "could not revoke the token of a failed attempt");
-            }
-        } else {
-            let state = state_of(&session, &fetcher);
-            let deadline = tokio::time::Instant::now() + revoke::BUDGET;
-            revoke::revoke_held(client, &state, Vec::new(), deadline).await;
-        }
+        abandon(client, &session, &fetcher).await;
+        return Err(err.into());
+    }
+    // The env file, with the same token: its leases are held, renewed and revoked as the files'.
+    if let Some(env) = &config.env
+        && let Err(err) = crate::env_file::render_and_write(env, &mut fetcher).await
+    {
+        abandon(client, &session, &fetcher).await;
         return Err(err.into());
     }
     Ok((session, fetcher))
+}
+
+/// Whatever a failed attempt obtained dies with its token (when the token is ours to revoke).
+async fn abandon(client: &StoreClient, session: &Session, fetcher: &Fetcher) {
+    if session.owned {
+        if let Err(e) = client.revoke_self(&session.token).await {
+            tracing::warn!(error = %e, "could not revoke the token of a failed attempt");
+        }
+    } else {
+        let state = state_of(session, fetcher);
+        let deadline = tokio::time::Instant::now() + revoke::BUDGET;
+        revoke::revoke_held(client, &state, Vec::new(), deadline).await;
+    }
 }
 
 /// The state to persist for a session and what its fetcher holds.

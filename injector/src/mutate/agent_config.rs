@@ -113,6 +113,7 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
         log: req.log.clone(),
         token_sinks,
         vault_agent_config_dir: req.secrets.configmap.as_ref().map(|_| CONFIG_PATH.into()),
+        env: None,
     }
 }
 

@@ -1,0 +1,135 @@
+//! The env-file writer against the kubelet's reader (`read` follows `ParseEnv` line by line):
+//! every value the writer accepts reads back unchanged, and each value it refuses is one the
+//! kubelet would change, lose or fail on.
+
+use super::*;
+use serde_json::json;
+
+fn one(key: &str, value: &str) -> Result<Vec<u8>, Unrepresentable> {
+    encode(&[(key.to_string(), value.as_bytes().to_vec())]).map_err(|(_, p)| p)
+}
+
+fn round_trip(vars: &[(&str, &str)]) {
+    let owned: Vec<(String, Vec<u8>)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let text = String::from_utf8(encode(&owned).unwrap()).unwrap();
+    let back = read(&text).unwrap();
+    let expected: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(back, expected, "{text:?}");
+}
+
+#[test]
+fn values_the_kubelet_reads_back_unchanged() {
+    round_trip(&[
+        ("PLAIN", "s3cr3t"),
+        ("EQUALS", "a=b==c="),
+        ("HASH", "#not-a-comment # nor this"),
+        ("DOUBLE", r#"say "hi""#),
+        ("SHELL", "$HOME ${PATH} `id` $(id) \\n"),
+        ("SPACES", "  padded  "),
+        ("TAB", "\tx\t"),
+        ("NEWLINES", "line 1\nline 2\n\nline 4\n"),
+        ("LEADING_NEWLINE", "\nx"),
+        ("LONE_CR", "a\rb\r"),
+        ("UNICODE", "日本語 🌍"),
+        ("JSON", r#"{"a": [1, 2], "b": null}"#),
+        ("PEM", "-----BEGIN KEY-----\nMIIB\n-----END KEY-----\n"),
+        ("relaxed.name-1", "x"),
+    ]);
+}
+
+#[test]
+fn the_file_is_one_quoted_assignment_per_key() {
+    let text = one("DB_PASSWORD", "p=w#d").unwrap();
+    assert_eq!(text, b"DB_PASSWORD='p=w#d'\n");
+    assert_eq!(one("K", "a\nb").unwrap(), b"K='a\nb'\n");
+}
+
+#[test]
+fn values_the_kubelet_would_change_are_refused_by_kind() {
+    assert_eq!(one("K", ""), Err(Unrepresentable::Empty));
+    assert_eq!(one("K", "it's"), Err(Unrepresentable::SingleQuote));
+    assert_eq!(one("K", "a\0b"), Err(Unrepresentable::Nul));
+    assert_eq!(one("K", "a\r\nb"), Err(Unrepresentable::CarriageReturn));
+    assert_eq!(
+        encode(&[("K".into(), vec![0xff, 0xfe])]),
+        Err((0, Unrepresentable::NotUtf8))
+    );
+    let err = encode(&[
+        ("A".into(), b"fine".to_vec()),
+        ("B".into(), b"it's".to_vec()),
+    ]);
+    assert_eq!(err, Err((1, Unrepresentable::SingleQuote)));
+}
+
+#[test]
+fn lines_are_bounded_as_go_s_scanner_bounds_them() {
+    // `K='` + value + `'` on one line: at most MAX_LINE bytes.
+    let fits = "x".repeat(MAX_LINE - 4);
+    round_trip(&[("K", &fits)]);
+    let over = "x".repeat(MAX_LINE - 3);
+    assert_eq!(
+        one("K", &over),
+        Err(Unrepresentable::LineTooLong(MAX_LINE + 1))
+    );
+    // A long value on lines of its own is fine; one long middle line is not.
+    let many = format!("{}\n{}\n{}", fits, "y".repeat(MAX_LINE), "z");
+    round_trip(&[("K", &many)]);
+    let long_middle = format!("a\n{}\nb", "y".repeat(MAX_LINE + 1));
+    assert!(matches!(
+        one("K", &long_middle),
+        Err(Unrepresentable::LineTooLong(_))
+    ));
+    // The message names neither the key nor the value.
+    let message = Unrepresentable::SingleQuote.to_string();
+    assert!(!message.contains("it's"));
+}
+
+#[test]
+fn the_reader_follows_parse_env() {
+    let text = "  # comment\n\n\tA='1'  # trailing\nB= 'ignored'\nC='multi\nline'\nA='second'\n";
+    assert_eq!(
+        read(text).unwrap(),
+        [
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), String::new()),
+            ("C".to_string(), "multi\nline".to_string()),
+        ]
+    );
+    assert_eq!(read("A 'x'"), Err(ParseError::NoEquals(1)));
+    assert_eq!(read("='x'"), Err(ParseError::EmptyName(1)));
+    assert_eq!(read("A ='x'"), Err(ParseError::SpaceBeforeEquals(1)));
+    assert_eq!(read("A=x"), Err(ParseError::Unquoted(1)));
+    assert_eq!(read("A=\"x\""), Err(ParseError::Unquoted(1)));
+    assert_eq!(read("A='x'y"), Err(ParseError::AfterQuote(1)));
+    assert_eq!(read("A='x'\nB='y\nz"), Err(ParseError::Unclosed(2)));
+    assert_eq!(read("A='it'"), Ok(vec![("A".into(), "it".into())]));
+    // Carriage returns at line ends are dropped, as bufio.ScanLines drops them.
+    assert_eq!(read("A='x\r\ny'\r\n").unwrap()[0].1, "x\ny");
+}
+
+#[test]
+fn fields_come_from_kv_v2_data_or_plain_data() {
+    let kv2 = json!({ "data": { "password": "p", "port": 5432, "on": true, "o": {"a": 1} },
+                      "metadata": { "version": 3 } });
+    assert_eq!(field_value(&kv2, "password").as_deref(), Some("p"));
+    assert_eq!(field_value(&kv2, "port").as_deref(), Some("5432"));
+    assert_eq!(field_value(&kv2, "on").as_deref(), Some("true"));
+    assert_eq!(field_value(&kv2, "o").as_deref(), Some(r#"{"a":1}"#));
+    assert_eq!(field_value(&kv2, "version"), None);
+    let dynamic = json!({ "username": "v-app", "password": "x" });
+    assert_eq!(field_value(&dynamic, "username").as_deref(), Some("v-app"));
+    assert_eq!(field_value(&dynamic, "nope"), None);
+    let deleted = json!({ "data": null, "metadata": { "deletion_time": "t" } });
+    assert_eq!(field_value(&deleted, "password"), None);
+    let kv1_with_data_field = json!({ "data": "plain" });
+    assert_eq!(
+        field_value(&kv1_with_data_field, "data").as_deref(),
+        Some("plain")
+    );
+}
