@@ -276,3 +276,6 @@ fn no_command(req: &InjectionRequest, container: &str, reason: &str) -> Annotati
         None => annotation_error(req, ENV_MODE, problem),
     }
 }
+
+#[cfg(test)]
+mod tests;
