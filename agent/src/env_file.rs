@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::config::{Engine, EnvConfig, EnvVarConfig, TemplateConfig};
 use crate::cycle::{self, CycleError};
 use crate::fetch::Fetcher;
-use crate::render::{self, SecretKey};
+use crate::render::{self, Known, SecretKey};
 use crate::sink::{self, SinkError};
 
 /// The agent's binary as the exec wrapper runs it, next to the env file.
@@ -97,7 +97,11 @@ fn source_of(v: &EnvVarConfig) -> String {
 
 /// Resolves every variable, fetching what it needs with `fetcher` (which keeps the leases for
 /// the state), and writes the env file; in exec mode the agent's binary goes next to it.
-pub async fn render_and_write(env: &EnvConfig, fetcher: &mut Fetcher) -> Result<(), EnvFileError> {
+/// Returns whether the file changed.
+pub async fn render_and_write(
+    env: &EnvConfig,
+    fetcher: &mut Fetcher,
+) -> Result<bool, EnvFileError> {
     let mut values = Vec::with_capacity(env.vars.len());
     for v in &env.vars {
         values.push((v.key.clone(), resolve(v, fetcher).await?));
@@ -115,12 +119,39 @@ pub async fn render_and_write(env: &EnvConfig, fetcher: &mut Fetcher) -> Result<
         .unwrap_or("sidekey.env");
     // Read by the kubelet (root) in env-file mode; by the app's user through the wrapper.
     let mode = if env.exec { 0o444 } else { 0o400 };
-    sink::write_if_changed(dir, name, &text, mode)?;
+    let written = sink::write_if_changed(dir, name, &text, mode)?;
     if env.exec {
         copy_wrapper(&dir.join(WRAPPER_BINARY))?;
     }
-    tracing::info!(file = %env.file.display(), vars = env.vars.len(), exec = env.exec, "env file written");
-    Ok(())
+    if written {
+        tracing::info!(file = %env.file.display(), vars = env.vars.len(), exec = env.exec, "env file written");
+    }
+    Ok(written)
+}
+
+/// The keys of the variables whose value comes from `key`: a field of it, or a template that
+/// reads it (rendered without it, the template asks for it). For the sidecar's change policy:
+/// a process's environment cannot change, so such a lease is kept, not replaced.
+pub fn vars_using(env: &EnvConfig, known: &Known, key: &SecretKey) -> Vec<String> {
+    let mut without = known.clone();
+    without.remove(key);
+    let without = std::sync::Arc::new(without);
+    env.vars
+        .iter()
+        .filter(|v| match (&v.path, &v.template) {
+            (Some(path), _) => SecretKey::read(path.as_str()) == *key,
+            (None, Some(text)) => {
+                let mut t = TemplateConfig::new(format!("env {}", v.key), v.key.clone());
+                t.contents = Some(text.clone());
+                t.engine = Engine::Go;
+                render::prepare(&t, None).is_ok_and(|p| {
+                    matches!(render::render(&p, &without), Ok(render::Outcome::Needs(keys)) if keys.contains(key))
+                })
+            }
+            (None, None) => false,
+        })
+        .map(|v| v.key.clone())
+        .collect()
 }
 
 /// One variable's value: the field of its secret, or its template's output.

@@ -133,3 +133,44 @@ fn fields_come_from_kv_v2_data_or_plain_data() {
         Some("plain")
     );
 }
+
+#[test]
+fn the_variables_a_secret_is_behind_are_found_for_fields_and_templates() {
+    let var = |key: &str, path: Option<&str>, template: Option<&str>| EnvVarConfig {
+        key: key.into(),
+        origin: "test".into(),
+        path: path.map(Into::into),
+        field: path.map(|_| "f".into()),
+        template: template.map(Into::into),
+    };
+    let env = EnvConfig {
+        file: "/sidekey/env/sidekey.env".into(),
+        vars: vec![
+            var("A", Some("kv/data/a"), None),
+            var(
+                "DSN",
+                None,
+                Some(r#"{{ with secret "db/creds/app" }}{{ .Data.username }}{{ end }}"#),
+            ),
+        ],
+        exec: false,
+    };
+    let mut known = Known::new();
+    known.insert(
+        SecretKey::read("db/creds/app"),
+        json!({ "data": { "username": "u" } }),
+    );
+    known.insert(
+        SecretKey::read("kv/data/a"),
+        json!({ "data": { "f": "x" } }),
+    );
+    assert_eq!(
+        vars_using(&env, &known, &SecretKey::read("db/creds/app")),
+        ["DSN"]
+    );
+    assert_eq!(
+        vars_using(&env, &known, &SecretKey::read("kv/data/a")),
+        ["A"]
+    );
+    assert!(vars_using(&env, &known, &SecretKey::read("kv/data/other")).is_empty());
+}
