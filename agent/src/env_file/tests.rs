@@ -174,3 +174,80 @@ fn the_variables_a_secret_is_behind_are_found_for_fields_and_templates() {
     );
     assert!(vars_using(&env, &known, &SecretKey::read("kv/data/other")).is_empty());
 }
+
+/// Differential check against the kubelet's own parser: with `SIDEKEY_GO_ENVPARSE` naming a
+/// program built from `ParseEnv` (k8s.io/kubernetes v1.35.4, pkg/kubelet/util/env, with a main
+/// that prints the hex of `ParseEnv(file, key)` or `ERR …`), every value the writer accepts
+/// reads back byte for byte, and every value refused for a quote, a line-end carriage return
+/// or emptiness reads back otherwise. Skipped without the program.
+#[test]
+fn the_kubelet_s_parser_reads_what_the_writer_writes() {
+    let Ok(program) = std::env::var("SIDEKEY_GO_ENVPARSE") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let alphabet: &[&str] = &[
+        "a", "'", "\n", "\r", "#", "=", "\"", "$", " ", "\t", "é", "\\", "x=y",
+    ];
+    let mut seed: u64 = 0x5eed;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    let mut checked = 0;
+    for case in 0..300 {
+        let len = next() % 8;
+        let value: String = (0..len)
+            .map(|_| alphabet[next() % alphabet.len()])
+            .collect();
+        let vars = vec![
+            ("BEFORE".to_string(), b"b".to_vec()),
+            ("K".to_string(), value.clone().into_bytes()),
+            ("AFTER".to_string(), b"a".to_vec()),
+        ];
+        let text = match encode(&vars) {
+            Ok(t) => t,
+            Err((_, problem)) => {
+                // Written anyway, as a naive writer would, to see the kubelet differ.
+                let naive = format!("BEFORE='b'\nK='{value}'\nAFTER='a'\n");
+                let path = dir.path().join(format!("naive-{case}"));
+                std::fs::write(&path, naive).unwrap();
+                let out = std::process::Command::new(&program)
+                    .arg(&path)
+                    .arg("K")
+                    .output()
+                    .unwrap();
+                let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                let want: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+                if matches!(
+                    problem,
+                    Unrepresentable::SingleQuote
+                        | Unrepresentable::CarriageReturn
+                        | Unrepresentable::Empty
+                ) {
+                    assert!(
+                        got != want || value.is_empty(),
+                        "{value:?} was refused ({problem}) but reads back"
+                    );
+                }
+                continue;
+            }
+        };
+        let path = dir.path().join(format!("case-{case}"));
+        std::fs::write(&path, &text).unwrap();
+        for (key, want) in &vars {
+            let out = std::process::Command::new(&program)
+                .arg(&path)
+                .arg(key)
+                .output()
+                .unwrap();
+            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let want: String = want.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(got, want, "{key} of {:?}", String::from_utf8_lossy(&text));
+        }
+        checked += 1;
+    }
+    assert!(checked > 30, "{checked}");
+}
