@@ -163,5 +163,11 @@ fn fail(message: &str, code: i32) -> ExitCode {
     sidekey_agent::log::init(&LogConfig::default());
     tracing::error!(error = %message, "sidekey-agent failed");
     eprintln!("sidekey-agent: {message}");
+    // The kubelet shows this file as the container's termination message (`kubectl describe
+    // pod`); it exists only in a container.
+    let termination_log = std::path::Path::new("/dev/termination-log");
+    if termination_log.exists() {
+        let _ = std::fs::write(termination_log, format!("sidekey-agent: {message}"));
+    }
     ExitCode::from(code as u8)
 }

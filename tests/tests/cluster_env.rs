@@ -401,7 +401,7 @@ fn a_value_the_env_file_cannot_hold_stops_the_init_container_with_one_line() {
     env.cluster
         .apply(&[pod(n, "app", &annotations, json!([sleeper(json!([]))]))])
         .expect("creating the pod");
-    let message = env
+    let terminated = env
         .cluster
         .wait_until("the init container to fail", TIMEOUT, || {
             let pod = env.cluster.get(n, "pod/app")?;
@@ -413,20 +413,10 @@ fn a_value_the_env_file_cannot_hold_stops_the_init_container_with_one_line() {
                         .cloned()
                 })
                 .unwrap_or(Value::Null);
-            Ok(status["state"]["terminated"]["message"]
-                .as_str()
-                .map(String::from))
+            Ok(status["state"].get("terminated").cloned())
         })
-        .expect("a termination message");
-    let message = message.trim();
-    assert_eq!(message.lines().count(), 1, "one line: {message:?}");
-    assert!(
-        message.contains("env var QUOTED")
-            && message.contains(&format!("secret {kv}#quoted"))
-            && message.contains("single quote"),
-        "{message}"
-    );
-    assert!(!message.contains(&value), "the line holds the value");
+        .expect("the init container stops");
+    assert_ne!(terminated["exitCode"], 0, "{terminated}");
     let logs = env
         .cluster
         .kubectl(&["-n", n, "logs", "app", "-c", "sidekey-agent-init"])
@@ -435,4 +425,15 @@ fn a_value_the_env_file_cannot_hold_stops_the_init_container_with_one_line() {
         !logs.contains(&value),
         "the init container's log holds the value"
     );
+    // The one line: the termination message, which `kubectl describe pod` shows.
+    let message = terminated["message"].as_str().unwrap_or_default().trim();
+    assert_eq!(message.lines().count(), 1, "one line: {message:?}");
+    assert!(
+        message.contains("env var QUOTED")
+            && message.contains(&format!("secret {kv}#quoted"))
+            && message.contains("single quote"),
+        "{message}"
+    );
+    assert!(!message.contains(&value), "the line holds the value");
+    assert!(logs.contains(message), "the log has the line too: {logs}");
 }
