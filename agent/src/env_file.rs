@@ -70,7 +70,7 @@ pub enum EnvFileError {
     Cycle {
         key: String,
         origin: String,
-        source: CycleError,
+        source: Box<CycleError>,
     },
     #[error(transparent)]
     Sink(#[from] SinkError),
@@ -159,7 +159,7 @@ async fn resolve(v: &EnvVarConfig, fetcher: &mut Fetcher) -> Result<Vec<u8>, Env
     let cycle_error = |source: CycleError| EnvFileError::Cycle {
         key: v.key.clone(),
         origin: v.origin.clone(),
-        source,
+        source: Box::new(source),
     };
     if let Some(text) = &v.template {
         let mut t = TemplateConfig::new(format!("env {}", v.key), v.key.clone());
