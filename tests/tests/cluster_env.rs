@@ -56,9 +56,17 @@ const P: &str = "vault.hashicorp.com";
 /// A pod of the app role's service account (restartPolicy Never: a failed init container stays
 /// failed, an exit code stays the container's).
 fn pod(ns: &str, name: &str, annotations: &[(&str, String)], containers: Value) -> Value {
+    // This binary's store, whatever store the shared install was last pointed at by another
+    // test binary (every binary starts a store of its own).
+    let store = env()
+        .stack
+        .pod_addr
+        .clone()
+        .expect("the store listens for pods");
     let mut a = json!({
         format!("{P}/agent-inject"): "true",
         format!("{P}/role"): sidekey_tests::APP_ROLE,
+        format!("{P}/service"): store,
     });
     for (k, v) in annotations {
         a[format!("{P}/{k}")] = json!(v);
@@ -131,14 +139,14 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
+/// `printenv VAR` in the app container (the busybox image has no printenv applet; the shell's
+/// printf prints the same bytes, without the newline).
 fn printenv(ns: &str, pod: &str, var: &str) -> String {
+    let script = format!("printf '%s' \"${var}\"");
     env()
         .cluster
-        .exec(ns, pod, "app", &["printenv", var])
+        .exec(ns, pod, "app", &["sh", "-c", &script])
         .unwrap_or_else(|e| panic!("printenv {var}: {e:#}"))
-        .strip_suffix('\n')
-        .map(String::from)
-        .unwrap_or_default()
 }
 
 #[test]
@@ -288,11 +296,12 @@ fn the_exec_wrapper_gives_the_same_variables_as_pid_1_and_passes_the_exit_code()
             ),
         ),
     ];
+    // `$$$$`: the API server reads `$$` in args as an escaped `$`.
     let app = json!({
         "name": "app",
         "image": APP_IMAGE,
         "command": ["sh", "-c"],
-        "args": ["echo pid=$$; echo key=$API_KEY; echo bv=$BV_KEY; echo greeting=$GREETING; sleep 2; exit 7"],
+        "args": ["echo pid=$$$$; echo key=$API_KEY; echo bv=$BV_KEY; echo greeting=$GREETING; sleep 2; exit 7"],
         "env": [{ "name": "BV_KEY", "value": format!("vault:{kv}#api_key") }],
     });
     env.cluster
