@@ -9,7 +9,9 @@
 //! database credential from an env var logs in, and is revoked when the pod goes; the exec
 //! wrapper (`agent-env-mode: exec`) gives the app the same variables as PID 1 of its container
 //! and passes its exit code through; the admission denials name their annotation; a value the
-//! env file cannot hold stops the init container with one line naming the variable and secret.
+//! env file cannot hold stops the init container with one line naming the variable and secret;
+//! a KV change behind a variable reaches the app through a `restart:` action on a file of the same
+//! secret (the sidecar rewrites the env file first, and the kubelet reads it at the restart).
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -445,4 +447,65 @@ fn a_value_the_env_file_cannot_hold_stops_the_init_container_with_one_line() {
     );
     assert!(!message.contains(&value), "the line holds the value");
     assert!(logs.contains(message), "the log has the line too: {logs}");
+}
+
+#[test]
+fn a_restart_action_on_the_same_secret_restarts_the_app_with_the_new_value() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "envrestart").expect("namespace");
+    let n = ns.name.as_str();
+    let (first, second) = (unique("first"), unique("second"));
+    let path = format!("{n}/config");
+    block(env.stack.put_kv2(&path, json!({ "api_key": first }))).expect("the test's secret");
+    let kv = format!("secret/data/{n}/config");
+    let annotations = [
+        ("agent-inject-env-API_KEY", format!("{kv}#api_key")),
+        // The same secret as a file, whose action restarts the app when it changes.
+        ("agent-inject-secret-config", kv.clone()),
+        (
+            "agent-inject-template-config",
+            format!("{{{{ with secret \"{kv}\" }}}}{{{{ .Data.data.api_key }}}}{{{{ end }}}}"),
+        ),
+        ("agent-inject-action-config", "restart:app".into()),
+        ("agent-share-process-namespace", "true".into()),
+        ("template-static-secret-render-interval", "2s".into()),
+    ];
+    let mut app = sleeper(json!([]));
+    // The agent's user, so it may stop the app's process.
+    app["securityContext"] = json!({ "runAsUser": 100, "runAsGroup": 1000 });
+    let mut p = pod(n, "app", &annotations, json!([app]));
+    p["spec"]["restartPolicy"] = json!("Always");
+    env.cluster.apply(&[p]).expect("creating the pod");
+    env.cluster
+        .wait_ready(n, "app", TIMEOUT)
+        .expect("the pod runs");
+    assert_eq!(printenv(n, "app", "API_KEY"), first);
+
+    block(env.stack.put_kv2(&path, json!({ "api_key": second }))).expect("a new version");
+    env.cluster
+        .wait_until("the app to restart with the new value", TIMEOUT, || {
+            let script = "printf '%s' \"$API_KEY\"";
+            let now = env.cluster.exec(n, "app", "app", &["sh", "-c", script])?;
+            Ok((now == second).then_some(()))
+        })
+        .unwrap_or_else(|e| {
+            let logs = env
+                .cluster
+                .kubectl(&["-n", n, "logs", "app", "-c", "sidekey-agent"])
+                .unwrap_or_default();
+            panic!("{e:#}\n{logs}")
+        });
+    // A new value in the environment means a new process: the kubelet counts the restart (its
+    // status may trail the exec by a moment).
+    env.cluster
+        .wait_until("the restart to be counted", Duration::from_secs(30), || {
+            let pod = env.cluster.get(n, "pod/app")?;
+            let restarts = pod["status"]["containerStatuses"]
+                .as_array()
+                .and_then(|s| s.iter().find(|c| c["name"] == "app").cloned())
+                .and_then(|c| c["restartCount"].as_i64())
+                .unwrap_or(0);
+            Ok((restarts >= 1).then_some(()))
+        })
+        .expect("the app was restarted");
 }
