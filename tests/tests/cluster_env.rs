@@ -509,3 +509,30 @@ fn a_restart_action_on_the_same_secret_restarts_the_app_with_the_new_value() {
         })
         .expect("the app was restarted");
 }
+
+#[test]
+fn a_native_sidecar_writes_the_env_file_before_the_app_starts() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "envnative").expect("namespace");
+    let n = ns.name.as_str();
+    let key = unique("native-key");
+    block(
+        env.stack
+            .put_kv2(&format!("{n}/config"), json!({ "api_key": key })),
+    )
+    .expect("the test's secret");
+    let annotations = [
+        ("agent-native-sidecar", "true".to_string()),
+        (
+            "agent-inject-env-API_KEY",
+            format!("secret/data/{n}/config#api_key"),
+        ),
+    ];
+    env.cluster
+        .apply(&[pod(n, "app", &annotations, json!([sleeper(json!([]))]))])
+        .expect("creating the pod");
+    env.cluster
+        .wait_ready(n, "app", TIMEOUT)
+        .expect("the pod runs");
+    assert_eq!(printenv(n, "app", "API_KEY"), key);
+}
