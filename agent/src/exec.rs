@@ -125,3 +125,46 @@ pub fn exec(env_file: &std::path::Path, wanted: &[Wanted], command: &[OsString])
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn the_wanted_variables_are_read_by_their_keys() {
+        let text = "A='1'\nB@2='two\nlines'\nC='x'\n";
+        let wanted = [Wanted::parse("A"), Wanted::parse("B=B@2")];
+        assert_eq!(
+            variables(Path::new("/f"), text, &wanted).unwrap(),
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "two\nlines".to_string())
+            ]
+        );
+        let e = variables(Path::new("/f"), text, &[Wanted::parse("D")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "env var D: key D is not in the env file /f (did the agent's init container run?)"
+        );
+        assert_eq!(e.exit_code(), 1);
+        let e = variables(Path::new("/f"), "A=1", &wanted).unwrap_err();
+        assert!(
+            e.to_string().contains("line 1: value must be enclosed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_command_that_cannot_run_exits_as_a_shell_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("env");
+        std::fs::write(&file, "A='1'\n").unwrap();
+        let e = exec(&file, &[Wanted::parse("A")], &["/no/such/program".into()]);
+        assert_eq!(e.exit_code(), 127, "{e}");
+        let e = exec(&file, &[Wanted::parse("A")], &[]);
+        assert!(matches!(e, ExecError::NoCommand));
+        let e = exec(&dir.path().join("missing"), &[], &["true".into()]);
+        assert!(matches!(e, ExecError::Read { .. }), "{e}");
+    }
+}
