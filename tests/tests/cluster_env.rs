@@ -536,3 +536,46 @@ fn a_native_sidecar_writes_the_env_file_before_the_app_starts() {
         .expect("the pod runs");
     assert_eq!(printenv(n, "app", "API_KEY"), key);
 }
+
+/// The start-up cost of env vars against files only, create-to-Ready on this node (printed, not
+/// asserted: a figure for the benchmark; `cargo test --test cluster_env -- --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement"]
+fn start_up_figures_env_vars_against_files() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "envfigures").expect("namespace");
+    let n = ns.name.as_str();
+    block(
+        env.stack
+            .put_kv2(&format!("{n}/config"), json!({ "api_key": "k", "b": "v" })),
+    )
+    .expect("the test's secret");
+    let kv = format!("secret/data/{n}/config");
+    let files = [
+        ("agent-inject-secret-a", kv.clone()),
+        ("agent-inject-secret-b", kv.clone()),
+    ];
+    let vars = [
+        ("agent-inject-env-A", format!("{kv}#api_key")),
+        ("agent-inject-env-B", format!("{kv}#b")),
+    ];
+    let mut figures = Vec::new();
+    for (label, annotations) in [("files", &files), ("env vars", &vars)] {
+        let mut ms = Vec::new();
+        for i in 0..5 {
+            let name = format!("{}-{i}", label.replace(' ', "-"));
+            let start = std::time::Instant::now();
+            env.cluster
+                .apply(&[pod(n, &name, annotations, json!([sleeper(json!([]))]))])
+                .expect("creating the pod");
+            env.cluster.wait_ready(n, &name, TIMEOUT).expect("Ready");
+            ms.push(start.elapsed().as_millis());
+        }
+        ms.sort_unstable();
+        figures.push(format!(
+            "{label}: median {} ms (of {ms:?})",
+            ms[ms.len() / 2]
+        ));
+    }
+    println!("create-to-Ready, two secrets: {}", figures.join("; "));
+}
