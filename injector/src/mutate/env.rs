@@ -115,6 +115,50 @@ pub(super) fn wanted(req: &InjectionRequest, view: &PodView, targets: &[usize]) 
         })
 }
 
+/// `vault:` values Sidekey leaves as they are (containers `agent-inject-containers` leaves out,
+/// the app's init containers) are admission warnings: those containers see the literal text.
+pub(super) fn warn_untouched(
+    req: &InjectionRequest,
+    view: &PodView,
+    targets: &[usize],
+    warnings: &mut Vec<String>,
+) {
+    let references = |c: &crate::pod::ContainerView| -> Vec<String> {
+        c.env
+            .iter()
+            .flatten()
+            .filter(|e| {
+                e.value
+                    .as_deref()
+                    .is_some_and(|v| v.starts_with(VAULT_VALUE))
+            })
+            .map(|e| e.name.clone())
+            .collect()
+    };
+    let key = annotation_error(req, "agent-inject-containers", "").key;
+    for (i, c) in view.containers(Section::Containers).iter().enumerate() {
+        let names = references(c);
+        if !targets.contains(&i) && !names.is_empty() {
+            warnings.push(format!(
+                "{}: container {:?} is left out, so its vault: values ({}) stay as written",
+                key.clone().unwrap_or_default(),
+                c.name,
+                names.join(", ")
+            ));
+        }
+    }
+    for c in view.containers(Section::InitContainers) {
+        let names = references(c);
+        if !names.is_empty() {
+            warnings.push(format!(
+                "init container {:?}: vault: values ({}) are replaced in app containers only; they stay as written",
+                c.name,
+                names.join(", ")
+            ));
+        }
+    }
+}
+
 /// Plans the variables of the containers `targets` (indices in `containers`).
 pub(super) fn plan(
     req: &InjectionRequest,

@@ -125,6 +125,7 @@ pub fn build(
 
     let mut warnings = Vec::new();
     let env_wanted = env::wanted(req, view, &targets);
+    env::warn_untouched(req, view, &targets, &mut warnings);
     if env_wanted && !(req.lifecycle.pre_populate || req.lifecycle.native_sidecar) {
         return Err(annotation_error(
             req,

@@ -184,6 +184,23 @@ fn agent_inject_containers_limits_who_gets_variables() {
         json!([{ "name": "X", "value": "vault:kv/x#y" }])
     );
     assert_eq!(env_json(&patched, 1)[0]["name"], "TOKEN");
+    let (m, _) = mutate(
+        &req,
+        &json!({ "metadata": {}, "spec": {
+            "initContainers": [{ "name": "setup", "image": "x", "env": [{ "name": "S", "value": "vault:kv/s#t" }] }],
+            "containers": [
+                { "name": "a", "image": "x", "env": [{ "name": "X", "value": "vault:kv/x#y" }] },
+                { "name": "b", "image": "x" },
+            ] } }),
+    )
+    .unwrap();
+    assert_eq!(
+        m.warnings,
+        [
+            "vault.hashicorp.com/agent-inject-containers: container \"a\" is left out, so its vault: values (X) stay as written",
+            "init container \"setup\": vault: values (S) are replaced in app containers only; they stay as written"
+        ]
+    );
 }
 
 #[test]
