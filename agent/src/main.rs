@@ -158,16 +158,31 @@ async fn async_main(cli: Cli) -> ExitCode {
     }
 }
 
-/// One clear line on stderr (it shows in `kubectl describe pod`), logged as well.
+/// One clear line on stderr, logged as well, and written where the kubelet takes a container's
+/// termination message from, so `kubectl describe pod` and the pod's status show it.
 fn fail(message: &str, code: i32) -> ExitCode {
     sidekey_agent::log::init(&LogConfig::default());
     tracing::error!(error = %message, "sidekey-agent failed");
     eprintln!("sidekey-agent: {message}");
-    // The kubelet shows this file as the container's termination message (`kubectl describe
-    // pod`); it exists only in a container.
-    let termination_log = std::path::Path::new("/dev/termination-log");
-    if termination_log.exists() {
-        let _ = std::fs::write(termination_log, format!("sidekey-agent: {message}"));
-    }
+    write_termination_message(&format!("sidekey-agent: {message}"));
     ExitCode::from(code as u8)
+}
+
+/// The kubelet's default `terminationMessagePath`; it exists only in a container (elsewhere
+/// nothing is written). The kubelet keeps at most 4096 bytes; the line is cut on a character
+/// boundary below that.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn write_termination_message(line: &str) {
+    let path = std::path::Path::new(TERMINATION_LOG);
+    if !path.exists() {
+        return;
+    }
+    let mut end = line.len().min(4000);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let one_line = line[..end].replace('\n', " ");
+    // Best effort: the message is also on stderr and in the log.
+    let _ = std::fs::write(path, one_line);
 }

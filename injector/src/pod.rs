@@ -77,6 +77,9 @@ pub struct Spec {
     pub init_containers: Option<Vec<ContainerView>>,
     #[serde(default)]
     pub share_process_namespace: Option<bool>,
+    /// A pod in the node's network namespace: its loopback is the node's.
+    #[serde(default)]
+    pub host_network: Option<bool>,
     /// Whether the kubelet starts a stopped container again (a `restart:` action needs it).
     #[serde(default)]
     pub restart_policy: Option<String>,
@@ -192,6 +195,13 @@ impl PodView {
 
     pub fn volumes(&self) -> Option<&[Named]> {
         self.spec.as_ref()?.volumes.as_deref()
+    }
+
+    pub fn host_network(&self) -> bool {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
     }
 
     pub fn share_process_namespace(&self) -> Option<bool> {

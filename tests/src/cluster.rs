@@ -120,9 +120,13 @@ impl Cluster {
         self.kubectl_with_input(&list.to_string(), &["apply", "-f", "-"])
     }
 
-    /// The object as JSON (`kubectl get -o json`).
+    /// The object as JSON (`kubectl get WHAT -o json`; WHAT may hold several words, such as
+    /// `pods -l app=x`).
     pub fn get(&self, namespace: &str, what: &str) -> Result<Value> {
-        let text = self.kubectl(&["-n", namespace, "get", what, "-o", "json"])?;
+        let mut args = vec!["-n", namespace, "get"];
+        args.extend(what.split_whitespace());
+        args.extend(["-o", "json"]);
+        let text = self.kubectl(&args)?;
         Ok(serde_json::from_str(&text)?)
     }
 
@@ -210,6 +214,28 @@ impl Cluster {
             args.extend(["--set", value]);
         }
         self.helm(&args)?;
+        // `helm --wait` returns once the new pods are ready; the old ones may still answer
+        // reviews with the old settings for a moment. Wait until only the new ones are left.
+        self.kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/sidekey",
+            "--timeout=180s",
+        ])?;
+        self.wait_until(
+            "the old injector pods to go",
+            Duration::from_secs(120),
+            || {
+                let pods = self.get(SIDEKEY_NAMESPACE, "pods -l app.kubernetes.io/name=sidekey")?;
+                let items = pods["items"].as_array().cloned().unwrap_or_default();
+                let terminating = items
+                    .iter()
+                    .any(|p| !p["metadata"]["deletionTimestamp"].is_null());
+                Ok((!items.is_empty() && !terminating).then_some(()))
+            },
+        )?;
         Ok(())
     }
 

@@ -121,6 +121,7 @@ pub fn build(
         });
     }
     refuse_earlier_injection(req, view)?;
+    refuse_listener_in_host_network(req, view)?;
     let targets = targets(req, &app_names)?;
 
     let mut warnings = Vec::new();
@@ -222,6 +223,35 @@ fn refuse_earlier_injection(req: &InjectionRequest, view: &PodView) -> Result<()
         format!(
             "the pod already has the agent containers of an earlier injection ({}); remove them and their volumes to inject again, or keep agent-inject-status: injected",
             earlier.join(", ")
+        ),
+    ))
+}
+
+/// The sidecar's local API listens on 127.0.0.1, which in a `hostNetwork: true` pod is the
+/// node's loopback: every process on the node, and every other host-network pod whatever its
+/// service account, could send store requests through the proxy with this pod's token, and stop
+/// the agent through the quit endpoint. Vault Agent Injector admits it; Sidekey refuses it.
+fn refuse_listener_in_host_network(
+    req: &InjectionRequest,
+    view: &PodView,
+) -> Result<(), AnnotationError> {
+    let Some(listener) = &req.listener else {
+        return Ok(());
+    };
+    if !view.host_network() {
+        return Ok(());
+    }
+    let asked = if listener.enable_quit {
+        "agent-enable-quit"
+    } else {
+        "agent-cache-enable"
+    };
+    Err(annotation_error(
+        req,
+        asked,
+        format!(
+            "the pod sets hostNetwork: true, so the sidecar's local API (agent-cache-enable / agent-enable-quit) would listen on 127.0.0.1:{} of the node's network, where every process on the node and every other host-network pod could read this pod's secrets through it with its token and stop the agent; remove hostNetwork, or remove agent-cache-enable and agent-enable-quit and read the rendered files in /vault/secrets",
+            listener.port
         ),
     ))
 }

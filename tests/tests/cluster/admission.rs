@@ -3,10 +3,12 @@
 //! chart's ValidatingAdmissionPolicy evaluated), and an init container that cannot log in says why
 //! in one line where `kubectl describe pod` shows it.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use sidekey_tests::cluster::{TestNamespace, fixture_path};
 
-use crate::{TIMEOUT, app_container, block, env, pod_template};
+use crate::{app_container, block, env, pod_template};
 
 /// A fixture as its author would have written it: what the API server added on the way in
 /// (the service-account token volume, uid, status, node) is taken out again, so the real API
@@ -60,7 +62,11 @@ fn every_mutation_fixture_is_admitted_by_the_real_api_server() {
     assert!(names.len() >= 15, "fixtures: {names:?}");
     let mut failures = Vec::new();
     for name in &names {
-        let text = std::fs::read_to_string(dir.join(name)).expect("reading a fixture");
+        // The placeholders the pod tests fill in: the store's PostgreSQL port, a listener port.
+        let text = std::fs::read_to_string(dir.join(name))
+            .expect("reading a fixture")
+            .replace("PG_PORT", &env.stack.pg_port.to_string())
+            .replace("LISTENER_PORT", "8200");
         let pod = as_authored(serde_json::from_str(&text).expect("a JSON pod"), &ns.name);
         // A server-side dry run goes through every admission step (the webhook is sideEffects:
         // None) and validation, and stores nothing.
@@ -126,20 +132,27 @@ fn an_init_container_that_cannot_log_in_says_why_in_one_line() {
     env.cluster.apply(&[pod]).expect("creating the pod");
     let message = env
         .cluster
-        .wait_until("the init container to fail", TIMEOUT, || {
-            let pod = env.cluster.get(&ns.name, "pod/refused")?;
-            let status = pod["status"]["initContainerStatuses"]
-                .as_array()
-                .and_then(|s| {
-                    s.iter()
-                        .find(|c| c["name"] == "sidekey-agent-init")
-                        .cloned()
-                })
-                .unwrap_or(Value::Null);
-            Ok(status["state"]["terminated"]["message"]
-                .as_str()
-                .map(String::from))
-        })
+        .wait_until(
+            "the init container to fail",
+            Duration::from_secs(300),
+            || {
+                let pod = env.cluster.get(&ns.name, "pod/refused")?;
+                let status = pod["status"]["initContainerStatuses"]
+                    .as_array()
+                    .and_then(|s| {
+                        s.iter()
+                            .find(|c| c["name"] == "sidekey-agent-init")
+                            .cloned()
+                    })
+                    .unwrap_or(Value::Null);
+                // The first failure, whether the kubelet has restarted the container since or not.
+                let terminated = ["state", "lastState"]
+                    .iter()
+                    .map(|s| &status[s]["terminated"]["message"])
+                    .find_map(|m| m.as_str().map(String::from));
+                Ok(terminated)
+            },
+        )
         .expect("a termination message");
     let message = message.trim();
     assert_eq!(message.lines().count(), 1, "one line: {message:?}");
@@ -154,5 +167,52 @@ fn an_init_container_that_cannot_log_in_says_why_in_one_line() {
     assert!(
         describe.contains(message),
         "kubectl describe shows the line: {describe}"
+    );
+}
+
+/// Issue: the sidecar's local API must never serve anyone outside its pod. In a host-network pod
+/// 127.0.0.1 is the node's, so the real API server refuses such a pod with the injector's
+/// message; the same pod without hostNetwork is admitted with its listener.
+#[test]
+fn a_host_network_pod_with_the_local_api_is_refused_by_the_api_server() {
+    let env = env();
+    let ns = TestNamespace::create(env.cluster, "hostnet").expect("namespace");
+    let annotations = json!({
+        "vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/role": sidekey_tests::APP_ROLE,
+        "vault.hashicorp.com/agent-inject-secret-config": format!("secret/data/{}/config", ns.name),
+        "vault.hashicorp.com/agent-cache-enable": "true",
+    });
+    let mut pod = pod_template("hostnet", annotations, vec![app_container("app")]);
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["name"] = json!("hostnet");
+    pod["metadata"]["namespace"] = json!(ns.name);
+    let dry_run = |pod: &Value| {
+        env.cluster
+            .kubectl_output(
+                Some(&pod.to_string()),
+                &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+            )
+            .expect("kubectl")
+    };
+    let admitted = dry_run(&pod);
+    assert!(
+        admitted.status.success(),
+        "without hostNetwork the pod is admitted: {}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
+    pod["spec"]["hostNetwork"] = json!(true);
+    let refused = dry_run(&pod);
+    assert!(
+        !refused.status.success(),
+        "a host-network pod with the local API was admitted"
+    );
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("vault.hashicorp.com/agent-cache-enable")
+            && message.contains("hostNetwork: true")
+            && message.contains("127.0.0.1:8200"),
+        "the refusal names the annotation, hostNetwork and the address: {message}"
     );
 }

@@ -1,0 +1,384 @@
+//! Figures on the real single-node cluster (`bench/run.sh cluster`, or `cargo run --release -p
+//! sidekey-tests --bin cluster_bench`), written to `bench/RESULTS-cluster.md`:
+//!
+//! - create-to-Ready of the same pod without injection, injected (init container + classic
+//!   sidecar) and injected with a native sidecar, measured from the create call to the first
+//!   observation of the Ready condition through the API;
+//! - each pod's memory as the kubelet's cgroups account it (its stats summary, working set);
+//! - the API server's own admission latency histogram for the webhook
+//!   (`apiserver_admission_webhook_admission_duration_seconds`) at rest and while a Deployment
+//!   goes from 0 to 300 replicas (all must be admitted and injected; a node selector no node
+//!   matches keeps them Pending, since one 2-core node cannot run 300 pods);
+//! - store requests (by OpenBao's audit log) and TokenReviews (by the API server's request
+//!   counter) per injected pod start.
+//!
+//! It prints the figures it measures, never a threshold verdict: the machines are noisy.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::{Value, json};
+use sidekey_tests::cluster::{APP_IMAGE, Cluster, Inventory, TestNamespace};
+use sidekey_tests::{Stack, workspace_root};
+
+const RUNS: usize = 5;
+static STORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+const SCALE: u32 = 300;
+
+fn app_pod(name: &str, namespace: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace, "annotations": annotations },
+        "spec": {
+            "serviceAccountName": sidekey_tests::APP_SERVICE_ACCOUNT,
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "app", "image": APP_IMAGE,
+                "command": ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+            }],
+        },
+    })
+}
+
+/// The annotations of an injected pod; `service` names this run's store, so that the figures do
+/// not depend on which store the cluster's injector was last installed for.
+fn injected(namespace: &str, native: bool) -> Value {
+    let mut a = json!({
+        "vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/service": STORE.get().cloned().unwrap_or_default(),
+        "vault.hashicorp.com/role": sidekey_tests::APP_ROLE,
+        "vault.hashicorp.com/agent-inject-secret-config": format!("secret/data/{namespace}/config"),
+        "vault.hashicorp.com/agent-inject-template-config":
+            format!("{{{{ with secret \"secret/data/{namespace}/config\" }}}}{{{{ .Data.data.api_key }}}}{{{{ end }}}}"),
+    });
+    if native {
+        a["vault.hashicorp.com/agent-native-sidecar"] = json!("true");
+    }
+    a
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Creates the pod and polls it every 20 ms until Ready; returns the elapsed time and the pod's uid.
+async fn create_to_ready(api: &Api<Pod>, pod: &Value) -> Result<(Duration, String)> {
+    let pod: Pod = serde_json::from_value(pod.clone())?;
+    let name = pod.metadata.name.clone().context("a name")?;
+    let started = Instant::now();
+    let created = api.create(&PostParams::default(), &pod).await?;
+    loop {
+        let now = api.get(&name).await?;
+        if is_ready(&now) {
+            return Ok((started.elapsed(), created.metadata.uid.unwrap_or_default()));
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("pod {name} not Ready within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn delete_and_wait(api: &Api<Pod>, name: &str) -> Result<()> {
+    api.delete(name, &DeleteParams::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.get_opt(name).await?.is_some() {
+        if Instant::now() > deadline {
+            bail!("pod {name} not gone within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The working-set bytes of each container of a pod, from the kubelet's stats summary.
+fn pod_memory(cluster: &Cluster, namespace: &str, pod: &str) -> Result<BTreeMap<String, u64>> {
+    let text = cluster.kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/nodes/sidekey-node/proxy/stats/summary",
+    ])?;
+    let summary: Value = serde_json::from_str(&text)?;
+    let mut out = BTreeMap::new();
+    for p in summary["pods"].as_array().into_iter().flatten() {
+        if p["podRef"]["name"] == pod && p["podRef"]["namespace"] == namespace {
+            for c in p["containers"].as_array().into_iter().flatten() {
+                let name = c["name"].as_str().unwrap_or("?").to_string();
+                out.insert(name, c["memory"]["workingSetBytes"].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The webhook's admission-duration histogram buckets (upper bound in s -> cumulative count),
+/// summed over its labels, from the API server's /metrics.
+fn admission_histogram(cluster: &Cluster) -> Result<BTreeMap<String, u64>> {
+    let metrics = cluster.kubectl(&["get", "--raw", "/metrics"])?;
+    let mut buckets = BTreeMap::new();
+    for line in metrics.lines() {
+        if !line.starts_with("apiserver_admission_webhook_admission_duration_seconds_bucket")
+            || !line.contains("name=\"sidekey.vault.hashicorp.com\"")
+        {
+            continue;
+        }
+        let le = line
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?")
+            .to_string();
+        let count: f64 = line
+            .rsplit(' ')
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0.0);
+        *buckets.entry(le).or_insert(0) += count as u64;
+    }
+    Ok(buckets)
+}
+
+fn counter(cluster: &Cluster, metric: &str, needle: &str) -> Result<u64> {
+    let metrics = cluster.kubectl(&["get", "--raw", "/metrics"])?;
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with(metric) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Quantile upper bounds from cumulative buckets (the difference of two snapshots).
+fn quantiles(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> (u64, String, String) {
+    let mut rows: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            (bound, n - before.get(le).copied().unwrap_or(0))
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = rows.last().map(|r| r.1).unwrap_or(0);
+    let at = |q: f64| {
+        let want = (total as f64 * q).ceil() as u64;
+        rows.iter()
+            .find(|r| r.1 >= want.max(1))
+            .map(|r| {
+                if r.0.is_infinite() {
+                    "> largest bucket".to_string()
+                } else {
+                    format!("≤ {} ms", r.0 * 1000.0)
+                }
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    (total, at(0.5), at(0.99))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn summary(values: &mut [f64]) -> String {
+    values.sort_by(f64::total_cmp);
+    format!(
+        "{:.0} / {:.0} / {:.0}",
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1]
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cluster = Cluster::shared();
+    let stack = Stack::start()?;
+    cluster.configure_store(&stack).await?;
+    cluster.install_sidekey(&stack, &[])?;
+    STORE
+        .set(stack.pod_addr.clone().context("no pod listener")?)
+        .ok();
+    let ns = TestNamespace::create(cluster, "bench")?;
+    stack
+        .put_kv2(
+            &format!("{}/config", ns.name),
+            json!({ "api_key": "bench-value" }),
+        )
+        .await?;
+    let client = cluster.client().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let mut report = String::new();
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(workspace_root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    writeln!(
+        report,
+        "# Benchmarks on the real cluster\n\nWritten by `cargo run --release -p sidekey-tests --bin cluster_bench` at commit {commit} (do not edit by hand). One node (`scripts/cluster.sh`: Kubernetes 1.35.4, containerd 2.2.9, runc 1.4.4) on a 2-core machine that also runs the control plane and the store; figures are min / median / max of {RUNS} runs, taken one after another in one run. The app container is busybox; the store is OpenBao (TLS) on the machine.\n"
+    )?;
+
+    // Create-to-Ready, with the pod's memory once Ready.
+    writeln!(report, "## Pod create-to-Ready and memory\n")?;
+    writeln!(
+        report,
+        "| pod | create-to-Ready (ms) | memory once Ready, working set (MiB): app / agent containers |\n|---|---|---|"
+    )?;
+    let shapes: [(&str, Option<bool>); 3] = [
+        ("not injected", None),
+        ("injected: init container + classic sidecar", Some(false)),
+        ("injected: native sidecar", Some(true)),
+    ];
+    for (label, native) in shapes {
+        let mut times = Vec::new();
+        let mut memory = String::new();
+        for run in 0..RUNS {
+            let name = format!(
+                "p{run}-{}",
+                native
+                    .map(|n| if n { "native" } else { "classic" })
+                    .unwrap_or("plain")
+            );
+            let annotations = native
+                .map(|n| injected(&ns.name, n))
+                .unwrap_or_else(|| json!({}));
+            let (elapsed, _) =
+                create_to_ready(&pods, &app_pod(&name, &ns.name, annotations)).await?;
+            times.push(ms(elapsed));
+            if run == RUNS - 1 {
+                // The kubelet's stats lag its containers by a few seconds.
+                tokio::time::sleep(Duration::from_secs(12)).await;
+                let mem = pod_memory(cluster, &ns.name, &name)?;
+                let app = mem.get("app").copied().unwrap_or(0) as f64 / 1048576.0;
+                let agents: Vec<String> = mem
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("sidekey"))
+                    .map(|(k, v)| format!("{k} {:.1}", *v as f64 / 1048576.0))
+                    .collect();
+                memory = format!(
+                    "{app:.1} / {}",
+                    if agents.is_empty() {
+                        "-".into()
+                    } else {
+                        agents.join(", ")
+                    }
+                );
+            }
+            delete_and_wait(&pods, &name).await?;
+        }
+        writeln!(report, "| {label} | {} | {memory} |", summary(&mut times))?;
+        println!("{label}: {}", summary(&mut times));
+    }
+
+    // Logins (tokens the store issued for the namespace) and TokenReviews per injected pod start.
+    let reviews_before = counter(
+        cluster,
+        "apiserver_request_total{",
+        "resource=\"tokenreviews\"",
+    )?;
+    let tokens_before = Inventory::of(&stack, &ns.name, "none").await?.tokens.len();
+    create_to_ready(
+        &pods,
+        &app_pod("count", &ns.name, injected(&ns.name, false)),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tokens = Inventory::of(&stack, &ns.name, "none").await?.tokens.len() - tokens_before;
+    let reviews = counter(
+        cluster,
+        "apiserver_request_total{",
+        "resource=\"tokenreviews\"",
+    )? - reviews_before;
+    delete_and_wait(&pods, "count").await?;
+    writeln!(
+        report,
+        "\n## Logins and TokenReviews for one injected pod start\n\nOne KV v2 secret, from pod creation until Ready (init render, then the sidecar adopting the init container's token). Tokens are those the store holds for the pod's namespace (each login issues one); TokenReviews are the API server's `apiserver_request_total` for tokenreviews. OpenBao 2.x refuses audit devices enabled through its API, so reads are not counted here; `bench/RESULTS.md` counts every request with a proxy (one login plus one read per secret).\n\n| figure | count |\n|---|---|\n| logins (tokens issued) | {tokens} |\n| TokenReviews at the API server | {reviews} |"
+    )?;
+
+    // Admission latency at rest and during a 0 -> 300 scale-up.
+    writeln!(
+        report,
+        "\n## The API server's admission latency for the webhook\n\n`apiserver_admission_webhook_admission_duration_seconds` for `sidekey.vault.hashicorp.com`, the difference of two scrapes around each workload; p50 and p99 are bucket upper bounds.\n\n| workload | reviews | p50 | p99 | pods admitted and injected |\n|---|---|---|---|---|"
+    )?;
+    let before = admission_histogram(cluster)?;
+    for i in 0..30 {
+        let pod = app_pod(&format!("rest-{i}"), &ns.name, injected(&ns.name, false));
+        cluster.kubectl_with_input(&pod.to_string(), &["create", "--dry-run=server", "-f", "-"])?;
+    }
+    let after = admission_histogram(cluster)?;
+    let (n, p50, p99) = quantiles(&before, &after);
+    writeln!(
+        report,
+        "| at rest: 30 reviews one after another (server-side dry run) | {n} | {p50} | {p99} | 30 |"
+    )?;
+
+    let mut template = app_pod("x", &ns.name, injected(&ns.name, false));
+    template["metadata"] =
+        json!({ "labels": { "app": "scale" }, "annotations": injected(&ns.name, false) });
+    template["spec"]["nodeSelector"] = json!({ "sidekey.bench/none": "true" });
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": "scale", "namespace": ns.name },
+        "spec": { "replicas": 0, "selector": { "matchLabels": { "app": "scale" } }, "template": template },
+    });
+    cluster.apply(&[deployment])?;
+    let before = admission_histogram(cluster)?;
+    let started = Instant::now();
+    cluster.kubectl(&[
+        "-n",
+        &ns.name,
+        "scale",
+        "deployment/scale",
+        &format!("--replicas={SCALE}"),
+    ])?;
+    let admitted = cluster.wait_until("300 pods", Duration::from_secs(600), || {
+        let list = cluster.get(&ns.name, "pods -l app=scale")?;
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let injected = items
+            .iter()
+            .filter(|p| {
+                p["metadata"]["annotations"]["vault.hashicorp.com/agent-inject-status"]
+                    == "injected"
+            })
+            .count();
+        Ok((items.len() as u32 >= SCALE).then_some(injected))
+    })?;
+    let burst = started.elapsed();
+    let after = admission_histogram(cluster)?;
+    let (n, p50, p99) = quantiles(&before, &after);
+    writeln!(
+        report,
+        "| Deployment scaled 0 → {SCALE} (all created in {:.1} s) | {n} | {p50} | {p99} | {admitted} |",
+        burst.as_secs_f64()
+    )?;
+    cluster.kubectl(&[
+        "-n",
+        &ns.name,
+        "delete",
+        "deployment",
+        "scale",
+        "--wait=false",
+    ])?;
+
+    let path = workspace_root().join("bench/RESULTS-cluster.md");
+    std::fs::write(&path, &report)?;
+    println!("{report}");
+    println!("wrote {}", path.display());
+    Ok(())
+}
