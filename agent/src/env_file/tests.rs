@@ -251,3 +251,53 @@ fn the_kubelet_s_parser_reads_what_the_writer_writes() {
     }
     assert!(checked > 30, "{checked}");
 }
+
+/// A deterministic sweep: whatever the writer accepts, the reader (ParseEnv's rules) gives back
+/// byte for byte, next to other keys; whatever it refuses has the reason it names.
+#[test]
+fn every_accepted_value_reads_back_and_every_refusal_is_founded() {
+    let alphabet: &[&str] = &[
+        "a", "Z", "0", "'", "\n", "\r", "\r\n", "#", "=", "\"", "$", "`", " ", "\t", "\\", "é",
+        "😀", "\0", "K='x'", "# c",
+    ];
+    let mut seed: u64 = 42;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..20_000 {
+        let len = next() % 10;
+        let value: String = (0..len)
+            .map(|_| alphabet[next() % alphabet.len()])
+            .collect();
+        let vars = vec![
+            ("FIRST".to_string(), b"1".to_vec()),
+            ("V".to_string(), value.clone().into_bytes()),
+            ("LAST".to_string(), b"2".to_vec()),
+        ];
+        match encode(&vars) {
+            Ok(text) => {
+                let back = read(std::str::from_utf8(&text).unwrap()).unwrap();
+                assert_eq!(back[1], ("V".to_string(), value.clone()), "{value:?}");
+                assert_eq!(back.len(), 3);
+                accepted += 1;
+            }
+            Err((1, problem)) => {
+                let founded = match problem {
+                    Unrepresentable::Empty => value.is_empty(),
+                    Unrepresentable::SingleQuote => value.contains('\''),
+                    Unrepresentable::Nul => value.contains('\0'),
+                    Unrepresentable::CarriageReturn => value.contains("\r\n"),
+                    _ => false,
+                };
+                assert!(founded, "{value:?}: {problem}");
+                refused += 1;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(accepted > 1000 && refused > 1000, "{accepted} {refused}");
+}
