@@ -145,6 +145,9 @@ pub fn build(
         }
         None => EnvPlan::default(),
     };
+    if req.secrets.specs.is_empty() && req.secrets.configmap.is_none() && env_plan.is_empty() {
+        warnings.push("agent-inject is true but no agent-inject-secret-NAME or agent-inject-env-VAR annotation (nor a vault: value) names a secret; the agent will render nothing".into());
+    }
     let own_config;
     let config_env = match env_plan.config(req.env.mode) {
         None => config_env,
