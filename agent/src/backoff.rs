@@ -9,6 +9,14 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The bounds the agent's config sets.
+    pub fn of(config: &crate::config::AgentConfig) -> Backoff {
+        Backoff::new(
+            Duration::from_millis(config.lifecycle.min_backoff_ms),
+            Duration::from_millis(config.lifecycle.max_backoff_ms),
+        )
+    }
+
     pub fn new(min: Duration, max: Duration) -> Backoff {
         Backoff {
             min,

@@ -1,6 +1,7 @@
 //! The Vault / OpenBao HTTP API client: one request type with retries, and the handful of calls
 //! the agent makes (login, read, write, token and lease calls). Values never reach its errors.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -126,8 +127,9 @@ pub struct AuthInfo {
     pub renewable: bool,
 }
 
-/// A secret as the API returns it; `data` is kept as JSON for the templates.
-#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+/// A secret as the API returns it; `data` is kept as JSON for the templates. Its `Debug`
+/// shows the lease and the shape of the data, never a value.
+#[derive(Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct Secret {
     #[serde(default)]
     pub request_id: String,
@@ -141,6 +143,33 @@ pub struct Secret {
     pub data: Value,
     #[serde(default)]
     pub warnings: Value,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secret")
+            .field("lease_id", &self.lease_id)
+            .field("lease_duration", &self.lease_duration)
+            .field("renewable", &self.renewable)
+            .field("data", &Shape(&self.data))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a JSON value is, without what it holds: `object with 3 key(s)`, `string of 12 bytes`.
+pub struct Shape<'a>(pub &'a Value);
+
+impl fmt::Debug for Shape<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Value::Null => f.write_str("null"),
+            Value::Object(m) => write!(f, "<object with {} key(s)>", m.len()),
+            Value::Array(a) => write!(f, "<array of {} item(s)>", a.len()),
+            Value::String(s) => write!(f, "<string of {} byte(s)>", s.len()),
+            Value::Number(_) => f.write_str("<number>"),
+            Value::Bool(_) => f.write_str("<bool>"),
+        }
+    }
 }
 
 /// What `auth/token/lookup-self` says about a token.

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 /// The environment variable that carries the base64-encoded JSON config.
 pub const CONFIG_ENV: &str = "SIDEKEY_AGENT_CONFIG";
+/// The pod's own stop deadline in seconds (its terminationGracePeriodSeconds less a margin),
+/// over `lifecycle.stop_deadline_secs`: the injector sets it per pod, beside a config that is
+/// shared by every pod annotated alike.
+pub const STOP_DEADLINE_ENV: &str = "SIDEKEY_STOP_DEADLINE_SECS";
 pub const DEFAULT_SECRETS_DIR: &str = "/vault/secrets";
 pub const DEFAULT_STATE_DIR: &str = "/home/sidekey";
 
@@ -27,8 +31,6 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
     #[error("no agent config: set {CONFIG_ENV} or pass --config FILE")]
     Missing,
-    #[error(transparent)]
-    Hcl(#[from] crate::hcl_config::HclError),
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -106,6 +108,9 @@ pub struct EnvVarConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
 }
+
+/// The agent's binary as the exec wrapper runs it, next to the env file.
+pub const ENV_WRAPPER_BINARY: &str = "sidekey-agent";
 
 /// Whether `name` is a key the kubelet's env-file parser and the API server's `fileKeyRef`
 /// validation both take: printable ASCII without `=` (relaxed env var names), no space or tab
@@ -378,6 +383,12 @@ pub struct LifecycleConfig {
     /// with it, every lease the token created) that dies soon instead of at the role's TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ttl_cap_secs: Option<u64>,
+    /// How long the whole stop may take, from the preStop hook's start (or SIGTERM, without a
+    /// hook) to the last revocation: the hook's grace, the listener's drain and every
+    /// revocation share it. The injector writes the pod's terminationGracePeriodSeconds less a
+    /// margin, so the agent is done before the kubelet kills it.
+    #[serde(default = "default_stop_deadline")]
+    pub stop_deadline_secs: u64,
 }
 
 impl Default for LifecycleConfig {
@@ -391,6 +402,7 @@ impl Default for LifecycleConfig {
             max_backoff_ms: default_max_backoff_ms(),
             native_sidecar: false,
             token_ttl_cap_secs: None,
+            stop_deadline_secs: default_stop_deadline(),
         }
     }
 }
@@ -464,6 +476,11 @@ fn default_true() -> bool {
 }
 fn default_revoke_grace() -> u64 {
     5
+}
+/// Kubernetes' default terminationGracePeriodSeconds (30) less a margin for the kubelet.
+pub const DEFAULT_STOP_DEADLINE_SECS: u64 = 25;
+fn default_stop_deadline() -> u64 {
+    DEFAULT_STOP_DEADLINE_SECS
 }
 fn default_init_timeout() -> u64 {
     120
@@ -614,34 +631,45 @@ pub fn check_relative_file(file: &str) -> Result<(), String> {
 impl AgentConfig {
     /// Reads the config from `--config FILE` when given, otherwise from `SIDEKEY_AGENT_CONFIG`.
     pub fn load(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
-        let json = match file {
-            Some(path) => std::fs::read(path).map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?,
-            None => {
-                let encoded = std::env::var(CONFIG_ENV).map_err(|_| ConfigError::Missing)?;
-                return AgentConfig::from_env_value(&encoded);
-            }
-        };
-        AgentConfig::from_json(&json)
+        AgentConfig::load_from(
+            file,
+            std::env::var(CONFIG_ENV).ok(),
+            std::env::var(STOP_DEADLINE_ENV).ok(),
+        )
     }
 
-    /// With `vault_agent_config_dir` set, reads `file` from it over this config (the HCL's
-    /// errors name the file and line) and checks the result; otherwise returns it as it is.
-    pub fn with_vault_agent_config(self, file: &str) -> Result<AgentConfig, ConfigError> {
-        let Some(dir) = self.vault_agent_config_dir.clone() else {
-            return Ok(self);
+    /// `load` with the environment's two values given: the file's config or `env_config`'s
+    /// (base64), with the pod's stop deadline over it.
+    pub fn load_from(
+        file: Option<&Path>,
+        env_config: Option<String>,
+        stop_deadline: Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let config = match file {
+            Some(path) => AgentConfig::from_json(&std::fs::read(path).map_err(|source| {
+                ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?)?,
+            None => AgentConfig::from_env_value(&env_config.ok_or(ConfigError::Missing)?)?,
         };
-        let mut path = dir.join(file);
-        // A pre-populate-only pod's ConfigMap may hold only the init config; its revoke-only
-        // sidecar and preStop hook need just the store and the state from it.
-        if file == crate::hcl_config::SIDECAR_FILE && !path.exists() {
-            path = dir.join(crate::hcl_config::INIT_FILE);
+        config.with_stop_deadline(stop_deadline.as_deref())
+    }
+
+    /// The pod's stop deadline ([`STOP_DEADLINE_ENV`]) over the config's, when it is set.
+    pub fn with_stop_deadline(mut self, secs: Option<&str>) -> Result<AgentConfig, ConfigError> {
+        if let Some(secs) = secs {
+            let secs: u64 = secs
+                .trim()
+                .parse()
+                .map_err(|_| invalid(STOP_DEADLINE_ENV, "not a whole number of seconds"))?;
+            if secs == 0 {
+                return Err(invalid(STOP_DEADLINE_ENV, "must be at least 1"));
+            }
+            self.lifecycle.stop_deadline_secs = secs;
         }
-        let config = crate::hcl_config::overlay_file(self, &path)?;
-        config.validate()?;
-        Ok(config)
+        Ok(self)
     }
 
     /// Decodes the value of `SIDEKEY_AGENT_CONFIG` (base64 of the JSON, surrounding space allowed).
@@ -827,6 +855,33 @@ fn check_mount(field: &str, mount: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_pods_stop_deadline_overrides_the_configs() {
+        let config = AgentConfig::from_json(
+            br#"{"store":{"address":"https://s"},"auth":{"type":"token","token_file":"/t"}}"#,
+        );
+        let Ok(config) = config else {
+            panic!("{config:?}")
+        };
+        assert_eq!(
+            config.lifecycle.stop_deadline_secs,
+            DEFAULT_STOP_DEADLINE_SECS
+        );
+        let set = config.clone().with_stop_deadline(Some("55")).unwrap();
+        assert_eq!(set.lifecycle.stop_deadline_secs, 55);
+        let kept = config.clone().with_stop_deadline(None).unwrap();
+        assert_eq!(
+            kept.lifecycle.stop_deadline_secs,
+            DEFAULT_STOP_DEADLINE_SECS
+        );
+        for bad in ["0", "-1", "ten", ""] {
+            match config.clone().with_stop_deadline(Some(bad)) {
+                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, STOP_DEADLINE_ENV),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
     fn minimal() -> serde_json::Value {
         serde_json::json!({
             "store": { "address": "https://vault:8200" },
@@ -983,18 +1038,19 @@ mod tests {
         for ok in ["db", "app/db.env", "a/b/c.json", ".hidden"] {
             assert!(check_relative_file(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "/etc/passwd",
-            "../x",
-            "a/../../x",
-            "a//b",
-            "./a",
-            "a/./b",
-            "dir/",
-            "a\0b",
+        for (bad, why) in [
+            ("", "is empty"),
+            ("/etc/passwd", "is an absolute path"),
+            ("../x", "leaves the secrets folder"),
+            ("a/../../x", "leaves the secrets folder"),
+            ("a//b", "is not a plain relative path"),
+            ("./a", "is not a plain relative path"),
+            ("a/./b", "is not a plain relative path"),
+            ("dir/", "names a folder"),
+            ("a\0b", "contains a NUL byte"),
         ] {
-            assert!(check_relative_file(bad).is_err(), "{bad:?}");
+            let error = check_relative_file(bad).unwrap_err();
+            assert!(error.contains(why), "{bad:?}: {error}");
         }
     }
 
@@ -1006,5 +1062,17 @@ mod tests {
         assert!(AgentConfig::load(Some(&path)).is_ok());
         let err = AgentConfig::load(Some(&dir.path().join("nope.json"))).unwrap_err();
         assert!(err.to_string().starts_with("cannot read agent config file"));
+        // Neither a file nor the environment's config: says how to give one.
+        let missing = AgentConfig::load_from(None, None, None).unwrap_err();
+        assert!(matches!(missing, ConfigError::Missing), "{missing:?}");
+        assert_eq!(
+            missing.to_string(),
+            "no agent config: set SIDEKEY_AGENT_CONFIG or pass --config FILE"
+        );
+        let encoded = AgentConfig::from_json(&std::fs::read(&path).unwrap())
+            .unwrap()
+            .to_env_value();
+        let from_env = AgentConfig::load_from(None, Some(encoded), Some("42".into())).unwrap();
+        assert_eq!(from_env.lifecycle.stop_deadline_secs, 42);
     }
 }

@@ -21,8 +21,7 @@ use crate::fetch::Fetcher;
 use crate::render::{self, Known, SecretKey};
 use crate::sink::{self, SinkError};
 
-/// The agent's binary as the exec wrapper runs it, next to the env file.
-pub const WRAPPER_BINARY: &str = "sidekey-agent";
+pub use crate::config::ENV_WRAPPER_BINARY as WRAPPER_BINARY;
 
 /// The longest line Go's `bufio.Scanner` reads by default (`MaxScanTokenSize`, 64 KiB, holds a
 /// line and its newline); a longer one fails the kubelet's parse of the whole file.

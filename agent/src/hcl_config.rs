@@ -17,7 +17,8 @@ use hcl::edit::structure::{BlockLabel, Body, Structure};
 use hcl::eval::Evaluate as _;
 
 use crate::config::{
-    AgentConfig, AuthConfig, Engine, TemplateConfig, TokenSink, parse_duration, parse_mode,
+    AgentConfig, AuthConfig, ConfigError, Engine, TemplateConfig, TokenSink, parse_duration,
+    parse_mode,
 };
 
 /// The files vault-k8s runs Vault Agent with, in the ConfigMap's folder.
@@ -45,6 +46,9 @@ const STANZAS: [&str; 11] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum HclError {
+    /// What the file sets makes an invalid config.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
     #[error("cannot read the Vault Agent config {file}: {detail}")]
     Read { file: String, detail: String },
     #[error("{file}:{line}: {problem}")]
@@ -259,6 +263,23 @@ fn unquote_keys(text: &str) -> String {
 }
 
 /// Reads the file at `path` over `base` (see the module doc).
+/// With `vault_agent_config_dir` set, reads `file` from it over `config` (the HCL's errors
+/// name the file and line) and checks the result; otherwise returns `config` as it is.
+pub fn with_vault_agent_config(config: AgentConfig, file: &str) -> Result<AgentConfig, HclError> {
+    let Some(dir) = config.vault_agent_config_dir.clone() else {
+        return Ok(config);
+    };
+    let mut path = dir.join(file);
+    // A pre-populate-only pod's ConfigMap may hold only the init config; its revoke-only
+    // sidecar and preStop hook need just the store and the state from it.
+    if file == SIDECAR_FILE && !path.exists() {
+        path = dir.join(INIT_FILE);
+    }
+    let config = overlay_file(config, &path)?;
+    config.validate()?;
+    Ok(config)
+}
+
 pub fn overlay_file(base: AgentConfig, path: &Path) -> Result<AgentConfig, HclError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| HclError::Read {

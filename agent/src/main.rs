@@ -102,7 +102,9 @@ fn main() -> ExitCode {
 fn load_with(arg: &ConfigArg, hcl_file: &str) -> Result<AgentConfig, RunError> {
     let config = AgentConfig::load(arg.config.as_deref())?;
     sidekey_agent::log::init(&config.log);
-    Ok(config.with_vault_agent_config(hcl_file)?)
+    Ok(sidekey_agent::hcl_config::with_vault_agent_config(
+        config, hcl_file,
+    )?)
 }
 
 fn load(arg: &ConfigArg) -> Result<AgentConfig, RunError> {

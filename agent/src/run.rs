@@ -75,9 +75,13 @@ async fn cap_token_ttl(client: &StoreClient, session: &Session, cap: u64) -> u64
     }
 }
 
-/// `revoke`: after `grace`, what [`revoke::revoke_saved`] does, within [`revoke::BUDGET`]; fails
-/// when something is left, so the kubelet records a failed preStop hook.
+/// `revoke`: after `grace`, what [`revoke::revoke_saved`] does. The stop begins when the hook
+/// does: the grace and the revocation share its deadline (the grace gets at most half of it),
+/// and the record tells the sidecar's SIGTERM path when it began. Fails when something is
+/// left, so the kubelet records a failed preStop hook.
 pub async fn revoke(config: &AgentConfig, grace: Duration) -> Result<Revocation, RunError> {
-    tokio::time::sleep(grace).await;
-    revoke::revoke_saved(config, tokio::time::Instant::now() + revoke::BUDGET).await
+    let clock = revoke::StopClock::begin(config);
+    let budget = Duration::from_secs(config.lifecycle.stop_deadline_secs);
+    tokio::time::sleep(grace.min(budget / 2)).await;
+    Ok(revoke::revoke_saved(config, clock).await?)
 }

@@ -1,82 +1,28 @@
 //! Starting a session, shared by the one-shot commands and the sidecar: one attempt logs in and
 //! renders every template (revoking what it obtained when it fails), and attempts are retried
-//! with backoff while what failed may pass. Also the command error and its exit codes.
+//! with backoff while what failed may pass.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, AuthError, Session};
+use crate::auth::{self, Session};
 use crate::backoff::Backoff;
-use crate::client::{ClientError, StoreClient};
-use crate::config::{AgentConfig, ConfigError};
-use crate::cycle::{self, CycleError, Template};
+use crate::client::StoreClient;
+use crate::config::AgentConfig;
+use crate::cycle::{self, Template};
+pub use crate::error::RunError;
 use crate::fetch::Fetcher;
-use crate::revoke::{self, Revocation};
-use crate::state::{self, HeldSecret, State, StateError};
+use crate::revoke;
+use crate::state::{self, HeldSecret, State};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error(transparent)]
-    Auth(#[from] AuthError),
-    #[error(transparent)]
-    Cycle(#[from] CycleError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Listener(#[from] crate::listener::ListenerError),
-    #[error(transparent)]
-    Env(#[from] crate::env_file::EnvFileError),
-    #[error("gave up after {secs}s of retrying; last error: {last}")]
-    Timeout { secs: u64, last: Box<RunError> },
-    /// A revocation that left something alive (the report says what).
-    #[error("{0}")]
-    Revocation(Revocation),
-}
-
-impl RunError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RunError::Client(e) => e.is_transient(),
-            RunError::Auth(e) => e.is_transient(),
-            RunError::Cycle(e) => e.is_transient(),
-            RunError::Env(e) => e.is_transient(),
-            _ => false,
-        }
-    }
-
-    /// 1: the store could not be reached in time; 2: bad config; 3: login refused;
-    /// 4: a secret or template problem; 5: local resources (state, secrets folder, the
-    /// listener's port).
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            RunError::Timeout { .. } | RunError::Revocation(_) => 1,
-            RunError::Config(_) => 2,
-            RunError::Client(e) if e.is_transient() => 1,
-            RunError::Client(_) => 2,
-            RunError::Auth(e) if e.is_transient() => 1,
-            RunError::Auth(_) => 3,
-            RunError::Cycle(CycleError::Sink(_)) | RunError::State(_) | RunError::Listener(_) => 5,
-            RunError::Cycle(e) if e.is_transient() => 1,
-            RunError::Cycle(_) => 4,
-            RunError::Env(
-                crate::env_file::EnvFileError::Sink(_) | crate::env_file::EnvFileError::Copy { .. },
-            ) => 5,
-            RunError::Env(e) if e.is_transient() => 1,
-            RunError::Env(_) => 4,
-        }
-    }
-}
-
+/// The backoff the config sets (kept here for the callers that name it so).
 pub fn backoff(config: &AgentConfig) -> Backoff {
-    Backoff::new(
-        Duration::from_millis(config.lifecycle.min_backoff_ms),
-        Duration::from_millis(config.lifecycle.max_backoff_ms),
-    )
+    Backoff::of(config)
 }
+
+/// How long the revocation of a failed attempt's leases may take (a handed token's leases do
+/// not die with it).
+const FAILED_ATTEMPT_REVOCATION: Duration = Duration::from_secs(10);
 
 /// Retries `attempt` with backoff while it fails with a transient error, up to `limit`.
 pub async fn retry_until<T, F, Fut>(
@@ -144,7 +90,7 @@ async fn abandon(client: &StoreClient, session: &Session, fetcher: &Fetcher) {
         }
     } else {
         let state = state_of(session, fetcher);
-        let deadline = tokio::time::Instant::now() + revoke::BUDGET;
+        let deadline = tokio::time::Instant::now() + FAILED_ATTEMPT_REVOCATION;
         revoke::revoke_held(client, &state, Vec::new(), deadline).await;
     }
 }
@@ -172,6 +118,7 @@ pub fn state_of(session: &Session, fetcher: &Fetcher) -> State {
         revoked: false,
         stopping: false,
         token_owned: session.owned,
+        retired: Vec::new(),
         actions_done: Default::default(),
     }
 }

@@ -16,6 +16,20 @@ use crate::sink;
 
 pub const STATE_FILE: &str = "state.json";
 
+/// Something the sidecar replaced (a lease at its max TTL, a token by a new login) and keeps
+/// alive for an overlap, so the app can move to the new credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Replaced {
+    Lease(String),
+    Token(Token),
+}
+
+/// The stop's record: written by whoever revoked (the preStop hook, the sidecar's SIGTERM path,
+/// the guard), never by a save of the state, so no save can overwrite it.
+pub const RECORD_FILE: &str = "stopped.json";
+
+/// `Debug` shows the key and the secret's shape (see [`Secret`]), never its data.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HeldSecret {
     pub key: SecretKey,
@@ -24,6 +38,7 @@ pub struct HeldSecret {
     pub renewed_at: u64,
 }
 
+/// `Debug` shows the token as redacted and the secrets by their shape only.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct State {
     pub token: Token,
@@ -43,10 +58,68 @@ pub struct State {
     /// False for a token handed to the agent (token auth): its leases are revoked, the token not.
     #[serde(default = "owned_by_default")]
     pub token_owned: bool,
+    /// Credentials no longer in use but still alive: replaced ones waiting out their overlap,
+    /// and what a task in flight obtained before it could be recorded above. Revoked with the
+    /// rest, so the preStop hook leaves none of them behind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<Replaced>,
     /// By template, the SHA-256 of the content its actions last ran for (or the app started
     /// with): a restarted sidecar does not act again on it. Digests only, never content.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub actions_done: std::collections::BTreeMap<String, String>,
+}
+
+/// What a revocation at the pod's stop did, for the others to read: the sidecar (which stops
+/// renewing, and revokes only what the record does not cover), and a later `revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StopRecord {
+    /// Everything listed was revoked (or found gone).
+    pub complete: bool,
+    /// When the stop began (Unix milliseconds): the preStop hook's start. The SIGTERM path
+    /// that follows it ends by the same deadline.
+    pub began_ms: u64,
+    /// The fingerprints ([`fingerprint`]) of every credential the revocation was about.
+    pub covered: Vec<String>,
+}
+
+impl StopRecord {
+    pub fn covers(&self, what: &Replaced) -> bool {
+        self.covered.contains(&fingerprint(what))
+    }
+}
+
+/// A credential's SHA-256, hex: what the record keeps instead of the token itself.
+pub fn fingerprint(what: &Replaced) -> String {
+    let (kind, value) = match what {
+        Replaced::Lease(id) => ("lease", id.as_str()),
+        Replaced::Token(t) => ("token", t.expose()),
+    };
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(kind.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(value.as_bytes());
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn save_record(dir: &Path, record: &StopRecord) -> Result<(), StateError> {
+    let json = serde_json::to_vec(record).expect("the record serializes");
+    write(dir, RECORD_FILE, &json)
+}
+
+/// The stop's record, or `None` when nobody revoked yet.
+pub fn load_record(dir: &Path) -> Result<Option<StopRecord>, StateError> {
+    read(dir, RECORD_FILE)
 }
 
 fn owned_by_default() -> bool {
@@ -54,6 +127,14 @@ fn owned_by_default() -> bool {
 }
 
 impl State {
+    /// Every credential the state holds: its token, its leases and what is retired.
+    pub fn credentials(&self) -> Vec<Replaced> {
+        let mut all = vec![Replaced::Token(self.token.clone())];
+        all.extend(self.lease_ids().map(|id| Replaced::Lease(id.to_string())));
+        all.extend(self.retired.iter().cloned());
+        all
+    }
+
     /// Lease ids of the secrets that have one.
     pub fn lease_ids(&self) -> impl Iterator<Item = &str> {
         self.secrets
@@ -78,21 +159,29 @@ pub fn now_secs() -> u64 {
 
 pub fn save(dir: &Path, state: &State) -> Result<(), StateError> {
     let json = serde_json::to_vec(state).expect("state serializes");
+    write(dir, STATE_FILE, &json)
+}
+
+fn write(dir: &Path, file: &str, json: &[u8]) -> Result<(), StateError> {
     std::fs::create_dir_all(dir).map_err(|e| StateError::File {
         path: dir.to_path_buf(),
         detail: e.to_string(),
     })?;
-    sink::write_if_changed(dir, STATE_FILE, &json, 0o600)
+    sink::write_if_changed(dir, file, json, 0o600)
         .map(|_| ())
         .map_err(|e| StateError::File {
-            path: dir.join(STATE_FILE),
+            path: dir.join(file),
             detail: e.to_string(),
         })
 }
 
 /// The saved state, or `None` when there is none yet.
 pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
-    let path = dir.join(STATE_FILE);
+    read(dir, STATE_FILE)
+}
+
+fn read<T: for<'de> Deserialize<'de>>(dir: &Path, file: &str) -> Result<Option<T>, StateError> {
+    let path = dir.join(file);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -128,6 +217,7 @@ mod tests {
                 secret: Secret {
                     lease_id: "database/creds/app/xyz".into(),
                     lease_duration: 60,
+                    data: serde_json::json!({"password": "canary-in-the-state"}),
                     ..Secret::default()
                 },
                 renewed_at: 1,
@@ -135,6 +225,7 @@ mod tests {
             revoked: false,
             stopping: false,
             token_owned: true,
+            retired: vec![Replaced::Token(Token::new("hvs.retired-token"))],
             actions_done: [("db".to_string(), "ab12".to_string())].into(),
         };
         save(dir.path(), &state).unwrap();
@@ -145,6 +236,10 @@ mod tests {
         let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(saved["token"], "hvs.state-token");
         assert!(!format!("{state:?}").contains("state-token"));
+        assert!(!format!("{state:?}").contains("retired-token"));
+        assert!(!format!("{state:?}").contains("canary-in-the-state"));
+        assert!(!format!("{state:#?}").contains("canary-in-the-state"));
+        assert!(format!("{state:?}").contains("<object with 1 key(s)>"));
         let mode = std::fs::metadata(dir.path().join(STATE_FILE))
             .unwrap()
             .permissions()

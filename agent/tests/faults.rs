@@ -152,6 +152,52 @@ async fn a_template_that_starts_failing_keeps_the_old_file_and_logs_no_value() {
     assert!(terminate(&mut sidecar).success());
 }
 
+/// A canary secret through every error path that used to quote it: a function that refuses
+/// the value (parseInt and its kin, loop, a regex), and a write whose parameter carries it. The
+/// init container fails, and neither its log nor its last line (the pod's termination message)
+/// holds the canary.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_secret_reaches_no_error_message() {
+    const CANARY: &str = "canary-5f2e9d";
+    let stack = Stack::shared();
+    stack
+        .put_kv2(
+            "faults/canary",
+            json!({ "v": CANARY, "re": format!("({CANARY}") }),
+        )
+        .await
+        .unwrap();
+    let read = |body: &str| {
+        format!("{{{{ with secret \"secret/data/faults/canary\" }}}}{{{{ {body} }}}}{{{{ end }}}}")
+    };
+    for contents in [
+        read(".Data.data.v | parseInt"),
+        read(".Data.data.v | parseUint"),
+        read(".Data.data.v | parseFloat"),
+        read(".Data.data.v | parseBool"),
+        read("range loop .Data.data.v }}{{ end"),
+        read(r#"regexMatch .Data.data.re "x""#),
+        read(r#"sprig_regexReplaceAll .Data.data.re "x" "y""#),
+        // A write refused by the store, its parameter a secret (a ciphertext, say).
+        format!(
+            "{{{{ with secret \"transit/decrypt/no-such-key\" \"ciphertext={CANARY}\" }}}}{{{{ .Data.plaintext }}}}{{{{ end }}}}"
+        ),
+    ] {
+        let sb = Sandbox::new();
+        let templates = json!([{ "name": "t", "file": "t", "contents": contents }]);
+        let mut config = sb.config(&stack.addr, sb.kubernetes_auth(stack), templates);
+        config["lifecycle"]["init_timeout_secs"] = 2.into();
+        let out = sb.init(&config);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{contents}: init succeeded");
+        assert!(
+            !last_line(&out).is_empty(),
+            "{contents}: no termination message"
+        );
+        assert!(!err.contains(CANARY), "{contents}: the canary is in\n{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_secrets_folder_keeps_the_old_file() {
     let stack = Stack::shared();

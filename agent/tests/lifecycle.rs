@@ -178,8 +178,15 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
         let meta = std::fs::metadata(sb.secrets().join("kv")).unwrap();
         (meta.ino(), meta.modified().unwrap())
     };
+    // Proof that the secret was read again meanwhile: the re-reads the sidecar logs (debug).
+    let rereads = || sb.sidecar_log().matches("RefreshStatics").count();
     let before = stamp();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let seen = rereads();
+    wait_for(
+        Duration::from_secs(10),
+        "two re-reads of the secret",
+        || rereads() >= seen + 2,
+    );
     assert_eq!(
         stamp(),
         before,
@@ -194,7 +201,11 @@ async fn kv_changes_rewrite_the_file_and_run_the_command_once() {
     wait_for(Duration::from_secs(10), "the new value", || {
         sb.read("kv") == "green"
     });
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two more re-reads of the unchanged value: the command still ran once for the change.
+    let seen = rereads();
+    wait_for(Duration::from_secs(10), "two more re-reads", || {
+        rereads() >= seen + 2
+    });
     assert_eq!(app.count(), 2, "one change, one command run");
     assert!(terminate(&mut sidecar).success());
 }

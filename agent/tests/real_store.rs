@@ -370,13 +370,18 @@ async fn revoke_removes_the_lease_the_token_and_the_database_user() {
         !stack.token_alive(&accessor).await,
         "the token is still valid"
     );
-    // A second revoke is a no-op.
+    // A second revoke is a no-op: it finds the record and asks the store nothing.
     let again = Command::new(agent())
         .args(["revoke", "--grace", "0", "--config"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(again.status.success());
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already revoked"),
+        "{}",
+        stderr(&again)
+    );
 }
 
 #[test]

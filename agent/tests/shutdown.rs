@@ -148,3 +148,47 @@ async fn a_prestop_revoke_against_a_silent_store_fails_and_the_sidecar_revokes_o
     nothing_left(stack, "stall_hook", &user, &accessor, &log).await;
     assert_eq!(sb.state_json()["revoked"], true);
 }
+
+/// The store is silent when the preStop hook starts and answers again 12 s later: the hook has
+/// the pod's whole stop deadline (the default 30 s grace less a margin: 25 s), so it keeps
+/// trying every credential at once, the token among them, and revokes everything once the
+/// store is back. (With a budget of its own of 10 s, spent retrying one lease after another, it
+/// gave up just before.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prestop_revoke_outlasts_a_store_silent_for_twelve_seconds() {
+    let stack = Stack::shared();
+    let proxy = StallingProxy::start(&stack.addr).await.unwrap();
+    let (sb, config, mut sidecar) = sidecar_behind(stack, &proxy, "stall_back", "1m").await;
+    let user = sb.read("db").split(' ').next().unwrap().to_string();
+    let accessor = sb.state_json()["accessor"].as_str().unwrap().to_string();
+    assert_eq!(db_leases(stack, "stall_back").await.len(), 1);
+    assert!(stack.token_alive(&accessor).await);
+
+    proxy.stall();
+    let started = Instant::now();
+    let mut hook = Command::new(agent())
+        .args(["revoke", "--grace", "0", "--config"])
+        .arg(sb.config_path(&config))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        hook.try_wait().unwrap().is_none(),
+        "the hook gave up while the store was silent"
+    );
+    proxy.resume();
+    let out = hook.wait_with_output().unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "the hook failed: {}", stderr(&out));
+    assert!(
+        took < KUBELET_GRACE,
+        "the hook took {took:?}, past the kubelet's grace"
+    );
+    // The kubelet's SIGTERM follows the hook.
+    sigterm(&sidecar);
+    let status = wait_exit(&mut sidecar, KUBELET_GRACE);
+    let log = sb.sidecar_log();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    nothing_left(stack, "stall_back", &user, &accessor, &log).await;
+}

@@ -22,10 +22,20 @@ pub const HOSTS: &str = "tls.hosts";
 pub const RENEW_BEFORE_SECS: u64 = 30 * 24 * 3600;
 const ATTEMPTS: usize = 5;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A Secret as read; `Debug` names its keys, never their values (a CA key among them).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Stored {
     pub data: BTreeMap<String, Vec<u8>>,
     pub resource_version: String,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .field("resource_version", &self.resource_version)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +61,8 @@ pub trait SecretApi {
     ) -> impl Future<Output = Result<Write, String>> + Send;
 }
 
-/// The certificates read from, or written to, the Secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The certificates read from, or written to, the Secret. `Debug` leaves the private keys out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Certs {
     pub ca_pem: String,
     pub ca_key_pem: String,
@@ -60,6 +70,17 @@ pub struct Certs {
     pub key_pem: String,
     pub not_after: u64,
     pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certs")
+            .field("ca_pem", &self.ca_pem)
+            .field("cert_pem", &self.cert_pem)
+            .field("not_after", &self.not_after)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Certs {

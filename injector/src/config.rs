@@ -77,10 +77,38 @@ pub struct Flags {
     pub defaults: Defaults,
 }
 
+/// What the server allows a client; everything a client controls is bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A TLS handshake not done by then is dropped.
+    pub handshake_timeout: Duration,
+    /// A new connection whose first request's headers have not arrived by then is closed.
+    pub header_timeout: Duration,
+    /// A connection with no request for this long is closed (keep-alive between reviews).
+    pub idle_timeout: Duration,
+    /// A request (its body read and the answer written) not done by then gets 408.
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog until one ends.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            // Longer than Go's idle keep-alive (90 s), so the API server closes first.
+            idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
+}
+
 impl Flags {
     /// The server's bounds on clients, from the flags.
-    pub fn limits(&self) -> crate::server::Limits {
-        crate::server::Limits {
+    pub fn limits(&self) -> Limits {
+        Limits {
             handshake_timeout: self.tls_handshake_timeout,
             header_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
@@ -92,7 +120,7 @@ impl Flags {
 
 /// A Go duration or whole seconds, longer than zero.
 fn duration(text: &str) -> Result<Duration, String> {
-    match crate::annotations::parse_duration(text) {
+    match sidekey_agent::config::parse_duration(text) {
         Some(0) => Err("must be longer than zero".into()),
         Some(secs) => Ok(Duration::from_secs(secs)),
         None => Err(format!("{text:?} is not a duration (for example 10s, 1m)")),
@@ -317,72 +345,6 @@ impl Default for Defaults {
 fn flags_without_env() -> clap::Command {
     use clap::CommandFactory;
     Flags::command().mut_args(|arg| arg.env(None))
-}
-
-impl Defaults {
-    /// Checks the defaults once at start, so a bad flag stops the injector rather than every pod.
-    pub fn validate(&self) -> Result<(), String> {
-        use crate::annotations::{is_quantity, parse_duration};
-        for (flag, q) in [
-            ("--cpu-request", &self.cpu_request),
-            ("--memory-request", &self.memory_request),
-            ("--cpu-limit", &self.cpu_limit),
-            ("--memory-limit", &self.memory_limit),
-            ("--ephemeral-storage-request", &self.ephemeral_request),
-            ("--ephemeral-storage-limit", &self.ephemeral_limit),
-        ] {
-            if !q.is_empty() && !is_quantity(q) {
-                return Err(format!("{flag}: {q:?} is not a Kubernetes quantity"));
-            }
-        }
-        if !["map", "json"].contains(&self.default_template.as_str()) {
-            return Err(format!(
-                "--default-template: {:?} is not map or json",
-                self.default_template
-            ));
-        }
-        if !["kubernetes", "jwt", "approle", "token"].contains(&self.auth_type.as_str()) {
-            return Err(format!(
-                "--vault-auth-type: {:?} is not kubernetes, jwt, approle or token",
-                self.auth_type
-            ));
-        }
-        if parse_duration(&self.static_secret_render_interval).is_none() {
-            return Err(format!(
-                "--template-static-secret-render-interval: {:?} is not a duration",
-                self.static_secret_render_interval
-            ));
-        }
-        if let Some(conflict) = self.resource_conflicts() {
-            return Err(conflict);
-        }
-        if self.sa_token_expiration < 600 {
-            return Err("--sa-token-expiration: must be at least 600 seconds".into());
-        }
-        if self.annotation_prefix.is_empty() || self.annotation_prefix.contains('/') {
-            return Err(format!(
-                "--annotation-prefix: {:?} is not a DNS prefix",
-                self.annotation_prefix
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Defaults {
-    /// Each flag's request above its limit, as the message that names both flags.
-    fn resource_conflicts(&self) -> Option<String> {
-        crate::annotations::RESOURCE_KINDS.iter().find_map(|k| {
-            let (request, limit) = ((k.request.default)(self), (k.limit.default)(self));
-            let above = crate::quantity::parse(request)? > crate::quantity::parse(limit)?;
-            above.then(|| {
-                format!(
-                    "{} {request} is above {} {limit}: a container's request cannot exceed its limit",
-                    k.request.flag, k.limit.flag
-                )
-            })
-        })
-    }
 }
 
 #[cfg(test)]

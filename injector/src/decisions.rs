@@ -197,9 +197,25 @@ mod tests {
         else {
             panic!("{first:?}")
         };
+        // What is remembered is what parsing the annotations afresh decides (not the cached
+        // request run through the same function again).
+        let Ok(crate::annotations::Decision::Inject(fresh, _)) =
+            crate::annotations::parse(&a, &defaults())
+        else {
+            panic!("the annotations inject")
+        };
+        let fresh: &InjectionRequest = &fresh;
+        assert_eq!(&**request, fresh);
+        // And the answer served for `b` from `a`'s entry is what `b` itself decides.
+        let Ok(crate::annotations::Decision::Inject(for_b, _)) =
+            crate::annotations::parse(&b, &defaults())
+        else {
+            panic!("the annotations inject")
+        };
+        assert_eq!(&**request, &*for_b);
         assert_eq!(
             config_env.as_ref().unwrap(),
-            &mutate::config_env(request).unwrap()
+            &mutate::config_env(fresh).unwrap()
         );
         // A changed value is a new set with its own answer.
         let mut c = a.clone();

@@ -77,6 +77,8 @@ pub struct Spec {
     pub init_containers: Option<Vec<ContainerView>>,
     #[serde(default)]
     pub share_process_namespace: Option<bool>,
+    #[serde(default)]
+    pub termination_grace_period_seconds: Option<i64>,
     /// A pod in the node's network namespace: its loopback is the node's.
     #[serde(default)]
     pub host_network: Option<bool>,
@@ -206,6 +208,11 @@ impl PodView {
 
     pub fn share_process_namespace(&self) -> Option<bool> {
         self.spec.as_ref()?.share_process_namespace
+    }
+
+    /// The pod's terminationGracePeriodSeconds, when it sets one.
+    pub fn termination_grace(&self) -> Option<i64> {
+        self.spec.as_ref()?.termination_grace_period_seconds
     }
 
     pub fn restart_policy(&self) -> Option<&str> {

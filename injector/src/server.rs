@@ -125,33 +125,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// What the server allows a client; everything a client controls is bounded.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// A TLS handshake not done by then is dropped.
-    pub handshake_timeout: Duration,
-    /// A new connection whose first request's headers have not arrived by then is closed.
-    pub header_timeout: Duration,
-    /// A connection with no request for this long is closed (keep-alive between reviews).
-    pub idle_timeout: Duration,
-    /// A request (its body read and the answer written) not done by then gets 408.
-    pub request_timeout: Duration,
-    /// Connections served at once; more wait in the listen backlog until one ends.
-    pub max_connections: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            handshake_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(10),
-            // Longer than Go's idle keep-alive (90 s), so the API server closes first.
-            idle_timeout: Duration::from_secs(120),
-            request_timeout: Duration::from_secs(30),
-            max_connections: 1024,
-        }
-    }
-}
+pub use crate::config::Limits;
 
 /// Connections the kernel completes and queues before the server accepts them (capped by
 /// net.core.somaxconn). The default of 128 overflows in a burst, and a client whose connection

@@ -194,7 +194,8 @@ pub fn watch(
 }
 
 /// A CA and a serving certificate it signed (`cert_pem` holds the leaf and then the CA).
-#[derive(Debug, Clone)]
+/// `Debug` leaves the private keys out.
+#[derive(Clone)]
 pub struct Generated {
     pub ca_pem: String,
     pub ca_key_pem: String,
@@ -202,6 +203,16 @@ pub struct Generated {
     pub key_pem: String,
     /// Unix seconds when the serving certificate expires.
     pub not_after: u64,
+}
+
+impl std::fmt::Debug for Generated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generated")
+            .field("ca_pem", &self.ca_pem)
+            .field("cert_pem", &self.cert_pem)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 const CA_NAME: &str = "Sidekey injector CA";
@@ -324,10 +335,11 @@ pub async fn patch_ca_bundle(mwc: &str, ca_pem: &str) -> Result<bool, String> {
             .await
             .map_err(|e| format!("reading MutatingWebhookConfiguration {mwc}: {e}"))?;
         let webhooks = current.webhooks.get_or_insert_with(Vec::new);
-        if webhooks
+        let bundles: Vec<Option<Vec<u8>>> = webhooks
             .iter()
-            .all(|w| w.client_config.ca_bundle.as_ref() == Some(&wanted))
-        {
+            .map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()))
+            .collect();
+        if crate::autotls::bundle_update(&bundles, ca_pem).is_none() {
             return Ok(false);
         }
         for w in webhooks.iter_mut() {
@@ -389,8 +401,20 @@ pub(crate) mod tests {
         for host in &hosts {
             verify_chain(&g.ca_pem, &key, host, now);
         }
-        assert!(verify(&g.ca_pem, &key, "evil.example", now).is_err());
-        assert!(generate(&[]).is_err());
+        assert!(
+            matches!(
+                verify(&g.ca_pem, &key, "evil.example", now),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                        | rustls::CertificateError::NotValidForNameContext { .. }
+                ))
+            ),
+            "another host name is refused as such"
+        );
+        match generate(&[]) {
+            Err(TlsError::Invalid(why)) => assert!(why.contains("at least one host name"), "{why}"),
+            other => panic!("no host, no certificate: {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]

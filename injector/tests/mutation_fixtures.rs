@@ -9,7 +9,9 @@ use std::path::Path;
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
-use sidekey_agent::config::{AgentConfig, AuthConfig, CONFIG_ENV, DefaultFormat};
+use sidekey_agent::config::{
+    AgentConfig, AuthConfig, CONFIG_ENV, DefaultFormat, STOP_DEADLINE_ENV,
+};
 use sidekey_injector::config::Defaults;
 use sidekey_injector::review::{self, Outcome};
 
@@ -219,7 +221,22 @@ fn common_checks(name: &str, pod: &Pod) {
         for var in ["NAMESPACE", "POD_NAME", "POD_IP", "HOST_IP"] {
             assert!(env.contains(&var), "{name}: {} lacks {var}", agent.name);
         }
-        if let Some(sc) = &agent.security_context {
+        // Hardened unless the pod opted out (agent-set-security-context: "false"): a missing
+        // security context is a failure, not a reason to skip the checks.
+        let opted_out = annotations
+            .iter()
+            .any(|(k, v)| k.ends_with("/agent-set-security-context") && v == "false");
+        if opted_out {
+            assert!(
+                agent.security_context.is_none(),
+                "{name}: {} has a security context the pod opted out of",
+                agent.name
+            );
+        } else {
+            let sc = agent
+                .security_context
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: {} has no security context", agent.name));
             assert_eq!(
                 sc.capabilities.as_ref().unwrap().drop.as_deref(),
                 Some(&["ALL".to_string()][..])
@@ -388,6 +405,41 @@ fn dynamic_db_and_pki_templates() {
             .iter()
             .all(|t| t.format == DefaultFormat::Json)
     );
+}
+
+/// The pod's terminationGracePeriodSeconds reaches both agent containers as their stop deadline,
+/// less a margin (5 s of 30 or of 120); a pod that leaves it unset leaves the agent its own
+/// default (25 s, for Kubernetes' 30).
+#[test]
+fn the_pods_grace_period_becomes_the_agents_stop_deadline() {
+    fn deadlines(pod: &Pod) -> Vec<Option<String>> {
+        init_containers(pod)
+            .iter()
+            .chain(containers(pod))
+            .filter(|c| is_agent(c))
+            .map(|c| {
+                c.env
+                    .iter()
+                    .flatten()
+                    .find(|e| e.name == STOP_DEADLINE_ENV)
+                    .and_then(|e| e.value.clone())
+            })
+            .collect()
+    }
+    // The fixture's own 30 s.
+    let Injected { pod, .. } = inject("deployment-pod-kv2.json");
+    assert_eq!(deadlines(&pod), [Some("25".into()), Some("25".into())]);
+    let mut unset = load("deployment-pod-kv2.json");
+    unset["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("terminationGracePeriodSeconds");
+    let Injected { pod, .. } = inject_pod("deployment-pod-kv2.json", unset);
+    assert_eq!(deadlines(&pod), [None, None]);
+    let mut longer = load("deployment-pod-kv2.json");
+    longer["spec"]["terminationGracePeriodSeconds"] = 120.into();
+    let Injected { pod, .. } = inject_pod("deployment-pod-kv2.json", longer);
+    assert_eq!(deadlines(&pod), [Some("115".into()), Some("115".into())]);
 }
 
 #[test]

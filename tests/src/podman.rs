@@ -79,9 +79,9 @@ pub fn run(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The image archives, built by `scripts/images.sh` when missing, loaded into podman once per
-/// test process. `./scripts/test.sh` rebuilds them before every run, so they are never stale
-/// there; a bare `cargo test` uses whatever archives `target/images` holds.
+/// The image archives, built by `scripts/images.sh` when missing or when the agent's sources
+/// are newer than the shipped agent binary, loaded into podman once per test process.
+/// `./scripts/test.sh` rebuilds them before every run.
 pub fn images() -> Result<&'static Images> {
     static IMAGES: OnceLock<Result<Images, String>> = OnceLock::new();
     IMAGES
@@ -99,6 +99,7 @@ fn load_images() -> Result<Images> {
         .iter()
         .any(|n| !archives.join(format!("{n}.tar")).exists())
         || !shipped_agent_path().exists()
+        || agent_is_stale(&root)
     {
         let status = Command::new(root.join("scripts/images.sh"))
             .status()
@@ -116,6 +117,33 @@ fn load_images() -> Result<Images> {
         agent: format!("ghcr.io/sidekey/sidekey-agent:{version}"),
         injector: format!("ghcr.io/sidekey/sidekey-injector:{version}"),
     })
+}
+
+/// Whether the shipped agent binary is older than a source it is built from (the agent's
+/// sources, its manifest, the lock file): a bare `cargo test` would otherwise run the agent as
+/// it was at the last image build, not as the tree is.
+fn agent_is_stale(root: &std::path::Path) -> bool {
+    fn newest(path: &std::path::Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(path)
+            .ok()?
+            .flatten()
+            .filter_map(|e| newest(&e.path()))
+            .max()
+    }
+    let Some(built) = std::fs::metadata(shipped_agent_path())
+        .and_then(|m| m.modified())
+        .ok()
+    else {
+        return true;
+    };
+    ["agent/src", "agent/Cargo.toml", "Cargo.lock", "Cargo.toml"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .any(|changed| changed > built)
 }
 
 fn shipped_agent_path() -> PathBuf {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::jwt::JwtSigner;
@@ -69,12 +69,34 @@ pub(crate) async fn api(
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {
-        bail!("{method} {path}: {status}: {text}");
+        return Err(ApiError {
+            method: method.to_string(),
+            path: path.to_string(),
+            status: status.as_u16(),
+            body: text,
+        }
+        .into());
     }
     if text.trim().is_empty() {
         return Ok(Value::Null);
     }
     Ok(serde_json::from_str(&text)?)
+}
+
+/// The store answered a request with an error status: what a helper that tells "not there"
+/// from "could not ask" matches on (the status, never the message's text).
+#[derive(Debug, thiserror::Error)]
+#[error("{method} {path}: {status}: {body}")]
+pub struct ApiError {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub body: String,
+}
+
+/// The status the store answered with, when `e` is an [`ApiError`].
+pub fn api_status(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<ApiError>().map(|a| a.status)
 }
 
 /// Why OpenBao did not come up.

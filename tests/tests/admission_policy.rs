@@ -1,6 +1,9 @@
 //! "A pod that asked for secrets never starts without them": the chart's ValidatingAdmissionPolicy
-//! is rendered, and its CEL, exactly the text the chart ships, is evaluated (cel-interpreter)
-//! against annotated, injected and plain pods the way the API server evaluates it.
+//! is rendered, and its CEL, exactly the text the chart ships, is evaluated against annotated,
+//! injected and plain pods with cel-interpreter: variables in order, then every validation, as
+//! the API server orders them. cel-interpreter is not the API server's CEL (its function set
+//! and error semantics differ: no Kubernetes library functions, no cost limits), so this checks
+//! the policy's logic; the API server's own evaluation is for the tests on a real cluster.
 
 use std::collections::HashMap;
 

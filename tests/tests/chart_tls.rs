@@ -1082,6 +1082,43 @@ async fn auto_mode_the_replicas_patch_the_ca_bundle_they_serve_under() {
             .collect::<Vec<_>>()
             .join("\n---\n")
     );
+    // The caBundle is written only where it differs: each racing replica wrote once (the
+    // loser's write was refused and, read again, found current), and a replica that starts
+    // once it is current writes nothing.
+    let mwc_put = format!("PUT {MWC_PATH}/{mwc_name}");
+    let puts = || api.requests().iter().filter(|r| **r == mwc_put).count();
+    assert_eq!(puts(), replicas as usize, "{:?}", api.requests());
+    let mwc_get = format!("GET {MWC_PATH}/{mwc_name}");
+    let gets = || api.requests().iter().filter(|r| **r == mwc_get).count();
+    let read_before = gets();
+    let mut late = InjectorPod::spawn(&rendered, &Secrets::new(), &kubeconfig);
+    late.wait_ready(&rendered).await;
+    assert!(
+        gets() > read_before,
+        "the late replica read the caBundle: {:?}",
+        api.requests()
+    );
+    // Its check is done (the log says so) before its writes are counted.
+    let checked = Instant::now() + Duration::from_secs(10);
+    while !late.log().contains("caBundle checked") {
+        assert!(
+            Instant::now() < checked,
+            "no caBundle check:\n{}",
+            late.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = late.log();
+    assert!(
+        log.contains("changed=false") || log.contains("\"changed\":false"),
+        "{log}"
+    );
+    assert_eq!(
+        puts(),
+        replicas as usize,
+        "a replica wrote a caBundle that was current"
+    );
+    pods.push(late);
     let patched = api.object(&format!("{MWC_PATH}/{mwc_name}"));
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let env_value = |name: &str| chart::env_value(container, name);

@@ -357,12 +357,7 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
         .unwrap();
     let refused = cluster
         .wait_until("the injector to be gone", TIMEOUT, || {
-            Ok(
-                match dry_run(cluster, &annotated_pod(&ns.name, "while-down", true)) {
-                    Err(e) => Some(e),
-                    Ok(_) => None,
-                },
-            )
+            Ok(dry_run(cluster, &annotated_pod(&ns.name, "while-down", true)).err())
         })
         .unwrap();
     assert!(

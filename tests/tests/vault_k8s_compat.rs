@@ -274,16 +274,25 @@ fn logs_in(stack: &Stack, env: &str) -> String {
     user
 }
 
-/// Whether the token with this accessor is alive in namespace `ns` ("" for the root).
+/// Whether the token with this accessor is alive in namespace `ns` ("" for the root): true when
+/// the store finds it, false when it answers that there is no such token (a 400 naming the
+/// accessor invalid); any other failure (a wrong namespace path, a refused root token, the
+/// store unreachable) panics rather than pass for a revoked token.
 async fn token_alive_in(stack: &Stack, ns: &str, accessor: &str) -> bool {
-    stack
+    let asked = stack
         .api(
             "POST",
             &in_namespace(ns, "auth/token/lookup-accessor"),
             Some(json!({ "accessor": accessor })),
         )
-        .await
-        .is_ok()
+        .await;
+    match asked {
+        Ok(_) => true,
+        Err(e) => match e.downcast_ref::<sidekey_tests::ApiError>() {
+            Some(a) if a.status == 400 && a.body.contains("invalid accessor") => false,
+            _ => panic!("looking up accessor {accessor} in {ns:?}: {e:#}"),
+        },
+    }
 }
 
 /// Waits (bounded) until `done` holds; panics with `what` otherwise.
@@ -427,6 +436,10 @@ async fn the_apps_own_empty_dir_at_the_secrets_path_is_the_secrets_volume() {
     // What the app sees is the pod's volume, where the agent wrote.
     assert!(run.volume("vault-secrets").join("config").is_file());
     let accessor = state(&run)["accessor"].as_str().unwrap().to_string();
+    assert!(
+        token_alive_in(stack, "", &accessor).await,
+        "the pod's token, before its stop"
+    );
     stop(&mut run);
     assert!(!token_alive_in(stack, "", &accessor).await);
 }
@@ -459,6 +472,7 @@ async fn cert_auth_logs_in_with_the_client_certificate() {
         .unwrap();
     assert_eq!(info["data"]["path"], "auth/cert/login");
     assert_eq!(info["data"]["meta"]["cert_name"], "gateway");
+    assert!(token_alive_in(stack, "", &accessor).await);
     stop(&mut run);
     assert!(!token_alive_in(stack, "", &accessor).await);
 }
@@ -499,7 +513,7 @@ async fn leases_in(stack: &Stack, ns: &str, prefix: &str) -> Vec<String> {
             .flatten()
             .filter_map(|k| k.as_str().map(str::to_string))
             .collect(),
-        Err(e) if e.to_string().contains("404") => Vec::new(),
+        Err(e) if sidekey_tests::api_status(&e) == Some(404) => Vec::new(),
         Err(e) => panic!("{e}"),
     }
 }
@@ -650,6 +664,10 @@ async fn agent_configmap_runs_the_vault_agent_config_from_the_config_map() {
             .unwrap()
             .len(),
         1
+    );
+    assert!(
+        token_alive_in(stack, "", &accessor).await,
+        "the pod's token, before its stop"
     );
 
     stop(&mut run);

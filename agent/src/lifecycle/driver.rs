@@ -8,23 +8,24 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::action::{self, Reactions};
-use crate::auth::{self, Session};
+use crate::auth::{self, AuthError, Session};
 use crate::client::{ClientError, StoreClient, Token};
 use crate::config::AgentConfig;
 use crate::cycle::{self, Template};
 use crate::fetch::{FetchError, Fetcher};
 use crate::listener::{self, Listener};
 use crate::render::SecretKey;
-use crate::revoke::{self, Replaced};
+use crate::revoke::{self, Replaced, StopClock};
 use crate::sink::TokenFollower;
 use crate::start::{self, RunError, backoff, retry_until, state_of};
-use crate::state::{self, State};
+use crate::state::{self, State, StopRecord};
 
 use super::READY_FILE;
 use super::inputs::{Control, Input, Inputs};
@@ -100,12 +101,22 @@ impl<'a> Sidecar<'a> {
     }
 }
 
-/// The state file's record, as an event (`None`: nothing the sidecar acts on).
+/// The stop's record, as an event (`None`: nothing the sidecar acts on).
 fn recorded(state_dir: &Path) -> Option<Event> {
-    match state::load(state_dir) {
-        Ok(Some(s)) if s.revoked => Some(Event::PreStopRevoked),
-        Ok(Some(s)) if s.stopping => Some(Event::PreStopIncomplete),
-        _ => None,
+    match stop_record(state_dir) {
+        Some(r) if r.complete => Some(Event::PreStopRevoked),
+        Some(_) => Some(Event::PreStopIncomplete),
+        None => None,
+    }
+}
+
+fn stop_record(state_dir: &Path) -> Option<StopRecord> {
+    match state::load_record(state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable stop record; taken as absent");
+            None
+        }
     }
 }
 
@@ -131,8 +142,11 @@ async fn stop_early(config: &AgentConfig, stop: Event) -> Result<(), RunError> {
     if stop == Event::PreStopRevoked || !config.lifecycle.revoke_on_shutdown {
         return Ok(());
     }
-    let deadline = Instant::now() + revoke::BUDGET;
-    revoke::revoke_saved(config, deadline).await.map(|_| ())
+    let clock = StopClock::resume(config, stop_record(&config.state_dir).as_ref());
+    revoke::revoke_saved(config, clock)
+        .await
+        .map(|_| ())
+        .map_err(RunError::from)
 }
 
 /// The loop: wait for a deadline or an input; run each action; while a task runs, inputs still
@@ -144,6 +158,7 @@ async fn drive(
     mut listener: Option<Listener>,
 ) -> Result<(), RunError> {
     let state_dir = held.config.state_dir.clone();
+    let ledger = held.ledger.clone();
     let mut queue: VecDeque<Action> = VecDeque::new();
     loop {
         let Some(action) = queue.pop_front() else {
@@ -162,16 +177,17 @@ async fn drive(
                             () = &mut work => break None,
                             input = inputs.next() => match event_of(input, &state_dir) {
                                 Some(e) if stops(&e) => break Some(e),
-                                Some(e) => queue.extend(machine.step(e, Instant::now())),
+                                Some(e) => queue.extend(tell(&mut machine, &ledger, e)),
                                 None => {}
                             },
                         }
                     }
                 }
                 input = inputs.next() => event_of(input, &state_dir),
-                // The proxy's cached leases: renewed here, given up for any input that comes
-                // meanwhile (a stop must not wait for them).
-                () = listener::due(listener.as_ref()) => match &listener {
+                // The proxy's cached leases: renewed here while the machine renews its own,
+                // given up for any input that comes meanwhile (a stop must not wait for them;
+                // the cache plans a dropped renewal again).
+                () = listener::due(listener.as_ref().filter(|_| machine.is_running())) => match &listener {
                     Some(l) => tokio::select! {
                         () = l.renew_due() => None,
                         input = inputs.next() => event_of(input, &state_dir),
@@ -180,12 +196,13 @@ async fn drive(
                 },
             };
             if let Some(event) = event {
-                queue.extend(machine.step(event, Instant::now()));
+                queue.extend(tell(&mut machine, &ledger, event));
             }
             continue;
         };
         match action {
             Action::Perform(task) => {
+                let logging_in = task == Task::Login;
                 let outcome = {
                     let work = held.perform(task);
                     tokio::pin!(work);
@@ -194,10 +211,13 @@ async fn drive(
                             outcome = &mut work => break Some(outcome),
                             input = inputs.next() => {
                                 let Some(event) = event_of(input, &state_dir) else { continue };
-                                let actions = machine.step(event, Instant::now());
+                                let actions = tell(&mut machine, &ledger, event);
                                 let cancelled = actions.first() == Some(&Action::Cancel);
                                 queue.extend(actions.into_iter().filter(|a| a != &Action::Cancel));
                                 if cancelled {
+                                    if logging_in {
+                                        settle_login(work.as_mut(), &ledger).await;
+                                    }
                                     tracing::info!("the task in flight is cancelled");
                                     break None;
                                 }
@@ -206,7 +226,7 @@ async fn drive(
                     }
                 };
                 if let Some(outcome) = outcome {
-                    queue.extend(machine.step(Event::Done(outcome), Instant::now()));
+                    queue.extend(tell(&mut machine, &ledger, Event::Done(outcome)));
                 }
             }
             // Nothing is in flight outside `Perform`.
@@ -214,7 +234,8 @@ async fn drive(
             Action::Hold { revoked: true } => {
                 // What the proxy obtained is not in the state file the hook revoked from.
                 if let Some(l) = listener.take() {
-                    l.shut_down(true, Instant::now() + revoke::BUDGET).await;
+                    let clock = StopClock::resume(held.config, stop_record(&state_dir).as_ref());
+                    l.shut_down(true, clock.deadline).await;
                 }
                 // Exiting here would kill the preStop hook's own process with the container
                 // (the kubelet then reports the hook as failed); the kubelet sends SIGTERM as
@@ -228,21 +249,88 @@ async fn drive(
                     "the preStop revocation left something; renewing nothing more, revoking again on SIGTERM"
                 );
             }
-            Action::Shutdown { revoke, replaced } => {
+            Action::Shutdown {
+                revoke,
+                mut replaced,
+            } => {
+                replaced.extend(std::mem::take(&mut lock(&ledger).obtained));
                 held.token_asked = machine.token_asked();
-                // The cache's leases first: revoking the agent's token takes with it those
-                // obtained with it, and their revocation needs a token.
-                if let Some(l) = listener.take() {
-                    l.shut_down(revoke, Instant::now() + revoke::BUDGET).await;
-                }
-                return held.shutdown(revoke, replaced).await;
+                return held.shutdown(revoke, replaced, listener.take()).await;
             }
-            Action::Exit => {
-                tracing::info!("stopping; the preStop hook already revoked everything");
-                return Ok(());
+            Action::GiveUp {
+                revoke,
+                mut replaced,
+            } => {
+                replaced.extend(std::mem::take(&mut lock(&ledger).obtained));
+                held.token_asked = machine.token_asked();
+                let stopped = held.shutdown(revoke, replaced, listener.take()).await;
+                if let Err(e) = &stopped {
+                    tracing::error!(error = %e, "could not revoke everything while giving up");
+                }
+                return match held.refused.take() {
+                    Some(e) => Err(RunError::Auth(e)),
+                    None => stopped,
+                };
+            }
+            Action::Exit { mut replaced } => {
+                replaced.extend(std::mem::take(&mut lock(&ledger).obtained));
+                return held.exit(replaced).await;
             }
         }
     }
+}
+
+/// What the driver and the task in flight share: credentials the task obtained that the
+/// machine has not been told of, and what the machine still has to revoke. Both are saved with
+/// the state, so the preStop hook revokes them too.
+#[derive(Default)]
+struct Ledger {
+    obtained: Vec<Replaced>,
+    outstanding: Vec<Replaced>,
+}
+
+fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Steps the machine: first with what the task in flight obtained meanwhile, so an event that
+/// cancels the task finds it accounted for.
+fn tell(machine: &mut Machine, ledger: &Mutex<Ledger>, event: Event) -> Vec<Action> {
+    let mut ledger = lock(ledger);
+    let now = Instant::now();
+    for what in std::mem::take(&mut ledger.obtained) {
+        machine.step(Event::Obtained(what), now);
+    }
+    let actions = machine.step(event, now);
+    ledger.outstanding = machine.outstanding();
+    actions
+}
+
+/// How long a stop waits for a login on the wire to answer.
+const LOGIN_SETTLE: Duration = Duration::from_secs(3);
+
+/// A login being cancelled may have made a token already, one the agent would never see: the
+/// login's own request is given [`LOGIN_SETTLE`] to answer, so its token reaches the ledger
+/// (and is revoked with the rest); the fetches after it are not waited for.
+async fn settle_login(
+    mut work: std::pin::Pin<&mut impl std::future::Future<Output = Outcome>>,
+    ledger: &Mutex<Ledger>,
+) {
+    let obtained = async {
+        loop {
+            if !lock(ledger).obtained.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let _ = tokio::time::timeout(LOGIN_SETTLE, async {
+        tokio::select! {
+            _ = work.as_mut() => {}
+            () = obtained => {}
+        }
+    })
+    .await;
 }
 
 /// Whether an event ends the sidecar's work (it does not wait for an action).
@@ -315,6 +403,9 @@ struct Held<'a> {
     /// The increment asked at each token renewal, recorded in the state.
     token_asked: u64,
     token: watch::Sender<Option<Token>>,
+    ledger: Arc<Mutex<Ledger>>,
+    /// The login error that made the machine give up.
+    refused: Option<AuthError>,
     /// When the templates' actions are due (`agent-inject-action-NAME`).
     reactions: Reactions,
 }
@@ -348,6 +439,8 @@ async fn start<'a>(
             fetcher,
             token_asked: grant.asked,
             token: token.clone(),
+            ledger: Arc::default(),
+            refused: None,
             reactions: Reactions::new(action::Policy::default(), done.clone()),
         };
         (held, machine)
@@ -379,6 +472,10 @@ type Adopted = (Session, Fetcher, TokenGrant, Vec<(SecretKey, Granted)>);
 
 /// Takes over the init container's state when its token is still valid.
 async fn adopt(config: &AgentConfig, client: &StoreClient) -> Result<Option<Adopted>, RunError> {
+    if stop_record(&config.state_dir).is_some_and(|r| r.complete) {
+        // The preStop hook revoked what the state holds.
+        return Ok(None);
+    }
     let saved = match state::load(&config.state_dir) {
         Ok(Some(s)) if !s.revoked => s,
         Ok(_) => return Ok(None),
@@ -439,15 +536,29 @@ impl Held<'_> {
     /// leases that would rewrite a large file many times a second); rotations, logins and
     /// changed static secrets do. What the preStop hook recorded is never overwritten.
     fn save(&self) {
-        if recorded(&self.config.state_dir).is_some() {
-            return;
-        }
         let mut state = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
         state.actions_done = self.reactions.done().clone();
+        {
+            let ledger = lock(&self.ledger);
+            state.retired = ledger.outstanding.clone();
+            state.retired.extend(ledger.obtained.iter().cloned());
+        }
+        // The record is the hook's word; the state's flags only mirror it.
+        if let Some(record) = stop_record(&self.config.state_dir) {
+            state.revoked = record.complete;
+            state.stopping = !record.complete;
+        }
         if let Err(e) = state::save(&self.config.state_dir, &state) {
             tracing::warn!(error = %e, "could not save the agent state");
         }
+    }
+
+    /// The task in flight obtained `what`: the machine hears of it before the task's next
+    /// await, and the state file holds it at once (for the preStop hook).
+    fn obtained(&self, what: Replaced) {
+        lock(&self.ledger).obtained.push(what);
+        self.save();
     }
 
     async fn render(&mut self) {
@@ -560,7 +671,9 @@ impl Held<'_> {
 
     /// A new login: every leased secret is fetched again under the new token (leases die with
     /// the token that created them) and the files are re-rendered; the machine keeps the old
-    /// token for an overlap so the app can move to the new credentials.
+    /// token for an overlap so the app can move to the new credentials. Until the one commit
+    /// point after the last await, the driver holds the old session: a stop at any await
+    /// revokes it, and the new token is already with the machine and in the state file.
     async fn relogin(&mut self) -> Outcome {
         if recorded(&self.config.state_dir).is_some() {
             // The preStop hook ran; its record reaches the machine as an event.
@@ -569,31 +682,66 @@ impl Held<'_> {
         }
         let session = match auth::login(&self.client, &self.config.auth).await {
             Ok(s) => s,
-            Err(e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "login failed; will retry");
                 return Outcome::Failed(Failure::Transient);
             }
+            Err(e) => {
+                tracing::error!(error = %e, "the store refuses the login; it will not pass by itself");
+                self.refused = Some(e);
+                return Outcome::Failed(Failure::Refused);
+            }
         };
         tracing::info!(accessor = %session.accessor, "logged in again");
-        let old = std::mem::replace(&mut self.session, session);
-        self.token_asked = self.session.ttl_secs;
-        self.token.send_replace(Some(self.session.token.clone()));
-        let mut fresh = Fetcher::new(self.client.clone(), self.session.token.clone());
+        if session.owned && session.token != self.session.token {
+            self.obtained(Replaced::Token(session.token.clone()));
+        }
+        let mut fresh = Fetcher::new(self.client.clone(), session.token.clone());
         for (key, secret) in self.fetcher.secrets() {
             if secret.lease_id.is_empty() {
                 fresh.adopt(key.clone(), secret.clone());
-            } else if let Err(e) = fresh.fetch(key).await {
-                tracing::warn!(error = %e, "could not fetch a secret under the new token; it is fetched at the next render");
+                continue;
+            }
+            match fresh.fetch(key).await {
+                // A lease dies with the token that created it, unless the token is not ours.
+                Ok(got) if !session.owned && !got.lease_id.is_empty() => {
+                    let lease = got.lease_id.clone();
+                    self.obtained(Replaced::Lease(lease));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not fetch a secret under the new token; it is fetched at the next render")
+                }
             }
         }
+        let results =
+            cycle::render_all(&self.templates, &mut fresh, &self.config.secrets_dir).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "some templates could not be rendered; their previous files are kept"
+            );
+        }
+        // The commit: no await from here on.
+        let old = std::mem::replace(&mut self.session, session);
         self.fetcher = fresh;
-        self.render().await;
+        self.observe(Instant::now());
+        self.token_asked = self.session.ttl_secs;
+        self.token.send_replace(Some(self.session.token.clone()));
+        let replaced = (old.owned && old.token != self.session.token).then_some(old.token);
+        if let Some(old) = &replaced {
+            // Until the outcome reaches the machine, the old token is the task's to revoke.
+            lock(&self.ledger)
+                .obtained
+                .push(Replaced::Token(old.clone()));
+        }
         self.save();
         Outcome::LoggedIn {
             ttl: self.session.ttl_secs,
             renewable: self.session.renewable,
             leases: leases_of(&self.fetcher),
-            replaced: (old.owned && old.token != self.session.token).then_some(old.token),
+            replaced,
         }
     }
 
@@ -636,6 +784,9 @@ impl Held<'_> {
         }
     }
 
+    /// A new secret in place of one whose lease cannot be extended further. The new lease is
+    /// the machine's (and the state file's) as soon as it exists; once adopted, the old one is
+    /// too, so a stop while the files are rendered revokes both.
     async fn rotate(&mut self, key: SecretKey) -> Outcome {
         let old = self.fetcher.secrets().get(&key).cloned();
         // A running process cannot be given new variables: the lease behind one is kept alive
@@ -651,32 +802,39 @@ impl Held<'_> {
                 };
             }
         }
-        match self.fetcher.fetch_fresh(&key).await {
-            Ok(secret) => {
-                tracing::info!(secret = %key, "fetched a new secret in place of one that cannot be renewed further");
-                let new = (!secret.lease_id.is_empty()).then(|| {
-                    Granted::new(
-                        secret.lease_id.clone(),
-                        secret.lease_duration,
-                        secret.renewable,
-                    )
-                });
-                self.fetcher.adopt(key.clone(), secret);
-                self.render().await;
-                self.save();
-                Outcome::Rotated {
-                    key,
-                    new,
-                    old: old
-                        .filter(|o| !o.lease_id.is_empty())
-                        .map(|o| (o.lease_id, o.lease_duration)),
-                }
-            }
+        let secret = match self.fetcher.fetch_fresh(&key).await {
+            Ok(secret) => secret,
             Err(e) => {
                 tracing::warn!(secret = %key, error = %e, "could not fetch a new secret; the current file is kept");
-                Outcome::Failed(fetch_failure(&e))
+                return Outcome::Failed(fetch_failure(&e));
+            }
+        };
+        tracing::info!(secret = %key, "fetched a new secret in place of one that cannot be renewed further");
+        let new = (!secret.lease_id.is_empty()).then(|| {
+            Granted::new(
+                secret.lease_id.clone(),
+                secret.lease_duration,
+                secret.renewable,
+            )
+        });
+        let old = old
+            .filter(|o| !o.lease_id.is_empty())
+            .map(|o| (o.lease_id, o.lease_duration));
+        {
+            let mut ledger = lock(&self.ledger);
+            if let Some(grant) = &new {
+                ledger
+                    .obtained
+                    .push(Replaced::Lease(grant.lease_id.clone()));
+            }
+            if let Some((id, _)) = &old {
+                ledger.obtained.push(Replaced::Lease(id.clone()));
             }
         }
+        self.fetcher.adopt(key.clone(), secret);
+        self.save();
+        self.render().await;
+        Outcome::Rotated { key, new, old }
     }
 
     /// Re-reads every secret without a lease (KV); files change only if their content did.
@@ -742,28 +900,96 @@ impl Held<'_> {
         Outcome::ReplacedRevoked
     }
 
-    /// Revokes everything held, the replaced leases and tokens included, within
-    /// [`revoke::BUDGET`]; fails, leaving the state unrevoked, when something is left.
-    async fn shutdown(&self, revoke: bool, replaced: Vec<Replaced>) -> Result<(), RunError> {
-        let deadline = Instant::now() + revoke::BUDGET;
+    /// Every credential the driver holds: its token (when it is ours) and its leases.
+    fn credentials(&self) -> Vec<Replaced> {
+        let mut all = Vec::new();
+        if self.session.owned {
+            all.push(Replaced::Token(self.session.token.clone()));
+        }
+        all.extend(
+            leases_of(&self.fetcher)
+                .into_iter()
+                .map(|(_, g)| Replaced::Lease(g.lease_id)),
+        );
+        all
+    }
+
+    /// Revokes everything held, the replaced leases and tokens included, and what the proxy's
+    /// cache holds, all by one deadline: the one the preStop hook began, or one beginning now.
+    /// Fails, leaving the record incomplete, when something is left.
+    async fn shutdown(
+        &self,
+        revoke: bool,
+        replaced: Vec<Replaced>,
+        listener: Option<Listener>,
+    ) -> Result<(), RunError> {
+        let dir = &self.config.state_dir;
+        let record = stop_record(dir);
+        let clock = StopClock::resume(self.config, record.as_ref());
+        let proxy = async {
+            if let Some(l) = listener {
+                l.shut_down(revoke, clock.deadline).await;
+            }
+        };
         if !revoke {
+            proxy.await;
             tracing::info!("stopping; revoke-on-shutdown is off, leases expire at their TTL");
             return Ok(());
         }
-        if recorded(&self.config.state_dir) == Some(Event::PreStopRevoked) {
-            tracing::info!("stopping; the preStop hook already revoked everything");
+        if let Some(record) = record.filter(|r| r.complete) {
+            // Revoked by the hook: only what it could not know of is left.
+            let mut what = self.credentials();
+            what.extend(replaced);
+            let rest = revoke::revoke_uncovered(
+                &self.client,
+                &self.session.token,
+                what,
+                Some(&record),
+                clock.deadline,
+            );
+            let ((), report) = tokio::join!(proxy, rest);
+            tracing::info!(%report, "stopping; the preStop hook already revoked the rest");
             return Ok(());
         }
         let mut state: State = state_of(&self.session, &self.fetcher);
         state.token_ttl_secs = self.token_asked;
         state.actions_done = self.reactions.done().clone();
-        let report = revoke::revoke_held(&self.client, &state, replaced, deadline).await;
-        if !report.is_complete() {
+        state.retired = replaced;
+        let held = revoke::revoke_held(&self.client, &state, Vec::new(), clock.deadline);
+        let ((), report) = tokio::join!(proxy, held);
+        let complete = report.is_complete();
+        revoke::record(self.config, &state, clock, complete)?;
+        state.revoked = complete;
+        state.stopping = !complete;
+        state::save(dir, &state)?;
+        if !complete {
             return Err(RunError::Revocation(report));
         }
-        state.revoked = true;
-        state::save(&self.config.state_dir, &state)?;
         tracing::info!(%report, "stopped after revoking everything");
         Ok(())
+    }
+
+    /// SIGTERM after the preStop hook revoked everything it knew of: what it could not know
+    /// (obtained after it read the state, or replaced and waiting out an overlap) is revoked
+    /// here.
+    async fn exit(&self, replaced: Vec<Replaced>) -> Result<(), RunError> {
+        let record = stop_record(&self.config.state_dir);
+        let clock = StopClock::resume(self.config, record.as_ref());
+        let mut what = self.credentials();
+        what.extend(replaced);
+        let report = revoke::revoke_uncovered(
+            &self.client,
+            &self.session.token,
+            what,
+            record.as_ref(),
+            clock.deadline,
+        )
+        .await;
+        tracing::info!(%report, "stopping; the preStop hook already revoked the rest");
+        if report.is_complete() {
+            Ok(())
+        } else {
+            Err(RunError::Revocation(report))
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! What reaches the sidecar from outside, as one stream: SIGTERM and SIGINT, the state file
-//! (the preStop hook's record), the credential file (the kubelet's token rotation), and whatever
+//! What reaches the sidecar from outside, as one stream: SIGTERM and SIGINT, the stop record
+//! (the preStop hook's), the credential file (the kubelet's token rotation), and whatever
 //! another task sends on a [`Control`] sender (the local listener's quit endpoint). No task is
 //! spawned: the signal streams are polled where the stream is read, and the file watchers (whose
 //! callbacks run on notify's own thread) live as long as the stream.
@@ -17,7 +17,7 @@ use crate::state;
 pub enum Input {
     /// Stop the sidecar: SIGTERM, SIGINT, or a task asking for it.
     Stop,
-    /// The state file changed.
+    /// The stop record (the preStop hook's) changed.
     StateChanged,
     /// The credential file changed.
     CredentialChanged,
@@ -47,7 +47,7 @@ impl Inputs {
         }
     }
 
-    /// Signals, the state file and the credential file of `config`.
+    /// Signals, the stop record and the credential file of `config`.
     pub fn for_sidecar(config: &AgentConfig) -> Inputs {
         let mut inputs = Inputs::signals();
         inputs._watchers = watch_files(config, &inputs.tx);
@@ -86,7 +86,8 @@ impl Inputs {
 /// reading must not wake us.
 fn watch_files(config: &AgentConfig, tx: &Control) -> Vec<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
-    let state_file = config.state_dir.join(state::STATE_FILE);
+    // The record only: the sidecar's own saves of the state must not wake it.
+    let state_file = config.state_dir.join(state::RECORD_FILE);
     let credential = config
         .auth
         .credential_file()

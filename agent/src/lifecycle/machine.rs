@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::client::Token;
 use crate::render::SecretKey;
-use crate::revoke::Replaced;
+use crate::state::Replaced;
 
 use super::schedule::{Duty, Granted, Jitter, Schedule};
 
@@ -36,6 +36,11 @@ pub enum Event {
     PreStopIncomplete,
     /// The credential file changed (the kubelet rotated the projected token).
     CredentialRotated,
+    /// The task in flight obtained a credential (a login's token, a new secret's lease) that
+    /// its outcome has not reported yet. The driver says so before its next await, so a task
+    /// stopped at any await leaves nothing unaccounted for: until the outcome commits it, the
+    /// machine keeps it and revokes it if the task never ends.
+    Obtained(Replaced),
 }
 
 /// Why a request failed, as far as deciding goes.
@@ -45,7 +50,8 @@ pub enum Failure {
     Transient,
     /// 403: a dead token, or a policy that changed.
     Denied,
-    /// Any other refusal.
+    /// Any other refusal. For a login: one that cannot pass by itself (a deleted role, a
+    /// policy that refuses it), told by the error's type, never its text.
     Refused,
 }
 
@@ -101,8 +107,19 @@ pub enum Action {
         revoke: bool,
         replaced: Vec<Replaced>,
     },
-    /// Exit without revoking (the preStop hook did).
-    Exit,
+    /// Exit without revoking what the preStop hook revoked; `replaced` (credentials retired,
+    /// or obtained by a task that never finished) are revoked unless the hook's record covers
+    /// them.
+    Exit {
+        replaced: Vec<Replaced>,
+    },
+    /// The store refuses every login: revoke everything held (with `replaced`) when `revoke`,
+    /// then exit with the login's error, so the pod shows it (restarts) instead of an agent
+    /// that retries forever.
+    GiveUp {
+        revoke: bool,
+        replaced: Vec<Replaced>,
+    },
 }
 
 /// One piece of I/O.
@@ -133,6 +150,8 @@ enum InFlight {
     Duty(Duty),
     /// A token check, and what it decides.
     Check(Check),
+    /// A replaced credential being revoked: back to the schedule if the task is dropped.
+    Revoke(Replaced),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,6 +193,7 @@ pub struct TokenGrant {
     pub renewable: bool,
 }
 
+#[derive(Clone)]
 pub struct Machine {
     schedule: Schedule,
     policy: Policy,
@@ -181,6 +201,8 @@ pub struct Machine {
     token_asked: u64,
     phase: Phase,
     in_flight: Option<InFlight>,
+    /// What the task in flight obtained and its outcome has not reported yet.
+    provisional: Vec<Replaced>,
     credential_rotated: bool,
 }
 
@@ -210,6 +232,7 @@ impl Machine {
             token_asked: token.asked,
             phase: Phase::Running,
             in_flight: None,
+            provisional: Vec::new(),
             credential_rotated: false,
         }
     }
@@ -223,8 +246,31 @@ impl Machine {
         }
     }
 
+    /// Whether the sidecar still renews (no preStop record, no stop): the proxy's cached
+    /// leases are renewed only then, as the agent's own are.
+    pub fn is_running(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
     pub fn lease_count(&self) -> usize {
         self.schedule.lease_count()
+    }
+
+    /// Every credential the machine still has to revoke: those waiting out their overlap, the
+    /// one being revoked, and what the task in flight obtained. The driver saves them with the
+    /// state, so the preStop hook revokes them too.
+    pub fn outstanding(&self) -> Vec<Replaced> {
+        let mut all: Vec<Replaced> = self.schedule.retired().cloned().collect();
+        if let Some(InFlight::Revoke(r)) = &self.in_flight {
+            all.push(r.clone());
+        }
+        all.extend(self.provisional.iter().cloned());
+        all
+    }
+
+    /// How many replaced credentials wait for their revocation (bounded by what is alive).
+    pub fn retired_count(&self) -> usize {
+        self.schedule.retired_count()
     }
 
     /// The increment asked at each token renewal (what the state file records as its TTL).
@@ -238,7 +284,16 @@ impl Machine {
             return Vec::new();
         }
         match event {
-            Event::Stop => self.stop(),
+            Event::Stop => self.stop(now),
+            Event::Obtained(what) => {
+                if self.in_flight.is_some() {
+                    self.provisional.push(what);
+                } else {
+                    // Nothing will report it: revoke it at the next chance.
+                    self.schedule.retire(now, what);
+                }
+                Vec::new()
+            }
             Event::PreStopRevoked | Event::PreStopIncomplete => {
                 let revoked = event == Event::PreStopRevoked;
                 match self.phase {
@@ -246,7 +301,7 @@ impl Machine {
                     Phase::Holding { revoked: true } => Vec::new(),
                     _ => {
                         self.phase = Phase::Holding { revoked };
-                        let mut actions = self.cancel();
+                        let mut actions = self.cancel(now);
                         actions.push(Action::Hold { revoked });
                         actions
                     }
@@ -271,6 +326,18 @@ impl Machine {
                 let Some(in_flight) = self.in_flight.take() else {
                     return Vec::new(); // An outcome nobody waits for (cancelled meanwhile).
                 };
+                let provisional = std::mem::take(&mut self.provisional);
+                if matches!(outcome, Outcome::Failed(_)) {
+                    // The task kept nothing it obtained: revoke it now.
+                    for what in provisional {
+                        self.schedule.retire(now, what);
+                    }
+                }
+                if let (InFlight::Duty(Duty::Relogin), Outcome::Failed(Failure::Refused)) =
+                    (&in_flight, &outcome)
+                {
+                    return self.give_up();
+                }
                 if let Some(next) = self.place(in_flight, outcome, now) {
                     return self.start(next);
                 }
@@ -282,22 +349,41 @@ impl Machine {
         }
     }
 
-    fn stop(&mut self) -> Vec<Action> {
+    fn stop(&mut self, now: Instant) -> Vec<Action> {
         let phase = std::mem::replace(&mut self.phase, Phase::Stopped);
-        let mut actions = self.cancel();
+        let mut actions = self.cancel(now);
+        let replaced = self.schedule.drain_retired();
         actions.push(match phase {
-            Phase::Holding { revoked: true } => Action::Exit,
+            Phase::Holding { revoked: true } => Action::Exit { replaced },
             _ => Action::Shutdown {
                 revoke: self.policy.revoke_on_shutdown,
-                replaced: self.schedule.drain_retired(),
+                replaced,
             },
         });
         actions
     }
 
-    fn cancel(&mut self) -> Vec<Action> {
+    /// A login the store will never accept: stop as SIGTERM would, but with an error.
+    fn give_up(&mut self) -> Vec<Action> {
+        self.phase = Phase::Stopped;
+        vec![Action::GiveUp {
+            revoke: self.policy.revoke_on_shutdown,
+            replaced: self.schedule.drain_retired(),
+        }]
+    }
+
+    /// Drops the task in flight; what it obtained, or was revoking, is revoked at once.
+    fn cancel(&mut self, now: Instant) -> Vec<Action> {
         self.credential_rotated = false;
-        match self.in_flight.take() {
+        let in_flight = self.in_flight.take();
+        for what in std::mem::take(&mut self.provisional) {
+            self.schedule.retire(now, what);
+        }
+        match in_flight {
+            Some(InFlight::Revoke(what)) => {
+                self.schedule.retire(now, what);
+                vec![Action::Cancel]
+            }
             Some(_) => vec![Action::Cancel],
             None => Vec::new(),
         }
@@ -312,8 +398,24 @@ impl Machine {
     }
 
     fn start(&mut self, what: InFlight) -> Vec<Action> {
-        let task = match &what {
+        let (what, task) = match what {
+            InFlight::Duty(Duty::Revoke(i)) => match self.schedule.take_retired(i) {
+                Some(r) => (InFlight::Revoke(r.clone()), Task::Revoke(r)),
+                None => return Vec::new(),
+            },
+            what => match self.task_for(&what) {
+                Some(task) => (what, task),
+                None => return Vec::new(),
+            },
+        };
+        self.in_flight = Some(what);
+        vec![Action::Perform(task)]
+    }
+
+    fn task_for(&self, what: &InFlight) -> Option<Task> {
+        Some(match what {
             InFlight::Check(_) => Task::CheckToken,
+            InFlight::Revoke(r) => Task::Revoke(r.clone()),
             InFlight::Duty(duty) => match duty {
                 Duty::RenewToken => Task::RenewToken {
                     increment: increment(self.token_asked),
@@ -325,18 +427,13 @@ impl Machine {
                         lease_id: lease_id.to_string(),
                         increment: increment(asked),
                     },
-                    None => return Vec::new(),
+                    None => return None,
                 },
                 Duty::Rotate(key) => Task::Rotate { key: key.clone() },
                 Duty::RefreshStatic => Task::RefreshStatics,
-                Duty::Revoke(i) => match self.schedule.take_retired(*i) {
-                    Some(what) => Task::Revoke(what),
-                    None => return Vec::new(),
-                },
+                Duty::Revoke(_) => return None, // Taken from the schedule by `start`.
             },
-        };
-        self.in_flight = Some(what);
-        vec![Action::Perform(task)]
+        })
     }
 
     /// Plans after `outcome` of `what`; returns a follow-up to start at once.
@@ -449,7 +546,7 @@ impl Machine {
                 self.plan_statics(now);
                 None
             }
-            (InFlight::Duty(Duty::Revoke(_)), _) => None,
+            (InFlight::Revoke(_) | InFlight::Duty(Duty::Revoke(_)), _) => None,
             (InFlight::Check(check), Outcome::TokenChecked { alive }) => match (check, alive) {
                 (_, Some(false)) => Some(InFlight::Duty(Duty::Relogin)),
                 (Check::Credential, _) => None,

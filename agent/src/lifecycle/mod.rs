@@ -42,8 +42,7 @@ pub async fn guard(config: &AgentConfig) -> Result<(), RunError> {
         tracing::debug!(error = %e, "cannot page out start-up code");
     }
     inputs.stopped().await;
-    let deadline = tokio::time::Instant::now() + revoke::BUDGET;
-    let report = revoke::revoke_saved(config, deadline).await?;
+    let report = revoke::revoke_saved(config, revoke::StopClock::begin(config)).await?;
     tracing::info!(%report, "pod stopped");
     Ok(())
 }

@@ -6,44 +6,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng, rngs::SmallRng};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::render::SecretKey;
-use crate::revoke::Replaced;
+use crate::state::Replaced;
 
-/// The source of the jitter that spreads renewals and retries of agents started together.
-pub struct Jitter(SmallRng);
-
-impl Jitter {
-    /// Seeded from the OS: what the agent uses.
-    pub fn random() -> Jitter {
-        Jitter(SmallRng::from_rng(&mut rand::rng()))
-    }
-
-    /// The same sequence every time: what tests use.
-    pub fn seeded(seed: u64) -> Jitter {
-        Jitter(SmallRng::seed_from_u64(seed))
-    }
-
-    /// A number in [0, 1).
-    pub fn draw(&mut self) -> f64 {
-        self.0.random::<f64>()
-    }
-}
-
-/// When a renewal of something with `ttl` left is due: between 60 % and 70 % of the TTL, so
-/// that agents started together spread out. `jitter` is in [0, 1).
-pub fn renew_after(ttl: Duration, jitter: f64) -> Duration {
-    ttl.mul_f64(0.6 + 0.1 * jitter.clamp(0.0, 1.0))
-}
-
-/// When a lease just obtained (or adopted) is first renewed: between a third and two thirds of
-/// its TTL, so that many leases obtained together do not renew together.
-pub fn first_renewal(ttl: Duration, jitter: f64) -> Duration {
-    ttl.mul_f64((1.0 + jitter.clamp(0.0, 1.0)) / 3.0)
-}
+pub use crate::timing::{Jitter, first_renewal, renew_after};
 
 /// What a deadline is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +23,9 @@ pub enum Duty {
     /// Fetch a new secret in place of this one (its lease cannot be extended further).
     Rotate(SecretKey),
     RefreshStatic,
-    /// Revoke something replaced earlier, once the overlap is over.
-    Revoke(usize),
+    /// Revoke something replaced earlier, once the overlap is over (its number in the
+    /// schedule).
+    Revoke(u64),
 }
 
 /// What the store granted for a lease: its id, the seconds it has left, the increment asked
@@ -91,14 +61,17 @@ struct LeaseClock {
 }
 
 /// Every deadline the sidecar keeps.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Schedule {
     token: Option<(Instant, Duty)>,
     token_attempt: u32,
     leases: BTreeMap<SecretKey, LeaseClock>,
     statics: Option<Instant>,
     static_attempt: u32,
-    retired: Vec<Option<(Instant, Replaced)>>,
+    /// What waits out its overlap, by a number that is never reused: an entry leaves when it
+    /// is taken for revocation, so the map holds only what is still alive.
+    retired: BTreeMap<u64, (Instant, Replaced)>,
+    next_retired: u64,
 }
 
 impl Schedule {
@@ -121,10 +94,8 @@ impl Schedule {
         if let Some(at) = self.statics {
             consider(at, Duty::RefreshStatic);
         }
-        for (i, r) in self.retired.iter().enumerate() {
-            if let Some((at, _)) = r {
-                consider(*at, Duty::Revoke(i));
-            }
+        for (i, (at, _)) in &self.retired {
+            consider(*at, Duty::Revoke(*i));
         }
         best
     }
@@ -257,24 +228,30 @@ impl Schedule {
 
     /// Keeps `what` alive until `at`, then revokes it.
     pub fn retire(&mut self, at: Instant, what: Replaced) {
-        self.retired.push(Some((at, what)));
+        self.retired.insert(self.next_retired, (at, what));
+        self.next_retired += 1;
     }
 
-    pub fn take_retired(&mut self, index: usize) -> Option<Replaced> {
-        self.retired
-            .get_mut(index)
-            .and_then(Option::take)
-            .map(|(_, r)| r)
+    pub fn take_retired(&mut self, index: u64) -> Option<Replaced> {
+        self.retired.remove(&index).map(|(_, r)| r)
     }
 
     /// Everything retired but not yet revoked (revoked at shutdown).
     pub fn drain_retired(&mut self) -> Vec<Replaced> {
-        self.retired.drain(..).flatten().map(|(_, r)| r).collect()
+        std::mem::take(&mut self.retired)
+            .into_values()
+            .map(|(_, r)| r)
+            .collect()
     }
 
-    /// Whether something retired still waits for its revocation.
-    pub fn has_retired(&self) -> bool {
-        self.retired.iter().any(Option::is_some)
+    /// What waits for its revocation, in the order it was retired.
+    pub fn retired(&self) -> impl Iterator<Item = &Replaced> {
+        self.retired.values().map(|(_, r)| r)
+    }
+
+    /// How many retired credentials still wait for their revocation.
+    pub fn retired_count(&self) -> usize {
+        self.retired.len()
     }
 }
 
@@ -319,6 +296,26 @@ mod tests {
         assert!(draws.iter().all(|j| (0.0..1.0).contains(j)));
     }
 
+    /// A day of rotations and logins retires tens of thousands of credentials; once revoked,
+    /// none of them may stay behind in the schedule (every wake scans what is there).
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_credential_leaves_the_schedule() {
+        let mut s = Schedule::default();
+        let now = Instant::now();
+        for n in 0..10_000u64 {
+            s.retire(now, Replaced::Lease(format!("l{n}")));
+            let Some((_, Duty::Revoke(i))) = s.next() else {
+                panic!("the retired lease is due")
+            };
+            assert_eq!(s.take_retired(i), Some(Replaced::Lease(format!("l{n}"))));
+            assert_eq!(s.retired_count(), 0, "after {n} revocations");
+        }
+        // Numbers are never reused: taking an old one again takes nothing.
+        s.retire(now, Replaced::Lease("last".into()));
+        assert_eq!(s.take_retired(0), None);
+        assert_eq!(s.retired_count(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_earliest_duty_comes_first() {
         let now = Instant::now();
@@ -351,7 +348,7 @@ mod tests {
         );
         assert_eq!(s.take_retired(0), Some(Replaced::Lease("old".into())));
         assert_eq!(s.take_retired(0), None);
-        assert!(!s.has_retired());
+        assert_eq!(s.retired_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]

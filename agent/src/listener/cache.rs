@@ -5,8 +5,9 @@
 //! thirds of their TTL, evicted when the store will not extend them any further, and revoked
 //! with the agent's own at shutdown.
 //!
-//! Pure: no I/O and no clock. The listener's driver asks `next_due`, takes the duties that are
-//! due, performs them and reports back (`renewed`, `renewal_failed`).
+//! Pure: no I/O, no clock and no randomness of its own (the caller gives the time and the
+//! jitter). The listener's driver asks `next_due`, takes the duties that are due, performs them
+//! and reports back (`renewed`, `renewal_failed`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,12 +19,16 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::client::Token;
-use crate::lifecycle::schedule::renew_after;
+use crate::timing::renew_after;
 
 /// Responses larger than this are forwarded but not cached.
 pub const MAX_CACHED_BODY: usize = 1024 * 1024;
 /// Entries kept at most; beyond, responses are forwarded without being cached.
 pub const MAX_ENTRIES: usize = 4096;
+/// A renewal handed out by `take_due` is due again after this unless its outcome is reported
+/// first: a renewal whose request was dropped (the sidecar's loop cancels it for any input) is
+/// planned again instead of being lost.
+pub const RENEWAL_LOST_AFTER: Duration = Duration::from_secs(5);
 
 /// SHA-256 of a request: method, path and query, namespace, body and the token it is sent with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,12 +124,22 @@ pub fn grant_of(status: u16, body: &[u8]) -> Option<Grant> {
     })
 }
 
-/// A response as the store gave it.
-#[derive(Debug, Clone)]
+/// A response as the store gave it. `Debug` gives the status and the body's length: the body
+/// holds the secret (or a token).
+#[derive(Clone)]
 pub struct Stored {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("status", &self.status)
+            .field("body", &format_args!("<{} byte(s)>", self.body.len()))
+            .finish_non_exhaustive()
+    }
 }
 
 /// A response worth caching, with the request's path and the token it was sent with.
@@ -161,6 +176,8 @@ struct Entry {
     /// The TTL asked for at each renewal: the first one.
     asked: u64,
     due: Option<(Instant, bool)>,
+    /// When the store's last grant runs out (`None`: never): past it the entry is never served.
+    expires: Option<Instant>,
     attempt: u32,
 }
 
@@ -214,10 +231,11 @@ impl LeaseCache {
         self.entries.is_empty()
     }
 
-    /// The cached response and its age.
+    /// The cached response and its age; never one whose lease or token has run out.
     pub fn get(&self, key: &CacheKey, now: Instant) -> Option<(Stored, Duration)> {
         self.entries
             .get(key)
+            .filter(|e| e.expires.is_none_or(|at| now < at))
             .map(|e| (e.stored.clone(), now.saturating_duration_since(e.created)))
     }
 
@@ -240,6 +258,7 @@ impl LeaseCache {
             created: now,
             asked: grant.ttl,
             due: None,
+            expires: None,
             attempt: 0,
         };
         entry.plan(now, grant.ttl, grant.renewable, jitter);
@@ -257,16 +276,18 @@ impl LeaseCache {
             .min()
     }
 
-    /// Every duty due at `now`; evictions are done at once, renewals are handed out.
+    /// Every duty due at `now`; evictions are done at once, renewals are handed out. A renewal
+    /// handed out stays planned, [`RENEWAL_LOST_AFTER`] later, until `renewed` or
+    /// `renewal_failed` plans the next: a renewal that never reports back is not lost.
     pub fn take_due(&mut self, now: Instant) -> Vec<(CacheKey, Action)> {
         let mut due = Vec::new();
         self.entries.retain(|key, e| match e.due {
             Some((at, evict)) if at <= now => {
-                if evict {
+                if evict || e.expires.is_some_and(|end| end <= now) {
                     due.push((*key, Action::Evict));
                     return false;
                 }
-                e.due = None; // In flight; `renewed` or `renewal_failed` plans the next.
+                e.due = Some((now + RENEWAL_LOST_AFTER, false));
                 due.push((
                     *key,
                     Action::Renew {
@@ -305,13 +326,19 @@ impl LeaseCache {
         key: &CacheKey,
         transient: bool,
         backoff: Backoff,
+        jitter: f64,
     ) {
         if !transient {
             self.entries.remove(key);
             return;
         }
         if let Some(e) = self.entries.get_mut(key) {
-            e.due = Some((now + backoff.delay_random(e.attempt), false));
+            let retry = now + backoff.delay(e.attempt, jitter);
+            // Never past the grant: at its end the entry is evicted, not renewed.
+            e.due = Some(match e.expires {
+                Some(end) if end <= retry => (end, true),
+                _ => (retry, false),
+            });
             e.attempt += 1;
         }
     }
@@ -370,6 +397,7 @@ impl Entry {
     /// store grants what was asked; otherwise eviction when it runs out.
     fn plan(&mut self, now: Instant, ttl: u64, renewable: bool, jitter: f64) {
         let ttl_left = Duration::from_secs(ttl);
+        self.expires = (ttl > 0).then(|| now + ttl_left);
         self.due = if ttl == 0 {
             None // Never expires (a root or periodic-less token without TTL).
         } else if renewable && ttl >= self.asked {
@@ -528,9 +556,13 @@ mod tests {
                 }
             )]
         );
-        assert_eq!(c.next_due(), None, "in flight: nothing else is due");
+        assert_eq!(
+            c.next_due(),
+            Some(now + RENEWAL_LOST_AFTER),
+            "in flight: due again only if its outcome never comes"
+        );
         // The store is down: asked again soon.
-        c.renewal_failed(now, &k, true, backoff);
+        c.renewal_failed(now, &k, true, backoff, 0.5);
         let retry = c.next_due().unwrap();
         assert!(retry > now && retry <= now + Duration::from_secs(5));
         c.take_due(retry);
@@ -574,7 +606,7 @@ mod tests {
         assert_eq!(c.len(), 3);
         // A lease that cannot be renewed is evicted when it runs out, never renewed.
         assert_eq!(c.next_due(), Some(now + Duration::from_secs(39)));
-        c.renewal_failed(now, &a, false, backoff);
+        c.renewal_failed(now, &a, false, backoff, 0.5);
         assert!(c.get(&a, now).is_none(), "refused: evicted");
         assert_eq!(c.clear(&Clear::RequestPath("/v1/db/".into())), 1);
         assert_eq!(c.clear(&Clear::TokenAccessor("nope".into())), 0);
@@ -607,6 +639,50 @@ mod tests {
         assert!(
             c.drain().is_empty(),
             "revoked already: nothing left to revoke"
+        );
+    }
+
+    /// The sidecar's loop drops a renewal in flight whenever an input arrives (the kubelet
+    /// rotating the projected token, say): the entry must come due again, and meanwhile a
+    /// lease that ran out must never be served.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_dropped_in_flight_comes_due_again_and_an_expired_entry_is_never_served() {
+        let mut c = LeaseCache::default();
+        let t0 = Instant::now();
+        let k = put(&mut c, "/v1/database/creds/app", "t", lease("l1", 60, true));
+        let first = c.next_due().unwrap();
+        assert_eq!(c.take_due(first).len(), 1);
+        // The renewal's request is dropped: no `renewed`, no `renewal_failed`.
+        let again = c.next_due().expect("a dropped renewal is planned again");
+        assert!(again > first && again <= first + Duration::from_secs(5));
+        assert!(matches!(
+            c.take_due(again).as_slice(),
+            [(key, Action::Renew { .. })] if *key == k
+        ));
+        // Dropped every time until the lease runs out: never served past its TTL, and
+        // evicted rather than renewed once it has.
+        assert!(c.get(&k, t0 + Duration::from_secs(59)).is_some());
+        assert!(c.get(&k, t0 + Duration::from_secs(60)).is_none());
+        assert_eq!(
+            c.take_due(t0 + Duration::from_secs(60)),
+            [(k, Action::Evict)]
+        );
+        assert!(c.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_renewal_never_plans_past_the_grant() {
+        let backoff = Backoff::new(Duration::from_secs(60), Duration::from_secs(60));
+        let mut c = LeaseCache::default();
+        let t0 = Instant::now();
+        let k = put(&mut c, "/v1/database/creds/app", "t", lease("l1", 60, true));
+        let at = c.next_due().unwrap();
+        c.take_due(at);
+        c.renewal_failed(at, &k, true, backoff, 0.5);
+        assert_eq!(c.next_due(), Some(t0 + Duration::from_secs(60)));
+        assert_eq!(
+            c.take_due(t0 + Duration::from_secs(60)),
+            [(k, Action::Evict)]
         );
     }
 }

@@ -102,10 +102,12 @@ impl Shared {
         let path = path.as_str();
         let kept = self.lock().insert(Instant::now(), key, got, rand::random());
         if kept {
-            tracing::info!(path, kind, "cached a {kind} obtained through the proxy");
+            let path = proxy::loggable(path);
+            tracing::info!(%path, kind, "cached a {kind} obtained through the proxy");
             self.changed.notify_waiters();
         } else {
-            tracing::warn!(path, "the lease cache is full; the answer was not cached");
+            let path = proxy::loggable(path);
+            tracing::warn!(%path, "the lease cache is full; the answer was not cached");
         }
     }
 
@@ -208,9 +210,13 @@ impl Listener {
             };
             let Some(token) = token.or_else(|| self.shared.agent_token()) else {
                 tracing::warn!("no agent token yet to renew a cached lease with; will retry");
-                self.shared
-                    .lock()
-                    .renewal_failed(Instant::now(), &key, true, self.backoff);
+                self.shared.lock().renewal_failed(
+                    Instant::now(),
+                    &key,
+                    true,
+                    self.backoff,
+                    rand::random(),
+                );
                 continue;
             };
             let client = &self.shared.client;
@@ -235,9 +241,13 @@ impl Listener {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew a cached lease or token");
-                    self.shared
-                        .lock()
-                        .renewal_failed(now, &key, e.is_transient(), self.backoff);
+                    self.shared.lock().renewal_failed(
+                        now,
+                        &key,
+                        e.is_transient(),
+                        self.backoff,
+                        rand::random(),
+                    );
                 }
             }
         }

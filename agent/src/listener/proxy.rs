@@ -199,13 +199,13 @@ pub async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<re
         Err(e) => {
             shared.metrics.proxy_error();
             let err = shared.client.transport_error(&e);
-            tracing::warn!(path = %path, error = %err, "proxied request failed: the store is unreachable");
+            tracing::warn!(path = %loggable(&path), error = %err, "proxied request failed: the store is unreachable");
             return error_response(StatusCode::BAD_GATEWAY, &format!("sidekey-agent: {err}"));
         }
     };
     let status = resp.status();
     shared.metrics.proxy_answered(status.as_u16());
-    tracing::debug!(path = %path, status = status.as_u16(), "proxied");
+    tracing::debug!(path = %loggable(&path), status = status.as_u16(), "proxied");
     if status.is_success()
         && let Some(what) = revocation(&path, revoked_lease.as_deref(), token.as_ref())
     {
@@ -282,6 +282,23 @@ pub fn response_of(stored: &Stored, age: Option<std::time::Duration>) -> Respons
     out
 }
 
+/// A request path as it may be logged: what follows `auth/token/<operation>/` is withheld,
+/// since the legacy forms carry a token there (`auth/token/lookup/<token>`,
+/// `auth/token/revoke/<token>`, `auth/token/renew/<token>`).
+pub fn loggable(path: &str) -> std::borrow::Cow<'_, str> {
+    const TOKEN_API: &str = "auth/token/";
+    let Some(at) = path.find(TOKEN_API) else {
+        return path.into();
+    };
+    let operation_at = at + TOKEN_API.len();
+    match path[operation_at..].find('/') {
+        Some(end) if operation_at + end + 1 < path.len() => {
+            format!("{}/<withheld>", &path[..operation_at + end]).into()
+        }
+        _ => path.into(),
+    }
+}
+
 /// Whether a revocation names its lease in the body (read, to forget the lease).
 fn revokes_by_body(path: &str) -> bool {
     matches!(path, "/v1/sys/leases/revoke" | "/v1/sys/revoke")
@@ -309,6 +326,30 @@ pub fn revocation(path: &str, body_lease: Option<&str>, token: Option<&Token>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_in_a_request_path_is_never_logged() {
+        for (path, logged) in [
+            (
+                "/v1/auth/token/lookup/hvs.canary",
+                "/v1/auth/token/lookup/<withheld>",
+            ),
+            (
+                "/v1/auth/token/revoke/hvs.canary/",
+                "/v1/auth/token/revoke/<withheld>",
+            ),
+            (
+                "/v1/auth/token/renew/s.canary",
+                "/v1/auth/token/renew/<withheld>",
+            ),
+            ("/v1/auth/token/lookup-self", "/v1/auth/token/lookup-self"),
+            ("/v1/auth/token/create", "/v1/auth/token/create"),
+            ("/v1/database/creds/app", "/v1/database/creds/app"),
+        ] {
+            assert_eq!(loggable(path), logged);
+            assert!(!loggable(path).contains("canary"));
+        }
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

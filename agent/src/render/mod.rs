@@ -19,7 +19,9 @@ use crate::config::{DefaultFormat, Engine, TemplateConfig};
 pub use limits::Limit;
 
 /// One secret request: a read of `path`, or with parameters a write (for example a PKI issue).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// `Debug`, like `Display`, names the parameters, never their values (a ciphertext to decrypt,
+/// say).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SecretKey {
     pub path: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -63,6 +65,15 @@ impl SecretKey {
     }
 }
 
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretKey")
+            .field("path", &self.path)
+            .field("params", &self.params.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 impl fmt::Display for SecretKey {
     /// The path, and the parameter names (not their values) for writes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -80,7 +91,46 @@ impl fmt::Display for SecretKey {
 }
 
 /// Fetched secrets, as the JSON the API returned (`data`, `lease_id`, `lease_duration`, …).
-pub type Known = HashMap<SecretKey, Value>;
+/// A map (through `Deref`) whose `Debug` names the keys and never shows the secrets.
+#[derive(Clone, Default, PartialEq)]
+pub struct Known(HashMap<SecretKey, Value>);
+
+impl Known {
+    pub fn new() -> Known {
+        Known::default()
+    }
+}
+
+impl std::ops::Deref for Known {
+    type Target = HashMap<SecretKey, Value>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Known {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<const N: usize> From<[(SecretKey, Value); N]> for Known {
+    fn from(pairs: [(SecretKey, Value); N]) -> Known {
+        Known(HashMap::from(pairs))
+    }
+}
+
+impl FromIterator<(SecretKey, Value)> for Known {
+    fn from_iter<I: IntoIterator<Item = (SecretKey, Value)>>(pairs: I) -> Known {
+        Known(pairs.into_iter().collect())
+    }
+}
+
+impl fmt::Debug for Known {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
@@ -129,7 +179,8 @@ impl RenderError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` gives the rendered text's length and the written files' paths, never content.
+#[derive(Clone, PartialEq)]
 pub enum Outcome {
     /// The file's content (bytes: a decoded binary secret reaches the file unchanged), the keys
     /// that were missing (rendered empty) for a warning, and the files a Go template's
@@ -141,6 +192,24 @@ pub enum Outcome {
     },
     /// Fetch these and render again.
     Needs(Vec<SecretKey>),
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Rendered {
+                text,
+                missing,
+                writes,
+            } => f
+                .debug_struct("Rendered")
+                .field("text", &format_args!("<{} byte(s)>", text.len()))
+                .field("missing", missing)
+                .field("writes", &writes.iter().map(|w| &w.0).collect::<Vec<_>>())
+                .finish(),
+            Outcome::Needs(keys) => f.debug_tuple("Needs").field(keys).finish(),
+        }
+    }
 }
 
 /// Picks the engine when the annotation did not: handlebars block syntax (`{{#`, `{{/` that is
@@ -383,6 +452,32 @@ pub fn default_format(format: DefaultFormat, data: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_debug_output_shows_secret_data_or_rendered_text() {
+        const CANARY: &str = "canary-debug-7a1";
+        let key = SecretKey {
+            path: "transit/decrypt/app".into(),
+            params: BTreeMap::from([("ciphertext".to_string(), CANARY.to_string())]),
+        };
+        let known = Known::from([(key.clone(), serde_json::json!({"data": {"v": CANARY}}))]);
+        let rendered = Outcome::Rendered {
+            text: CANARY.as_bytes().to_vec(),
+            missing: Vec::new(),
+            writes: Vec::new(),
+        };
+        for shown in [
+            format!("{key:?}"),
+            format!("{key:#?}"),
+            format!("{key}"),
+            format!("{known:?}"),
+            format!("{rendered:?}"),
+        ] {
+            assert!(!shown.contains(CANARY), "{shown}");
+        }
+        assert!(format!("{key:?}").contains("ciphertext"));
+        assert!(format!("{rendered:?}").contains("16 byte(s)"));
+    }
     use serde_json::json;
 
     fn template(contents: Option<&str>) -> TemplateConfig {

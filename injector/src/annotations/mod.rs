@@ -11,6 +11,7 @@
 
 mod auth;
 mod containers;
+mod defaults;
 mod env;
 mod inert;
 mod lifecycle;

@@ -109,6 +109,9 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
                 .max(req.auth.min_backoff_ms.unwrap_or(0)),
             native_sidecar: req.lifecycle.native_sidecar,
             token_ttl_cap_secs: req.lifecycle.init_token_ttl_cap,
+            // The pod's own grace reaches the agent through `STOP_DEADLINE_ENV` (this config
+            // depends on the annotations only, so pods annotated alike share it).
+            stop_deadline_secs: lifecycle_defaults.stop_deadline_secs,
         },
         listener: req.listener.clone(),
         log: req.log.clone(),

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
-use sidekey_agent::config::CONFIG_ENV;
+use sidekey_agent::config::{CONFIG_ENV, STOP_DEADLINE_ENV};
 
 use super::{AGENT_BINARY, annotation_error};
 use crate::annotations::{AnnotationError, InjectionRequest};
@@ -24,6 +24,18 @@ pub(super) struct AgentContainer<'a> {
     pub(super) config_env: &'a str,
     pub(super) mounts: &'a [VolumeMount],
     pub(super) run_as_user: i64,
+    /// The pod's stop deadline, from its terminationGracePeriodSeconds ([`stop_deadline`]).
+    pub(super) stop_deadline_secs: Option<u64>,
+}
+
+/// How long the agent's whole stop may take in a pod with `grace` seconds between the start
+/// of its deletion and SIGKILL: the grace less a sixth of it (1 s to 5 s) for the kubelet, the
+/// hook's exec and the process exit. `None` (the pod leaves the default, 30 s) keeps the
+/// agent's own default.
+pub fn stop_deadline(grace: Option<i64>) -> Option<u64> {
+    let grace = u64::try_from(grace?).unwrap_or(0);
+    let margin = (grace / 6).clamp(1, 5);
+    Some(grace.saturating_sub(margin).max(1))
 }
 
 impl AgentContainer<'_> {
@@ -63,6 +75,13 @@ impl AgentContainer<'_> {
                 value_from: Some(field("status.hostIP")),
             },
         ];
+        if let Some(secs) = self.stop_deadline_secs {
+            env.push(EnvVar {
+                name: STOP_DEADLINE_ENV.into(),
+                value: Some(secs.to_string()),
+                value_from: None,
+            });
+        }
         if let Some(proxy) = &req.store.proxy_address {
             env.push(EnvVar {
                 name: "HTTPS_PROXY".into(),
@@ -247,5 +266,26 @@ pub(super) fn run_as_user(req: &InjectionRequest, view: &PodView) -> Result<i64,
             "the first container runs as root; the agent is not allowed to",
         )),
         Some(uid) => Ok(uid),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stop_deadline_leaves_the_kubelet_a_margin_of_the_pods_grace() {
+        assert_eq!(
+            stop_deadline(None),
+            None,
+            "the agent's default (25 s of 30)"
+        );
+        assert_eq!(stop_deadline(Some(30)), Some(25));
+        assert_eq!(stop_deadline(Some(120)), Some(115));
+        assert_eq!(stop_deadline(Some(12)), Some(10));
+        assert_eq!(stop_deadline(Some(3)), Some(2));
+        assert_eq!(stop_deadline(Some(1)), Some(1));
+        assert_eq!(stop_deadline(Some(0)), Some(1));
+        assert_eq!(stop_deadline(Some(-5)), Some(1));
     }
 }

@@ -8,8 +8,7 @@
 //! or the container's entry and what to change.
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, FileKeySelector, VolumeMount};
-use sidekey_agent::config::{EnvConfig, EnvVarConfig};
-use sidekey_agent::env_file::WRAPPER_BINARY;
+use sidekey_agent::config::{ENV_WRAPPER_BINARY as WRAPPER_BINARY, EnvConfig, EnvVarConfig};
 
 use super::annotation_error;
 use crate::annotations::{

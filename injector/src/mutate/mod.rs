@@ -170,6 +170,7 @@ pub fn build(
         config_env,
         mounts: &agent_mounts,
         run_as_user,
+        stop_deadline_secs: containers::stop_deadline(view.termination_grace()),
     };
     let guard = req
         .lifecycle

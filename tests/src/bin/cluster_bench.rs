@@ -332,6 +332,10 @@ async fn main() -> Result<()> {
     template["metadata"] =
         json!({ "labels": { "app": "scale" }, "annotations": injected(&ns.name, false) });
     template["spec"]["nodeSelector"] = json!({ "sidekey.bench/none": "true" });
+    if let Some(t) = template.as_object_mut() {
+        t.remove("apiVersion");
+        t.remove("kind");
+    }
     let deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": { "name": "scale", "namespace": ns.name },

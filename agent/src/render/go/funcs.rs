@@ -201,10 +201,17 @@ fn kv_params(args: &[Val]) -> Result<BTreeMap<String, String>, String> {
         }
         let (k, v) = s
             .split_once('=')
-            .ok_or_else(|| format!("not k=v pair {s:?}"))?;
+            .ok_or_else(|| format!("not k=v pair: {}", withheld(s)))?;
         params.insert(k.trim().to_string(), v.trim().to_string());
     }
     Ok(params)
+}
+
+/// How an error names a value it could not use: by its length, never itself. Go quotes it,
+/// but the value may be a secret, and the message reaches the logs and the init container's
+/// termination message, which anyone who can read the pod sees.
+pub fn withheld(s: &str) -> String {
+    format!("a value of {} byte(s)", s.len())
 }
 
 pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
@@ -402,7 +409,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Bool(false)),
                 s => crate_parse_bool(s).map(Val::Bool).ok_or_else(|| {
-                    format!("parseBool: strconv.ParseBool: parsing {s:?}: invalid syntax").into()
+                    format!(
+                        "parseBool: strconv.ParseBool: parsing {}: invalid syntax",
+                        withheld(s)
+                    )
+                    .into()
                 }),
             }
         }
@@ -411,7 +422,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
             match text(&args, 0)? {
                 "" => Ok(Val::Int(0)),
                 s => s.parse::<i64>().map(Val::Int).map_err(|_| {
-                    format!("parseInt: strconv.ParseInt: parsing {s:?}: invalid syntax").into()
+                    format!(
+                        "parseInt: strconv.ParseInt: parsing {}: invalid syntax",
+                        withheld(s)
+                    )
+                    .into()
                 }),
             }
         }
@@ -425,8 +440,11 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                     .and_then(|n| i64::try_from(n).ok())
                     .map(Val::Int)
                     .ok_or_else(|| {
-                        format!("parseUint: strconv.ParseUint: parsing {s:?}: invalid syntax")
-                            .into()
+                        format!(
+                            "parseUint: strconv.ParseUint: parsing {}: invalid syntax",
+                            withheld(s)
+                        )
+                        .into()
                     }),
             }
         }
@@ -438,13 +456,15 @@ pub fn call(exec: &mut Exec<'_>, name: &str, args: Vec<Val>) -> R {
                     // Go refuses a number too large for a float64 (but not "inf" itself).
                     Ok(f) if f.is_infinite() && !s.to_ascii_lowercase().contains("inf") => {
                         Err(format!(
-                            "parseFloat: strconv.ParseFloat: parsing {s:?}: value out of range"
+                            "parseFloat: strconv.ParseFloat: parsing {}: value out of range",
+                            withheld(s)
                         )
                         .into())
                     }
                     Ok(f) => Ok(Val::Float(f)),
                     Err(_) => Err(format!(
-                        "parseFloat: strconv.ParseFloat: parsing {s:?}: invalid syntax"
+                        "parseFloat: strconv.ParseFloat: parsing {}: invalid syntax",
+                        withheld(s)
                     )
                     .into()),
                 },

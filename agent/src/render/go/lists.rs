@@ -42,9 +42,12 @@ pub fn contains_some(name: &str, wanted: &Val, l: &Val) -> Result<bool, String> 
 fn int_of(name: &str, v: &Val) -> Result<i64, String> {
     match v {
         Val::Int(n) => Ok(*n),
-        Val::Str(s) | Val::Number(s) => s
-            .parse()
-            .map_err(|_| format!("{name}: strconv.ParseInt: parsing {s:?}: invalid syntax")),
+        Val::Str(s) | Val::Number(s) => s.parse().map_err(|_| {
+            format!(
+                "{name}: strconv.ParseInt: parsing {}: invalid syntax",
+                super::funcs::withheld(s)
+            )
+        }),
         Val::Float(f) => Ok(*f as i64),
         other => Err(format!("{name}: unknown type {}", other.type_name())),
     }

@@ -75,6 +75,41 @@ mod tests {
             .map_err(|e| e.to_string())
     }
 
+    /// A secret value that a function refuses: the error, which reaches the logs and the init
+    /// container's termination message, names it by its length, never quotes it.
+    #[test]
+    fn no_function_error_quotes_a_secret_value() {
+        const CANARY: &str = "canary-Zx9q";
+        let known = Known::from([(
+            SecretKey::read("secret/data/c"),
+            json!({
+                "request_id": "r", "lease_id": "", "lease_duration": 0, "renewable": false, "warnings": null,
+                "data": { "data": { "v": CANARY, "re": "(canary-Zx9q" } }
+            }),
+        )]);
+        for body in [
+            ".Data.data.v | parseInt",
+            ".Data.data.v | parseUint",
+            ".Data.data.v | parseFloat",
+            ".Data.data.v | parseBool",
+            "loop .Data.data.v",
+            r#"regexMatch .Data.data.re "x""#,
+            r#"sprig_regexFind .Data.data.re "x""#,
+            r#"secret "pki/issue/x" .Data.data.v"#,
+        ] {
+            let text =
+                format!(r#"{{{{ with secret "secret/data/c" }}}}{{{{ {body} }}}}{{{{ end }}}}"#);
+            let tree = compile(&text, "{{", "}}").unwrap();
+            let pass = render(&tree, &known, false);
+            let error = match pass.result {
+                Err(e) => e.to_string(),
+                Ok(out) => panic!("{body}: rendered {:?}", String::from_utf8_lossy(&out)),
+            };
+            assert!(!error.contains(CANARY), "{body}: {error}");
+            assert!(!format!("{error:?}").contains(CANARY), "{body}: {error:?}");
+        }
+    }
+
     #[test]
     fn go_semantics() {
         let cases = [

@@ -818,8 +818,12 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         }
         "regexMatch" => Ok(Val::Bool(txt::regex_match(&s(0)?, &s(1)?)?)),
         "regexFind" | "regexFindAll" | "regexSplit" => {
-            let re = txt::go_regex(&s(0)?)
-                .map_err(|e| format!("sprig_{name}: error parsing regexp: {e}"))?;
+            let re = txt::go_regex(&s(0)?).map_err(|e| {
+                // The error quotes the pattern, which may come from a secret.
+                let first = e.to_string();
+                let why = first.lines().last().unwrap_or_default().trim().to_string();
+                format!("sprig_{name}: error parsing regexp: {why}")
+            })?;
             let text = s(1)?;
             let limit = match n(2) {
                 m if m < 0 => usize::MAX,
@@ -852,8 +856,12 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
             if name == "regexReplaceAll" {
                 return Ok(Val::Str(txt::regex_replace_all(&pattern, &to, &text)?));
             }
-            let re = txt::go_regex(&pattern)
-                .map_err(|e| format!("sprig_{name}: error parsing regexp: {e}"))?;
+            let re = txt::go_regex(&pattern).map_err(|e| {
+                // The error quotes the pattern, which may come from a secret.
+                let first = e.to_string();
+                let why = first.lines().last().unwrap_or_default().trim().to_string();
+                format!("sprig_{name}: error parsing regexp: {why}")
+            })?;
             Ok(Val::Str(
                 re.replace_all(&text, regex::NoExpand(&to)).into_owned(),
             ))

@@ -265,7 +265,10 @@ fn regex(name: &str, pattern: &str) -> Result<regex::Regex, String> {
     go_regex(pattern).map_err(|e| {
         let first = e.to_string();
         let why = first.lines().last().unwrap_or_default().trim().to_string();
-        format!("{name}: error parsing regexp {pattern:?}: {why}")
+        format!(
+            "{name}: error parsing regexp {}: {why}",
+            super::funcs::withheld(pattern)
+        )
     })
 }
 
