@@ -56,9 +56,16 @@ app.kubernetes.io/component: injector
 {{- printf "%s-webhook" (include "sidekey.fullname" .) -}}
 {{- end -}}
 
+{{/*
+The Secret holding the serving certificate. Auto-TLS's Secret is created by the injector, not by
+helm, so it has a name of its own: a later switch to tls.mode chart or certManager must not find a
+Secret of that name that helm cannot adopt ("invalid ownership metadata").
+*/}}
 {{- define "sidekey.tlsSecretName" -}}
 {{- if eq .Values.tls.mode "secret" -}}
 {{- .Values.tls.secret.name -}}
+{{- else if eq .Values.tls.mode "auto" -}}
+{{- printf "%s-auto-tls" (include "sidekey.fullname" .) -}}
 {{- else -}}
 {{- printf "%s-tls" (include "sidekey.fullname" .) -}}
 {{- end -}}
