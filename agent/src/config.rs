@@ -70,6 +70,57 @@ pub struct AgentConfig {
     /// config (see `hcl`); the login and the templates then come from that file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault_agent_config_dir: Option<PathBuf>,
+    /// Environment variables from secrets (`agent-inject-env-VAR`, bank-vaults `vault:` values),
+    /// rendered into one env file; none when the pod asked for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<EnvConfig>,
+}
+
+/// The pod's env file: where it goes and what it holds (`env_file` renders and writes it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvConfig {
+    /// Absolute path of the env file, on an in-memory volume of its own.
+    pub file: PathBuf,
+    pub vars: Vec<EnvVarConfig>,
+    /// Exec-wrapper mode (clusters without env files): the agent's binary is copied next to the
+    /// file and both are readable by the app containers, whose command runs `sidekey-agent exec`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exec: bool,
+}
+
+/// One key of the env file: a field of a secret (`path` and `field`) or a Go template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVarConfig {
+    /// The key in the env file (the variable's name, unless two containers give one name two
+    /// sources).
+    pub key: String,
+    /// Where the pod asked for it (an annotation, or a container's env entry), for errors.
+    pub origin: String,
+    /// The secret's path (a KV v2 version as `?version=N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The field of the secret: looked up in `data.data` for a KV v2 secret, else in `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// A Go template (as Vault Agent renders it) whose output is the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+}
+
+/// The agent's binary as the exec wrapper runs it, next to the env file.
+pub const ENV_WRAPPER_BINARY: &str = "sidekey-agent";
+
+/// Whether `name` is a key the kubelet's env-file parser and the API server's `fileKeyRef`
+/// validation both take: printable ASCII without `=` (relaxed env var names), no space or tab
+/// (the parser ends a name there), not starting with `#` (a comment).
+pub fn is_env_file_key(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('#')
+        && name
+            .bytes()
+            .all(|b| (b'!'..=b'~').contains(&b) && b != b'=')
 }
 
 /// The port Vault Agent's listener takes in vault-k8s pods.
@@ -493,6 +544,35 @@ pub fn parse_mode(text: &str) -> Option<u32> {
     u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
 }
 
+/// The env file's path and every key: absolute, unique, one source each.
+fn check_env(env: &EnvConfig) -> Result<(), ConfigError> {
+    check_absolute_file(&env.file).map_err(|p| invalid("env.file", p))?;
+    let mut keys = std::collections::HashSet::new();
+    for (i, v) in env.vars.iter().enumerate() {
+        let field = |f: &str| format!("env.vars[{i}].{f}");
+        if !is_env_file_key(&v.key) {
+            return Err(invalid(
+                field("key"),
+                format!("{:?} is not a name an env file can hold", v.key),
+            ));
+        }
+        if !keys.insert(v.key.as_str()) {
+            return Err(invalid(field("key"), format!("{:?} is used twice", v.key)));
+        }
+        match (&v.path, &v.field, &v.template) {
+            (Some(p), Some(f), None) if !p.trim().is_empty() && !f.is_empty() => {}
+            (None, None, Some(_)) => {}
+            _ => {
+                return Err(invalid(
+                    field("path"),
+                    "a variable needs a path and a field, or a template",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An absolute folder without `..` (a template's own folder).
 fn check_absolute_dir(dir: &Path) -> Result<(), String> {
     if !dir.is_absolute() {
@@ -671,6 +751,9 @@ impl AgentConfig {
                     format!("{:?} is not an octal file mode", sink.perms),
                 ));
             }
+        }
+        if let Some(env) = &self.env {
+            check_env(env)?;
         }
         let mut files = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();

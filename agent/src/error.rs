@@ -26,6 +26,9 @@ pub enum RunError {
     State(#[from] StateError),
     #[error(transparent)]
     Listener(#[from] crate::listener::ListenerError),
+    /// The pod's env file (`agent-inject-env-VAR`, `vault:` values).
+    #[error(transparent)]
+    Env(#[from] crate::env_file::EnvFileError),
     #[error("gave up after {secs}s of retrying; last error: {last}")]
     Timeout { secs: u64, last: Box<RunError> },
     /// A revocation that left something alive (the report says what).
@@ -39,6 +42,7 @@ impl RunError {
             RunError::Client(e) => e.is_transient(),
             RunError::Auth(e) => e.is_transient(),
             RunError::Cycle(e) => e.is_transient(),
+            RunError::Env(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -57,6 +61,11 @@ impl RunError {
             RunError::Cycle(CycleError::Sink(_)) | RunError::State(_) | RunError::Listener(_) => 5,
             RunError::Cycle(e) if e.is_transient() => 1,
             RunError::Cycle(_) => 4,
+            RunError::Env(
+                crate::env_file::EnvFileError::Sink(_) | crate::env_file::EnvFileError::Copy { .. },
+            ) => 5,
+            RunError::Env(e) if e.is_transient() => 1,
+            RunError::Env(_) => 4,
         }
     }
 }

@@ -19,7 +19,11 @@ pub mod config;
 #[cfg(feature = "runtime")]
 pub mod cycle;
 #[cfg(feature = "runtime")]
+pub mod env_file;
+#[cfg(feature = "runtime")]
 pub mod error;
+#[cfg(feature = "runtime")]
+pub mod exec;
 #[cfg(feature = "runtime")]
 pub mod fetch;
 #[cfg(feature = "runtime")]

@@ -46,6 +46,19 @@ enum Command {
     Guard(ConfigArg),
     /// Exit 0 once the first render is done (a native sidecar's startup probe).
     Ready(ConfigArg),
+    /// Set the variables of an env file and replace this process with COMMAND (same PID,
+    /// signals and exit code): the env-file reader of clusters without env files.
+    Exec {
+        /// The env file the agent's init container wrote.
+        #[arg(long, value_name = "FILE")]
+        env_file: PathBuf,
+        /// A variable to set: NAME, or NAME=KEY when its key in the file differs.
+        #[arg(long = "var", value_name = "NAME[=KEY]")]
+        vars: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Revoke every lease and the token of the saved state (the preStop hook).
     Revoke {
         #[command(flatten)]
@@ -57,8 +70,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    // The wrapper replaces itself with the app: no runtime, no threads, nothing to inherit.
+    if let Command::Exec {
+        env_file,
+        vars,
+        command,
+    } = &cli.command
+    {
+        let wanted: Vec<_> = vars
+            .iter()
+            .map(|v| sidekey_agent::exec::Wanted::parse(v))
+            .collect();
+        let e = sidekey_agent::exec::exec(env_file, &wanted, command);
+        eprintln!("sidekey-agent exec: {e}");
+        return ExitCode::from(e.exit_code());
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -113,6 +141,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(_) => return ExitCode::from(1),
             Err(e) => Err(e.into()),
         },
+        Command::Exec { .. } => unreachable!("exec runs before the runtime starts"),
         Command::Revoke { config, grace } => match load(&config) {
             Ok(config) => {
                 let grace =

@@ -69,19 +69,30 @@ pub async fn first_render(
     let mut fetcher = Fetcher::new(client.clone(), session.token.clone());
     let results = cycle::render_all(templates, &mut fetcher, out_dir).await;
     if let Some(err) = results.into_iter().find_map(Result::err) {
-        // Whatever this attempt obtained dies with its token (when the token is ours to revoke).
-        if session.owned {
-            if let Err(e) = client.revoke_self(&session.token).await {
-                tracing::warn!(error = %e, "could not revoke the token of a failed attempt");
-            }
-        } else {
-            let state = state_of(&session, &fetcher);
-            let deadline = tokio::time::Instant::now() + FAILED_ATTEMPT_REVOCATION;
-            revoke::revoke_held(client, &state, Vec::new(), deadline).await;
-        }
+        abandon(client, &session, &fetcher).await;
+        return Err(err.into());
+    }
+    // The env file, with the same token: its leases are held, renewed and revoked as the files'.
+    if let Some(env) = &config.env
+        && let Err(err) = crate::env_file::render_and_write(env, &mut fetcher).await
+    {
+        abandon(client, &session, &fetcher).await;
         return Err(err.into());
     }
     Ok((session, fetcher))
+}
+
+/// Whatever a failed attempt obtained dies with its token (when the token is ours to revoke).
+async fn abandon(client: &StoreClient, session: &Session, fetcher: &Fetcher) {
+    if session.owned {
+        if let Err(e) = client.revoke_self(&session.token).await {
+            tracing::warn!(error = %e, "could not revoke the token of a failed attempt");
+        }
+    } else {
+        let state = state_of(session, fetcher);
+        let deadline = tokio::time::Instant::now() + FAILED_ATTEMPT_REVOCATION;
+        revoke::revoke_held(client, &state, Vec::new(), deadline).await;
+    }
 }
 
 /// The state to persist for a session and what its fetcher holds.

@@ -261,6 +261,12 @@ pub struct Defaults {
     /// their init container obtained is revoked when the pod stops.
     #[arg(long = "native-sidecars-available", env = "SIDEKEY_INJECTOR_NATIVE_SIDECARS_AVAILABLE", default_value_t = false, action = clap::ArgAction::Set)]
     pub native_sidecars_available: bool,
+    /// Whether the cluster's kubelets read env files (`env[].valueFrom.fileKeyRef`, on by default
+    /// from Kubernetes 1.35; the chart sets it from the cluster version). Without them, the
+    /// variables of `agent-inject-env-VAR` reach a container through the agent's `exec` wrapper
+    /// around its stated command (annotation `agent-env-mode` overrides it per pod).
+    #[arg(long = "env-files-available", env = "SIDEKEY_INJECTOR_ENV_FILES_AVAILABLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub env_files_available: bool,
     /// The init token's TTL cap for pre-populate-only pods that get no revoke-only sidecar
     /// (annotation `agent-pre-populate-token-ttl` overrides it): their leases die with the token.
     #[arg(

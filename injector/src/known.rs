@@ -15,6 +15,7 @@ pub const NAMES: &[&str] = &[
     "agent-disable-idle-connections",
     "agent-disable-keep-alives",
     "agent-enable-quit",
+    "agent-env-mode",
     "agent-extra-secret",
     "agent-image",
     "agent-init-first",
@@ -79,6 +80,8 @@ pub const NAMES: &[&str] = &[
 pub const FAMILIES: &[&str] = &[
     "agent-inject-action-",
     "agent-inject-command-",
+    "agent-inject-env-",
+    "agent-inject-env-template-",
     "agent-inject-file-",
     "agent-inject-perms-",
     "agent-inject-secret-",

@@ -116,9 +116,18 @@ pub struct ContainerView {
     pub volume_mounts: Option<Vec<VolumeMount>>,
     #[serde(default)]
     pub security_context: Option<SecurityContextView>,
-    /// Present when the container has an `env` array (its entries are not read).
+    /// `None` when the container has no `env` array.
     #[serde(default)]
-    pub env: Option<serde::de::IgnoredAny>,
+    pub env: Option<Vec<EnvView>>,
+}
+
+/// An env entry: its name, and its value when it has one (`valueFrom` is not read).
+#[derive(Debug, Default, Deserialize)]
+pub struct EnvView {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -242,8 +242,24 @@ fn decide(
             warnings,
         },
         Outcome::Injected,
-        format!("injected ({mode}, {} secrets)", request.secrets.specs.len()),
+        format!(
+            "injected ({mode}, {} secrets{})",
+            request.secrets.specs.len(),
+            env_reason(request, &mutation.env)
+        ),
     ))
+}
+
+/// How the pod's environment variables reach it, for the reason line.
+fn env_reason(request: &crate::annotations::InjectionRequest, env: &mutate::EnvPlan) -> String {
+    if env.is_empty() {
+        return String::new();
+    }
+    let how = match request.env.mode {
+        crate::annotations::EnvMode::File => "env file, read by the kubelet (fileKeyRef)",
+        crate::annotations::EnvMode::Exec => "exec wrapper around the stated commands",
+    };
+    format!(", {} env vars by {how}", env.vars.len())
 }
 
 /// The denial sent when deciding a review panicked: the review's uid and apiVersion when they

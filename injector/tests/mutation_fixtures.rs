@@ -1064,3 +1064,64 @@ fn a_pod_carrying_an_earlier_injection_is_not_injected_twice() {
     let (body, outcome) = answer_for("injected", &serde_json::to_value(&once).unwrap());
     assert_eq!(outcome, Outcome::Skipped, "{body}");
 }
+
+#[test]
+fn env_vars_point_at_the_env_file_and_vault_values_are_replaced() {
+    let Injected { pod, .. } = inject("payments-env-vars-file-key-ref.json");
+    let env_of = |name: &str| {
+        serde_json::to_value(find(containers(&pod), name).unwrap().env.as_ref().unwrap()).unwrap()
+    };
+    let app = env_of("app");
+    assert_eq!(app[0], json!({ "name": "LOG_LEVEL", "value": "info" }));
+    for (i, key) in [(1, "STRIPE_KEY"), (2, "OLD_STRIPE_KEY")] {
+        assert_eq!(
+            app[i]["valueFrom"]["fileKeyRef"],
+            json!({ "volumeName": "sidekey-env", "path": "sidekey.env", "key": key, "optional": false })
+        );
+    }
+    let names = |env: &Value| -> Vec<String> {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&app)[3..], ["API_KEY", "DATABASE_URL"]);
+    assert_eq!(names(&env_of("worker")), ["API_KEY", "DATABASE_URL"]);
+    let init = find(init_containers(&pod), "sidekey-agent-init").unwrap();
+    let env = agent_config(init).env.unwrap();
+    let keys: Vec<&str> = env.vars.iter().map(|v| v.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["API_KEY", "DATABASE_URL", "STRIPE_KEY", "OLD_STRIPE_KEY"]
+    );
+    assert_eq!(
+        env.vars[3].path.as_deref(),
+        Some("secret/data/e2e/shop?version=1")
+    );
+    assert!(!env.exec);
+}
+
+#[test]
+fn exec_mode_wraps_the_stated_command() {
+    let Injected { pod, .. } = inject("payments-env-vars-exec-wrapper.json");
+    let app = find(containers(&pod), "app").unwrap();
+    assert_eq!(
+        app.command.as_deref().unwrap(),
+        [
+            "/sidekey/env/sidekey-agent",
+            "exec",
+            "--env-file",
+            "/sidekey/env/sidekey.env",
+            "--var",
+            "API_KEY",
+            "--var",
+            "STRIPE_KEY",
+            "--",
+            "/app/server"
+        ]
+    );
+    assert_eq!(app.args.as_deref().unwrap(), ["--port", "8080"]);
+    let init = find(init_containers(&pod), "sidekey-agent-init").unwrap();
+    assert!(agent_config(init).env.unwrap().exec);
+}

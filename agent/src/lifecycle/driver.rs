@@ -562,6 +562,19 @@ impl Held<'_> {
     }
 
     async fn render(&mut self) {
+        // The env file first, so a `restart:` action on a file of the same secret restarts the
+        // container with the new values (the kubelet reads the file at every container start).
+        if let Some(env) = &self.config.env {
+            match crate::env_file::render_and_write(env, &mut self.fetcher).await {
+                Ok(true) => tracing::warn!(
+                    "a secret behind the pod's environment variables changed: the env file holds the new values, which a container reads when it (re)starts; running processes keep the values they started with"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the env file could not be rewritten; the previous one is kept")
+                }
+            }
+        }
         let results =
             cycle::render_all(&self.templates, &mut self.fetcher, &self.config.secrets_dir).await;
         let failed = results.iter().filter(|r| r.is_err()).count();
@@ -776,6 +789,19 @@ impl Held<'_> {
     /// too, so a stop while the files are rendered revokes both.
     async fn rotate(&mut self, key: SecretKey) -> Outcome {
         let old = self.fetcher.secrets().get(&key).cloned();
+        // A running process cannot be given new variables: the lease behind one is kept alive
+        // as long as the store allows (to its max TTL), neither replaced nor revoked early.
+        if let Some(env) = &self.config.env {
+            let vars = crate::env_file::vars_using(env, &self.fetcher.known(), &key);
+            if !vars.is_empty() {
+                tracing::warn!(secret = %key, vars = %vars.join(","), "the lease behind these environment variables cannot be renewed further; it is kept until it expires, and the app's credential with it: restart the pod before, or raise the role's max TTL");
+                return Outcome::Rotated {
+                    key,
+                    new: None,
+                    old: None,
+                };
+            }
+        }
         let secret = match self.fetcher.fetch_fresh(&key).await {
             Ok(secret) => secret,
             Err(e) => {

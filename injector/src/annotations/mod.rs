@@ -12,6 +12,7 @@
 mod auth;
 mod containers;
 mod defaults;
+mod env;
 mod inert;
 mod lifecycle;
 mod listener;
@@ -33,6 +34,10 @@ use lookup::Lookup;
 
 pub use auth::{AUTH_TYPES, Auth, AuthType};
 pub use containers::{Containers, Security};
+pub use env::{
+    ENV_FAMILY, ENV_MODE, ENV_TEMPLATE_FAMILY, Env, EnvMode, EnvSource, EnvSpec, Reference,
+    parse_reference,
+};
 pub use lifecycle::Lifecycle;
 pub use lookup::{parse_bool, parse_duration};
 pub use patches::Patches;
@@ -75,6 +80,8 @@ pub struct InjectionRequest {
     /// The sidecar's local API (agent-cache-enable, agent-enable-quit), if asked for.
     pub listener: Option<ListenerConfig>,
     pub containers: Containers,
+    /// `agent-inject-env-VAR`, `agent-inject-env-template-VAR`, `agent-env-mode`.
+    pub env: Env,
     pub log: LogConfig,
     pub patches: Patches,
 }
@@ -121,6 +128,7 @@ pub fn parse(
     let lifecycle = lifecycle::parse(&look, defaults, &mut warnings)?;
     let listener = listener::parse(&look, lifecycle.pre_populate_only, &mut warnings)?;
     let containers = containers::parse(&look, defaults, &mut warnings)?;
+    let env = env::parse(&look, defaults)?;
     let log = log::parse(&look, defaults)?;
     let patches = patches::parse(&look)?;
     inert::warn_unknown(&look, &mut warnings);
@@ -132,6 +140,7 @@ pub fn parse(
         lifecycle,
         listener,
         containers,
+        env,
         log,
         patches,
     };

@@ -58,7 +58,7 @@ pub struct SecretSpec {
     pub right_delimiter: Option<String>,
 }
 
-/// Reads the secrets group. Warnings: a pod that names no secret, per-secret annotations whose
+/// Reads the secrets group. Warnings: per-secret annotations whose
 /// NAME defines no secret, and secrets ignored because `agent-configmap` is set.
 pub(super) fn parse(
     look: &Lookup<'_>,
@@ -381,9 +381,8 @@ fn parse_specs(
         check_template(look, &spec)?;
         specs.push(spec);
     }
-    if specs.is_empty() && look.get("agent-configmap").is_none() {
-        warnings.push("agent-inject is true but no agent-inject-secret-NAME annotation names a secret; the agent will render nothing".into());
-    }
+    // A pod that names no secret is warned about by `mutate::build`, which also knows its env
+    // variables (some live in its containers' `vault:` values).
     // Per-secret annotations whose NAME defines no secret are almost always typos.
     let names: Vec<&str> = specs.iter().map(|s| s.raw_name.as_str()).collect();
     let mut orphans: Vec<String> = look

@@ -3,7 +3,8 @@
 //! agent with it). It reads the request only, never the pod, so pods annotated alike share it.
 
 use sidekey_agent::config::{
-    AgentConfig, AuthConfig, CONFIG_ENV, LifecycleConfig, StoreConfig, TemplateConfig, TokenSink,
+    AgentConfig, AuthConfig, CONFIG_ENV, EnvConfig, LifecycleConfig, StoreConfig, TemplateConfig,
+    TokenSink,
 };
 
 use super::{CONFIG_PATH, HOME_PATH, TOKEN_DIR};
@@ -116,13 +117,24 @@ pub fn agent_config(req: &InjectionRequest) -> AgentConfig {
         log: req.log.clone(),
         token_sinks,
         vault_agent_config_dir: req.secrets.configmap.as_ref().map(|_| CONFIG_PATH.into()),
+        env: None,
     }
 }
 
 /// The agent config for `req`, validated, as the `SIDEKEY_AGENT_CONFIG` value both agent
 /// containers carry. It depends on the annotations only, so pods annotated alike share it.
 pub fn config_env(req: &InjectionRequest) -> Result<String, AnnotationError> {
-    let config = agent_config(req);
+    config_env_with(req, None)
+}
+
+/// The same, with the pod's env file (its `vault:` values live in the pod's spec, so a pod with
+/// variables gets a config of its own).
+pub fn config_env_with(
+    req: &InjectionRequest,
+    env: Option<EnvConfig>,
+) -> Result<String, AnnotationError> {
+    let mut config = agent_config(req);
+    config.env = env;
     config.validate().map_err(|e| AnnotationError {
         key: None,
         problem: format!("the generated agent config is invalid: {e}"),

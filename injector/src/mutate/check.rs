@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use serde_json::Value;
 
 use super::patch::Op;
@@ -23,9 +23,12 @@ fn outline(pod: &PodView) -> Value {
                     if let Some(ms) = &c.volume_mounts {
                         o.insert("volumeMounts".into(), nulls(ms.len()));
                     }
-                    // Only appended to: its length does not matter.
-                    if c.env.is_some() {
-                        o.insert("env".into(), Value::Array(Vec::new()));
+                    // Appended to, and its `vault:` entries replaced.
+                    if let Some(env) = &c.env {
+                        o.insert("env".into(), nulls(env.len()));
+                    }
+                    if c.command.is_some() {
+                        o.insert("command".into(), Value::Null);
                     }
                     Value::Object(o)
                 })
@@ -67,11 +70,15 @@ pub fn check_patch(pod: &PodView, ops: &[Op]) -> Result<(), String> {
     let mut doc = outline(pod);
     let shaped = Patch(
         ops.iter()
-            .map(|op| {
-                PatchOperation::Add(AddOperation {
+            .map(|op| match op.op {
+                "replace" => PatchOperation::Replace(ReplaceOperation {
                     path: op.path.clone(),
                     value: op.value.shape(),
-                })
+                }),
+                _ => PatchOperation::Add(AddOperation {
+                    path: op.path.clone(),
+                    value: op.value.shape(),
+                }),
             })
             .collect(),
     );

@@ -10,6 +10,7 @@
 mod agent_config;
 mod check;
 mod containers;
+mod env;
 mod patch;
 mod reach;
 mod volumes;
@@ -24,8 +25,9 @@ pub use crate::pod::Section;
 use containers::AgentContainer;
 use volumes::AgentVolumes;
 
-pub use agent_config::{MAX_ARG_STRLEN, MAX_CONFIG_ENV, agent_config, config_env};
+pub use agent_config::{MAX_ARG_STRLEN, MAX_CONFIG_ENV, agent_config, config_env, config_env_with};
 pub use check::check_patch;
+pub use env::{ENV_DIR, ENV_FILE, EnvPlan};
 pub use patch::{Added, Op, encode_patch, json_patch, to_patch};
 
 pub const SECRETS_VOLUME: &str = "sidekey-secrets";
@@ -33,6 +35,8 @@ pub const HOME_VOLUME: &str = "sidekey-home";
 pub const TOKEN_VOLUME: &str = "sidekey-token";
 pub const TLS_VOLUME: &str = "sidekey-tls";
 pub const EXTRA_VOLUME: &str = "sidekey-extra";
+/// The env file's volume (`agent-inject-env-VAR`, `vault:` values).
+pub const ENV_VOLUME: &str = "sidekey-env";
 pub const HOME_PATH: &str = "/home/sidekey";
 pub const TOKEN_DIR: &str = "/var/run/secrets/sidekey/serviceaccount";
 pub const TLS_PATH: &str = "/vault/tls";
@@ -59,6 +63,8 @@ pub struct Mutation {
     pub share_process_namespace: bool,
     /// App containers marked for `restart:` actions: (index in `containers`, the variable).
     pub markers: Vec<reach::Marker>,
+    /// The variables the app containers get from the env file, and wrapped commands.
+    pub env: EnvPlan,
     pub status_key: String,
     /// Admission warnings about what the pod brought (its own secrets volume on disk).
     pub warnings: Vec<String>,
@@ -119,9 +125,37 @@ pub fn build(
     let targets = targets(req, &app_names)?;
 
     let mut warnings = Vec::new();
-    let planned = AgentVolumes::plan(req, view, &mut warnings)?;
+    let env_wanted = env::wanted(req, view, &targets);
+    env::warn_untouched(req, view, &targets, &mut warnings);
+    if env_wanted && !(req.lifecycle.pre_populate || req.lifecycle.native_sidecar) {
+        return Err(annotation_error(
+            req,
+            "agent-pre-populate",
+            "the pod asks for environment variables, which the agent writes before the app containers start, and \"false\" leaves no init container to write them; remove it (or set agent-native-sidecar: \"true\")",
+        ));
+    }
+    let planned = AgentVolumes::plan(req, view, env_wanted, &mut warnings)?;
     let volumes = planned.pod_volumes(req);
-    let mounts = planned.app_mounts(req, view, &targets);
+    let mut mounts = planned.app_mounts(req, view, &targets);
+    let env_plan = match &planned.env {
+        Some(volume) => {
+            let plan = env::plan(req, view, &targets, volume)?;
+            mounts.extend(plan.app_mounts(volume));
+            plan
+        }
+        None => EnvPlan::default(),
+    };
+    if req.secrets.specs.is_empty() && req.secrets.configmap.is_none() && env_plan.is_empty() {
+        warnings.push("agent-inject is true but no agent-inject-secret-NAME or agent-inject-env-VAR annotation (nor a vault: value) names a secret; the agent will render nothing".into());
+    }
+    let own_config;
+    let config_env = match env_plan.config(req.env.mode) {
+        None => config_env,
+        Some(env) => {
+            own_config = config_env_with(req, Some(env))?;
+            own_config.as_str()
+        }
+    };
     let run_as_user = containers::run_as_user(req, view)?;
     let agent_mounts = planned.agent_mounts(req, view)?;
 
@@ -170,6 +204,7 @@ pub fn build(
         init_first: req.lifecycle.init_first,
         share_process_namespace: share,
         markers,
+        env: env_plan,
         status_key: req.status_key.clone(),
         warnings,
     })

@@ -21,7 +21,7 @@ pub(super) fn ptr(tokens: &[&str]) -> PointerBuf {
 /// straight from the typed structs, once, when the answer is written.
 #[derive(Debug, Clone, Serialize)]
 pub struct Op<'a> {
-    op: &'static str,
+    pub(super) op: &'static str,
     pub path: PointerBuf,
     pub value: Added<'a>,
 }
@@ -29,6 +29,15 @@ pub struct Op<'a> {
 pub(super) fn add<'a>(path: PointerBuf, value: Added<'a>) -> Op<'a> {
     Op {
         op: "add",
+        path,
+        value,
+    }
+}
+
+/// A `replace` of what the pod has at `path` (a `vault:` env entry, a wrapped command).
+pub(super) fn replace<'a>(path: PointerBuf, value: Added<'a>) -> Op<'a> {
+    Op {
+        op: "replace",
         path,
         value,
     }
@@ -45,6 +54,8 @@ pub enum Added<'a> {
     Container(&'a Container),
     Envs(&'a [EnvVar]),
     Env(&'a EnvVar),
+    /// A container's command.
+    Command(&'a [String]),
     Flag(bool),
     /// The status annotation's value.
     Status,
@@ -68,6 +79,7 @@ impl Serialize for Added<'_> {
             Added::Container(v) => v.serialize(s),
             Added::Envs(v) => v.serialize(s),
             Added::Env(v) => v.serialize(s),
+            Added::Command(v) => v.serialize(s),
             Added::Flag(b) => s.serialize_bool(b),
             Added::Status => s.serialize_str(STATUS),
             Added::Annotations(key) => {
@@ -153,13 +165,30 @@ pub fn to_patch<'a>(pod: &PodView, m: &'a Mutation) -> Vec<Op<'a>> {
         }
     }
 
-    // The marks of containers a `restart:` action names (before the sidecar is appended).
-    for (i, var) in &m.markers {
+    // `vault:` entries pointed at the env file, and wrapped commands (exec mode).
+    for (i, j, var) in &m.env.replaced {
+        ops.push(replace(
+            ptr(&["spec", "containers", &i.to_string(), "env", &j.to_string()]),
+            Added::Env(var),
+        ));
+    }
+    for (i, command) in &m.env.commands {
+        ops.push(replace(
+            ptr(&["spec", "containers", &i.to_string(), "command"]),
+            Added::Command(command),
+        ));
+    }
+
+    // The marks of containers a `restart:` action names, and the variables from the env file
+    // (before the sidecar is appended).
+    let mut env_created: BTreeSet<usize> = BTreeSet::new();
+    for (i, var) in m.markers.iter().chain(&m.env.added) {
         let index = i.to_string();
         let has_env = pod
             .containers(Section::Containers)
             .get(*i)
-            .is_some_and(|c| c.env.is_some());
+            .is_some_and(|c| c.env.is_some())
+            || env_created.contains(i);
         if has_env {
             ops.push(add(
                 ptr(&["spec", "containers", &index, "env", "-"]),
@@ -170,6 +199,7 @@ pub fn to_patch<'a>(pod: &PodView, m: &'a Mutation) -> Vec<Op<'a>> {
                 ptr(&["spec", "containers", &index, "env"]),
                 Added::Envs(std::slice::from_ref(var)),
             ));
+            env_created.insert(*i);
         }
     }
 

@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::{
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 
+use super::env::ENV_DIR;
 use super::{
-    CONFIG_PATH, CONFIG_VOLUME, EXTRA_PATH, EXTRA_VOLUME, HOME_PATH, HOME_VOLUME, SECRETS_VOLUME,
-    TLS_PATH, TLS_VOLUME, TOKEN_DIR, TOKEN_VOLUME, annotation_error, unique_name,
+    CONFIG_PATH, CONFIG_VOLUME, ENV_VOLUME, EXTRA_PATH, EXTRA_VOLUME, HOME_PATH, HOME_VOLUME,
+    SECRETS_VOLUME, TLS_PATH, TLS_VOLUME, TOKEN_DIR, TOKEN_VOLUME, annotation_error, unique_name,
 };
 use crate::annotations::{AnnotationError, AuthType, InjectionRequest};
 use crate::pod::{ContainerView, PodView, Section};
@@ -26,6 +27,8 @@ pub(super) struct AgentVolumes {
     tls: Option<String>,
     extra: Option<String>,
     config: Option<String>,
+    /// The env file's volume, when the pod asks for variables.
+    pub(super) env: Option<String>,
 }
 
 impl AgentVolumes {
@@ -34,6 +37,7 @@ impl AgentVolumes {
     pub(super) fn plan(
         req: &InjectionRequest,
         view: &PodView,
+        env: bool,
         warnings: &mut Vec<String>,
     ) -> Result<AgentVolumes, AnnotationError> {
         let mut taken: BTreeSet<String> = view
@@ -63,6 +67,7 @@ impl AgentVolumes {
             .configmap
             .as_ref()
             .map(|_| volume(CONFIG_VOLUME));
+        let env = env.then(|| volume(ENV_VOLUME));
         Ok(AgentVolumes {
             folders,
             home,
@@ -70,6 +75,7 @@ impl AgentVolumes {
             tls,
             extra,
             config,
+            env,
         })
     }
 
@@ -86,6 +92,7 @@ impl AgentVolumes {
             .filter(|f| f.ours)
             .map(|f| f.volume.clone())
             .chain([self.home.clone()])
+            .chain(self.env.clone())
             .map(|name| Volume {
                 name,
                 empty_dir: Some(memory()),
@@ -185,6 +192,7 @@ impl AgentVolumes {
             .iter()
             .map(|f| (f.volume.clone(), f.path.clone()))
             .chain([(self.home.clone(), HOME_PATH.to_string())])
+            .chain(self.env.clone().map(|v| (v, ENV_DIR.to_string())))
             .map(|(name, mount_path)| VolumeMount {
                 name,
                 mount_path,
