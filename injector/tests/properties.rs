@@ -475,8 +475,9 @@ fn every_answer_is_a_valid_review_and_every_patch_applies() {
                         .iter()
                         .filter_map(|t| t.contents.as_deref())
                         .collect();
-                    // An empty template means the default format, so it carries no text.
-                    for text in templates.iter().filter(|t| !t.is_empty()) {
+                    // An empty or whitespace-only template means the default format (the
+                    // injector ignores it, as the reference does), so it carries no text.
+                    for text in templates.iter().filter(|t| !t.trim().is_empty()) {
                         prop_assert!(
                             carried.contains(&text.as_str()),
                             "{text:?} not in {carried:?}"
