@@ -16,7 +16,7 @@
 # flag applies to the binaries only, not to build scripts and proc macros. Names resolve through
 # getaddrinfo with no NSS module in the image: glibc (2.34 on) has its "files" and "dns" lookups
 # inside libc itself, so the static binary reads /etc/hosts and /etc/resolv.conf as the pod's
-# runtime writes them (tests/tests/pod_simulation.rs reaches the store by a hostAliases name).
+# runtime writes them (tests/tests/cluster/simulation.rs reaches the store by a hostAliases name and through a DNS server).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
