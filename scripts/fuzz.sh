@@ -15,7 +15,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-60}
-targets=${FUZZ_TARGETS:-review go_template handlebars agent_config}
+targets=${FUZZ_TARGETS:-review go_template handlebars agent_config command}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
