@@ -217,6 +217,35 @@ pub fn implemented(name: &str) -> Option<&'static str> {
     })
 }
 
+/// The parameters of sprig v3's function `name` (one of `NAMES`): how many are fixed, and
+/// whether more may follow.
+fn signature(name: &str) -> (usize, bool) {
+    match name {
+        "quote" | "squote" | "cat" | "coalesce" | "all" | "any" | "list" | "tuple" | "dict"
+        | "keys" | "dig" | "concat" | "seq" | "add" | "addf" => (0, true),
+        "default" | "pick" | "omit" | "pluck" | "merge" | "mergeOverwrite" | "without"
+        | "slice" | "mul" | "max" | "biggest" | "min" | "subf" | "mulf" | "divf" | "maxf"
+        | "minf" => (1, true),
+        "round" => (2, true),
+        "repeat" | "trunc" | "trimAll" | "trimall" | "trimPrefix" | "trimSuffix" | "contains"
+        | "hasPrefix" | "hasSuffix" | "indent" | "nindent" | "get" | "hasKey" | "append"
+        | "push" | "prepend" | "has" | "chunk" | "join" | "splitList" | "split" | "sub" | "div"
+        | "mod" | "deepEqual" | "abbrev" | "regexMatch" | "regexFind" | "typeIs" | "typeIsLike"
+        | "kindIs" => (2, false),
+        "substr"
+        | "replace"
+        | "ternary"
+        | "splitn"
+        | "untilStep"
+        | "plural"
+        | "regexFindAll"
+        | "regexSplit"
+        | "regexReplaceAll"
+        | "regexReplaceAllLiteral" => (3, false),
+        _ => (1, false),
+    }
+}
+
 /// Refuses a result that would pass the text bound before it is built.
 fn fits(name: &str, bytes: usize) -> Result<(), String> {
     if bytes > crate::render::limits::MAX_TEXT_BYTES {
@@ -324,7 +353,18 @@ fn same(a: &Val, b: &Val) -> bool {
 
 /// `sprig_<name>` on `args`; `name` is one of `NAMES`.
 pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
+    let called = name;
     let name = implemented(name).unwrap_or(name);
+    // Go's own check of the function's parameters, before any of them is looked at (a
+    // function named as an argument, `{{ f sprig_round }}`, is called with none).
+    let (fixed, variadic) = signature(name);
+    if args.len() < fixed || (!variadic && args.len() != fixed) {
+        let least = if variadic { "at least " } else { "" };
+        return Err(format!(
+            "wrong number of args for sprig_{called}: want {least}{fixed} got {}",
+            args.len()
+        ));
+    }
     let s = |i: usize| str_arg(name, args, i);
     let n = |i: usize| args.get(i).map_or(0, to_i64);
     let want = |count: usize| -> Result<(), String> {
@@ -1042,5 +1082,32 @@ mod tests {
         assert_eq!(p(call("add", &[Val::Int(1), s("2"), Val::Float(3.5)])), "6");
         assert_eq!(p(call("clean", &[s("/a/../b")])), "/b");
         assert_eq!(p(call("dir", &[s("/a/b.txt")])), "/a");
+    }
+
+    #[test]
+    fn every_function_checks_its_parameters_before_reading_them() {
+        // Found by the fuzzer: `sprig_round` named as an argument is called with no
+        // arguments and read the first one.
+        assert_eq!(
+            call("round", &[]).unwrap_err(),
+            "wrong number of args for sprig_round: want at least 2 got 0"
+        );
+        assert_eq!(
+            call("substr", &[Val::Int(1)]).unwrap_err(),
+            "wrong number of args for sprig_substr: want 3 got 1"
+        );
+        assert_eq!(
+            call("mustFirst", &[]).unwrap_err(),
+            "wrong number of args for sprig_mustFirst: want 1 got 0"
+        );
+        // No function of the list panics on too few or too many arguments.
+        for name in NAMES {
+            for count in 0..5 {
+                let args = vec![Val::NoValue; count];
+                let _ = call(name, &args);
+                let ints = vec![Val::Int(1); count];
+                let _ = call(name, &ints);
+            }
+        }
     }
 }
