@@ -205,6 +205,14 @@ impl Cluster {
         let chart = chart.display().to_string();
         let address_value = format!("vault.address={address}");
         let ca_value = format!("vault.caCertBytes={ca}");
+        // The images keep one tag whatever they hold, so a rebuilt injector would not replace
+        // the running one; naming the archive's digest in the pod template makes it roll.
+        let archive = workspace_root().join("target/images/sidekey-injector.tar");
+        let bytes = std::fs::read(&archive)
+            .with_context(|| format!("reading {}", archive.display()))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let hex: String = digest.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let image_value = format!("podAnnotations.sidekey-tests/injector-archive={hex}");
         let mut args = vec![
             "upgrade",
             "--install",
@@ -220,6 +228,8 @@ impl Cluster {
             address_value.as_str(),
             "--set-string",
             ca_value.as_str(),
+            "--set-string",
+            image_value.as_str(),
         ];
         for value in extra {
             args.extend(["--set", value]);
