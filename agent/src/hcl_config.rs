@@ -1,11 +1,15 @@
 //! Vault Agent HCL configs (`agent-configmap`): vault-k8s mounts the pod's ConfigMap at
 //! `/vault/configs` and runs Vault Agent with `config-init.hcl` (init) or `config.hcl` (sidecar).
 //! This step reads that file into the `AgentConfig` the injector wrote (`overlay`): the `vault`
-//! stanza overrides the store settings, `auto_auth` gives the login and the token's file sinks,
-//! the `template` stanzas are the files to render, `template_config` the render interval. What
-//! the injector set and Vault Agent's file does not (the address, the CA, the state folder,
-//! revocation) stays. A stanza or field Sidekey does not act on is an error naming it at
-//! file:line; `pid_file`, `exit_after_auth`, `listener`, `cache` and `api_proxy` are accepted.
+//! stanza gives the store settings the injector left unset, `auto_auth` gives the login and the
+//! token's file sinks, the `template` stanzas are the files to render, `template_config` the
+//! render interval. What the injector set wins over the file, as the environment vault-k8s sets
+//! (`VAULT_ADDR`, `VAULT_CACERT`, `VAULT_SKIP_VERIFY`, …) wins over Vault Agent's `vault`
+//! stanza; the file's value is then noted as overridden. A top-level setting of Vault Agent that
+//! has no meaning here (log files, telemetry, connection reuse) is noted as ignored, naming
+//! file:line; one whose absence would change what is rendered or who can read it is an error
+//! naming it at file:line. `pid_file`, `exit_after_auth`, `log_level`, `log_format`,
+//! `listener`, `cache` and `api_proxy` are accepted.
 //! Both HCL styles Vault reads are taken: blocks (`auto_auth { method "kubernetes" { … } }`)
 //! and the quoted-key objects of vault-k8s's docs (`"auto_auth" = { "method" = { … } }`).
 
@@ -43,6 +47,38 @@ const STANZAS: [&str; 11] = [
     "cache",
     "api_proxy",
 ];
+
+/// What reading the file did not take from it, for the agent's log: never a value, only where
+/// and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub kind: NoteKind,
+    /// `file:line: what`.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoteKind {
+    /// The injector set the same setting; its value is used, as Vault Agent's environment wins.
+    Overridden,
+    /// A Vault Agent setting with no meaning for Sidekey.
+    Ignored,
+}
+
+/// Vault Agent's top-level settings that change nothing Sidekey renders or protects.
+const IGNORED_SETTINGS: [&str; 8] = [
+    "log_file",
+    "log_rotate_duration",
+    "log_rotate_bytes",
+    "log_rotate_max_files",
+    "disable_idle_connections",
+    "disable_keep_alives",
+    "disable_mlock",
+    "telemetry",
+];
+
+/// Vault's log levels (`err` and `warning` are its aliases).
+const VAULT_LOG_LEVELS: [&str; 7] = ["trace", "debug", "info", "warn", "warning", "err", "error"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HclError {
@@ -95,6 +131,13 @@ impl Doc<'_> {
             file: self.file.to_string(),
             line: self.line(place),
             problem: problem.into(),
+        }
+    }
+
+    fn note(&self, place: &Place, kind: NoteKind, what: impl std::fmt::Display) -> Note {
+        Note {
+            kind,
+            text: format!("{}:{}: {what}", self.file, self.line(place)),
         }
     }
 
@@ -265,9 +308,12 @@ fn unquote_keys(text: &str) -> String {
 /// Reads the file at `path` over `base` (see the module doc).
 /// With `vault_agent_config_dir` set, reads `file` from it over `config` (the HCL's errors
 /// name the file and line) and checks the result; otherwise returns `config` as it is.
-pub fn with_vault_agent_config(config: AgentConfig, file: &str) -> Result<AgentConfig, HclError> {
+pub fn with_vault_agent_config(
+    config: AgentConfig,
+    file: &str,
+) -> Result<(AgentConfig, Vec<Note>), HclError> {
     let Some(dir) = config.vault_agent_config_dir.clone() else {
-        return Ok(config);
+        return Ok((config, Vec::new()));
     };
     let mut path = dir.join(file);
     // A pre-populate-only pod's ConfigMap may hold only the init config; its revoke-only
@@ -275,12 +321,12 @@ pub fn with_vault_agent_config(config: AgentConfig, file: &str) -> Result<AgentC
     if file == SIDECAR_FILE && !path.exists() {
         path = dir.join(INIT_FILE);
     }
-    let config = overlay_file(config, &path)?;
+    let (config, notes) = overlay_file(config, &path)?;
     config.validate()?;
-    Ok(config)
+    Ok((config, notes))
 }
 
-pub fn overlay_file(base: AgentConfig, path: &Path) -> Result<AgentConfig, HclError> {
+pub fn overlay_file(base: AgentConfig, path: &Path) -> Result<(AgentConfig, Vec<Note>), HclError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| HclError::Read {
         file: file.clone(),
@@ -289,8 +335,12 @@ pub fn overlay_file(base: AgentConfig, path: &Path) -> Result<AgentConfig, HclEr
     overlay(base, &file, &text)
 }
 
-/// Reads the HCL `text` (named `file` in errors) over `base`.
-pub fn overlay(mut base: AgentConfig, file: &str, text: &str) -> Result<AgentConfig, HclError> {
+/// Reads the HCL `text` (named `file` in errors) over `base`, with notes of what it did not take.
+pub fn overlay(
+    mut base: AgentConfig,
+    file: &str,
+    text: &str,
+) -> Result<(AgentConfig, Vec<Note>), HclError> {
     let text = unquote_keys(text);
     let doc = Doc { file, text: &text };
     let body = hcl::edit::parser::parse_body(&text).map_err(|e| HclError::At {
@@ -299,11 +349,40 @@ pub fn overlay(mut base: AgentConfig, file: &str, text: &str) -> Result<AgentCon
         problem: format!("not valid HCL: {}", e.message()),
     })?;
     let (attributes, blocks) = doc.body(&body)?;
+    let mut notes = Vec::new();
     for a in &attributes {
         match a.key.as_str() {
             // Vault Agent's pid file and its one-shot switch: init and sidecar are subcommands.
             "pid_file" => drop(doc.string(a, "pid_file")?),
             "exit_after_auth" => drop(doc.bool(a, "exit_after_auth")?),
+            // vault-k8s always sets VAULT_LOG_LEVEL and VAULT_LOG_FORMAT, which win over these;
+            // the agent's log is set up from the injector's before this file is read.
+            "log_level" => {
+                let level = doc.string(a, "log_level")?.to_ascii_lowercase();
+                if !VAULT_LOG_LEVELS.contains(&level.as_str()) {
+                    return Err(doc.err(
+                        &a.place,
+                        format!(
+                            "log_level must be one of {}, not {level:?}",
+                            VAULT_LOG_LEVELS.join(", ")
+                        ),
+                    ));
+                }
+                notes.push(doc.note(&a.place, NoteKind::Overridden, LOG_OVERRIDDEN));
+            }
+            "log_format" => {
+                let format = doc.string(a, "log_format")?;
+                if !["standard", "json"].contains(&format.as_str()) {
+                    return Err(doc.err(
+                        &a.place,
+                        format!("log_format must be standard or json, not {format:?}"),
+                    ));
+                }
+                notes.push(doc.note(&a.place, NoteKind::Overridden, LOG_OVERRIDDEN));
+            }
+            other if IGNORED_SETTINGS.contains(&other) => {
+                notes.push(doc.note(&a.place, NoteKind::Ignored, ignored(other)));
+            }
             other => return Err(doc.unsupported(&a.place, other)),
         }
     }
@@ -312,12 +391,15 @@ pub fn overlay(mut base: AgentConfig, file: &str, text: &str) -> Result<AgentCon
     base.token_sinks.clear();
     for b in &blocks {
         match b.ident.as_str() {
-            "vault" => vault(&doc, b, &mut base)?,
+            "vault" => vault(&doc, b, &mut base, &mut notes)?,
             "auto_auth" => auth = Some(auto_auth(&doc, b, &mut base)?),
             "template" => templates.push(template(&doc, b, &base, templates.len())?),
             "template_config" => template_config(&doc, b, &mut base)?,
             // The sidecar's local listener and cache are the listener module's; here accepted.
             "listener" | "cache" | "api_proxy" => {}
+            other if IGNORED_SETTINGS.contains(&other) => {
+                notes.push(doc.note(&b.place, NoteKind::Ignored, ignored(other)));
+            }
             other => return Err(doc.unsupported(&b.place, other)),
         }
     }
@@ -329,7 +411,15 @@ pub fn overlay(mut base: AgentConfig, file: &str, text: &str) -> Result<AgentCon
     })?;
     base.templates = templates;
     base.vault_agent_config_dir = None;
-    Ok(base)
+    Ok((base, notes))
+}
+
+const LOG_OVERRIDDEN: &str = "the agent logs at the level and in the format the injector set \
+    (agent-log-level, agent-log-format), as Vault Agent's VAULT_LOG_LEVEL and VAULT_LOG_FORMAT \
+    win over this file";
+
+fn ignored(setting: &str) -> String {
+    format!("{setting} is ignored: it has no meaning for Sidekey's agent")
 }
 
 /// The attributes of `b`'s `name` blocks (`vault.retry`, `template.exec`): any other block, or
@@ -359,18 +449,81 @@ fn no_stanzas(doc: &Doc, b: &Stanza, at: &str) -> Result<(), HclError> {
     }
 }
 
-fn vault(doc: &Doc, b: &Stanza, base: &mut AgentConfig) -> Result<(), HclError> {
+/// The `vault` stanza. In agent-configmap mode vault-k8s gives Vault Agent the store settings of
+/// the pod's annotations as environment variables, which win over this stanza: `VAULT_ADDR`
+/// and `VAULT_SKIP_VERIFY` always, `VAULT_CACERT`, `VAULT_CLIENT_CERT`, `VAULT_CLIENT_KEY` and
+/// `VAULT_TLS_SERVER_NAME` when their annotation is set. The injector's config carries the same
+/// settings, so a field the injector set keeps its value and the file's is noted as overridden.
+fn vault(
+    doc: &Doc,
+    b: &Stanza,
+    base: &mut AgentConfig,
+    notes: &mut Vec<Note>,
+) -> Result<(), HclError> {
     let store = &mut base.store;
+    let mut overridden = |a: &Attr, at: &str, by: &str| {
+        notes.push(doc.note(
+            &a.place,
+            NoteKind::Overridden,
+            format!("{at} is overridden by the injector's {by}, as Vault Agent's environment wins"),
+        ));
+    };
     for a in &b.attributes {
         let at = format!("vault.{}", a.key);
         match a.key.as_str() {
-            "address" => store.address = doc.string(a, &at)?,
+            "address" => {
+                let address = doc.string(a, &at)?;
+                if store.address.is_empty() {
+                    store.address = address;
+                } else if store.address != address {
+                    overridden(a, &at, "store address (VAULT_ADDR)");
+                }
+            }
             // A CA bundle file (a folder of CAs is not read).
-            "ca_cert" | "ca_path" => store.ca_cert = Some(doc.string(a, &at)?.into()),
-            "tls_skip_verify" => store.tls_skip_verify = doc.bool(a, &at)?,
-            "client_cert" => store.client_cert = Some(doc.string(a, &at)?.into()),
-            "client_key" => store.client_key = Some(doc.string(a, &at)?.into()),
-            "tls_server_name" => store.tls_server_name = Some(doc.string(a, &at)?),
+            "ca_cert" | "ca_path" => {
+                let path = PathBuf::from(doc.string(a, &at)?);
+                match &store.ca_cert {
+                    None => store.ca_cert = Some(path),
+                    Some(set) if *set != path => overridden(a, &at, "ca-cert (VAULT_CACERT)"),
+                    Some(_) => {}
+                }
+            }
+            "tls_skip_verify" => {
+                if doc.bool(a, &at)? != store.tls_skip_verify {
+                    overridden(a, &at, "tls-skip-verify (VAULT_SKIP_VERIFY)");
+                }
+            }
+            "client_cert" => {
+                let path = PathBuf::from(doc.string(a, &at)?);
+                match &store.client_cert {
+                    None => store.client_cert = Some(path),
+                    Some(set) if *set != path => {
+                        overridden(a, &at, "client-cert (VAULT_CLIENT_CERT)");
+                    }
+                    Some(_) => {}
+                }
+            }
+            "client_key" => {
+                let path = PathBuf::from(doc.string(a, &at)?);
+                match &store.client_key {
+                    None => store.client_key = Some(path),
+                    Some(set) if *set != path => {
+                        overridden(a, &at, "client-key (VAULT_CLIENT_KEY)")
+                    }
+                    Some(_) => {}
+                }
+            }
+            "tls_server_name" => {
+                let name = doc.string(a, &at)?;
+                match &store.tls_server_name {
+                    None => store.tls_server_name = Some(name),
+                    Some(set) if *set != name => {
+                        overridden(a, &at, "tls-server-name (VAULT_TLS_SERVER_NAME)");
+                    }
+                    Some(_) => {}
+                }
+            }
+            // vault-k8s sets no namespace variable in this mode: the file's is used.
             "namespace" => store.namespace = Some(doc.string(a, &at)?),
             _ => return Err(doc.unsupported(&a.place, &at)),
         }
@@ -735,6 +888,10 @@ mod tests {
     }
 
     fn read(text: &str) -> Result<AgentConfig, String> {
+        read_noting(text).map(|(config, _)| config)
+    }
+
+    fn read_noting(text: &str) -> Result<(AgentConfig, Vec<Note>), String> {
         overlay(base(), "/vault/configs/config.hcl", text).map_err(|e| e.to_string())
     }
 
@@ -846,7 +1003,19 @@ cache {
 "#,
         )
         .unwrap();
-        assert_eq!(c.store.address, "https://vault.example.com:8200");
+        assert_eq!(
+            c.store.address, "https://vault.vault.svc:8200",
+            "the injector's address wins, as VAULT_ADDR does under Vault Agent"
+        );
+        assert_eq!(
+            c.store.ca_cert.as_deref(),
+            Some(Path::new("/vault/tls/ca.crt")),
+            "a CA the injector did not set comes from the file"
+        );
+        assert_eq!(
+            c.store.tls_server_name.as_deref(),
+            Some("vault.example.com")
+        );
         assert_eq!(
             c.store.ca_cert_pem.as_deref(),
             Some("PEM"),
@@ -980,8 +1149,8 @@ auto_auth {
                 "/vault/configs/config.hcl:2: auth method \"aws\" is not supported (supported: kubernetes, jwt, approle, token_file, cert)",
             ),
             (
-                "telemetry {\n  prometheus_retention_time = \"30s\"\n}\n",
-                "/vault/configs/config.hcl:1: telemetry is not supported by Sidekey",
+                "exec {\n  command = [\"/app\"]\n}\n",
+                "/vault/configs/config.hcl:1: exec is not supported by Sidekey",
             ),
             (
                 "auto_auth {\n  method \"kubernetes\" {\n    wrap_ttl = \"5m\"\n    config = { role = \"x\" }\n  }\n}\n",
@@ -1042,6 +1211,123 @@ auto_auth {
         assert!(
             err.to_string()
                 .starts_with("cannot read the Vault Agent config /nonexistent/config-init.hcl:")
+        );
+    }
+
+    /// A ConfigMap written for another cluster names an address the pod cannot reach; under
+    /// vault-k8s the injector's VAULT_ADDR wins and the pod works, so it must here.
+    #[test]
+    fn the_injectors_store_settings_win_over_the_vault_stanza() {
+        let mut base = base();
+        base.store.ca_cert = Some("/vault/tls/injector-ca.crt".into());
+        base.store.tls_server_name = Some("vault.vault.svc".into());
+        let text = r#"
+vault {
+  address = "https://vault.other-cluster.example:8200"
+  ca_cert = "/vault/configs/ca.crt"
+  tls_skip_verify = true
+  tls_server_name = "vault.other-cluster.example"
+  client_cert = "/vault/tls/client.crt"
+}
+auto_auth {
+  method "kubernetes" {
+    config = { role = "orders" }
+  }
+}
+"#;
+        let (c, notes) = overlay(base, "/vault/configs/config.hcl", text).unwrap();
+        assert_eq!(c.store.address, "https://vault.vault.svc:8200");
+        assert_eq!(
+            c.store.ca_cert.as_deref(),
+            Some(Path::new("/vault/tls/injector-ca.crt"))
+        );
+        assert!(!c.store.tls_skip_verify, "VAULT_SKIP_VERIFY=false wins");
+        assert_eq!(c.store.tls_server_name.as_deref(), Some("vault.vault.svc"));
+        assert_eq!(
+            c.store.client_cert.as_deref(),
+            Some(Path::new("/vault/tls/client.crt")),
+            "what the injector left unset comes from the file"
+        );
+        let lines: Vec<(NoteKind, &str)> = notes
+            .iter()
+            .map(|n| (n.kind, n.text.split(": ").next().unwrap()))
+            .collect();
+        let at = "/vault/configs/config.hcl";
+        let want: Vec<String> = [3, 4, 5, 6].map(|l| format!("{at}:{l}")).to_vec();
+        let want: Vec<(NoteKind, &str)> = want
+            .iter()
+            .map(|l| (NoteKind::Overridden, l.as_str()))
+            .collect();
+        assert_eq!(
+            lines, want,
+            "address, ca_cert, tls_skip_verify, tls_server_name"
+        );
+        assert!(
+            notes[0]
+                .text
+                .contains("vault.address is overridden by the injector's store address")
+        );
+        for note in &notes {
+            assert!(
+                !note.text.contains("other-cluster"),
+                "a note names the setting, never its value: {}",
+                note.text
+            );
+        }
+    }
+
+    #[test]
+    fn top_level_settings_of_vault_agent_are_accepted_or_noted() {
+        let text = r#"
+log_level = "debug"
+log_format = "json"
+log_file = "/tmp/agent.log"
+disable_idle_connections = ["auto-auth"]
+telemetry {
+  disable_hostname = true
+}
+auto_auth {
+  method "kubernetes" {
+    config = { role = "orders" }
+  }
+}
+"#;
+        let (c, notes) = read_noting(text).unwrap();
+        assert_eq!(c.log, base().log, "the injector's log settings stay");
+        let got: Vec<(NoteKind, String)> = notes
+            .iter()
+            .map(|n| {
+                (
+                    n.kind,
+                    n.text.split(" ").take(2).collect::<Vec<_>>().join(" "),
+                )
+            })
+            .collect();
+        let at = "/vault/configs/config.hcl";
+        assert_eq!(
+            got,
+            [
+                (NoteKind::Overridden, format!("{at}:2: the")),
+                (NoteKind::Overridden, format!("{at}:3: the")),
+                (NoteKind::Ignored, format!("{at}:4: log_file")),
+                (
+                    NoteKind::Ignored,
+                    format!("{at}:5: disable_idle_connections")
+                ),
+                (NoteKind::Ignored, format!("{at}:6: telemetry")),
+            ]
+        );
+        assert_eq!(
+            read("log_level = \"loud\"\n").unwrap_err(),
+            format!(
+                "{at}:1: log_level must be one of trace, debug, info, warn, warning, err, error, not \"loud\""
+            )
+        );
+        // What would change the rendered files is still refused by name.
+        let err = read("env_template \"X\" {\n  contents = \"x\"\n}\n").unwrap_err();
+        assert_eq!(
+            err,
+            format!("{at}:1: env_template is not supported by Sidekey")
         );
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sidekey_agent::config::{AgentConfig, LogConfig};
+use sidekey_agent::hcl_config::NoteKind;
 use sidekey_agent::lifecycle;
 use sidekey_agent::run::{self, RunError};
 
@@ -102,9 +103,14 @@ fn main() -> ExitCode {
 fn load_with(arg: &ConfigArg, hcl_file: &str) -> Result<AgentConfig, RunError> {
     let config = AgentConfig::load(arg.config.as_deref())?;
     sidekey_agent::log::init(&config.log);
-    Ok(sidekey_agent::hcl_config::with_vault_agent_config(
-        config, hcl_file,
-    )?)
+    let (config, notes) = sidekey_agent::hcl_config::with_vault_agent_config(config, hcl_file)?;
+    for note in notes {
+        match note.kind {
+            NoteKind::Overridden => tracing::info!("{}", note.text),
+            NoteKind::Ignored => tracing::warn!("{}", note.text),
+        }
+    }
+    Ok(config)
 }
 
 fn load(arg: &ConfigArg) -> Result<AgentConfig, RunError> {
