@@ -47,10 +47,44 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// [`Answer::reason`] for the log: a denial of a template quotes what the template holds, and
+    /// an inline template may hold a literal value, so every quoted part is elided. The pod's
+    /// author gets the whole message in the denial; the log keeps the annotation and the problem.
+    pub fn log_reason(&self) -> String {
+        without_literals(&self.reason)
+    }
+
     /// The answer as a JSON value (tests and tools; the server sends `body` as it is).
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("answers are JSON")
     }
+}
+
+/// `reason` with the text inside each pair of double quotes replaced by `…`.
+fn without_literals(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in reason.chars() {
+        if quoted {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    quoted = false;
+                    out.push_str("…\"");
+                }
+                _ => {}
+            }
+        } else {
+            out.push(c);
+            quoted = c == '"';
+        }
+    }
+    if quoted {
+        out.push('…');
+    }
+    out
 }
 
 /// The parts of an AdmissionReview the decision needs. The object is kept as its raw JSON and

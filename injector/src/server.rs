@@ -101,7 +101,8 @@ fn answered(state: &AppState, answer: Answer) -> Response {
     if answer.outcome == Outcome::Skipped {
         tracing::debug!(namespace = %answer.namespace, reason = %answer.reason, "review allowed unchanged");
     } else {
-        tracing::info!(namespace = %answer.namespace, outcome = answer.outcome.as_str(), reason = %answer.reason, "review");
+        let reason = answer.log_reason();
+        tracing::info!(namespace = %answer.namespace, outcome = answer.outcome.as_str(), %reason, "review");
     }
     json(answer.body)
 }

@@ -286,12 +286,41 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
         );
     }
 
-    // Not here: the operator's certificate rotated in place, with admissions probed meanwhile.
-    // On this node the kubelet did not refresh the pod's secret volume within 4 minutes of the
-    // Secret's update (seen at 23:53-23:57 on 2026-12-07, syncFrequency 10 s, Watch strategy),
-    // so the injector never saw new files; its reload on a `..data` swap is tested in
-    // injector/src/tls.rs. Until the refresh is understood this step is left out rather than
-    // made to pass.
+    // The operator's certificate rotated in place (what cert-manager does to the Secret): the
+    // kubelet refreshes the pods' secret volume, the injector reloads it, and every admission
+    // asked meanwhile is answered (a server-side dry run of an annotated pod, injected).
+    issue_certs(certs.path(), "ca", "two");
+    let two = file_serial(&certs.path().join("two.crt"));
+    assert_ne!(one, two, "a new certificate");
+    tls_secret(cluster, certs.path(), "two", "ca");
+    let mut probes = 0;
+    let mut refused = Vec::new();
+    cluster
+        .wait_until(
+            "every injector pod to serve the rotated certificate",
+            Duration::from_secs(240),
+            || {
+                probes += 1;
+                match dry_run(cluster, &annotated_pod(&ns.name, "during-rotation", true)) {
+                    Ok(pod) if injected(&pod) => {}
+                    Ok(_) => refused.push("admitted without injection".to_string()),
+                    Err(e) => refused.push(e),
+                }
+                let ips = injector_pod_ips(cluster);
+                let served: Vec<Option<String>> =
+                    ips.iter().map(|ip| served_serial(cluster, ip)).collect();
+                Ok(
+                    (!ips.is_empty() && served.iter().all(|s| s.as_deref() == Some(&two)))
+                        .then_some(()),
+                )
+            },
+        )
+        .expect("the rotated certificate served");
+    assert!(
+        refused.is_empty(),
+        "admissions failed while the certificate rotated ({} of {probes}): {refused:?}",
+        refused.len()
+    );
     // tls.mode auto: the injector makes its certificate and patches its own caBundle.
     cluster
         .install_sidekey(stack, &["tls.mode=auto"])
