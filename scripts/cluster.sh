@@ -69,8 +69,16 @@ start() {
   local name=$1
   shift
   if pid_alive "$name"; then return 0; fi
-  # Not holding the lock (fd 9): a daemon outlives this script.
-  setsid "${NS[@]}" "$@" >>"$logs/$name.log" 2>&1 </dev/null 9>&- &
+  # Holding no descriptor of the caller's beyond the standard three: a daemon outlives this
+  # script, and an inherited lock (this script's fd 9, or a `flock` a caller runs it under)
+  # would be held for as long as the daemon runs.
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+    done
+    exec setsid "${NS[@]}" "$@" >>"$logs/$name.log" 2>&1 </dev/null
+  ) &
   echo $! >"$run/$name.pid"
 }
 
