@@ -463,6 +463,39 @@ fn checked(cmd: &mut Command, input: Option<&str>, tool: &str, args: &[&str]) ->
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A pod of the tests' app service account in `ns` that Sidekey injects: `agent-inject`, the
+/// tests' role, the store at `store` (the `service` annotation, so the pod reads from its own test
+/// binary's store whatever store the shared install was last given), `annotations` (keys
+/// without the `vault.hashicorp.com/` prefix), `containers`, and no restarts.
+pub fn injected_pod(
+    ns: &str,
+    name: &str,
+    store: &str,
+    annotations: &[(&str, String)],
+    containers: Value,
+) -> Value {
+    const P: &str = "vault.hashicorp.com";
+    let mut a = json!({
+        format!("{P}/agent-inject"): "true",
+        format!("{P}/role"): crate::APP_ROLE,
+        format!("{P}/service"): store,
+    });
+    for (k, v) in annotations {
+        a[format!("{P}/{k}")] = json!(v);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": ns, "annotations": a },
+        "spec": {
+            "serviceAccountName": crate::APP_SERVICE_ACCOUNT,
+            "terminationGracePeriodSeconds": 30,
+            "restartPolicy": "Never",
+            "containers": containers,
+        },
+    })
+}
+
 /// The path of a file in this crate's fixtures.
 pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

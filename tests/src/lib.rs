@@ -6,6 +6,7 @@
 //! `PR_SET_PDEATHSIG`, so they die with the test process even when a test panics or the harness
 //! exits without running destructors. Nothing depends on a server left running by hand.
 
+pub mod apps;
 pub mod chart;
 pub mod cluster;
 pub mod connect;

@@ -21,7 +21,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use sidekey_tests::Stack;
 use sidekey_tests::cluster::{
-    APP_IMAGE, Cluster, Inventory, NODE_NETNS, TestNamespace, db_role_name,
+    APP_IMAGE, Cluster, Inventory, NODE_NETNS, TestNamespace, db_role_name, injected_pod,
 };
 
 struct Env {
@@ -53,7 +53,6 @@ fn block<F: Future>(future: F) -> F::Output {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(180);
-const P: &str = "vault.hashicorp.com";
 
 /// A pod of the app role's service account (restartPolicy Never: a failed init container stays
 /// failed, an exit code stays the container's).
@@ -65,25 +64,7 @@ fn pod(ns: &str, name: &str, annotations: &[(&str, String)], containers: Value) 
         .pod_addr
         .clone()
         .expect("the store listens for pods");
-    let mut a = json!({
-        format!("{P}/agent-inject"): "true",
-        format!("{P}/role"): sidekey_tests::APP_ROLE,
-        format!("{P}/service"): store,
-    });
-    for (k, v) in annotations {
-        a[format!("{P}/{k}")] = json!(v);
-    }
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "name": name, "namespace": ns, "annotations": a },
-        "spec": {
-            "serviceAccountName": sidekey_tests::APP_SERVICE_ACCOUNT,
-            "terminationGracePeriodSeconds": 30,
-            "restartPolicy": "Never",
-            "containers": containers,
-        },
-    })
+    injected_pod(ns, name, &store, annotations, containers)
 }
 
 fn sleeper(env: Value) -> Value {

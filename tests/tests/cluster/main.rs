@@ -12,6 +12,7 @@
 //! The tests of this binary share one Sidekey install and run in parallel, each in a namespace of
 //! its own with a database role of its own, so each inventories only what its pods created.
 
+mod actions;
 mod admission;
 mod fixture_pods;
 mod local_api;
