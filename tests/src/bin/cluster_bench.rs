@@ -2,15 +2,17 @@
 //! sidekey-tests --bin cluster_bench`), written to `bench/RESULTS-cluster.md`:
 //!
 //! - create-to-Ready of the same pod without injection, injected (init container + classic
-//!   sidecar) and injected with a native sidecar, measured from the create call to the first
-//!   observation of the Ready condition through the API;
+//!   sidecar), injected with a native sidecar and injected with the secret as an env var only,
+//!   measured from the create call to the first observation of the Ready condition through the
+//!   API;
 //! - each pod's memory as the kubelet's cgroups account it (its stats summary, working set);
 //! - the API server's own admission latency histogram for the webhook
 //!   (`apiserver_admission_webhook_admission_duration_seconds`) at rest and while a Deployment
 //!   goes from 0 to 300 replicas (all must be admitted and injected; a node selector no node
 //!   matches keeps them Pending, since one 2-core node cannot run 300 pods);
 //! - store requests (by OpenBao's audit log) and TokenReviews (by the API server's request
-//!   counter) per injected pod start.
+//!   counter) per injected pod start;
+//! - the time from a store update to the app, per action (`signal:`, `reload:`, `restart:`).
 //!
 //! It prints the figures it measures, never a threshold verdict: the machines are noisy.
 
@@ -23,7 +25,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
-use sidekey_tests::cluster::{APP_IMAGE, Cluster, Inventory, TestNamespace};
+use sidekey_tests::apps;
+use sidekey_tests::cluster::{APP_IMAGE, Cluster, Inventory, TestNamespace, injected_pod};
 use sidekey_tests::{Stack, workspace_root};
 
 const RUNS: usize = 5;
@@ -60,6 +63,17 @@ fn injected(namespace: &str, native: bool) -> Value {
         a["vault.hashicorp.com/agent-native-sidecar"] = json!("true");
     }
     a
+}
+
+/// The annotations of a pod that gets the same secret as an environment variable only (the
+/// kubelet's env file, `fileKeyRef`), no file.
+fn injected_env(namespace: &str) -> Value {
+    json!({
+        "vault.hashicorp.com/agent-inject": "true",
+        "vault.hashicorp.com/service": STORE.get().cloned().unwrap_or_default(),
+        "vault.hashicorp.com/role": sidekey_tests::APP_ROLE,
+        "vault.hashicorp.com/agent-inject-env-API_KEY": format!("secret/data/{namespace}/config#api_key"),
+    })
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -240,24 +254,30 @@ async fn main() -> Result<()> {
         report,
         "| pod | create-to-Ready (ms) | memory once Ready, working set (MiB): app / agent containers |\n|---|---|---|"
     )?;
-    let shapes: [(&str, Option<bool>); 3] = [
-        ("not injected", None),
-        ("injected: init container + classic sidecar", Some(false)),
-        ("injected: native sidecar", Some(true)),
+    let shapes = [
+        ("not injected", "plain", json!({})),
+        (
+            "injected: init container + classic sidecar",
+            "classic",
+            injected(&ns.name, false),
+        ),
+        (
+            "injected: native sidecar",
+            "native",
+            injected(&ns.name, true),
+        ),
+        (
+            "injected: the secret as an env var only (env file), init + classic sidecar",
+            "env",
+            injected_env(&ns.name),
+        ),
     ];
-    for (label, native) in shapes {
+    for (label, short, annotations) in shapes {
         let mut times = Vec::new();
         let mut memory = String::new();
         for run in 0..RUNS {
-            let name = format!(
-                "p{run}-{}",
-                native
-                    .map(|n| if n { "native" } else { "classic" })
-                    .unwrap_or("plain")
-            );
-            let annotations = native
-                .map(|n| injected(&ns.name, n))
-                .unwrap_or_else(|| json!({}));
+            let name = format!("p{run}-{short}");
+            let annotations = annotations.clone();
             let (elapsed, _) =
                 create_to_ready(&pods, &app_pod(&name, &ns.name, annotations)).await?;
             times.push(ms(elapsed));
@@ -380,9 +400,108 @@ async fn main() -> Result<()> {
         "--wait=false",
     ])?;
 
+    action_latencies(cluster, &stack, &ns.name, &mut report).await?;
+
     let path = workspace_root().join("bench/RESULTS-cluster.md");
     std::fs::write(&path, &report)?;
     println!("{report}");
     println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Store update to the app, per action: a pod per action (tests/src/apps.rs), each of [`RUNS`]
+/// updates timed from the write to the store until the app has recorded the action (its counter,
+/// read with `kubectl exec`) or, for `restart:`, until the kubelet counts the app's restart.
+async fn action_latencies(
+    cluster: &Cluster,
+    stack: &Stack,
+    namespace: &str,
+    report: &mut String,
+) -> Result<()> {
+    writeln!(
+        report,
+        "\n## Store update to the app, per action\n\nA KV v2 update, then the time until the app had it: `signal:` and `reload:` until the app recorded the action (the file it saw then holds the new value), `restart:` until the kubelet counted the app's restart. The agent renders every 2 s (`template-static-secret-render-interval`) and debounces 2 s, so about 3 s of each figure is those two settings; the app is polled with `kubectl exec` (about 0.1 to 0.3 s a call here).\n\n| action | store update to the app (ms) |\n|---|---|"
+    )?;
+    let actions = [
+        (
+            "signal:HUP:orders-app",
+            format!("signal:HUP:{}", apps::APP_PROCESS),
+            apps::SIGNALLED,
+        ),
+        (
+            "reload:URL (POST to the app on 127.0.0.1)",
+            format!("reload:{}", apps::RELOAD_URL),
+            apps::RELOADED,
+        ),
+        ("restart:app", "restart:app".to_string(), apps::SIGNALLED),
+    ];
+    let store = STORE.get().cloned().unwrap_or_default();
+    for (i, (label, action, script)) in actions.into_iter().enumerate() {
+        let name = format!("action-{i}");
+        let path = format!("{namespace}/action-{i}");
+        stack.put_kv2(&path, json!({ "version": "v0" })).await?;
+        let annotations = apps::action_annotations(&format!("secret/data/{path}"), &action);
+        let mut pod = injected_pod(
+            namespace,
+            &name,
+            &store,
+            &annotations,
+            json!([apps::container(script)]),
+        );
+        pod["spec"]["restartPolicy"] = json!("Always");
+        cluster.apply(&[pod])?;
+        cluster.wait_ready(namespace, &name, Duration::from_secs(120))?;
+        let restarts = || -> Result<i64> {
+            let pod = cluster.get(namespace, &format!("pod/{name}"))?;
+            Ok(pod["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["name"] == "app")
+                .and_then(|c| c["restartCount"].as_i64())
+                .unwrap_or(0))
+        };
+        let count = || -> Result<i64> {
+            let out = cluster.exec(
+                namespace,
+                &name,
+                "app",
+                &["sh", "-c", "cat /tmp/app/count 2>/dev/null || echo 0"],
+            )?;
+            Ok(out.trim().parse().unwrap_or(0))
+        };
+        let mut times = Vec::new();
+        for run in 1..=RUNS {
+            let before = if action.starts_with("restart:") {
+                restarts()?
+            } else {
+                count()?
+            };
+            let started = Instant::now();
+            stack
+                .put_kv2(&path, json!({ "version": format!("v{run}") }))
+                .await?;
+            cluster.wait_until(
+                &format!("{label} to reach the app"),
+                Duration::from_secs(120),
+                || {
+                    let now = if action.starts_with("restart:") {
+                        restarts()?
+                    } else {
+                        count()?
+                    };
+                    Ok((now > before).then_some(()))
+                },
+            )?;
+            times.push(ms(started.elapsed()));
+            if action.starts_with("restart:") {
+                // The next update must find the app running again.
+                cluster.wait_ready(namespace, &name, Duration::from_secs(120))?;
+            }
+        }
+        writeln!(report, "| {label} | {} |", summary(&mut times))?;
+        println!("{label}: {}", summary(&mut times));
+        cluster.kubectl(&["-n", namespace, "delete", "pod", &name, "--wait=false"])?;
+    }
     Ok(())
 }
