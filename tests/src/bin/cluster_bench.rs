@@ -76,6 +76,118 @@ fn injected_env(namespace: &str) -> Value {
     })
 }
 
+/// The image of the reference's agent here: the node's busybox (vault-k8s's commands need a
+/// shell and base64) with the `bao` binary the tests' OpenBao is.
+const BAO_AGENT_IMAGE: &str = "sidekey.local/bao-agent:1";
+
+/// Builds [`BAO_AGENT_IMAGE`] with buildah and imports it into the node, unless it is there.
+fn bao_agent_image(cluster: &Cluster) -> Result<()> {
+    let have = cluster.ctr(&["images", "ls", "-q"])?;
+    if have.lines().any(|l| l.trim() == BAO_AGENT_IMAGE) {
+        return Ok(());
+    }
+    let bao = std::fs::canonicalize(workspace_root().join(".stack/bin/bao"))
+        .context("the stack's bao binary (scripts/stack-install.sh)")?;
+    let buildah = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new("buildah")
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "buildah {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let c = buildah(&["from", "sidekey.local/busybox:1"])?;
+    buildah(&["copy", &c, &bao.display().to_string(), "/bin/bao"])?;
+    buildah(&["commit", "-q", &c, BAO_AGENT_IMAGE])?;
+    buildah(&["rm", &c])?;
+    let dir = tempfile::tempdir()?;
+    let tar = dir.path().join("bao-agent.tar");
+    let archive = format!("docker-archive:{}:{BAO_AGENT_IMAGE}", tar.display());
+    buildah(&["push", "-q", BAO_AGENT_IMAGE, &archive])?;
+    cluster.ctr(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "overlayfs",
+        &tar.display().to_string(),
+    ])?;
+    Ok(())
+}
+
+/// The same app pod injected the way vault-k8s injects it, with `bao agent` from
+/// [`BAO_AGENT_IMAGE`]: an init container with `exit_after_auth` and a sidecar, each writing its
+/// config from `VAULT_CONFIG` (base64 JSON, as vault-k8s passes it) and running the agent with it;
+/// memory emptyDirs for their homes and for /vault/secrets, which the app mounts; the pod's own
+/// service-account token; the same template and store as Sidekey's pods.
+fn bao_agent_pod(name: &str, namespace: &str, ca_pem: &str) -> Value {
+    use base64::Engine as _;
+    let store = STORE.get().cloned().unwrap_or_default();
+    let config = |init: bool| {
+        let config = json!({
+            "auto_auth": {
+                "method": {
+                    "type": "kubernetes",
+                    "mount_path": "auth/kubernetes",
+                    "config": {
+                        "role": sidekey_tests::APP_ROLE,
+                        "token_path": "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                    },
+                },
+                "sink": [{ "type": "file", "config": { "path": "/home/vault/.vault-token" } }],
+            },
+            "exit_after_auth": init,
+            "pid_file": "/home/vault/.pid",
+            "vault": { "address": store, "ca_cert": "/home/vault/ca.crt" },
+            "template": [{
+                "destination": "/vault/secrets/config",
+                "contents": format!("{{{{ with secret \"secret/data/{namespace}/config\" }}}}{{{{ .Data.data.api_key }}}}{{{{ end }}}}"),
+                "left_delimiter": "{{",
+                "right_delimiter": "}}",
+            }],
+            "template_config": { "exit_on_retry_failure": true },
+        });
+        base64::engine::general_purpose::STANDARD.encode(config.to_string())
+    };
+    let agent = |name: &str, init: bool, home: &str| {
+        json!({
+            "name": name,
+            "image": BAO_AGENT_IMAGE,
+            "command": ["/bin/sh", "-ec"],
+            "args": ["echo ${VAULT_CONFIG?} | base64 -d > /home/vault/config.json && printf '%s' \"$CA_PEM\" > /home/vault/ca.crt && exec bao agent -config=/home/vault/config.json"],
+            "env": [
+                { "name": "VAULT_CONFIG", "value": config(init) },
+                { "name": "CA_PEM", "value": ca_pem },
+            ],
+            "resources": {
+                "requests": { "cpu": "250m", "memory": "64Mi" },
+                "limits": { "cpu": "500m", "memory": "128Mi" },
+            },
+            "volumeMounts": [
+                { "name": home, "mountPath": "/home/vault" },
+                { "name": "vault-secrets", "mountPath": "/vault/secrets" },
+            ],
+        })
+    };
+    let mut pod = app_pod(name, namespace, json!({}));
+    let spec = &mut pod["spec"];
+    spec["initContainers"] = json!([agent("vault-agent-init", true, "home-init")]);
+    let app = spec["containers"][0].take();
+    let mut app = app;
+    app["volumeMounts"] = json!([{ "name": "vault-secrets", "mountPath": "/vault/secrets" }]);
+    spec["containers"] = json!([app, agent("vault-agent", false, "home-sidecar")]);
+    spec["volumes"] = json!([
+        { "name": "home-init", "emptyDir": { "medium": "Memory" } },
+        { "name": "home-sidecar", "emptyDir": { "medium": "Memory" } },
+        { "name": "vault-secrets", "emptyDir": { "medium": "Memory" } },
+    ]);
+    pod
+}
+
 fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -255,31 +367,42 @@ async fn main() -> Result<()> {
         "| pod | create-to-Ready (ms) | memory once Ready, working set (MiB): app / agent containers |\n|---|---|---|"
     )?;
     let shapes = [
-        ("not injected", "plain", json!({})),
+        ("not injected", "plain", Some(json!({}))),
         (
             "injected: init container + classic sidecar",
             "classic",
-            injected(&ns.name, false),
+            Some(injected(&ns.name, false)),
         ),
         (
             "injected: native sidecar",
             "native",
-            injected(&ns.name, true),
+            Some(injected(&ns.name, true)),
         ),
         (
             "injected: the secret as an env var only (env file), init + classic sidecar",
             "env",
-            injected_env(&ns.name),
+            Some(injected_env(&ns.name)),
+        ),
+        (
+            "`bao agent` injected as vault-k8s injects it (init + sidecar, same template and store)",
+            "bao",
+            // Not Sidekey's: the pod is written as vault-k8s's patch makes it.
+            None,
         ),
     ];
+    bao_agent_image(cluster)?;
+    let ca_pem = sidekey_tests::pki::pki()?.ca_pem()?;
     for (label, short, annotations) in shapes {
         let mut times = Vec::new();
         let mut memory = String::new();
         for run in 0..RUNS {
             let name = format!("p{run}-{short}");
             let annotations = annotations.clone();
-            let (elapsed, _) =
-                create_to_ready(&pods, &app_pod(&name, &ns.name, annotations)).await?;
+            let pod = match annotations {
+                Some(annotations) => app_pod(&name, &ns.name, annotations),
+                None => bao_agent_pod(&name, &ns.name, &ca_pem),
+            };
+            let (elapsed, _) = create_to_ready(&pods, &pod).await?;
             times.push(ms(elapsed));
             if run == RUNS - 1 {
                 // The kubelet's stats lag its containers by a few seconds.
@@ -288,7 +411,7 @@ async fn main() -> Result<()> {
                 let app = mem.get("app").copied().unwrap_or(0) as f64 / 1048576.0;
                 let agents: Vec<String> = mem
                     .iter()
-                    .filter(|(k, _)| k.starts_with("sidekey"))
+                    .filter(|(k, _)| k.starts_with("sidekey") || k.starts_with("vault-agent"))
                     .map(|(k, v)| format!("{k} {:.1}", *v as f64 / 1048576.0))
                     .collect();
                 memory = format!(
