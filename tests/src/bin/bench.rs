@@ -705,6 +705,19 @@ fn review_body(dir: &Path) -> Result<PathBuf> {
     let env: Vec<Value> = (0..30).map(|i| json!({ "name": format!("APP_SETTING_{i:02}"), "value": format!("value-number-{i:02}-for-the-application") })).collect();
     pod["spec"]["containers"][0]["env"] = Value::Array(env);
     pod["metadata"]["name"] = "orders-7d9f8b6c5d-x2x9k".into();
+    // A secret and its template named by a token bench/post.lua replaces per workload.
+    let path = "secret/data/bench/SIDEKEY-BENCH-N";
+    let annotations = pod["metadata"]["annotations"]
+        .as_object_mut()
+        .context("the fixture's annotations")?;
+    annotations.insert(
+        "vault.hashicorp.com/agent-inject-secret-bench.env".into(),
+        path.into(),
+    );
+    annotations.insert(
+        "vault.hashicorp.com/agent-inject-template-bench.env".into(),
+        format!("{{{{ with secret \"{path}\" }}}}{{{{ range $k, $v := .Data.data }}}}{{{{ $k }}}}={{{{ $v }}}}\n{{{{ end }}}}{{{{ end }}}}").into(),
+    );
     let review = sidekey_tests::injector::review_of(&pod);
     let path = dir.join("review.json");
     std::fs::write(&path, serde_json::to_vec(&review)?)?;
@@ -717,7 +730,40 @@ struct WrkResult {
     p99: String,
 }
 
-fn wrk(port: u16, conns: u32, close: bool, body: &Path, secs: u64) -> Result<WrkResult> {
+/// Which annotation sets the reviews carry (bench/post.lua).
+#[derive(Clone, Copy)]
+enum Workload {
+    Same,
+    Distinct,
+    Mix,
+}
+
+impl Workload {
+    fn env(self) -> &'static str {
+        match self {
+            Workload::Same => "same",
+            Workload::Distinct => "distinct",
+            Workload::Mix => "mix",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Workload::Same => "one annotation set",
+            Workload::Distinct => "every review distinct",
+            Workload::Mix => "mix (4 in 5 from 7 sets)",
+        }
+    }
+}
+
+fn wrk(
+    port: u16,
+    conns: u32,
+    close: bool,
+    workload: Workload,
+    body: &Path,
+    secs: u64,
+) -> Result<WrkResult> {
     let out = Command::new("taskset")
         .args([
             "-c",
@@ -733,6 +779,7 @@ fn wrk(port: u16, conns: u32, close: bool, body: &Path, secs: u64) -> Result<Wrk
         .arg(format!("https://127.0.0.1:{port}/mutate"))
         .env("SIDEKEY_BENCH_BODY", body)
         .env("SIDEKEY_BENCH_CLOSE", if close { "1" } else { "0" })
+        .env("SIDEKEY_BENCH_WORKLOAD", workload.env())
         .output()
         .context("running wrk (Debian package wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -795,15 +842,26 @@ fn injector_section(out: &mut String, secs: u64) -> Result<()> {
     writeln!(out, "## The injector against a straightforward webhook\n")?;
     writeln!(
         out,
-        "POST /mutate with a {size}-byte pod review (a Deployment's pod with two annotated secrets), HTTP/1.1 over TLS. Each server pinned to core 0 (`taskset -c 0`), wrk on core 1, {secs} s per row. The baseline is a handler on the same axum + rustls stack that deserializes the review into a typed Pod, builds a comparable patch and encodes it, with no annotation parsing or checks.\n"
+        "POST /mutate with a {size}-byte pod review (a Deployment's pod with three annotated secrets and their templates), HTTP/1.1 over TLS. Each server pinned to core 0 (`taskset -c 0`), wrk on core 1, {secs} s per row. The baseline is a handler on the same axum + rustls stack that deserializes the review into a typed Pod, builds a comparable patch and encodes it, with no annotation parsing or checks. Three workloads: one annotation set repeated (a Deployment's pods, where the injector's decision memory answers after the first review), every review with annotations of its own (a secret path and template no other review has: the memory never helps, every review is parsed and checked in full), and a mix (four reviews in five from seven Deployments' annotation sets, one in five distinct).\n"
     )?;
     writeln!(
         out,
-        "| mode | connections | sidekey-injector req/s | p50 | p99 | baseline req/s | p50 | p99 | ratio |\n|---|---|---|---|---|---|---|---|---|"
+        "| workload | mode | connections | sidekey-injector req/s | p50 | p99 | baseline req/s | p50 | p99 | ratio |\n|---|---|---|---|---|---|---|---|---|---|"
     )?;
-    for (close, conns) in [(false, 1), (false, 16), (false, 64), (true, 16)] {
-        let a = wrk(ours_port, conns, close, &body, secs)?;
-        let b = wrk(base_port, conns, close, &body, secs)?;
+    let rows = [
+        (Workload::Same, false, 1),
+        (Workload::Same, false, 16),
+        (Workload::Same, false, 64),
+        (Workload::Same, true, 16),
+        (Workload::Distinct, false, 1),
+        (Workload::Distinct, false, 16),
+        (Workload::Distinct, true, 16),
+        (Workload::Mix, false, 16),
+        (Workload::Mix, true, 16),
+    ];
+    for (workload, close, conns) in rows {
+        let a = wrk(ours_port, conns, close, workload, &body, secs)?;
+        let b = wrk(base_port, conns, close, workload, &body, secs)?;
         let mode = if close {
             "new TLS connection per request"
         } else {
@@ -811,7 +869,8 @@ fn injector_section(out: &mut String, secs: u64) -> Result<()> {
         };
         writeln!(
             out,
-            "| {mode} | {conns} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            "| {} | {mode} | {conns} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            workload.label(),
             a.rps,
             a.p50,
             a.p99,
