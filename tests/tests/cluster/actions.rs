@@ -45,18 +45,21 @@ impl Case {
     }
 
     fn run(&self, action: &str, container: Value) {
+        let annotations = apps::action_annotations(&self.kv(), action);
+        self.run_with(&annotations, container);
+    }
+
+    fn kv(&self) -> String {
+        format!("secret/data/{}", self.path)
+    }
+
+    fn run_with(&self, annotations: &[(&str, String)], container: Value) {
         let store = env()
             .stack
             .pod_addr
             .clone()
             .expect("the store listens for pods");
-        let mut pod = injected_pod(
-            self.name(),
-            "app",
-            &store,
-            &apps::action_annotations(&format!("secret/data/{}", self.path), action),
-            json!([container]),
-        );
+        let mut pod = injected_pod(self.name(), "app", &store, annotations, json!([container]));
         // The kubelet starts a stopped container again (the agent's, in one test).
         pod["spec"]["restartPolicy"] = json!("Always");
         env().cluster.apply(&[pod]).expect("creating the pod");
@@ -232,4 +235,30 @@ fn a_reload_action_calls_the_apps_url_with_the_new_file_in_place() {
     );
 
     case.burst_fires_once(1);
+}
+
+/// A command as vault-k8s users write it (`agent-inject-command-NAME`, run by Vault Agent with
+/// `/bin/sh -c`) works in the agent image we ship, which has no shell: the agent performs
+/// `kill -HUP $(pidof NAME)` itself, and the app gets the signal with the new file in place.
+#[test]
+fn a_vault_k8s_command_signals_the_app_from_the_shell_free_agent_image() {
+    let mut case = Case::new("command");
+    let mut annotations = apps::action_annotations(&case.kv(), "");
+    annotations.retain(|(k, _)| *k != "agent-inject-action-config");
+    annotations.push((
+        "agent-inject-command-config",
+        format!("kill -HUP $(pidof {})", apps::APP_PROCESS),
+    ));
+    case.run_with(&annotations, apps::container(apps::SIGNALLED));
+    // Whether the sidecar's first render (the init container's content) signals is Vault
+    // Agent's business; what counts is the change.
+    std::thread::sleep(Duration::from_secs(4));
+    let before = case.actions();
+    let version = case.update();
+    case.wait_actions(before + 1, Instant::now());
+    assert_eq!(
+        case.seen(before + 1),
+        version,
+        "the signal came with the new file"
+    );
 }

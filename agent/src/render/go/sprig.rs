@@ -563,7 +563,7 @@ pub fn call(name: &str, args: &[Val]) -> Result<Val, String> {
         }
         "dig" => {
             if args.len() < 3 {
-                return Err("sprig_dig: want at least 3 arguments".into());
+                return Err("dig needs at least three arguments".into());
             }
             let (keys, rest) = args.split_at(args.len() - 2);
             let mut v = args[args.len() - 1].clone();
