@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Runs every benchmark side by side with its reference and rewrites bench/RESULTS.md:
 #   - sidekey-agent against `bao agent` (OpenBao Agent) on the same work,
-#   - sidekey-injector against a straightforward axum + rustls webhook, under wrk.
-# Needs root (nothing else), installs the stack and wrk when missing. Takes about 6 minutes.
+#   - sidekey-injector against a straightforward axum + rustls webhook, under wrk, with three
+#     workloads (one annotation set, every review distinct, a mix),
+# and then, on the real single-node cluster (scripts/cluster.sh), rewrites bench/RESULTS-cluster.md:
+#   - create-to-Ready and memory of the same pod uninjected, injected by Sidekey (init + sidecar,
+#     native sidecar, env vars only) and injected with `bao agent` as vault-k8s injects it,
+#   - logins and TokenReviews per pod start, the API server's admission latency for the webhook
+#     at rest and while 300 pods are created, and store-update-to-app per action.
+# `bench/run.sh --only agent|scale|injector|proxy` runs one section of the first report and prints
+# it (no cluster). Needs root (nothing else), installs the stack, the cluster and wrk when missing.
+# Takes about 25 minutes.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -18,4 +26,8 @@ cargo build --release --workspace --bins --locked
 # members and give a different, larger agent.
 ./scripts/images.sh
 cargo bench -p sidekey-injector --bench webhook -- --quick --noplot 2>/dev/null | tee bench/criterion.txt | grep -E "time:|^[a-z]" || true
-exec ./target/release/bench "$@"
+./target/release/bench "$@"
+if [ $# -eq 0 ]; then
+  ./scripts/cluster.sh up >/dev/null
+  ./target/release/cluster_bench
+fi
