@@ -37,7 +37,7 @@ exec httpd -f -p 127.0.0.1:8080 -h /tmp/www"#;
 /// The reload URL of [`RELOADED`].
 pub const RELOAD_URL: &str = "http://127.0.0.1:8080/cgi-bin/reload";
 
-/// Container `app` running `script` as [`APP_PROCESS`] (written to a file with a `#!/bin/sh`
+/// Container `app` running `script` as [`APP_PROCESS`], with [`scratch_volume`] at /tmp (written to a file with a `#!/bin/sh`
 /// line and run from it, so that the kernel names the process after the file, as it names a
 /// real app after its binary), as [`APP_USER`].
 pub fn container(script: &str) -> Value {
@@ -49,7 +49,14 @@ pub fn container(script: &str) -> Value {
         "image": APP_IMAGE,
         "command": ["sh", "-c", setup],
         "securityContext": { "runAsUser": APP_USER, "runAsGroup": APP_USER },
+        "volumeMounts": [{ "name": "app-tmp", "mountPath": "/tmp" }],
     })
+}
+
+/// The volume [`container`] writes in (the image has no /tmp, and its root is not the app
+/// user's): add it to the pod's volumes.
+pub fn scratch_volume() -> Value {
+    json!({ "name": "app-tmp", "emptyDir": {} })
 }
 
 /// The annotations (without their prefix) of a pod that renders field `version` of the KV v2

@@ -572,6 +572,7 @@ async fn action_latencies(
             json!([apps::container(script)]),
         );
         pod["spec"]["restartPolicy"] = json!("Always");
+        pod["spec"]["volumes"] = json!([apps::scratch_volume()]);
         cluster.apply(&[pod])?;
         cluster.wait_ready(namespace, &name, Duration::from_secs(120))?;
         let restarts = || -> Result<i64> {

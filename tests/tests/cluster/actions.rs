@@ -62,6 +62,7 @@ impl Case {
         let mut pod = injected_pod(self.name(), "app", &store, annotations, json!([container]));
         // The kubelet starts a stopped container again (the agent's, in one test).
         pod["spec"]["restartPolicy"] = json!("Always");
+        pod["spec"]["volumes"] = json!([apps::scratch_volume()]);
         env().cluster.apply(&[pod]).expect("creating the pod");
         env()
             .cluster
