@@ -15,6 +15,7 @@
 mod admission;
 mod fixture_pods;
 mod local_api;
+mod namespace_defaults;
 mod pods;
 mod pre_populate;
 mod simulation;
