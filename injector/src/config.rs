@@ -73,6 +73,11 @@ pub struct Flags {
     /// Connections served at once; further ones wait until one ends.
     #[arg(long, env = "SIDEKEY_INJECTOR_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Read defaults for pod annotations from the annotations of each pod's Namespace, through
+    /// a watch of the namespaces (needs in-cluster access and get/list/watch on namespaces; the
+    /// chart turns it on and grants them). Off, the injector needs no Kubernetes API.
+    #[arg(long, env = "SIDEKEY_INJECTOR_NAMESPACE_DEFAULTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub namespace_defaults: bool,
     #[command(flatten)]
     pub defaults: Defaults,
 }

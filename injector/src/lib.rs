@@ -10,6 +10,8 @@ pub mod decisions;
 pub mod known;
 pub mod metrics;
 pub mod mutate;
+pub mod namespace_watch;
+pub mod namespaces;
 pub mod pod;
 pub mod quantity;
 pub mod review;

@@ -4,8 +4,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sidekey_injector::config::Flags;
 use sidekey_injector::metrics::Metrics;
+use sidekey_injector::namespaces::{self, Namespaces};
 use sidekey_injector::server::{self, AppState};
-use sidekey_injector::{autotls, tls};
+use sidekey_injector::{autotls, namespace_watch, tls};
 
 /// mimalloc: the webhook's work is many small, short-lived allocations (JSON strings and maps
 /// per review), where it is markedly cheaper than the system allocator.
@@ -108,10 +109,22 @@ async fn run(flags: Flags) -> Result<()> {
         _ => anyhow::bail!("no TLS: give --tls-cert-file and --tls-key-file, or --tls-auto"),
     };
     let tls_config = Arc::new(tls::server_config(resolver)?);
+    let namespaces: Box<dyn Namespaces> = if flags.namespace_defaults {
+        let client = kube::Client::try_default().await.context(
+            "namespace defaults need in-cluster Kubernetes access (turn them off with --namespace-defaults=false)",
+        )?;
+        Box::new(namespace_watch::start(
+            client,
+            &flags.defaults.annotation_prefix,
+        ))
+    } else {
+        Box::new(namespaces::Off)
+    };
     let state = Arc::new(AppState {
         defaults: flags.defaults.clone(),
         metrics,
         decisions: Default::default(),
+        namespaces,
     });
     let listener =
         server::bind(flags.listen).with_context(|| format!("listening on {}", flags.listen))?;

@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 use crate::config::Defaults;
 use crate::decisions::{Decisions, Prepared};
 use crate::mutate;
+use crate::namespaces::{self, Known, Merged, Namespaces};
 use crate::pod::PodView;
 
 /// What happened to a review, for metrics and logs.
@@ -141,6 +142,17 @@ pub fn review_with(
     defaults: &Defaults,
     decisions: Option<&Decisions>,
 ) -> Result<Answer, MalformedReview> {
+    review_in(body, defaults, decisions, &namespaces::Off)
+}
+
+/// Decides one review with the defaults of the pod's namespace, as `namespaces` knows them
+/// (see `namespaces`): what the server runs.
+pub fn review_in(
+    body: &[u8],
+    defaults: &Defaults,
+    decisions: Option<&Decisions>,
+    namespaces: &dyn Namespaces,
+) -> Result<Answer, MalformedReview> {
     let review: Review = serde_json::from_slice(body).map_err(malformed)?;
     if review.kind != "AdmissionReview"
         || !matches!(
@@ -171,7 +183,7 @@ pub fn review_with(
         )));
     }
     let namespace = request.namespace.clone().unwrap_or_default();
-    let (response, outcome, reason) = decide(&request, defaults, decisions)?;
+    let (response, outcome, reason) = decide(&request, defaults, decisions, namespaces)?;
     Ok(Answer {
         body: encode(&review.api_version, &request.uid, response),
         outcome,
@@ -184,6 +196,7 @@ fn decide(
     req: &Request,
     defaults: &Defaults,
     decisions: Option<&Decisions>,
+    namespaces: &dyn Namespaces,
 ) -> Result<(Response, Outcome, String), MalformedReview> {
     let allow = |why: &str| {
         Ok((
@@ -225,19 +238,39 @@ fn decide(
         return allow("namespace is skipped");
     }
     let no_annotations = Default::default();
-    let annotations = pod.annotations().unwrap_or(&no_annotations);
-    let prepared = match decisions {
+    let own = pod.annotations().unwrap_or(&no_annotations);
+    let prepare = |annotations: &std::collections::BTreeMap<String, String>| match decisions {
         Some(d) => d.get(annotations, defaults),
         None => std::sync::Arc::new(Prepared::new(annotations, defaults)),
     };
+    // The namespace's defaults join the pod's annotations before the decision, so the decision
+    // memory is keyed by both and a changed namespace counts from the next pod on.
+    let merged = match namespaces.lookup(namespace) {
+        Known::Off => None,
+        Known::Annotations(ns) => Some(namespaces::merge(own, &ns, &defaults.annotation_prefix)),
+        Known::NotSynced => {
+            if matches!(*prepare(own), Prepared::Skip(_)) {
+                return allow("not annotated or already injected (namespaces not yet synced)");
+            }
+            return deny(NOT_SYNCED.to_string());
+        }
+    };
+    let prepared = prepare(merged.as_ref().map_or(own, |m| &m.annotations));
     let (request, warnings, config_env) = match &*prepared {
-        Prepared::Deny(e) => return deny(e.to_string()),
+        Prepared::Deny(e) => return deny(from_namespace(e, merged.as_ref(), namespace)),
         Prepared::Skip(why) => return allow(why),
         Prepared::Inject {
             request,
             warnings,
             config_env,
-        } => (request, warnings.clone(), config_env),
+        } => {
+            let mut all = merged
+                .as_ref()
+                .map(|m| m.warnings(namespace))
+                .unwrap_or_default();
+            all.extend(warnings.iter().cloned());
+            (request, all, config_env)
+        }
     };
     if let Some(phase) = pod.phase()
         && !phase.is_empty()
@@ -247,7 +280,7 @@ fn decide(
     }
     let config_env = match config_env {
         Ok(env) => env,
-        Err(e) => return deny(e.to_string()),
+        Err(e) => return deny(from_namespace(e, merged.as_ref(), namespace)),
     };
     let mutation = match mutate::build(request, config_env, &pod) {
         Ok(m) => m,
@@ -282,6 +315,26 @@ fn decide(
             env_reason(request, &mutation.env)
         ),
     ))
+}
+
+/// The denial of a pod that asks for injection while the namespace watch has not yet listed the
+/// namespaces once. Deciding with the cluster's defaults instead could inject a pod without the
+/// role or store its namespace names, and that pod would start and fail at login, which no retry
+/// mends; a denied pod is created again by its controller once the injector knows.
+pub const NOT_SYNCED: &str = "the Sidekey injector has not yet read the namespaces' defaults (its namespace watch has not synced; see the injector's log); the pod was not changed, create it again shortly";
+
+/// A denial's message, saying so when the annotation it names came from the namespace.
+fn from_namespace(
+    e: &crate::annotations::AnnotationError,
+    merged: Option<&Merged>,
+    namespace: &str,
+) -> String {
+    match (&e.key, merged) {
+        (Some(key), Some(m)) if m.from_namespace(key) => {
+            format!("{e} (a default set on namespace {namespace})")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// How the pod's environment variables reach it, for the reason line.

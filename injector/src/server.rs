@@ -26,23 +26,27 @@ use tower::ServiceExt as _;
 use crate::config::Defaults;
 use crate::decisions::Decisions;
 use crate::metrics::{Metrics, NamespaceLabel};
+use crate::namespaces::Namespaces;
 use crate::review::{self, Answer, MalformedReview, Outcome};
 
 /// The largest review accepted; larger bodies get 413.
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
 
-/// What decides a review: `review::review_with`, or in tests a stand-in.
-pub type Decide = fn(&[u8], &Defaults, Option<&Decisions>) -> Result<Answer, MalformedReview>;
+/// What decides a review: `review::review_in`, or in tests a stand-in.
+pub type Decide =
+    fn(&[u8], &Defaults, Option<&Decisions>, &dyn Namespaces) -> Result<Answer, MalformedReview>;
 
 pub struct AppState {
     pub defaults: Defaults,
     pub metrics: Metrics,
     /// What each distinct annotation set decides, for `defaults`.
     pub decisions: Decisions,
+    /// The namespaces' defaults: the watch's cache, or `namespaces::Off`.
+    pub namespaces: Box<dyn Namespaces>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    router_with(state, review::review_with)
+    router_with(state, review::review_in)
 }
 
 /// The router with `decide` deciding reviews.
@@ -65,7 +69,12 @@ fn mutate(state: &AppState, body: &[u8], decide: Decide) -> Response {
     // The decision is pure: a panic leaves nothing half-changed (the one shared memory,
     // `Decisions`, inserts in single calls), so it is safe to answer and carry on.
     let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        decide(body, &state.defaults, Some(&state.decisions))
+        decide(
+            body,
+            &state.defaults,
+            Some(&state.decisions),
+            state.namespaces.as_ref(),
+        )
     }));
     let response = match decided {
         Ok(Ok(answer)) => answered(state, answer),

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use sidekey_injector::config::Defaults;
 use sidekey_injector::decisions::Decisions;
 use sidekey_injector::metrics::Metrics;
+use sidekey_injector::namespaces::{self, Namespaces};
 use sidekey_injector::review::{self, Answer, MalformedReview};
 use sidekey_injector::server::{self, AppState, Decide};
 use sidekey_injector::tls;
@@ -43,6 +44,7 @@ async fn start(decide: Decide) -> Running {
         },
         metrics: Metrics::default(),
         decisions: Decisions::default(),
+        namespaces: Box::new(namespaces::Off),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -92,12 +94,13 @@ fn exploding(
     body: &[u8],
     defaults: &Defaults,
     decisions: Option<&Decisions>,
+    namespaces: &dyn Namespaces,
 ) -> Result<Answer, MalformedReview> {
     let text = String::from_utf8_lossy(body);
     if text.contains("\"vault.hashicorp.com/role\":\"explode\"") {
         panic!("a bug while deciding");
     }
-    review::review_with(body, defaults, decisions)
+    review::review_in(body, defaults, decisions, namespaces)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +175,7 @@ async fn a_panic_before_the_uid_is_read_is_still_a_review_answer() {
 /// space is not one of the four spaces Go's lexer skips), and the server carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unicode_identifiers_in_a_template_get_an_answer() {
-    let server = start(review::review_with).await;
+    let server = start(review::review_in).await;
     for (i, (template, allowed)) in [
         (
             "{{ with secret \"kv/x\" }}{{ .Data.data.ключ }}{{ end }}",

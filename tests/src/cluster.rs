@@ -716,3 +716,132 @@ impl Cluster {
             .with_context(|| format!("no process of container {id} ({container} of {pod})"))
     }
 }
+
+/// What `kubectl create` printed: the admission warnings it shows as `Warning: …` lines.
+#[derive(Debug, Clone, Default)]
+pub struct Created {
+    pub warnings: Vec<String>,
+}
+
+impl Cluster {
+    /// Sets (`Some`) or removes (`None`) annotations of a Namespace.
+    pub fn annotate_namespace(&self, name: &str, pairs: &[(&str, Option<&str>)]) -> Result<()> {
+        let mut args = vec![
+            "annotate".to_string(),
+            "namespace".to_string(),
+            name.to_string(),
+            "--overwrite".to_string(),
+        ];
+        for (key, value) in pairs {
+            args.push(match value {
+                Some(v) => format!("{key}={v}"),
+                None => format!("{key}-"),
+            });
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.kubectl(&args).map(|_| ())
+    }
+
+    /// `kubectl create` of one object, keeping the admission warnings it prints; the error
+    /// carries the refusal.
+    pub fn create(&self, object: &Value) -> Result<Created> {
+        let out = self.kubectl_output(Some(&object.to_string()), &["create", "-f", "-"])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("kubectl create failed ({}): {}", out.status, stderr.trim());
+        }
+        Ok(Created {
+            warnings: warning_lines(&stderr),
+        })
+    }
+
+    /// What the API server makes of an object without storing it (`kubectl create
+    /// --dry-run=server`): the admitted object and the warnings, or the refusal.
+    pub fn dry_run(&self, object: &Value) -> Result<(Value, Vec<String>)> {
+        let out = self.kubectl_output(
+            Some(&object.to_string()),
+            &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("refused ({}): {}", out.status, stderr.trim());
+        }
+        Ok((serde_json::from_slice(&out.stdout)?, warning_lines(&stderr)))
+    }
+}
+
+/// The `Warning: ` lines kubectl prints for admission warnings, without that word.
+fn warning_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("Warning: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The agent config (`SIDEKEY_AGENT_CONFIG`, decoded) the injector gave a pod's agent
+/// containers, as JSON.
+pub fn agent_config(pod: &Value) -> Option<Value> {
+    use base64::Engine as _;
+    let encoded = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| pod["spec"][list].as_array().cloned().unwrap_or_default())
+        .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["name"] == "SIDEKEY_AGENT_CONFIG")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded["value"].as_str()?)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The distinct roles of the store tokens that pods of `namespace` logged in for (the `kubernetes` auth
+/// method records the role and the service account's namespace on each token).
+pub async fn token_roles(stack: &Stack, namespace: &str) -> Result<Vec<String>> {
+    let listed = stack.api("LIST", "auth/token/accessors", None).await?;
+    let mut roles = Vec::new();
+    for accessor in listed["data"]["keys"]
+        .as_array()
+        .context("no accessor list")?
+    {
+        let Some(accessor) = accessor.as_str() else {
+            continue;
+        };
+        let found = stack
+            .api(
+                "POST",
+                "auth/token/lookup-accessor",
+                Some(json!({ "accessor": accessor })),
+            )
+            .await;
+        // A token can expire or be revoked between the list and the lookup.
+        let Ok(found) = found else { continue };
+        let meta = &found["data"]["meta"];
+        if meta["service_account_namespace"].as_str() == Some(namespace)
+            && let Some(role) = meta["role"].as_str()
+        {
+            roles.push(role.to_string());
+        }
+    }
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// A store role of the `kubernetes` auth method for service account `app` in `namespace` only,
+/// with the test policy: a role no pod of another namespace can log in with.
+pub async fn namespace_role(stack: &Stack, role: &str, namespace: &str) -> Result<()> {
+    stack
+        .api(
+            "POST",
+            &format!("auth/kubernetes/role/{role}"),
+            Some(json!({
+                "bound_service_account_names": [crate::APP_SERVICE_ACCOUNT],
+                "bound_service_account_namespaces": [namespace],
+                "token_policies": ["app"],
+                "token_ttl": "10m",
+                "token_max_ttl": "1h",
+            })),
+        )
+        .await?;
+    Ok(())
+}

@@ -53,6 +53,7 @@ fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
                 "webhook.failurePolicy=Fail",
                 "agent.nativeSidecar=true",
                 "validatingPolicy.enabled=false",
+                "injector.namespaceDefaults=false",
             ],
         ),
         (
@@ -213,8 +214,43 @@ fn every_rendered_object_is_a_valid_kubernetes_object() {
         ] {
             assert!(kinds.contains(needed), "{label}: no {needed}");
         }
-        let rbac = kinds.contains("ClusterRole");
-        assert_eq!(rbac, label == "tls auto", "{label}: RBAC only for auto-TLS");
+        let namespaces_read = !label.starts_with("one replica");
+        assert_eq!(
+            kinds.contains("Role"),
+            label == "tls auto",
+            "{label}: a Role only for auto-TLS"
+        );
+        let cluster_roles: Vec<&str> = of_kind(&docs, "ClusterRole")
+            .iter()
+            .filter_map(|r| r["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(
+            cluster_roles.len(),
+            usize::from(label == "tls auto") + usize::from(namespaces_read),
+            "{label}: {cluster_roles:?}"
+        );
+        // Defaults per namespace: read-only access to namespaces, nothing more.
+        let namespace_rules: Vec<&Value> = of_kind(&docs, "ClusterRole")
+            .into_iter()
+            .flat_map(|r| r["rules"].as_array().into_iter().flatten())
+            .filter(|rule| rule["resources"] == serde_json::json!(["namespaces"]))
+            .collect();
+        if namespaces_read {
+            assert_eq!(namespace_rules.len(), 1, "{label}");
+            assert_eq!(
+                namespace_rules[0]["verbs"],
+                serde_json::json!(["get", "list", "watch"]),
+                "{label}"
+            );
+        } else {
+            assert!(namespace_rules.is_empty(), "{label}");
+        }
+        let injector = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+        assert_eq!(
+            injector["automountServiceAccountToken"],
+            namespaces_read || label == "tls auto",
+            "{label}: an API token only for a feature that calls the API"
+        );
         assert_eq!(
             kinds.contains("PodDisruptionBudget"),
             !label.starts_with("one replica"),

@@ -61,7 +61,13 @@ fn render(sets: &[String], flags: &[&str]) -> Rendered {
 
 /// `render`, talking to the cluster the kubeconfig names when one is given.
 fn render_in(sets: &[String], flags: &[&str], kubeconfig: Option<&std::path::Path>) -> Rendered {
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    // The injector these tests start would watch the namespaces through the API server they
+    // play, which serves none: defaults per namespace are off here (the cluster tests run
+    // them, tests/tests/cluster/namespace_defaults.rs).
+    let sets: Vec<&str> = ["injector.namespaceDefaults=false"]
+        .into_iter()
+        .chain(sets.iter().map(String::as_str))
+        .collect();
     let flags: Vec<&str> = ["--api-versions", VAP_API]
         .into_iter()
         .chain(flags.iter().copied())

@@ -1,7 +1,8 @@
 //! The chart on the real cluster, in the ways an operator changes it: each `tls.mode` after
 //! `helm upgrade`, a running injected pod kept through the upgrades, a rotated serving
-//! certificate picked up with no admission failing, and the ValidatingAdmissionPolicy rejecting an
-//! annotated pod (and only such a pod) while the injector is scaled to zero.
+//! certificate picked up with no admission failing, the ValidatingAdmissionPolicy rejecting an
+//! annotated pod (and only such a pod) while the injector is scaled to zero, and an injector
+//! started while it cannot list the namespaces (defaults per namespace).
 //!
 //! These change the one Sidekey install the cluster has, so they run one after another in a single
 //! test, in a binary of their own (cargo runs test binaries one at a time).
@@ -367,6 +368,68 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
     scale_injector(cluster, 2);
     rollout(cluster);
     wait_injecting(cluster, &ns.name, "injection after the injector came back");
+
+    // An injector that starts while it cannot list the namespaces (issue 29: "restarted while
+    // the API server is briefly away"). Stopping the shared API server would break every other
+    // test on the machine, so the injector is instead restarted without its read access to
+    // namespaces: its first list fails as it would against an absent API server, and its cache
+    // stays unsynced. As the README says, it then denies a pod that asks for injection, saying
+    // why, and admits every other pod unchanged; once the access is back, the watch it keeps
+    // retrying lists the namespaces and the same injector pods inject again, with no restart.
+    let binding = "clusterrolebinding/sidekey-namespaces";
+    let saved = cluster
+        .kubectl(&["get", binding, "-o", "json"])
+        .expect("the chart's binding");
+    cluster
+        .kubectl(&["delete", binding])
+        .expect("removing the binding");
+    cluster
+        .kubectl(&[
+            "-n",
+            SIDEKEY_NAMESPACE,
+            "rollout",
+            "restart",
+            "deployment/sidekey",
+        ])
+        .expect("restarting the injector");
+    rollout(cluster);
+    let refused = cluster
+        .wait_until("the unsynced injector's denial", TIMEOUT, || {
+            Ok(dry_run(cluster, &annotated_pod(&ns.name, "unsynced", true))
+                .err()
+                .filter(|e| e.contains("has not yet read the namespaces' defaults")))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(refused.contains("create it again shortly"), "{refused}");
+    let plain = dry_run(cluster, &annotated_pod(&ns.name, "plain", false));
+    assert!(plain.is_ok(), "an unannotated pod is admitted: {plain:?}");
+    let logs = cluster
+        .kubectl(&["-n", SIDEKEY_NAMESPACE, "logs", "deployment/sidekey"])
+        .unwrap_or_default();
+    assert!(logs.contains("namespace watch failed"), "{logs}");
+    let mut restarted = injector_pod_ips(cluster);
+    restarted.sort();
+    let mut saved: Value = serde_json::from_str(&saved).expect("the binding as JSON");
+    for field in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        saved["metadata"].as_object_mut().map(|m| m.remove(field));
+    }
+    cluster.apply(&[saved]).expect("restoring the binding");
+    wait_injecting(
+        cluster,
+        &ns.name,
+        "injection once the namespaces are listed",
+    );
+    let mut recovered = injector_pod_ips(cluster);
+    recovered.sort();
+    assert_eq!(
+        recovered, restarted,
+        "the same injector pods recovered, without a restart"
+    );
 
     // The pod admitted at the start is the same pod, still Ready, still with its file.
     let kept = cluster.get(&ns.name, "pod/keeper").unwrap();

@@ -16,6 +16,7 @@ mod actions;
 mod admission;
 mod fixture_pods;
 mod local_api;
+mod namespace_defaults;
 mod pods;
 mod pre_populate;
 mod simulation;
