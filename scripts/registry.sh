@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# A real OCI registry for the tests and the demo: Debian's docker-registry (the CNCF distribution
+# registry) on the cluster's host address, over TLS with a CA of its own, which the node's
+# containerd and this machine's skopeo/podman/helm trust. It also makes the sigstore key pair the
+# images are signed with, and the containers policy that requires that signature for the
+# registry's `sidekey/` repositories, on this machine and on the node.
+#
+#   ./scripts/registry.sh up     # start it (idempotent); prints export lines (REGISTRY, ...)
+#   ./scripts/registry.sh env    # the same export lines, without starting anything
+#   ./scripts/registry.sh down   # stop it (its data, keys and CA stay in /var/lib/sidekey-registry)
+#
+# The exports: REGISTRY (10.200.0.1:5000/sidekey, where the images and the chart go),
+# REGISTRY_CA (its CA, for helm's --ca-file), SIGNING_KEY, SIGNING_PASSPHRASE_FILE and
+# SIGNING_PUBKEY (the sigstore key pair, made with cosign), SIGNATURE_POLICY (a containers
+# policy.json requiring the signature).
+#
+# The node refuses an unsigned or altered image from the registry: containerd 2.x pulls CRI images
+# through its transfer service, which asks every executable in the image-verifier folder
+# (scripts/cluster.sh configures it) before it pulls; the one written here runs skopeo with the
+# policy against the digest containerd resolved, and its last line is the refusal's reason, which
+# the kubelet shows in the pod's events.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+state=${SIDEKEY_REGISTRY_DIR:-/var/lib/sidekey-registry}
+run=/run/sidekey-registry
+cluster_state=${SIDEKEY_CLUSTER_DIR:-/var/lib/sidekey-cluster}
+host_ip=10.200.0.1
+port=5000
+addr=$host_ip:$port
+COSIGN_VERSION=v2.6.5
+cosign_dir=$HOME/.cache/sidekey/cosign-$COSIGN_VERSION
+
+log() { printf '[registry] %s\n' "$*" >&2; }
+fail() { log "error: $*"; exit 1; }
+
+env_lines() {
+  echo "export REGISTRY=$addr/sidekey"
+  echo "export REGISTRY_CA=$state/pki/ca.crt"
+  echo "export SIGNING_KEY=$state/keys/sidekey.key"
+  echo "export SIGNING_PASSPHRASE_FILE=$state/keys/passphrase"
+  echo "export SIGNING_PUBKEY=$state/keys/sidekey.pub"
+  echo "export SIGNATURE_POLICY=$state/policy.json"
+  echo "export COSIGN=$cosign_dir/cosign"
+}
+
+pid_alive() { [ -f "$run/registry.pid" ] && kill -0 "$(cat "$run/registry.pid")" 2>/dev/null; }
+
+packages() {
+  local missing=()
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
+  command -v skopeo >/dev/null || missing+=(skopeo)
+  command -v openssl >/dev/null || missing+=(openssl)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+      fail "apt-get install ${missing[*]} failed"
+  fi
+}
+
+# cosign, only to make the key pair (skopeo 1.9 signs and verifies, but cannot make keys). Built
+# from its Go module once per machine, cached by version.
+cosign_bin() {
+  if [ ! -x "$cosign_dir/cosign" ]; then
+    log "building cosign $COSIGN_VERSION from its Go module (once per machine, a few minutes)"
+    mkdir -p "$cosign_dir"
+    (cd /tmp && GOBIN=$cosign_dir GOFLAGS=-trimpath go install "github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION") ||
+      fail "go install github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION failed"
+  fi
+}
+
+pki() {
+  mkdir -p "$state/pki"
+  if [ ! -f "$state/pki/ca.crt" ]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$state/pki/ca.key" 2>/dev/null
+    openssl req -x509 -new -key "$state/pki/ca.key" -days 3650 -subj "/CN=sidekey-test-registry-ca" \
+      -out "$state/pki/ca.crt" 2>/dev/null
+  fi
+  if [ ! -f "$state/pki/registry.crt" ]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$state/pki/registry.key" 2>/dev/null
+    openssl req -new -key "$state/pki/registry.key" -subj "/CN=$host_ip" -out "$state/pki/registry.csr" 2>/dev/null
+    printf 'keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:%s\n' "$host_ip" \
+      >"$state/pki/registry.ext"
+    openssl x509 -req -in "$state/pki/registry.csr" -CA "$state/pki/ca.crt" -CAkey "$state/pki/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$state/pki/registry.ext" -out "$state/pki/registry.crt" 2>/dev/null
+    rm -f "$state/pki/registry.csr" "$state/pki/registry.ext"
+  fi
+}
+
+keys() {
+  mkdir -p "$state/keys"
+  chmod 0700 "$state/keys"
+  [ -f "$state/keys/sidekey.key" ] && return 0
+  cosign_bin
+  head -c 24 /dev/urandom | base64 | tr -d '\n' >"$state/keys/passphrase"
+  chmod 0600 "$state/keys/passphrase"
+  (cd "$state/keys" && COSIGN_PASSWORD=$(cat passphrase) "$cosign_dir/cosign" generate-key-pair \
+    --output-key-prefix sidekey >/dev/null 2>&1) || fail "cosign generate-key-pair failed"
+}
+
+# The machine's trust (skopeo, podman, buildah read /etc/containers), the policy and where
+# signatures live (sigstore attachments: `sha256-<digest>.sig` tags next to the image, as cosign
+# keeps them).
+containers_config() {
+  mkdir -p "/etc/containers/certs.d/$addr" /etc/containers/registries.d
+  cp "$state/pki/ca.crt" "/etc/containers/certs.d/$addr/ca.crt"
+  cat >/etc/containers/registries.d/sidekey-test-registry.yaml <<EOF
+docker:
+  $addr:
+    use-sigstore-attachments: true
+EOF
+  cat >"$state/policy.json" <<EOF
+{
+  "default": [{ "type": "insecureAcceptAnything" }],
+  "transports": {
+    "docker": {
+      "$addr/sidekey": [{ "type": "sigstoreSigned", "keyPath": "$state/keys/sidekey.pub", "signedIdentity": { "type": "matchRepoDigestOrExact" } }]
+    }
+  }
+}
+EOF
+}
+
+# The node: containerd's hosts folder for the registry, and the verifier.
+node_config() {
+  local hosts="$cluster_state/containerd/certs.d/$addr" verifiers="$cluster_state/image-verifier/bin"
+  [ -d "$cluster_state/containerd/certs.d" ] || fail "$cluster_state/containerd/certs.d is missing: run ./scripts/cluster.sh up first"
+  mkdir -p "$hosts" "$verifiers"
+  cp "$state/pki/ca.crt" "$hosts/ca.crt"
+  cat >"$hosts/hosts.toml" <<EOF
+server = "https://$addr"
+
+[host."https://$addr"]
+  capabilities = ["pull", "resolve"]
+  ca = "$hosts/ca.crt"
+EOF
+  # Written to a temporary name and renamed: containerd may run the folder's files at any time.
+  cat >"$verifiers/.sidekey-signature-policy.tmp" <<EOF
+#!/bin/sh
+# containerd image verifier (scripts/registry.sh): a pull from $addr/sidekey/ goes ahead only when
+# the digest containerd resolved carries a signature that satisfies $state/policy.json.
+name= digest=
+while [ \$# -gt 0 ]; do
+  case \$1 in
+    -name) name=\$2; shift 2 ;;
+    -digest) digest=\$2; shift 2 ;;
+    *) shift ;;
+  esac
+done
+cat >/dev/null
+case \$name in
+  $addr/sidekey/*) ;;
+  *) echo "\$name is outside $addr/sidekey/, which the policy signs"; exit 0 ;;
+esac
+repo=\${name%@*}
+last=\${repo##*/}
+case \$last in *:*) repo=\${repo%:*} ;; esac
+tmp=\$(mktemp -d)
+if out=\$(/usr/bin/skopeo --policy $state/policy.json --registries.d /etc/containers/registries.d copy --quiet \\
+    --src-cert-dir /etc/containers/certs.d/$addr "docker://\$repo@\$digest" "dir:\$tmp" 2>&1); then
+  rm -rf "\$tmp"
+  echo "\$repo@\$digest is signed by the key of $state/policy.json"
+  exit 0
+fi
+rm -rf "\$tmp"
+echo "refused: \$repo@\$digest has no valid signature for the policy $state/policy.json: \$(printf '%s' "\$out" | tail -n 1)"
+exit 1
+EOF
+  chmod 0755 "$verifiers/.sidekey-signature-policy.tmp"
+  mv "$verifiers/.sidekey-signature-policy.tmp" "$verifiers/sidekey-signature-policy"
+}
+
+serve() {
+  mkdir -p "$state/data" "$run"
+  cat >"$state/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $state/data
+  delete:
+    enabled: true
+http:
+  addr: $addr
+  tls:
+    certificate: $state/pki/registry.crt
+    key: $state/pki/registry.key
+EOF
+  pid_alive && return 0
+  ip -o addr show | grep -q " $host_ip/" || fail "$host_ip is not an address of this machine: run ./scripts/cluster.sh up first"
+  setsid docker-registry serve "$state/config.yml" >>"$state/registry.log" 2>&1 </dev/null &
+  echo $! >"$run/registry.pid"
+  local deadline=$((SECONDS + 30))
+  until curl -fsS --cacert "$state/pki/ca.crt" "https://$addr/v2/" >/dev/null 2>&1; do
+    pid_alive || { tail -n 20 "$state/registry.log" >&2; fail "docker-registry exited"; }
+    [ $SECONDS -lt $deadline ] || fail "the registry did not answer at https://$addr/v2/ within 30 s"
+    sleep 0.2
+  done
+}
+
+up() {
+  [ "$(id -u)" = 0 ] || fail "run as root: the registry's trust goes into /etc/containers and the node's containerd"
+  packages
+  pki
+  keys
+  containers_config
+  node_config
+  serve
+  env_lines
+}
+
+down() {
+  if pid_alive; then kill "$(cat "$run/registry.pid")"; fi
+  rm -f "$run/registry.pid"
+}
+
+lock() {
+  mkdir -p "$state"
+  exec 9>"$state/.lock"
+  flock 9
+}
+
+case "${1:-}" in
+  up) lock; up ;;
+  down) lock; down ;;
+  env) env_lines ;;
+  *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
+esac
