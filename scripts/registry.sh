@@ -163,7 +163,9 @@ if out=\$(/usr/bin/skopeo --policy $state/policy.json --registries.d /etc/contai
   exit 0
 fi
 rm -rf "\$tmp"
-echo "refused: \$repo@\$digest has no valid signature for the policy $state/policy.json: \$(printf '%s' "\$out" | tail -n 1)"
+last=\$(printf '%s\n' "\$out" | tail -n 1)
+msg=\$(printf '%s\n' "\$last" | sed -n 's/.*msg="\(.*\)"\$/\1/p')
+echo "refused: \$repo@\$digest has no valid signature for the policy $state/policy.json: \${msg:-\$last}"
 exit 1
 EOF
   chmod 0755 "$verifiers/.sidekey-signature-policy.tmp"

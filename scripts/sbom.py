@@ -71,6 +71,8 @@ def cargo_tree(package: str, target: str) -> list[tuple[int, str, str, bool, str
         digits = len(line) - len(line.lstrip("0123456789"))
         depth = int(line[:digits])
         spec, _, features = line[digits:].partition("|")
+        # A package already shown ends in " (*)": cargo tree prints its dependencies once.
+        features = features.removesuffix(" (*)")
         words = spec.split()
         name, version = words[0], words[1].lstrip("v")
         rows.append((depth, name, version, "(proc-macro)" in spec, features.strip()))
@@ -87,7 +89,9 @@ def licenses(target: str) -> dict[tuple[str, str], str]:
         ["cargo", "metadata", "--locked", "--format-version", "1", "--filter-platform", target],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout)
-    return {(p["name"], p["version"]): p.get("license") or "NOASSERTION" for p in meta["packages"]}
+    # Old crates write "MIT/Apache-2.0", which SPDX spells "MIT OR Apache-2.0".
+    return {(p["name"], p["version"]): (p.get("license") or "NOASSERTION").replace("/", " OR ")
+            for p in meta["packages"]}
 
 
 def dpkg_version(package: str) -> str:
@@ -159,7 +163,7 @@ def generate(args) -> None:
                 if entry.get("checksum"):
                     pkg["checksums"] = [{"algorithm": "SHA256", "checksumValue": entry["checksum"]}]
                 if not source:
-                    pkg["comment"] = "A crate of this workspace."
+                    pkg["comment"] = "a crate of this workspace"
                 packages[pid] = pkg
             pkg = packages[pid]
             if features:
@@ -223,7 +227,7 @@ def generate(args) -> None:
         if pid.startswith("SPDXRef-cargo-"):
             note = "in the binary" if in_binary else "build time only (proc-macro)"
             feats = f"; features: {', '.join(features)}" if features else "; no features"
-            pkg["comment"] = (pkg.get("comment", "") + " " if pkg.get("comment") else "") + note + feats
+            pkg["comment"] = (pkg["comment"] + "; " if pkg.get("comment") else "") + note + feats
         out_packages.append(pkg)
     digest_seed = sha256(json.dumps([out_packages, files], sort_keys=True).encode())
     doc = {
