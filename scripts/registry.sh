@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # A real OCI registry for the tests and the demo: Debian's docker-registry (the CNCF distribution
 # registry) on the cluster's host address, over TLS with a CA of its own, which the node's
-# containerd and this machine's skopeo/podman/helm trust. It also makes the sigstore key pair the
-# images are signed with, and the containers policy that requires that signature for the
-# registry's `sidekey/` repositories, on this machine and on the node.
+# containerd and this machine's skopeo/helm trust. It also makes the sigstore key pair the images
+# are signed with (cosign, built from its Go module once per machine), and makes the node refuse
+# an image of the registry's `sidekey/` repositories that the key did not sign.
 #
 #   ./scripts/registry.sh up     # start it (idempotent); prints export lines (REGISTRY, ...)
 #   ./scripts/registry.sh env    # the same export lines, without starting anything
 #   ./scripts/registry.sh down   # stop it (its data, keys and CA stay in /var/lib/sidekey-registry)
 #
 # The exports: REGISTRY (10.200.0.1:5000/sidekey, where the images and the chart go),
-# REGISTRY_CA (its CA, for helm's --ca-file), SIGNING_KEY, SIGNING_PASSPHRASE_FILE and
-# SIGNING_PUBKEY (the sigstore key pair, made with cosign), SIGNATURE_POLICY (a containers
-# policy.json requiring the signature).
+# REGISTRY_CA (its CA, for helm's --ca-file and cosign's SSL_CERT_FILE), SIGNING_KEY,
+# SIGNING_PASSPHRASE_FILE and SIGNING_PUBKEY (the cosign key pair), COSIGN (the binary).
+#
+# Why cosign and not skopeo/podman for signatures: Debian 12 builds containers/image with
+# sigstore disabled; `skopeo copy --sign-by-sigstore-private-key` fails with "creating signature:
+# Debian-local change: sigstore disabled", and a `sigstoreSigned` policy rejects every image with
+# "Source image rejected: Debian-local change: sigstore disabled". cosign writes and reads the
+# same signatures (the `sha256-<digest>.sig` tag beside the image), offline.
 #
 # The node refuses an unsigned or altered image from the registry: containerd 2.x pulls CRI images
 # through its transfer service, which asks every executable in the image-verifier folder
-# (scripts/cluster.sh configures it) before it pulls; the one written here runs skopeo with the
-# policy against the digest containerd resolved, and its last line is the refusal's reason, which
-# the kubelet shows in the pod's events.
+# (scripts/cluster.sh configures it) before it pulls; the one written here runs `cosign verify`
+# with the public key against the digest containerd resolved, and its last line is the refusal's
+# reason, which the kubelet shows in the pod's events.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 state=${SIDEKEY_REGISTRY_DIR:-/var/lib/sidekey-registry}
@@ -39,7 +44,6 @@ env_lines() {
   echo "export SIGNING_KEY=$state/keys/sidekey.key"
   echo "export SIGNING_PASSPHRASE_FILE=$state/keys/passphrase"
   echo "export SIGNING_PUBKEY=$state/keys/sidekey.pub"
-  echo "export SIGNATURE_POLICY=$state/policy.json"
   echo "export COSIGN=$cosign_dir/cosign"
 }
 
@@ -98,27 +102,11 @@ keys() {
     --output-key-prefix sidekey >/dev/null 2>&1) || fail "cosign generate-key-pair failed"
 }
 
-# The machine's trust (skopeo, podman, buildah read /etc/containers), the policy and where
-# signatures live (sigstore attachments: `sha256-<digest>.sig` tags next to the image, as cosign
-# keeps them).
+# The machine's trust for skopeo, podman and buildah (/etc/containers/certs.d).
 containers_config() {
-  mkdir -p "/etc/containers/certs.d/$addr" /etc/containers/registries.d
+  mkdir -p "/etc/containers/certs.d/$addr"
   cp "$state/pki/ca.crt" "/etc/containers/certs.d/$addr/ca.crt"
-  cat >/etc/containers/registries.d/sidekey-test-registry.yaml <<EOF
-docker:
-  $addr:
-    use-sigstore-attachments: true
-EOF
-  cat >"$state/policy.json" <<EOF
-{
-  "default": [{ "type": "insecureAcceptAnything" }],
-  "transports": {
-    "docker": {
-      "$addr/sidekey": [{ "type": "sigstoreSigned", "keyPath": "$state/keys/sidekey.pub", "signedIdentity": { "type": "matchRepoDigestOrExact" } }]
-    }
-  }
-}
-EOF
+  rm -f /etc/containers/registries.d/sidekey-test-registry.yaml "$state/policy.json"
 }
 
 # The node: containerd's hosts folder for the registry, and the verifier.
@@ -135,10 +123,10 @@ server = "https://$addr"
   ca = "$hosts/ca.crt"
 EOF
   # Written to a temporary name and renamed: containerd may run the folder's files at any time.
-  cat >"$verifiers/.sidekey-signature-policy.tmp" <<EOF
+  cat >"$verifiers/.sidekey-signature.tmp" <<EOF
 #!/bin/sh
 # containerd image verifier (scripts/registry.sh): a pull from $addr/sidekey/ goes ahead only when
-# the digest containerd resolved carries a signature that satisfies $state/policy.json.
+# the digest containerd resolved carries a signature by $state/keys/sidekey.pub (cosign, offline).
 name= digest=
 while [ \$# -gt 0 ]; do
   case \$1 in
@@ -150,26 +138,23 @@ done
 cat >/dev/null
 case \$name in
   $addr/sidekey/*) ;;
-  *) echo "\$name is outside $addr/sidekey/, which the policy signs"; exit 0 ;;
+  *) echo "\$name is outside $addr/sidekey/, which must be signed"; exit 0 ;;
 esac
 repo=\${name%@*}
 last=\${repo##*/}
 case \$last in *:*) repo=\${repo%:*} ;; esac
-tmp=\$(mktemp -d)
-if out=\$(/usr/bin/skopeo --policy $state/policy.json --registries.d /etc/containers/registries.d copy --quiet \\
-    --src-cert-dir /etc/containers/certs.d/$addr "docker://\$repo@\$digest" "dir:\$tmp" 2>&1); then
-  rm -rf "\$tmp"
-  echo "\$repo@\$digest is signed by the key of $state/policy.json"
+if out=\$(SSL_CERT_FILE=$state/pki/ca.crt $cosign_dir/cosign verify --key $state/keys/sidekey.pub \\
+    --insecure-ignore-tlog=true --offline=true "\$repo@\$digest" 2>&1); then
+  echo "\$repo@\$digest is signed by $state/keys/sidekey.pub"
   exit 0
 fi
-rm -rf "\$tmp"
-last=\$(printf '%s\n' "\$out" | tail -n 1)
-msg=\$(printf '%s\n' "\$last" | sed -n 's/.*msg="\(.*\)"\$/\1/p')
-echo "refused: \$repo@\$digest has no valid signature for the policy $state/policy.json: \${msg:-\$last}"
+reason=\$(printf '%s\n' "\$out" | grep '^Error' | tail -n 1)
+echo "refused: \$repo@\$digest has no valid signature by $state/keys/sidekey.pub: \${reason:-\$(printf '%s\n' "\$out" | tail -n 1)}"
 exit 1
 EOF
-  chmod 0755 "$verifiers/.sidekey-signature-policy.tmp"
-  mv "$verifiers/.sidekey-signature-policy.tmp" "$verifiers/sidekey-signature-policy"
+  chmod 0755 "$verifiers/.sidekey-signature.tmp"
+  mv "$verifiers/.sidekey-signature.tmp" "$verifiers/sidekey-signature"
+  rm -f "$verifiers/sidekey-signature-policy"
 }
 
 serve() {
