@@ -394,6 +394,30 @@ fn sidekey_from_a_registry_signed_with_sboms_and_the_node_refuses_unsigned_image
         );
     }
 
+    // The SBOM is a function of the build: made again from the same binary, the same bytes.
+    let again = tempfile::NamedTempFile::new().unwrap();
+    run(Command::new(workspace_root().join("scripts/sbom.py"))
+        .current_dir(workspace_root())
+        .args(["generate", "--name", "sidekey-agent", "--version", VERSION])
+        .args([
+            "--package",
+            "sidekey-agent",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .args([
+            "--bin",
+            "target/x86_64-unknown-linux-gnu/agent-release/sidekey-agent",
+        ])
+        .args(["--ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "--out"])
+        .arg(again.path()));
+    assert!(
+        std::fs::read(again.path()).unwrap()
+            == std::fs::read(workspace_root().join("target/images/sidekey-agent.spdx.json"))
+                .unwrap(),
+        "sbom.py generate is deterministic"
+    );
+
     // The node refuses what the key did not sign: an unsigned image in the signed repositories,
     // and the agent's manifest altered (one annotation) carrying the original's signature.
     let busybox = Path::new("/var/lib/sidekey-cluster/busybox.tar");
