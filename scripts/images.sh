@@ -90,3 +90,17 @@ for name in sidekey-agent sidekey-injector; do
   size=$(stat -c %s "$out/$name.tar")
   printf '%s %s %s\n' "$registry/$name:$version" "$digest" "$size" | tee -a "$out/digests.txt"
 done
+
+# The SBOMs, beside the archives (target/images/<name>.spdx.json, SPDX 2.3): the dependency set
+# each binary was built from above (its package, target and default features, with Cargo.lock's
+# checksums), the binary's and the CA bundle's SHA-256, glibc and the toolchain (scripts/sbom.py).
+# scripts/publish.sh attaches them to the pushed images; they are not in the images, whose digests
+# they leave alone.
+sbom() {
+  local name=$1 profile=$2
+  python3 "$root/scripts/sbom.py" generate --name "$name" --version "$version" \
+    --package "$name" --bin "target/$triple/$profile/$name" \
+    --target "$triple" --ca-bundle "$ca_bundle" --out "$out/$name.spdx.json"
+}
+sbom sidekey-agent agent-release
+sbom sidekey-injector release

@@ -6,6 +6,8 @@
 #   - PostgreSQL server binaries (Debian package postgresql) when initdb is missing
 #   - buildah, podman and runc (Debian packages) when missing: images are built and run with them
 #   - dnsmasq (Debian package dnsmasq-base) when missing: the pod tests' cluster DNS
+#   - skopeo and docker-registry (Debian packages) when missing: images are pushed, signed and
+#     installed from a real registry (scripts/registry.sh, tests/tests/cluster_registry.rs)
 # Prints nothing on success when everything is already installed.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -87,4 +89,14 @@ if ! command -v openssl >/dev/null 2>&1; then
   say "installing openssl (Debian package)"
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq && $sudo apt-get install -y -qq openssl >/dev/null
+fi
+
+# A real registry and the tool that pushes and signs images into it (scripts/registry.sh).
+missing=()
+command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]} (Debian packages)"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

@@ -16,8 +16,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked "$@"
 # The end-to-end tests on the real cluster (tests/Cargo.toml keeps them out of the line above):
 # linted here, since --all-targets leaves out test targets marked `test = false`, then run with
-# many threads, one binary after another (cluster_install changes the one Sidekey install).
-cluster_tests=(--test cluster --test cluster_env --test cluster_install)
+# many threads, one binary after another (cluster_install changes the one Sidekey install;
+# cluster_registry reinstalls it from a real registry, scripts/registry.sh, whose first run on a
+# machine builds cosign from its Go module, cached in ~/.cache/sidekey).
+cluster_tests=(--test cluster --test cluster_env --test cluster_install --test cluster_registry)
 cargo clippy -p sidekey-tests --locked "${cluster_tests[@]}" -- -D warnings
 cargo test -p sidekey-tests --locked "${cluster_tests[@]}" -- --test-threads "${SIDEKEY_CLUSTER_TEST_THREADS:-16}"
 # Coverage-guided fuzzing of what a pod author controls, bounded (seconds per target); a crash
