@@ -89,7 +89,7 @@ impl Default for Metrics {
         // Every outcome is exported from the start, at zero, so that an alert on increase() sees
         // the first denial or panic, not just the second.
         for outcome in OUTCOMES {
-            reviews.get_or_create(&OutcomeLabel {
+            let _ = reviews.get_or_create(&OutcomeLabel {
                 outcome: outcome.into(),
             });
         }
