@@ -262,6 +262,34 @@ pub fn rule_expressions(rule: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Every PromQL query of a chart render: its PrometheusRule's expressions and its dashboard's
+/// queries (whichever of the two the render holds).
+pub fn chart_queries(docs: &[Value]) -> Vec<String> {
+    let mut out = Vec::new();
+    for doc in docs {
+        match doc["kind"].as_str() {
+            Some("PrometheusRule") => out.extend(rule_expressions(doc)),
+            Some("ConfigMap") => {
+                for text in doc["data"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, v)| v)
+                {
+                    if let Some(dashboard) = text
+                        .as_str()
+                        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+                    {
+                        out.extend(dashboard_queries(&dashboard));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Every PromQL query of a Grafana dashboard: panel targets and query variables.
 pub fn dashboard_queries(dashboard: &Value) -> Vec<String> {
     let mut out = Vec::new();

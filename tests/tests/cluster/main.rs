@@ -13,6 +13,7 @@
 //! its own with a database role of its own, so each inventories only what its pods created.
 
 mod admission;
+mod chart_variants;
 mod fixture_pods;
 mod local_api;
 mod pods;
