@@ -5,7 +5,8 @@
 //! certificates verify for the service name; images follow the chart's appVersion; values that
 //! break the schema are rejected and every value has a schema. The operations objects
 //! (ServiceMonitor, PrometheusRule, dashboard, NetworkPolicy): the prometheus-operator CRD schemas,
-//! promtool, and every metric they query held against a running injector (the API server's in
+//! promtool (the alerts parsed and unit-tested on series shaped as their exporters serve them),
+//! and every metric they query held against a running injector (the API server's in
 //! cluster/chart_variants.rs). (The webhook called over TLS per tls.mode: chart_tls.rs.)
 
 use std::collections::BTreeSet;
@@ -963,4 +964,101 @@ fn artifact_hub_metadata_names_the_images_of_the_app_version() {
         Some("MPL-2.0"),
         "the workspace's license"
     );
+}
+
+/// promtool's rule unit tests over the rendered alerts (annotations left out: their templates are
+/// parsed by `promtool check rules` above), fed series named and labelled as the injector, the
+/// API server and kube-state-metrics export them, as a Prometheus Operator scrape labels them.
+#[test]
+fn the_alerts_fire_on_the_series_their_exporters_serve() {
+    let tools = monitoring::tools().unwrap();
+    let docs = chart::render(
+        "sk",
+        "sidekey",
+        &OPERATIONS,
+        &["--api-versions", VAP_API],
+        None,
+    );
+    let mut spec = one_of_kind(&docs, "PrometheusRule")["spec"].clone();
+    for group in spec["groups"].as_array_mut().unwrap() {
+        for rule in group["rules"].as_array_mut().unwrap() {
+            rule.as_object_mut().unwrap().remove("annotations");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    rule_file(dir.path(), "rules.json", &spec);
+    let injector =
+        r#"job="sk-sidekey", namespace="sidekey", pod="sk-sidekey-1", service="sk-sidekey""#;
+    let series = |name: &str, labels: &str, values: &str| serde_json::json!({"series": format!("{name}{{{labels}}}"), "values": values});
+    let input = vec![
+        series("up", injector, "0x20"),
+        series("sidekey_injector_review_panics_total", injector, "0x5 1x15"),
+        series(
+            "sidekey_injector_denials_total",
+            &format!(r#"{injector}, exported_namespace="shop""#),
+            "0x5 3x15",
+        ),
+        series(
+            "sidekey_injector_reviews_total",
+            &format!(r#"{injector}, outcome="malformed""#),
+            "0x5 1x15",
+        ),
+        series(
+            "apiserver_validating_admission_policy_check_total",
+            r#"policy="sk-sidekey-require-injection", policy_binding="sk-sidekey-require-injection", error_type="no_error", enforcement_action="deny""#,
+            "0x5 1x15",
+        ),
+        series(
+            "apiserver_admission_webhook_request_total",
+            r#"name="sidekey.vault.hashicorp.com", operation="CREATE", type="admit", rejected="false", code="500""#,
+            "0x5 2x15",
+        ),
+        series(
+            "kube_pod_init_container_status_restarts_total",
+            r#"namespace="shop", pod="web-1", container="sidekey-agent-init""#,
+            "0x5 1x15",
+        ),
+        series(
+            "kube_pod_container_status_restarts_total",
+            r#"namespace="shop", pod="web-2", container="sidekey-agent""#,
+            "0x5 1x15",
+        ),
+        series(
+            "kube_pod_container_status_terminated_reason",
+            r#"namespace="shop", pod="web-3", container="sidekey-agent", reason="Error""#,
+            "1x20",
+        ),
+    ];
+    let fires = |alert: &str, labels: Value| serde_json::json!({"eval_time": "12m", "alertname": alert, "exp_alerts": [{"exp_labels": labels}]});
+    let pod =
+        |pod: &str| serde_json::json!({"severity": "warning", "namespace": "shop", "pod": pod});
+    let tests = serde_json::json!({
+        "rule_files": ["rules.json"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": input,
+            "alert_rule_test": [
+                fires("SidekeyInjectorDown", serde_json::json!({"severity": "critical"})),
+                fires("SidekeyInjectorReviewPanicked", serde_json::json!({"severity": "critical"})),
+                fires("SidekeyInjectorDenyingPods", serde_json::json!({"severity": "warning", "exported_namespace": "shop"})),
+                fires("SidekeyInjectorMalformedReviews", serde_json::json!({"severity": "warning"})),
+                fires("SidekeyPodsRejectedUninjected", serde_json::json!({"severity": "critical"})),
+                fires("SidekeyWebhookCallsFailing", serde_json::json!({"severity": "critical"})),
+                fires("SidekeyAgentInitFailing", pod("web-1")),
+                fires("SidekeyAgentSidecarRestarting", pod("web-2")),
+                fires("SidekeyAgentRevocationFailed", pod("web-3")),
+                // Nothing slow was fed: the latency alerts stay silent.
+                {"eval_time": "12m", "alertname": "SidekeyInjectorSlowReviews", "exp_alerts": []},
+                {"eval_time": "12m", "alertname": "SidekeyWebhookSlow", "exp_alerts": []},
+            ],
+        }],
+    });
+    let file = rule_file(dir.path(), "tests.json", &tests);
+    let out = monitoring::promtool(
+        &tools,
+        &["test".as_ref(), "rules".as_ref(), file.as_os_str()],
+    )
+    .unwrap();
+    assert!(out.contains("SUCCESS"), "{out}");
 }
