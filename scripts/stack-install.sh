@@ -100,3 +100,36 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# The chart's monitoring objects are checked against what the tools of that world really accept:
+#   - promtool (from Debian's prometheus package, unpacked; no service) parses the PrometheusRule's
+#     and the dashboard's PromQL and runs the alerts' unit tests;
+#   - the prometheus-operator CRDs (ServiceMonitor, PrometheusRule) from its Go module, for the
+#     strict schema check and for the real cluster's dry-run;
+#   - kube-state-metrics' pod metrics source, from its Go module: the agent alerts' metric names.
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
+KUBE_STATE_METRICS_VERSION=v2.20.0
+if [ ! -x "$bin/promtool" ]; then
+  say "installing promtool (Debian package prometheus, unpacked)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; })
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+  install -m 0755 "$tmp/x/usr/bin/promtool" "$bin/promtool"
+  rm -rf "$tmp"
+fi
+monitoring="$stack/monitoring"
+if [ ! -f "$monitoring/$PROMETHEUS_OPERATOR_VERSION/monitoring.coreos.com_prometheusrules.yaml" ] ||
+   [ ! -f "$monitoring/kube-state-metrics-$KUBE_STATE_METRICS_VERSION/pod.go" ]; then
+  say "fetching the prometheus-operator CRDs and kube-state-metrics' pod metrics (Go modules)"
+  command -v go >/dev/null || { say "go is not installed (needed for the monitoring CRDs)"; exit 1; }
+  dir=$(GOFLAGS=-mod=mod go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$monitoring/$PROMETHEUS_OPERATOR_VERSION"
+  for crd in servicemonitors prometheusrules; do
+    install -m 0644 "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$crd.yaml" "$monitoring/$PROMETHEUS_OPERATOR_VERSION/"
+  done
+  dir=$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kube-state-metrics/v2@$KUBE_STATE_METRICS_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$monitoring/kube-state-metrics-$KUBE_STATE_METRICS_VERSION"
+  install -m 0644 "$dir/internal/store/pod.go" "$monitoring/kube-state-metrics-$KUBE_STATE_METRICS_VERSION/pod.go"
+fi

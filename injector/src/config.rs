@@ -17,6 +17,10 @@ pub struct Flags {
     /// Address to serve HTTPS on.
     #[arg(long, env = "SIDEKEY_INJECTOR_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Address to serve GET /metrics on over plain HTTP, besides the HTTPS port (so a
+    /// NetworkPolicy can open metrics to the monitoring namespace alone).
+    #[arg(long, env = "SIDEKEY_INJECTOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// PEM certificate chain to serve (reloaded when it changes on disk).
     #[arg(
         long,

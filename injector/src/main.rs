@@ -128,6 +128,17 @@ async fn run(flags: Flags) -> Result<()> {
     });
     let listener =
         server::bind(flags.listen).with_context(|| format!("listening on {}", flags.listen))?;
+    if let Some(addr) = flags.metrics_listen {
+        let metrics_listener =
+            server::bind(addr).with_context(|| format!("listening on {addr} for metrics"))?;
+        tracing::info!(listen = %metrics_listener.local_addr()?, "serving metrics over HTTP");
+        tokio::spawn(server::serve_plain(
+            metrics_listener,
+            server::metrics_router(state.clone()),
+            flags.limits(),
+            shutdown_signal(),
+        ));
+    }
     tracing::info!(listen = %listener.local_addr()?, "sidekey-injector serving HTTPS");
     server::serve_with(
         listener,

@@ -1,5 +1,8 @@
 //! Prometheus metrics of the webhook: reviews by outcome, review latency, injections and
-//! denials by namespace, panicked reviews and certificate reloads. Served as text on GET /metrics.
+//! denials by namespace, panicked reviews, certificate reloads and the build. Served as text on
+//! GET /metrics (the HTTPS port, and the plain-HTTP metrics port when one is set). The chart's
+//! PrometheusRule and Grafana dashboard query these names; tests/tests/chart.rs checks each one
+//! against a running injector.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +19,9 @@ pub struct OutcomeLabel {
 pub struct NamespaceLabel {
     pub namespace: String,
 }
+
+/// The values of the `outcome` label of `sidekey_injector_reviews_total`.
+pub const OUTCOMES: [&str; 5] = ["injected", "skipped", "denied", "malformed", "panicked"];
 
 pub struct Metrics {
     registry: Registry,
@@ -35,9 +41,10 @@ impl Default for Metrics {
         let reviews = Family::<OutcomeLabel, Counter>::default();
         let injections = Family::<NamespaceLabel, Counter>::default();
         let denials = Family::<NamespaceLabel, Counter>::default();
-        // 50 µs to ~1.6 s.
+        // 50 µs to ~52 s: past the longest webhook timeout the API server allows (30 s), so an
+        // alert can compare a quantile with the webhook's timeoutSeconds.
         let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            0.00005, 2.0, 16,
+            0.00005, 2.0, 21,
         ));
         registry.register(
             "reviews",
@@ -71,6 +78,21 @@ impl Default for Metrics {
             "Times the serving certificate was reloaded after its files changed",
             certificate_reloads.clone(),
         );
+        registry.register(
+            "build",
+            "The running injector's version",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
+        // Every outcome is exported from the start, at zero, so that an alert on increase() sees
+        // the first denial or panic, not just the second.
+        for outcome in OUTCOMES {
+            let _ = reviews.get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            });
+        }
         Metrics {
             registry,
             panics,

@@ -1,4 +1,5 @@
-//! HTTPS transport: POST /mutate, GET /health/ready, GET /metrics. Thin on purpose: a review is
+//! HTTPS transport: POST /mutate, GET /health/ready, GET /metrics (also on an optional plain-HTTP
+//! metrics port). Thin on purpose: a review is
 //! decided by `review::review`; this module turns bytes into that call and its answer into HTTP,
 //! and bounds everything a client controls (handshake and header time, body size, request time,
 //! connections). A panic while deciding is answered as a denial, never a dropped connection.
@@ -61,6 +62,14 @@ pub fn router_with(state: Arc<AppState>, decide: Decide) -> Router {
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// The metrics port's router: GET /metrics and nothing else (no reviews over plain HTTP).
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(0))
         .with_state(state)
 }
 
@@ -174,6 +183,55 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    accept_each(listener, limits, shutdown, move |tcp, peer| {
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        async move {
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            serve_connection(tls, app, limits).await;
+        }
+    })
+    .await
+}
+
+/// Accepts plain-HTTP connections on `listener` until `shutdown` resolves, within `limits`: the
+/// metrics port, which a NetworkPolicy can open to the monitoring namespace alone while the
+/// webhook's port stays open to the API server.
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    accept_each(listener, limits, shutdown, move |tcp, _peer| {
+        serve_connection(tcp, app.clone(), limits)
+    })
+    .await
+}
+
+/// The accept loop both listeners share: a connection is taken only once one of
+/// `limits.max_connections` slots is free, and served by `serve` on a task of its own; at
+/// shutdown, connections in flight get a few seconds to finish.
+async fn accept_each<S, F>(
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+    serve: S,
+) where
+    S: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -200,23 +258,10 @@ pub async fn serve_with(
         };
         while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
+        let served = serve(tcp, peer);
         connections.spawn(async move {
             let _slot = slot;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            serve_connection(tls, app, limits).await;
+            served.await;
         });
     }
     // Let requests in flight finish, briefly.

@@ -15,6 +15,8 @@ const INJECTOR: &str = env!("CARGO_BIN_EXE_sidekey-injector");
 struct Server {
     child: Child,
     port: u16,
+    /// The plain-HTTP metrics port (--metrics-listen).
+    metrics_port: u16,
     _dir: tempfile::TempDir,
     certs: std::path::PathBuf,
 }
@@ -58,8 +60,10 @@ async fn start(first: &Generated) -> Server {
     std::fs::create_dir_all(&certs).unwrap();
     publish(&certs, "v1", first);
     let port = free_port();
+    let metrics_port = free_port();
     let child = Command::new(INJECTOR)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .arg("--tls-cert-file")
         .arg(certs.join("tls.crt"))
         .arg("--tls-key-file")
@@ -77,6 +81,7 @@ async fn start(first: &Generated) -> Server {
     let server = Server {
         child,
         port,
+        metrics_port,
         _dir: dir,
         certs,
     };
@@ -205,9 +210,33 @@ async fn reviews_health_metrics_and_limits_over_https() {
         "sidekey_injector_injections_total{namespace=\"demo\"} 1",
         "sidekey_injector_denials_total{namespace=\"demo\"} 1",
         "sidekey_injector_review_duration_seconds_count 4",
+        "sidekey_injector_reviews_total{outcome=\"panicked\"} 0",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
+
+    // The plain-HTTP metrics port serves the same counters, and nothing else.
+    let plain = reqwest::Client::new();
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", server.metrics_port);
+    let text = plain
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("sidekey_injector_reviews_total{outcome=\"injected\"} 1"),
+        "{text}"
+    );
+    let review = plain
+        .post(format!("http://127.0.0.1:{}/mutate", server.metrics_port))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(review.status(), 404);
 }
 
 #[tokio::test]

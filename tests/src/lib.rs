@@ -13,6 +13,7 @@ pub mod connect;
 pub mod dns;
 pub mod injector;
 mod jwt;
+pub mod monitoring;
 pub mod pki;
 pub mod pod;
 pub mod podman;

@@ -536,6 +536,9 @@ impl InjectorPod {
                     "the injector listens on the Service's target port"
                 );
                 format!("127.0.0.1:{port}")
+            } else if name == "SIDEKEY_INJECTOR_METRICS_LISTEN" {
+                // Each replica is a pod with an address of its own; here they share the host's.
+                format!("127.0.0.1:{}", free_port())
             } else {
                 value
             };

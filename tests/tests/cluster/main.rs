@@ -14,6 +14,7 @@
 
 mod actions;
 mod admission;
+mod chart_variants;
 mod fixture_pods;
 mod local_api;
 mod namespace_defaults;
