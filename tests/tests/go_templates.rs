@@ -780,7 +780,7 @@ const DIVERGENCES: &[(&str, &str)] = &[
     ),
     (
         "map has no entry for key \"nope\"",
-        "key \"nope\" is missing and error-on-missing-key is set",
+        "key \"nope\" (at <.Data.data.nope>) is missing and error-on-missing-key is set",
     ),
 ];
 
@@ -792,7 +792,8 @@ const DIVERGENCES: &[(&str, &str)] = &[
 fn cause(message: &str) -> String {
     let mut s = message.replace("\\\"", "\"");
     while let Some(at) = s.find("/tmp/.tmp") {
-        let end = s[at + 1..].find('/').map_or(s.len(), |e| at + 1 + e);
+        let from = at + "/tmp/.tmp".len();
+        let end = s[from..].find('/').map_or(s.len(), |e| from + e);
         s.replace_range(at..end, "<dir>");
     }
     let mut s = s.as_str();
