@@ -269,6 +269,21 @@ impl Cluster {
     /// (what a store outside the cluster is given), and the test role `app` for service account
     /// `app` in any namespace.
     pub async fn configure_store(&self, stack: &Stack) -> Result<()> {
+        self.configure_kubernetes_auth(stack, "").await
+    }
+
+    /// The same in the store's namespace `namespace` ("" for the root; `us-west-org/team-a` for a
+    /// nested one): `{namespace}/auth/kubernetes` mounted afresh and configured with this API
+    /// server's address and CA and a reviewer token of its own (the store never returns the
+    /// reviewer token of a mount, so another mount's config cannot be copied), and its role `app`.
+    pub async fn configure_kubernetes_auth(&self, stack: &Stack, namespace: &str) -> Result<()> {
+        let at = |path: &str| {
+            if namespace.is_empty() {
+                path.to_string()
+            } else {
+                format!("{namespace}/{path}")
+            }
+        };
         self.kubectl_with_input(REVIEWER, &["apply", "-f", "-"])?;
         let reviewer = self.kubectl(&[
             "-n",
@@ -279,18 +294,20 @@ impl Cluster {
             "--duration=24h",
         ])?;
         let ca = std::fs::read_to_string(self.ca_file())?;
-        stack.api("DELETE", "sys/auth/kubernetes", None).await?;
+        stack
+            .api("DELETE", &at("sys/auth/kubernetes"), None)
+            .await?;
         stack
             .api(
                 "POST",
-                "sys/auth/kubernetes",
+                &at("sys/auth/kubernetes"),
                 Some(json!({ "type": "kubernetes" })),
             )
             .await?;
         stack
             .api(
                 "POST",
-                "auth/kubernetes/config",
+                &at("auth/kubernetes/config"),
                 Some(json!({
                     "kubernetes_host": format!("https://{NODE_IP}:6443"),
                     "kubernetes_ca_cert": ca,
@@ -302,7 +319,7 @@ impl Cluster {
         stack
             .api(
                 "POST",
-                &format!("auth/kubernetes/role/{}", crate::APP_ROLE),
+                &at(&format!("auth/kubernetes/role/{}", crate::APP_ROLE)),
                 Some(json!({
                     "bound_service_account_names": [crate::APP_SERVICE_ACCOUNT],
                     "bound_service_account_namespaces": ["*"],

@@ -1,11 +1,11 @@
-//! An HTTP CONNECT proxy on loopback, as a corporate egress proxy is met by an agent with
+//! An HTTP CONNECT proxy, as a corporate egress proxy is met by an agent with
 //! `HTTPS_PROXY` set: it answers `CONNECT host:port` by opening a tunnel to that target (through
 //! its own name table first, so it can reach names the client itself cannot resolve), and counts
 //! every tunnel it opened and the target it was asked for. Anything other than CONNECT is
 //! refused with 405 and counted apart.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -30,10 +30,11 @@ pub struct ConnectProxy {
 }
 
 impl ConnectProxy {
-    /// Listens on a free loopback port. `hosts` maps names to the address the proxy connects
-    /// to in their place (as its own resolver would); other targets are connected to as named.
-    pub async fn start(hosts: BTreeMap<String, String>) -> Result<ConnectProxy> {
-        let listener = TcpListener::bind(("127.0.0.1", crate::free_port())).await?;
+    /// Listens on a free port of `ip` (the cluster's [`crate::cluster::HOST_IP`], where pods
+    /// reach this machine). `hosts` maps names to the address the proxy connects to in their
+    /// place (as its own resolver would); other targets are connected to as named.
+    pub async fn start_at(ip: IpAddr, hosts: BTreeMap<String, String>) -> Result<ConnectProxy> {
+        let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let hosts = Arc::new(hosts);
@@ -51,7 +52,7 @@ impl ConnectProxy {
         Ok(ConnectProxy { addr, seen, task })
     }
 
-    /// `http://127.0.0.1:PORT`, the value for `HTTPS_PROXY` (`proxy-address`).
+    /// `http://IP:PORT`, the value for `HTTPS_PROXY` (`proxy-address`).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -177,7 +178,8 @@ mod tests {
             }
         });
         let hosts = BTreeMap::from([("store.test".to_string(), "127.0.0.1".to_string())]);
-        let proxy = ConnectProxy::start(hosts).await.unwrap();
+        let loopback = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let proxy = ConnectProxy::start_at(loopback, hosts).await.unwrap();
         let target = format!("store.test:{port}");
         let (mut s, answer) = exchange(&proxy, &format!("CONNECT {target} HTTP/1.1\r\n\r\n")).await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");

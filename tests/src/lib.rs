@@ -163,27 +163,10 @@ impl Stack {
         })
     }
 
-    /// A pod from tests/fixtures/, with `PG_PORT` replaced by this stack's PostgreSQL port.
-    pub fn fixture(&self, name: &str) -> Value {
-        let path = workspace_root().join("tests/fixtures").join(name);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        serde_json::from_str(&text.replace("PG_PORT", &self.pg_port.to_string()))
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-
     /// A signed service-account token for the app role's namespace and service account.
     pub fn sa_token(&self) -> String {
         self.signer
             .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, "app-pod", 3600)
-    }
-
-    /// The service-account token the kubelet projects into `pod` (a pod of the app role's
-    /// namespace and service account).
-    pub fn pod_sa_token(&self, pod: &Value) -> String {
-        let name = pod["metadata"]["name"].as_str().unwrap_or("pod");
-        self.signer
-            .service_account_token(APP_NAMESPACE, APP_SERVICE_ACCOUNT, name, 3600)
     }
 
     /// Calls the OpenBao HTTP API with the root token; returns the decoded body (Null when empty).

@@ -37,23 +37,6 @@ impl Pki {
     pub fn ca_pem(&self) -> Result<String> {
         std::fs::read_to_string(&self.ca).with_context(|| format!("reading {}", self.ca.display()))
     }
-
-    /// The files of a TLS Secret as users create one for the agent (`tls-secret`): the store's
-    /// CA as `ca.crt` and the client certificate as `tls.crt` / `tls.key`.
-    pub fn client_secret_files(&self) -> Result<crate::pod::SecretFiles> {
-        [
-            ("ca.crt", &self.ca),
-            ("tls.crt", &self.client_cert),
-            ("tls.key", &self.client_key),
-        ]
-        .into_iter()
-        .map(|(name, path)| {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            Ok((name.to_string(), bytes))
-        })
-        .collect()
-    }
 }
 
 /// The tests' PKI, created on first use.

@@ -1,5 +1,4 @@
-//! `kubernetes-validate --strict`: the Kubernetes API's own schemas, for the chart's renders and
-//! for mutated pods (what the API server would accept after the webhook's patch).
+//! `kubernetes-validate --strict`: the Kubernetes API's own schemas, for the chart's renders.
 
 use std::process::Command;
 
@@ -61,10 +60,4 @@ pub fn kubernetes_validate(renders: &[(String, Vec<Value>)], version: &str) -> R
         bail!("kubernetes-validate {version} passed {passed} of {expected} objects:\n{report}");
     }
     Ok(())
-}
-
-/// A mutated pod as the API server would take it: strict schema validation (1.33, the version
-/// the workspace's k8s-openapi types are built for).
-pub fn pod(pod: &Value) -> Result<()> {
-    kubernetes_validate(&[("mutated pod".into(), vec![pod.clone()])], "1.33.0")
 }

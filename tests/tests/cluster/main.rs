@@ -21,6 +21,7 @@ mod namespace_defaults;
 mod pods;
 mod pre_populate;
 mod simulation;
+mod vault_k8s_compat;
 
 use std::future::Future;
 use std::sync::OnceLock;
