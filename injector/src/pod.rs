@@ -135,6 +135,8 @@ pub struct EnvView {
 pub struct SecurityContextView {
     #[serde(default)]
     pub run_as_user: Option<i64>,
+    #[serde(default)]
+    pub run_as_group: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -358,3 +358,32 @@ fn doubtful_actions_are_warned_about() {
     );
     assert!(warnings.is_empty(), "{warnings:?}");
 }
+
+/// The agent finds a restarted container's main process by its environment, which the kernel
+/// shows only to the same user and group: a restart of a container of another group is warned
+/// about, naming the annotation that fixes it, and not once the groups agree.
+#[test]
+fn a_restart_of_a_container_of_another_group_is_warned_about() {
+    let spec = json!({
+        "shareProcessNamespace": true,
+        "containers": [
+            { "name": "app", "image": "x", "securityContext": { "runAsUser": 4321, "runAsGroup": 4321 } }
+        ]
+    });
+    let same_user = [
+        ("agent-inject-action-db", "restart:app"),
+        ("agent-run-as-same-user", "true"),
+    ];
+    let (_, warnings) = injected(&same_user, spec.clone());
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{P}/agent-inject-action-db: container \"app\" runs as group 4321"
+        )) && warnings[0].contains("agent-run-as-group: \"4321\""),
+        "{warnings:?}"
+    );
+    let mut same_group = same_user.to_vec();
+    same_group.push(("agent-run-as-group", "4321"));
+    let (_, warnings) = injected(&same_group, spec);
+    assert!(warnings.is_empty(), "{warnings:?}");
+}

@@ -72,6 +72,8 @@ pub fn action_annotations(kv: &str, action: &str) -> Vec<(&'static str, String)>
         ("agent-inject-action-config", action.to_string()),
         ("agent-share-process-namespace", "true".into()),
         ("agent-run-as-same-user", "true".into()),
+        // The group too: the agent finds a container's main process by its environment.
+        ("agent-run-as-group", APP_USER.to_string()),
         ("template-static-secret-render-interval", "2s".into()),
     ]
 }

@@ -129,6 +129,21 @@ pub(super) fn check(
                         uid.unwrap_or_default()
                     ));
                 }
+                // Reading a process's environment (how the agent finds the container's main
+                // process) takes the same group as well as the same user.
+                let agent_gid = req.containers.security.run_as_group;
+                let gid = apps[index]
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.run_as_group);
+                if gid.is_some_and(|g| g != agent_gid) {
+                    warnings.push(format!(
+                        "{}: container {container:?} runs as group {}, the agent as {agent_gid}: the agent cannot read its process's environment to find it; set agent-run-as-group: \"{}\"",
+                        key(req, &action_key),
+                        gid.unwrap_or_default(),
+                        gid.unwrap_or_default()
+                    ));
+                }
             }
         }
     }
