@@ -107,11 +107,12 @@ async fn run(flags: Flags) -> Result<()> {
         }
         _ => anyhow::bail!("no TLS: give --tls-cert-file and --tls-key-file, or --tls-auto"),
     };
-    let tls_config = Arc::new(tls::server_config(resolver)?);
+    let tls_config = Arc::new(tls::server_config(resolver.clone())?);
     let state = Arc::new(AppState {
         defaults: flags.defaults.clone(),
         metrics,
         decisions: Default::default(),
+        served: Some(resolver),
     });
     let listener =
         server::bind(flags.listen).with_context(|| format!("listening on {}", flags.listen))?;

@@ -208,10 +208,13 @@ impl Cluster {
         // The images keep one tag whatever they hold, so a rebuilt injector would not replace
         // the running one; naming the archive's digest in the pod template makes it roll.
         let archive = workspace_root().join("target/images/sidekey-injector.tar");
-        let bytes = std::fs::read(&archive)
-            .with_context(|| format!("reading {}", archive.display()))?;
+        let bytes =
+            std::fs::read(&archive).with_context(|| format!("reading {}", archive.display()))?;
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        let hex: String = digest.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = digest.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let image_value = format!("podAnnotations.sidekey-tests/injector-archive={hex}");
         let mut args = vec![
             "upgrade",
