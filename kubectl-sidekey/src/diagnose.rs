@@ -30,14 +30,25 @@ pub struct Facts {
     pub webhook: Option<Value>,
     /// The injector's Deployment, or why it could not be read.
     pub injector: Result<Value, String>,
-    /// The certificate chain the injector serves (PEM), read through the API server's service
-    /// proxy, or the error of that call.
-    pub served: Result<String, String>,
+    /// What the injector's `/health/certificate` answered through the API server's service
+    /// proxy.
+    pub served: Served,
     /// The chart's ValidatingAdmissionPolicy and the bindings that name it.
     pub policy: Option<Value>,
     pub bindings: Vec<Value>,
     /// The recent log of each agent container (this run's, then the previous run's).
     pub logs: BTreeMap<String, String>,
+}
+
+/// The injector's answer to `GET /health/certificate`, through the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Served {
+    /// The chain it serves, PEM, leaf first.
+    Chain(String),
+    /// Reached, but it has no such endpoint (an injector older than this plugin).
+    NoEndpoint,
+    /// Not reached: the API server's error.
+    Unreachable(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,8 +275,16 @@ fn reach(f: &Facts) -> Finding {
         return Finding::new(Verdict::Unchecked, "injector not checked: no Service");
     };
     let chain = match &f.served {
-        Ok(chain) => chain,
-        Err(e) => {
+        Served::Chain(chain) => chain,
+        Served::NoEndpoint => {
+            return Finding::new(
+                Verdict::Unchecked,
+                format!(
+                    "the injector answers at {ns}/{svc}:{port} but serves no /health/certificate (older than this plugin): its caBundle is not checked"
+                ),
+            );
+        }
+        Served::Unreachable(e) => {
             return Finding::wrong(format!(
                 "the injector does not answer through its Service {ns}/{svc}:{port} ({}): {e}",
                 replicas(f)

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::authored;
-use crate::diagnose::Facts;
+use crate::diagnose::{Facts, Served};
 
 /// Errors that stop the command (exit 2); what the walk finds wrong is not one.
 #[derive(Debug, thiserror::Error)]
@@ -284,20 +284,24 @@ impl Cluster {
                     Ok(None) => Err(format!("Deployment {ns}/{name} not found")),
                     Err(e) => Err(e.to_string()),
                 };
-                let served = self
+                let served = match self
                     .text(&format!(
                         "/api/v1/namespaces/{ns}/services/https:{name}:{port}/proxy/health/certificate"
                     ))
                     .await
-                    .map_err(|e| match e {
-                        kube::Error::Api(s) => format!("{} ({})", s.message.trim(), s.code),
-                        other => other.to_string(),
-                    });
+                {
+                    Ok(chain) => Served::Chain(chain),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Served::NoEndpoint,
+                    Err(kube::Error::Api(s)) => {
+                        Served::Unreachable(format!("{} ({})", s.message.trim(), s.code))
+                    }
+                    Err(other) => Served::Unreachable(other.to_string()),
+                };
                 (deployment, served)
             }
             None => (
                 Err("no webhook names the injector's Service".to_string()),
-                Err("no webhook names the injector's Service".to_string()),
+                Served::Unreachable("no webhook names the injector's Service".to_string()),
             ),
         };
         let policy = self

@@ -86,7 +86,7 @@ fn healthy() -> Facts {
         ),
         webhook: Some(webhook(&certs().ca_pem)),
         injector: Ok(injector()),
-        served: Ok(certs().cert_pem.clone()),
+        served: Served::Chain(certs().cert_pem.clone()),
         policy: Some(json!({ "metadata": { "name": "sidekey-require-injection" } })),
         bindings: vec![json!({ "metadata": { "name": "sidekey-require-injection" },
                                "spec": { "policyName": "sidekey-require-injection", "validationActions": ["Deny"] } })],
@@ -164,7 +164,9 @@ fn a_namespace_or_a_pod_left_out_by_the_selectors() {
 #[test]
 fn an_unreachable_injector_and_a_pod_created_without_injection() {
     let mut f = healthy();
-    f.served = Err("no endpoints available for service \"https:sidekey:443\" (503)".into());
+    f.served = Served::Unreachable(
+        "no endpoints available for service \"https:sidekey:443\" (503)".into(),
+    );
     f.injector.as_mut().unwrap()["status"] = json!({});
     f.injector.as_mut().unwrap()["spec"]["replicas"] = json!(0);
     f.pod.as_mut().unwrap()["metadata"]["annotations"] = annotated();
@@ -183,6 +185,15 @@ fn an_unreachable_injector_and_a_pod_created_without_injection() {
         text.contains("  warn  the chart's ValidatingAdmissionPolicy is not installed"),
         "{text}"
     );
+}
+
+#[test]
+fn an_injector_without_the_certificate_endpoint_leaves_the_ca_bundle_unchecked() {
+    let mut f = healthy();
+    f.served = Served::NoEndpoint;
+    let findings = diagnose(&f);
+    assert!(!report::is_wrong(&findings), "{findings:#?}");
+    assert_eq!(findings[2].verdict, Verdict::Unchecked);
 }
 
 #[test]
