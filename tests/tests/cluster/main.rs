@@ -18,6 +18,7 @@ mod local_api;
 mod pods;
 mod pre_populate;
 mod simulation;
+mod why;
 
 use std::future::Future;
 use std::sync::OnceLock;
