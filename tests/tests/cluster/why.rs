@@ -299,7 +299,7 @@ fn why_names_a_login_refused_for_a_wrong_role_from_the_init_container() {
         line.starts_with(&format!(
             "pod {}/badrole: agent container sidekey-agent-init failed (exit 3, login refused): ",
             ns.name
-        )) && line.contains("no-such-role"),
+        )) && line.contains("login at auth/kubernetes failed"),
         "{text}"
     );
 }
