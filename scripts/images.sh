@@ -3,7 +3,8 @@
 # daemon: each binary is built on its own (never a workspace build, whose unified features differ
 # from what ships) as a static executable, then put in a FROM-scratch image with buildah.
 #
-#   ./scripts/images.sh            # -> target/images/sidekey-agent.tar, target/images/sidekey-injector.tar
+#   ./scripts/images.sh            # -> target/images/sidekey-agent.tar, target/images/sidekey-injector.tar,
+#                                  #    target/images/kubectl-sidekey-<version>-x86_64-linux.tar.gz
 #
 # The archives are OCI image archives tagged as the chart's defaults
 # (ghcr.io/sidekey/<name>:<appVersion>), loadable with `podman load -i`, `docker load -i`,
@@ -90,6 +91,27 @@ for name in sidekey-agent sidekey-injector; do
   size=$(stat -c %s "$out/$name.tar")
   printf '%s %s %s\n' "$registry/$name:$version" "$digest" "$size" | tee -a "$out/digests.txt"
 done
+
+# The kubectl plugin ships as an archive of its own beside the images, not in one: it runs on the
+# operator's machine, where kubectl finds `kubectl-sidekey` on the PATH
+# (target/images/kubectl-sidekey-<version>-x86_64-linux.tar.gz holds the static binary alone).
+plugin=kubectl-sidekey
+say "building $plugin alone (release, static)"
+cargo build --profile release --locked -p "$plugin" --target "$triple" --bin "$plugin"
+plugin_bin="target/$triple/release/$plugin"
+if LC_ALL=C readelf -l "$plugin_bin" | grep -q 'Requesting program interpreter'; then
+  say "$plugin_bin is not a static executable"
+  exit 1
+fi
+plugin_dir="$out/context-$plugin"
+rm -rf "$plugin_dir"
+mkdir -p "$plugin_dir"
+cp "$plugin_bin" "$plugin_dir/$plugin"
+chmod 0755 "$plugin_dir/$plugin"
+touch -d @0 "$plugin_dir/$plugin"
+plugin_archive="$out/$plugin-$version-x86_64-linux.tar.gz"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$plugin_dir" -cf - "$plugin" | gzip -9n >"$plugin_archive"
+printf '%s %s %s\n' "$(basename "$plugin_archive")" "sha256:$(sha256sum "$plugin_archive" | cut -d' ' -f1)" "$(stat -c %s "$plugin_archive")" | tee -a "$out/digests.txt"
 
 # The SBOMs, beside the archives (target/images/<name>.spdx.json, SPDX 2.3): the dependency set
 # each binary was built from above (its package, target and default features, with Cargo.lock's

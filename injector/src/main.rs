@@ -108,7 +108,7 @@ async fn run(flags: Flags) -> Result<()> {
         }
         _ => anyhow::bail!("no TLS: give --tls-cert-file and --tls-key-file, or --tls-auto"),
     };
-    let tls_config = Arc::new(tls::server_config(resolver)?);
+    let tls_config = Arc::new(tls::server_config(resolver.clone())?);
     let namespaces: Box<dyn Namespaces> = if flags.namespace_defaults {
         let client = kube::Client::try_default().await.context(
             "namespace defaults need in-cluster Kubernetes access (turn them off with --namespace-defaults=false)",
@@ -125,6 +125,7 @@ async fn run(flags: Flags) -> Result<()> {
         metrics,
         decisions: Default::default(),
         namespaces,
+        served: Some(resolver),
     });
     let listener =
         server::bind(flags.listen).with_context(|| format!("listening on {}", flags.listen))?;

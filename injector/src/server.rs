@@ -1,5 +1,5 @@
-//! HTTPS transport: POST /mutate, GET /health/ready, GET /metrics (also on an optional plain-HTTP
-//! metrics port). Thin on purpose: a review is
+//! HTTPS transport: POST /mutate, GET /health/ready, GET /health/certificate, GET /metrics (also
+//! on an optional plain-HTTP metrics port). Thin on purpose: a review is
 //! decided by `review::review`; this module turns bytes into that call and its answer into HTTP,
 //! and bounds everything a client controls (handshake and header time, body size, request time,
 //! connections). A panic while deciding is answered as a denial, never a dropped connection.
@@ -44,6 +44,8 @@ pub struct AppState {
     pub decisions: Decisions,
     /// The namespaces' defaults: the watch's cache, or `namespaces::Off`.
     pub namespaces: Box<dyn Namespaces>,
+    /// The certificate being served, for `GET /health/certificate` (`None`: answered 404).
+    pub served: Option<Arc<crate::tls::ReloadingResolver>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -60,6 +62,7 @@ pub fn router_with(state: Arc<AppState>, decide: Decide) -> Router {
             }),
         )
         .route("/health/ready", get(ready))
+        .route("/health/certificate", get(certificate))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -131,6 +134,19 @@ fn json(body: Vec<u8>) -> Response {
 
 async fn ready() -> StatusCode {
     StatusCode::NO_CONTENT
+}
+
+/// The chain served now, as PEM: `kubectl sidekey why` reads it through the API server's
+/// service proxy and checks the webhook's caBundle against it.
+async fn certificate(State(state): State<Arc<AppState>>) -> Response {
+    match &state.served {
+        Some(resolver) => (
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            resolver.chain_pem(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -41,6 +41,24 @@ impl ReloadingResolver {
     pub fn replace(&self, key: CertifiedKey) {
         self.0.store(Arc::new(key));
     }
+
+    /// The chain served now, leaf first, as PEM: what a client sees in the handshake (public),
+    /// for `GET /health/certificate`, so a tool can check the webhook's caBundle against it
+    /// through the API server's service proxy.
+    pub fn chain_pem(&self) -> String {
+        use base64::Engine as _;
+        let mut out = String::new();
+        for cert in &self.0.load().cert {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+            out.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                out.push_str(std::str::from_utf8(line).unwrap_or_default());
+                out.push('\n');
+            }
+            out.push_str("-----END CERTIFICATE-----\n");
+        }
+        out
+    }
 }
 
 impl ResolvesServerCert for ReloadingResolver {

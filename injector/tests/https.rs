@@ -271,6 +271,25 @@ async fn a_replaced_certificate_is_served_to_new_connections() {
             .is_err(),
         "the old certificate is still served"
     );
+    // /health/certificate names the chain now served (what `kubectl sidekey why` checks the
+    // webhook's caBundle against), leaf first, as the files hold it.
+    let served = new_client
+        .get(server.url("/health/certificate"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ders = |pem: &str| -> Vec<Vec<u8>> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|c| c.unwrap().to_vec())
+            .collect()
+    };
+    assert_eq!(ders(&served).len(), 2, "{served}");
+    assert_eq!(ders(&served), ders(&second.cert_pem));
 }
 
 async fn reloads(server: &Server, ca_pem: &str) -> String {

@@ -45,6 +45,7 @@ async fn start(decide: Decide) -> Running {
         metrics: Metrics::default(),
         decisions: Decisions::default(),
         namespaces: Box::new(namespaces::Off),
+        served: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -862,3 +862,55 @@ pub async fn namespace_role(stack: &Stack, role: &str, namespace: &str) -> Resul
         .await?;
     Ok(())
 }
+
+/// The folder `kubectl-sidekey` is unpacked into from the archive users get
+/// (target/images/kubectl-sidekey-VERSION-x86_64-linux.tar.gz, built by scripts/images.sh), once
+/// per test process.
+fn plugin_dir() -> Result<&'static Path> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| unpack_plugin().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map(PathBuf::as_path)
+        .map_err(|e| anyhow::anyhow!("the kubectl plugin: {e}"))
+}
+
+fn unpack_plugin() -> Result<PathBuf> {
+    let root = workspace_root();
+    let version = env!("CARGO_PKG_VERSION");
+    let archive = root.join(format!(
+        "target/images/kubectl-sidekey-{version}-x86_64-linux.tar.gz"
+    ));
+    if !archive.exists() {
+        let status = Command::new(root.join("scripts/images.sh"))
+            .status()
+            .context("running scripts/images.sh")?;
+        if !status.success() {
+            bail!("scripts/images.sh failed ({status})");
+        }
+    }
+    let dir = root.join(format!("target/tmp/kubectl-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut tar = Command::new("tar");
+    tar.arg("-xzf").arg(&archive).arg("-C").arg(&dir);
+    checked(&mut tar, None, "tar", &["-xzf", "ARCHIVE"])?;
+    Ok(dir)
+}
+
+impl Cluster {
+    /// `kubectl sidekey ARGS` as a user runs it: the shipped plugin on the PATH, found by
+    /// kubectl. Its exit code and its output (stdout, then stderr).
+    pub fn kubectl_sidekey(&self, args: &[&str]) -> Result<(i32, String)> {
+        let path = format!(
+            "{}:{}:{}",
+            plugin_dir()?.display(),
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut cmd = self.tool("kubectl");
+        cmd.env("PATH", path).arg("sidekey").args(args);
+        let out = run(&mut cmd, None)?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+}

@@ -1,8 +1,9 @@
 //! The chart on the real cluster, in the ways an operator changes it: each `tls.mode` after
 //! `helm upgrade`, a running injected pod kept through the upgrades, a rotated serving
 //! certificate picked up with no admission failing, the ValidatingAdmissionPolicy rejecting an
-//! annotated pod (and only such a pod) while the injector is scaled to zero, and an injector
-//! started while it cannot list the namespaces (defaults per namespace).
+//! annotated pod (and only such a pod) while the injector is scaled to zero, and, with the
+//! policy off too, `kubectl sidekey why` naming the missing injector for a pod created without it;
+//! and an injector started while it cannot list the namespaces (defaults per namespace).
 //!
 //! These change the one Sidekey install the cluster has, so they run one after another in a single
 //! test, in a binary of their own (cargo runs test binaries one at a time).
@@ -442,4 +443,48 @@ fn the_chart_on_a_real_cluster_through_upgrades_rotations_and_an_outage() {
         .exec(&ns.name, "keeper", "app", &["cat", "/vault/secrets/config"])
         .unwrap();
     assert!(secret.contains("api_key"), "{secret}");
+
+    // The injector down with the policy off: an annotated pod is created without its agents,
+    // and `kubectl sidekey why` names the injector that does not answer, on its first line.
+    cluster
+        .install_sidekey(stack, &["validatingPolicy.enabled=false"])
+        .expect("helm upgrade without the policy");
+    scale_injector(cluster, 0);
+    let unguarded = annotated_pod(&ns.name, "unguarded", true);
+    cluster
+        .wait_until("the injector to be gone", TIMEOUT, || {
+            Ok(dry_run(cluster, &unguarded)
+                .ok()
+                .filter(|p| !injected(p))
+                .map(|_| ()))
+        })
+        .unwrap();
+    cluster.apply(&[unguarded]).expect("the unguarded pod");
+    let (code, text) = cluster
+        .kubectl_sidekey(&["why", "unguarded", "-n", &ns.name])
+        .expect("kubectl sidekey why");
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!(
+            "pod {}/unguarded: the injector does not answer through its Service sidekey/sidekey:443 (Deployment sidekey/sidekey has 0/0 ready replicas): ",
+            ns.name
+        )),
+        "{text}"
+    );
+    assert_eq!(code, 1, "{text}");
+    for line in [
+        "  WRONG created without injection:",
+        "  warn  the chart's ValidatingAdmissionPolicy is not installed",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    cluster
+        .kubectl(&["-n", &ns.name, "delete", "pod", "unguarded", "--wait=false"])
+        .unwrap();
+    scale_injector(cluster, 2);
+    rollout(cluster);
+    cluster
+        .install_sidekey(stack, &[])
+        .expect("helm upgrade back to the defaults");
+    wait_injecting(cluster, &ns.name, "injection with the policy back");
 }

@@ -22,6 +22,7 @@ mod pods;
 mod pre_populate;
 mod simulation;
 mod vault_k8s_compat;
+mod why;
 
 use std::future::Future;
 use std::sync::OnceLock;
