@@ -99,8 +99,14 @@ pub const FAMILIES: &[&str] = &[
 
 /// Whether `suffix` (an annotation key without its prefix) is one Sidekey knows.
 pub fn is_known(suffix: &str) -> bool {
-    NAMES.binary_search(&suffix).is_ok()
-        || FAMILIES
+    in_lists(suffix, NAMES, FAMILIES)
+}
+
+/// Whether `suffix` is one of `names` (sorted) or a family of `families` followed by a name of
+/// the pod's own.
+pub fn in_lists(suffix: &str, names: &[&str], families: &[&str]) -> bool {
+    names.binary_search(&suffix).is_ok()
+        || families
             .iter()
             .any(|f| suffix.len() > f.len() && suffix.starts_with(f))
 }

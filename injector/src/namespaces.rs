@@ -63,10 +63,7 @@ pub const ALLOWED_FAMILIES: &[&str] = &["auth-config-"];
 
 /// Whether a namespace may give a default for `suffix` (an annotation key without its prefix).
 pub fn allowed(suffix: &str) -> bool {
-    ALLOWED.binary_search(&suffix).is_ok()
-        || ALLOWED_FAMILIES
-            .iter()
-            .any(|f| suffix.len() > f.len() && suffix.starts_with(f))
+    crate::known::in_lists(suffix, ALLOWED, ALLOWED_FAMILIES)
 }
 
 /// What the injector knows of a pod's namespace when it reviews the pod.
